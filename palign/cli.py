@@ -1,0 +1,71 @@
+"""The `palign` command: run the pipeline or one stage, or validate a config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import yaml
+
+from palign.config import STAGES, ConfigError, load_config
+
+
+def _overrides(pairs: list[str]) -> dict[str, object]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="palign", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [
+        ("run", "run every stage the config lists"),
+        *[(s, f"run only the {s} stage") for s in STAGES],
+        ("validate", "check a config and print it with defaults filled in"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field by its dotted path, e.g. data.limit=5")
+    fetch = sub.add_parser("fetch-model", help="materialise a short-name model in the cache")
+    fetch.add_argument("name")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    if args.command == "fetch-model":
+        from palign.models import resolve_model
+
+        print(resolve_model(args.name))
+        return 0
+    try:
+        cfg = load_config(args.config, _overrides(args.set))
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        print("config OK")
+        return 0
+
+    from palign.stages.runner import StageError, format_summary, run_pipeline
+
+    start = time.time()
+    stages = None if args.command == "run" else [args.command]
+    try:
+        summaries = run_pipeline(cfg, stages)
+    except (StageError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(summaries, time.time() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The run config: one YAML file, parsed into typed models before any work starts.
+
+Unknown keys and bad values fail with the dotted path of the field (``truncate.threshold``).
+Every field's comment is its documentation; ``configs/demo.yaml`` shows them in use.
+Engine settings live under ``engine:`` and can be overridden per stage under
+``<stage>.engine:``; the two are merged before validation, so errors name the stage's path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+STAGES = ("generate", "truncate", "align")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names each offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Strict):
+    name: str = "palign"
+    output_dir: str = "runs/palign"  # each stage writes <output_dir>/<stage>/
+    stages: list[Literal["generate", "truncate", "align"]] = Field(
+        default_factory=lambda: list(STAGES), min_length=1
+    )
+    seed: int = 0
+
+    @field_validator("stages")
+    @classmethod
+    def _ordered(cls, stages: list[str]) -> list[str]:
+        if len(set(stages)) != len(stages):
+            raise ValueError("each stage at most once")
+        if list(stages) != [s for s in STAGES if s in stages]:
+            raise ValueError(f"stages must keep the order {list(STAGES)}")
+        return stages
+
+
+class RaySection(_Strict):
+    address: str | None = None  # None: start a local Ray; "auto": join the running cluster
+    num_cpus: int | None = Field(default=None, ge=1)  # local Ray only
+    include_dashboard: bool = False  # local Ray only
+    progress_bars: bool = True
+
+
+class FieldNames(_Strict):
+    id: str = "id"  # missing ids are derived from a hash of the question
+    question: str = "question"
+    answer: str = "answer"
+    cot: str | None = "cot"  # None: the data carries no CoT; the teacher writes all of them
+
+
+class DataSection(_Strict):
+    path: str  # a .jsonl/.json file, a .parquet file, a folder of those, or a `datasets` folder
+    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = "auto"
+    split: str | None = None  # for a DatasetDict saved on disk
+    fields: FieldNames = FieldNames()
+    max_cot_chars: int = Field(default=200_000, gt=0)  # longer CoTs go to rejects
+    limit: int | None = Field(default=None, gt=0)  # only the first N rows (smoke runs)
+
+
+class ModelsSection(_Strict):
+    # A short name (`smollm2-135m`), a local Hugging Face folder, or a hub id (clusters).
+    student: str
+    teacher: str | None = None  # needed when some rows have no CoT
+    judge: str | None = None  # defaults to the student, as in the paper
+    cache_dir: str | None = None  # where short names are materialised; env PALIGN_CACHE_DIR
+
+
+class ReplicaRange(_Strict):
+    min: int = Field(default=1, ge=1)
+    max: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaRange:
+        if self.max < self.min:
+            raise ValueError(f"replicas: max ({self.max}) is below min ({self.min})")
+        return self
+
+
+class EngineConfig(_Strict):
+    backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM where installed
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = Field(default=4096, ge=64)
+    batch_size: int = Field(default=16, ge=1)  # rows per actor call (searches in flight)
+    replicas: ReplicaRange = ReplicaRange()  # actor pool size, min..max (autoscaling)
+    cpus_per_replica: float = Field(default=1, gt=0)
+    gpus_per_replica: float = Field(default=0, ge=0)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool | None = None  # None: eager on CPU, compiled on GPU
+    cpu_kv_cache_gib: float = Field(default=2.0, gt=0)
+    max_num_seqs: int = Field(default=64, ge=1)
+
+
+class SamplingConfig(_Strict):
+    max_tokens: int = Field(default=1024, ge=1)
+    temperature: float = Field(default=0.6, ge=0)  # 0: greedy
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    repetition_penalty: float = Field(default=1.05, gt=0)
+    seed: int | None = 0
+
+
+class GenerateSection(_Strict):
+    engine: EngineConfig = EngineConfig()
+    sampling: SamplingConfig = SamplingConfig(repetition_penalty=1.0)
+    min_cot_chars: int = Field(default=1, ge=1)  # shorter teacher outputs go to rejects
+
+
+class TruncateSection(_Strict):
+    engine: EngineConfig = EngineConfig()
+    strategy: Literal["binary", "full", "fixed_ratio"] = "binary"
+    ratio: float = Field(default=0.25, gt=0, le=1)  # fixed_ratio: share of sentences kept
+    verdict: Literal["generate", "score"] = "score"  # parse generated text, or compare labels
+    threshold: float = Field(default=0.5, gt=0, lt=1)  # score: P(ENOUGH) needed for ENOUGH
+    judge_max_tokens: int = Field(default=16, ge=1)  # generate: tokens per verdict
+
+
+class AlignSection(_Strict):
+    engine: EngineConfig = EngineConfig()
+    sampling: SamplingConfig = SamplingConfig()  # the paper's: 0.6 / 0.9 / 1.05
+    policy: Literal["keep_all", "drop_wrong"] = "keep_all"
+    grade_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class OutputSection(_Strict):
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    shard_rows: int = Field(default=64, ge=1)  # at most this many rows per shard file
+
+
+class Config(_Strict):
+    run: RunSection = RunSection()
+    ray: RaySection = RaySection()
+    data: DataSection
+    models: ModelsSection
+    engine: EngineConfig = EngineConfig()  # defaults for every stage's engine
+    generate: GenerateSection = GenerateSection()
+    truncate: TruncateSection = TruncateSection()
+    align: AlignSection = AlignSection()
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _models_present(self) -> Config:
+        no_cot = self.data.fields.cot is None
+        if "generate" in self.run.stages and no_cot and not self.models.teacher:
+            raise ValueError("models.teacher: required when the data has no CoT field")
+        return self
+
+    @property
+    def judge_model(self) -> str:
+        return self.models.judge or self.models.student
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.run.output_dir) / stage
+
+
+def _merge_engine(raw: dict[str, Any]) -> dict[str, Any]:
+    """Give each stage the top-level engine settings, overridden by its own."""
+    base = raw.get("engine") or {}
+    if not isinstance(base, dict):
+        return raw
+    merged = dict(raw)
+    for stage in STAGES:
+        section = raw.get(stage)
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            continue
+        own = section.get("engine") or {}
+        if not isinstance(own, dict):
+            continue
+        replicas = {**(base.get("replicas") or {}), **(own.get("replicas") or {})}
+        engine = {**base, **own}
+        if replicas:
+            engine["replicas"] = replicas
+        merged[stage] = {**section, "engine": engine}
+    return merged
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {path}: {e['msg']}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_config(raw: Any) -> Config:
+    """Validate a config given as a mapping (as read from YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("invalid config:\n  (top level): expected a mapping of sections")
+    try:
+        return Config.model_validate(_merge_engine(raw))
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config; ``overrides`` maps dotted paths to values."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(raw)

@@ -1,0 +1,59 @@
+"""align: the student continues from the chosen prefix; the result is the training target.
+
+Output row: the truncate record plus continuation, target
+(``<Begin_of_Draft>{prefix}<End_of_Draft>\\n{continuation}``), predicted_answer, answer_correct,
+grade_status and the continuation's token count. With ``align.policy: drop_wrong`` rows whose
+answer does not match the gold one go to rejects, with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from palign.grading import Grader
+
+from palign.config import AlignSection
+from palign.engines.base import Engine
+from palign.prompts import align_chat, training_target
+from palign.stages.generate import sampling_for
+from palign.stages.outcome import Outcome, rejected
+
+
+def align_rows(
+    rows: list[dict[str, Any]], engine: Engine, grader: Grader, cfg: AlignSection
+) -> list[Outcome]:
+    outcomes: dict[int, Outcome] = {}
+    todo = []
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("prefix"), str):
+            outcomes[i] = rejected(row, "no prefix (run the truncate stage first)")
+        else:
+            todo.append(i)
+    chats = [align_chat(rows[i]["question"], rows[i]["prefix"]) for i in todo]
+    completions = engine.generate(chats, sampling_for(cfg)) if todo else []
+    for i, comp in zip(todo, completions):
+        row = rows[i]
+        if comp.error:
+            outcomes[i] = rejected(row, f"student: {comp.error}")
+            continue
+        grade = grader.grade(comp.text, row["answer"])
+        if grade.status == "no_answer":
+            # The continuation may stop short of a box that the prefix already gave.
+            grade = grader.grade(row["prefix"] + comp.text, row["answer"])
+        record = {
+            **row,
+            "continuation": comp.text,
+            "target": training_target(row["prefix"], comp.text),
+            "predicted_answer": grade.predicted,
+            "answer_correct": grade.correct,
+            "grade_status": grade.status,
+            "continuation_tokens": comp.completion_tokens,
+            "continuation_finish": comp.finish_reason,
+        }
+        if cfg.policy == "drop_wrong" and not grade.correct:
+            outcomes[i] = rejected(
+                row, f"wrong answer: predicted {grade.predicted!r}, gold {row['answer']!r} "
+                     f"(grade status {grade.status})")
+        else:
+            outcomes[i] = Outcome(row["id"], record)
+    return [outcomes[i] for i in range(len(rows))]

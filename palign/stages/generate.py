@@ -1,0 +1,56 @@
+"""generate: the teacher writes a CoT for every row that has none; rows with one pass through.
+
+Output row: the problem record with ``cot`` filled and ``cot_source`` ("data" or "teacher").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from palign.config import GenerateSection
+from palign.engines.base import Engine, Sampling
+from palign.prompts import teacher_chat
+from palign.stages.outcome import Outcome, rejected
+
+
+def sampling_for(section: Any, seed_offset: int = 0) -> Sampling:
+    s = section.sampling
+    return Sampling(
+        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+        repetition_penalty=s.repetition_penalty,
+        seed=None if s.seed is None else s.seed + seed_offset,
+    )
+
+
+def generate_rows(
+    rows: list[dict[str, Any]], get_engine: Callable[[], Engine] | None, cfg: GenerateSection
+) -> list[Outcome]:
+    """``get_engine`` builds the teacher on first need, so batches with CoTs load no model."""
+    outcomes: dict[int, Outcome] = {}
+    todo = []
+    for i, row in enumerate(rows):
+        if row.get("cot"):
+            outcomes[i] = Outcome(row["id"], {**row, "cot_source": "data"})
+        elif get_engine is None:
+            outcomes[i] = rejected(row, "no CoT in the data and no models.teacher configured")
+        else:
+            todo.append(i)
+    if todo:
+        engine = get_engine()
+        done = engine.generate([teacher_chat(rows[i]["question"]) for i in todo], sampling_for(cfg))
+        for i, comp in zip(todo, done):
+            row = rows[i]
+            if comp.error:
+                outcomes[i] = rejected(row, f"teacher: {comp.error}")
+            elif len(comp.text.strip()) < cfg.min_cot_chars:
+                outcomes[i] = rejected(
+                    row, f"teacher CoT has {len(comp.text.strip())} characters, "
+                         f"under generate.min_cot_chars={cfg.min_cot_chars}")
+            else:
+                outcomes[i] = Outcome(row["id"], {
+                    **row, "cot": comp.text, "cot_source": "teacher",
+                    "teacher_tokens": comp.completion_tokens,
+                    "teacher_finish": comp.finish_reason,
+                })
+    return [outcomes[i] for i in range(len(rows))]

@@ -1,0 +1,103 @@
+"""Shards on disk: written atomically, read back by id, so a killed stage resumes exactly once.
+
+A stage folder holds ``part-*.jsonl`` (or ``.parquet``) shards of finished rows and a
+``rejects/`` folder of the same shape. A shard is written under a temporary name and renamed
+into place, so a reader sees a whole shard or none. The ids in both folders are the ids done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet"}
+REJECTS = "rejects"
+DONE_MARKER = "_DONE"
+
+
+def shard_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir()
+        if p.name.startswith("part-") and p.suffix in (".jsonl", ".parquet")
+    )
+
+
+def read_shard(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_rows(folder: str | Path) -> Iterator[dict[str, Any]]:
+    """Every row of the finished shards in ``folder``, shard by shard."""
+    for path in shard_files(folder):
+        yield from read_shard(path)
+
+
+def read_ids(folder: str | Path) -> set[str]:
+    return {str(row["id"]) for row in read_rows(folder)}
+
+
+def done_ids(stage_dir: str | Path) -> set[str]:
+    """Ids a stage has finished: written as output or as rejects."""
+    stage_dir = Path(stage_dir)
+    return read_ids(stage_dir) | read_ids(stage_dir / REJECTS)
+
+
+class ShardWriter:
+    """Writes rows to ``folder`` in shards of at most ``shard_rows``, each one atomically."""
+
+    def __init__(self, folder: str | Path, fmt: str = "jsonl", shard_rows: int = 64) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown shard format {fmt!r}")
+        self.folder = Path(folder)
+        self.fmt = fmt
+        self.shard_rows = shard_rows
+        self.rows_written = 0
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".tmp-*"):  # left by a killed run; never counted as done
+            stale.unlink(missing_ok=True)
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> list[Path]:
+        rows = list(rows)
+        paths = []
+        for start in range(0, len(rows), self.shard_rows):
+            paths.append(self._write_one(rows[start:start + self.shard_rows]))
+        return paths
+
+    def _write_one(self, rows: list[dict[str, Any]]) -> Path:
+        ext = FORMATS[self.fmt]
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}{ext}"
+        tmp = self.folder / f".tmp-{name}"
+        if self.fmt == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        else:
+            with tmp.open("w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, self.folder / name)
+        self.rows_written += len(rows)
+        log.debug("wrote %s (%d rows)", self.folder / name, len(rows))
+        return self.folder / name
+
+
+def reject_row(row_id: str, stage: str, reason: str, row: Any = None) -> dict[str, Any]:
+    """The shape of every rejects file row: the id, the stage, why, and the row as it came."""
+    return {"id": str(row_id), "stage": stage, "reason": reason, "row": row}

@@ -1,0 +1,207 @@
+"""Running stages: read the previous stage's output, skip ids already done, stream the rest
+through the stage's actor pool, and write shards as results arrive.
+
+A stage's input is the output of the closest earlier stage the config lists; the first listed
+stage reads the ingested data (``<output_dir>/ingest/``, written once). The driver writes every
+shard, so the output folder only has to be visible to the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from palign.config import STAGES, Config
+from palign.ingest import read_problems
+from palign.stages.io import (
+    DONE_MARKER,
+    REJECTS,
+    ShardWriter,
+    done_ids,
+    read_rows,
+    reject_row,
+)
+from palign.stages.worker import StageWorker, stage_model, stage_needs_engine
+
+log = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage that cannot start (its input is missing); raised before any work."""
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    rows_in: int = 0
+    rows_out: int = 0
+    rejected: int = 0
+    skipped: int = 0  # done by an earlier run, not redone
+    processed: int = 0  # sent through the actor pool by this run
+    engine_calls: int = 0
+    wall_s: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+    output_dir: str = ""
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("PALIGN_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE")
+           if k in os.environ}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    if cfg.ray.address is None:
+        kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard)
+    ray.init(address=cfg.ray.address, logging_level=logging.WARNING, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.progress_bars
+
+
+def ingest(cfg: Config) -> list[dict[str, Any]]:
+    """The source's usable rows; read once per output folder, rejects written once."""
+    folder = Path(cfg.run.output_dir) / "ingest"
+    if (folder / DONE_MARKER).exists():
+        return list(read_rows(folder))
+    shutil.rmtree(folder, ignore_errors=True)  # an unfinished ingest is simply redone
+    problems, rejects = read_problems(cfg.data)
+    ShardWriter(folder, "jsonl", cfg.output.shard_rows).write(problems)
+    ShardWriter(folder / REJECTS, "jsonl", cfg.output.shard_rows).write(
+        reject_row(r.id, "ingest", r.reason, r.row) for r in rejects
+    )
+    (folder / DONE_MARKER).write_text(json.dumps({"rows": len(problems),
+                                                  "rejects": len(rejects)}))
+    return problems
+
+
+def stage_input(cfg: Config, stage: str) -> list[dict[str, Any]]:
+    earlier = [s for s in cfg.run.stages if STAGES.index(s) < STAGES.index(stage)]
+    if not earlier:
+        return ingest(cfg)
+    prev = earlier[-1]
+    folder = cfg.stage_dir(prev)
+    if not folder.is_dir():
+        raise StageError(f"{stage} reads the output of {prev} ({folder}), which does not exist: "
+                         f"run `palign {prev}` first")
+    return list(read_rows(folder))
+
+
+def run_stage(cfg: Config, stage: str) -> StageSummary:
+    """Run one stage to completion (resuming where an earlier run stopped)."""
+    import ray
+
+    start = time.time()
+    rows = stage_input(cfg, stage)
+    out_dir = cfg.stage_dir(stage)
+    done = done_ids(out_dir)
+    pending = [r for r in rows if str(r["id"]) not in done]
+    summary = StageSummary(stage, rows_in=len(rows), skipped=len(rows) - len(pending),
+                           output_dir=str(out_dir))
+    log.info("%s: %d rows in, %d already done, %d to process", stage, len(rows),
+             summary.skipped, len(pending))
+    writer = ShardWriter(out_dir, cfg.output.format, cfg.output.shard_rows)
+    rejects = ShardWriter(out_dir / REJECTS, "jsonl", cfg.output.shard_rows)
+    if pending:
+        if stage_needs_engine(cfg, stage):
+            from palign.models import resolve_model
+
+            # Materialise short-name models once here, not in every actor at once.
+            resolve_model(stage_model(cfg, stage), cfg.models.cache_dir)
+        init_ray(cfg)
+        engine = getattr(cfg, stage).engine
+        items = [{"id": str(r["id"]), "record": json.dumps(r, ensure_ascii=False)}
+                 for r in pending]
+        ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) /
+                                                                      engine.batch_size))
+        ds = ds.map_batches(
+            StageWorker,
+            fn_constructor_kwargs={"cfg_raw": cfg.model_dump(mode="json"), "stage": stage},
+            batch_size=engine.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=engine.replicas.min,
+                                               max_size=engine.replicas.max),
+            num_cpus=engine.cpus_per_replica,
+            num_gpus=engine.gpus_per_replica,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            good, bad = [], []
+            for ok, rec in zip(batch["ok"], batch["record"]):
+                (good if ok else bad).append(json.loads(rec))
+            writer.write(good)
+            rejects.write(bad)
+            summary.processed += len(good) + len(bad)
+            summary.engine_calls += int(sum(batch["calls"]))
+            log.info("%s: +%d rows, +%d rejects (%d/%d)", stage, len(good), len(bad),
+                     summary.processed, len(pending))
+    summary.wall_s = time.time() - start
+    _fill_totals(summary, out_dir)
+    return summary
+
+
+def _fill_totals(summary: StageSummary, out_dir: Path) -> None:
+    rows = list(read_rows(out_dir))
+    summary.rows_out = len(rows)
+    summary.rejected = sum(1 for _ in read_rows(out_dir / REJECTS))
+    summary.stats = stage_stats(summary.stage, rows)
+
+
+def stage_stats(stage: str, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Means over a stage's finished rows, for the run summary."""
+    if not rows:
+        return {}
+    n = len(rows)
+    if stage == "generate":
+        return {"teacher_written": sum(r.get("cot_source") == "teacher" for r in rows)}
+    if stage == "truncate":
+        ptok = sum(r.get("judge_prompt_tokens", 0) for r in rows)
+        ctok = sum(r.get("judge_cached_tokens", 0) for r in rows)
+        return {
+            "mean_prefix_ratio": sum(r["prefix_ratio"] for r in rows) / n,
+            "mean_sentence_ratio": sum(r["sentences_kept"] / r["sentences_total"]
+                                       for r in rows) / n,
+            "probes_per_example": sum(len(r["probes"]) for r in rows) / n,
+            "sufficient_share": sum(bool(r["sufficient"]) for r in rows) / n,
+            "prompt_cache_share": ctok / ptok if ptok else 0.0,
+        }
+    if stage == "align":
+        return {
+            "answer_correct_share": sum(bool(r["answer_correct"]) for r in rows) / n,
+            "mean_continuation_tokens": sum(r.get("continuation_tokens", 0) for r in rows) / n,
+        }
+    return {}
+
+
+def ingest_summary(cfg: Config) -> StageSummary:
+    folder = Path(cfg.run.output_dir) / "ingest"
+    out = sum(1 for _ in read_rows(folder))
+    rejected = sum(1 for _ in read_rows(folder / REJECTS))
+    return StageSummary("ingest", rows_in=out + rejected, rows_out=out, rejected=rejected,
+                        output_dir=str(folder))
+
+
+def run_pipeline(cfg: Config, stages: list[str] | None = None) -> list[StageSummary]:
+    """Run the given stages (default: the config's) in order; the ingest summary comes first."""
+    summaries = [run_stage(cfg, s) for s in (stages or cfg.run.stages)]
+    return [ingest_summary(cfg), *summaries]
+
+
+def format_summary(summaries: list[StageSummary], total_s: float) -> str:
+    lines = [f"{'stage':<10}{'in':>6}{'out':>6}{'rejected':>10}{'resumed':>9}{'wall s':>9}"]
+    for s in summaries:
+        lines.append(f"{s.stage:<10}{s.rows_in:>6}{s.rows_out:>6}{s.rejected:>10}"
+                     f"{s.skipped:>9}{s.wall_s:>9.1f}")
+    for s in summaries:
+        for key, value in s.stats.items():
+            lines.append(f"  {s.stage}.{key}: {value:.3f}" if isinstance(value, float)
+                         else f"  {s.stage}.{key}: {value}")
+    lines.append(f"total wall time: {total_s:.1f} s")
+    for s in summaries:
+        lines.append(f"  {s.stage}: {s.output_dir}/ (rejects in {s.output_dir}/{REJECTS}/)")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""truncate: the adaptive prefix search, many examples at once, the student as judge.
+
+All searches of a batch advance together: each round gathers every pending probe and judges
+them in ONE engine call, so the number of engine calls per batch is the longest search's probe
+count (about log2 of the sentence count), never the number of examples.
+
+Output row: the input record plus prefix, prefix_offset, sentences_kept, sentences_total,
+prefix_ratio, sufficient, probes [{k, verdict, score}], strategy, and the judge's prompt tokens
+(judge_prompt_tokens) and how many of them the engine's prefix cache served
+(judge_cached_tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from palign.config import TruncateSection
+from palign.engines.base import Engine, Sampling
+from palign.prompts import judge_chat
+from palign.search import PrefixSearch, make_search
+from palign.segment import prefix, sentence_ends
+from palign.stages.outcome import Outcome, rejected
+from palign.verdict import (
+    LABELS,
+    NOT_ENOUGH,
+    enough_probability,
+    parse_verdict,
+    verdict_from_score,
+)
+
+
+class _InFlight:
+    def __init__(self, row: dict[str, Any], ends: list[int], search: PrefixSearch) -> None:
+        self.row = row
+        self.ends = ends
+        self.search = search
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.error: str | None = None
+
+    def pending(self) -> int | None:
+        return None if self.error else self.search.next_probe()
+
+
+def judge_round(
+    engine: Engine, chats: list[list[dict[str, str]]], cfg: TruncateSection
+) -> list[tuple[str, float | None, int, int, str | None]]:
+    """One batched engine call: (verdict, score, prompt tokens, cached tokens, error) each."""
+    if cfg.verdict == "score":
+        scores = engine.score_labels(chats, list(LABELS))
+        out = []
+        for s in scores:
+            if s.error:
+                out.append((NOT_ENOUGH, None, s.prompt_tokens, s.cached_tokens, s.error))
+                continue
+            p = enough_probability(s.logprobs[LABELS[0]], s.logprobs[LABELS[1]])
+            out.append((verdict_from_score(p, cfg.threshold), p, s.prompt_tokens,
+                        s.cached_tokens, None))
+        return out
+    sampling = Sampling(max_tokens=cfg.judge_max_tokens, temperature=0.0)
+    return [
+        (parse_verdict(c.text), None, c.prompt_tokens, c.cached_tokens, c.error)
+        for c in engine.generate(chats, sampling)
+    ]
+
+
+def truncate_rows(
+    rows: list[dict[str, Any]], engine: Engine | None, cfg: TruncateSection
+) -> tuple[list[Outcome], int]:
+    """Search every row's prefix; returns the outcomes and the number of engine calls made."""
+    outcomes: dict[int, Outcome] = {}
+    flights: dict[int, _InFlight] = {}
+    for i, row in enumerate(rows):
+        cot = row.get("cot")
+        if not isinstance(cot, str) or not cot.strip():
+            outcomes[i] = rejected(row, "no CoT to truncate (add the generate stage or a CoT)")
+            continue
+        ends = sentence_ends(cot)
+        flights[i] = _InFlight(row, ends, make_search(cfg.strategy, len(ends), cfg.ratio))
+
+    calls = 0
+    while True:
+        wave = [(i, f.pending()) for i, f in flights.items()]
+        wave = [(i, k) for i, k in wave if k is not None]
+        if not wave:
+            break
+        if engine is None:
+            raise RuntimeError(f"strategy {cfg.strategy!r} needs a judge engine")
+        chats = []
+        for i, k in wave:
+            f = flights[i]
+            chats.append(judge_chat(f.row["question"], prefix(f.row["cot"], f.ends, k)))
+        calls += 1
+        for (i, k), (verdict, score, ptok, ctok, err) in zip(wave, judge_round(engine, chats, cfg)):
+            f = flights[i]
+            f.prompt_tokens += ptok
+            f.cached_tokens += ctok
+            if err:
+                f.error = f"judge at k={k}: {err}"
+            else:
+                f.search.record(k, verdict, score)
+
+    for i, f in flights.items():
+        if f.error:
+            outcomes[i] = rejected(f.row, f.error)
+            continue
+        res = f.search.result()
+        offset = f.ends[res.kept - 1]
+        cot = f.row["cot"]
+        outcomes[i] = Outcome(f.row["id"], {
+            **f.row,
+            "prefix": cot[:offset],
+            "prefix_offset": offset,
+            "sentences_kept": res.kept,
+            "sentences_total": res.total,
+            "prefix_ratio": offset / len(cot),
+            "sufficient": res.sufficient,
+            "probes": [asdict(p) for p in res.probes],
+            "strategy": cfg.strategy,
+            "judge_prompt_tokens": f.prompt_tokens,
+            "judge_cached_tokens": f.cached_tokens,
+        })
+    return [outcomes[i] for i in range(len(rows))], calls

@@ -1,0 +1,120 @@
+"""The Ray Data callable every stage runs on its actor pool: one engine per actor, built once.
+
+Rows travel as JSON text in a ``record`` column: stage records are nested and vary from row to
+row (a reject carries the raw input), which Arrow schemas handle badly. The actor never lets a
+bad row fail its batch: if a batch raises, its rows are retried one by one and the row that
+still fails goes to rejects with the exception.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from palign.config import Config, EngineConfig
+from palign.engines.base import Engine, EngineSpec
+from palign.stages.io import reject_row
+from palign.stages.outcome import Outcome, rejected
+
+log = logging.getLogger(__name__)
+
+
+def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0) -> EngineSpec:
+    return EngineSpec(
+        model=model_path,
+        backend=engine.backend,
+        dtype=engine.dtype,
+        max_model_len=engine.max_model_len,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        enforce_eager=engine.enforce_eager,
+        cpu_kv_cache_gib=engine.cpu_kv_cache_gib,
+        max_num_seqs=engine.max_num_seqs,
+        seed=seed,
+    )
+
+
+def stage_model(cfg: Config, stage: str) -> str | None:
+    """The model a stage's engine serves: teacher, judge (the student by default), student."""
+    return {"generate": cfg.models.teacher, "truncate": cfg.judge_model,
+            "align": cfg.models.student}[stage]
+
+
+def stage_needs_engine(cfg: Config, stage: str) -> bool:
+    if stage == "truncate":
+        return cfg.truncate.strategy == "binary"
+    return stage_model(cfg, stage) is not None
+
+
+class StageWorker:
+    """``map_batches`` callable: batch of ``{"id", "record"}`` in, outcomes out."""
+
+    def __init__(self, cfg_raw: dict[str, Any], stage: str) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        self.cfg = Config.model_validate(cfg_raw)
+        self.stage = stage
+        self._engine: Engine | None = None
+        self._grader = None
+
+    def engine(self) -> Engine:
+        if self._engine is None:
+            from palign.engines import build_engine
+            from palign.models import resolve_model
+
+            section = getattr(self.cfg, self.stage)
+            name = stage_model(self.cfg, self.stage)
+            path = resolve_model(name, self.cfg.models.cache_dir)
+            self._engine = build_engine(engine_spec(section.engine, path, self.cfg.run.seed))
+            log.info("%s: engine %s ready for %s", self.stage, self._engine.name, name)
+        return self._engine
+
+    def _process(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
+        if self.stage == "generate":
+            from palign.stages.generate import generate_rows
+
+            teacher = self.engine if self.cfg.models.teacher else None
+            return generate_rows(rows, teacher, self.cfg.generate), 0
+        if self.stage == "truncate":
+            from palign.stages.truncate import truncate_rows
+
+            judge = self.engine() if stage_needs_engine(self.cfg, "truncate") else None
+            return truncate_rows(rows, judge, self.cfg.truncate)
+        if self.stage == "align":
+            from palign.grading import Grader
+
+            from palign.stages.align import align_rows
+
+            if self._grader is None:
+                self._grader = Grader(timeout_s=self.cfg.align.grade_timeout_s)
+            return align_rows(rows, self.engine(), self._grader, self.cfg.align), 0
+        raise ValueError(f"unknown stage {self.stage!r}")
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        rows = [json.loads(r) for r in batch["record"]]
+        try:
+            outcomes, calls = self._process(rows)
+        except Exception:
+            log.exception("%s: batch of %d failed; retrying its rows one by one",
+                          self.stage, len(rows))
+            outcomes, calls = [], 0
+            for row in rows:
+                try:
+                    one, c = self._process([row])
+                except Exception as err:  # noqa: BLE001 - a row must never kill the job
+                    one, c = [rejected(row, f"{self.stage} failed: {type(err).__name__}: {err}")], 0
+                outcomes += one
+                calls += c
+        out: dict[str, list[Any]] = {"id": [], "ok": [], "record": [], "calls": []}
+        for n, (row, o) in enumerate(zip(rows, outcomes)):
+            payload = o.record if o.ok else reject_row(row["id"], self.stage, o.reason, row)
+            out["id"].append(str(row["id"]))
+            out["ok"].append(o.ok)
+            out["record"].append(json.dumps(payload, ensure_ascii=False, default=str))
+            out["calls"].append(calls if n == 0 else 0)
+        return out
+
+    def __del__(self) -> None:
+        if self._grader is not None:
+            self._grader.close()
