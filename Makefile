@@ -1,0 +1,31 @@
+# `make demo` and `make test` work on a fresh clone: both create .venv when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.palign-setup
+
+.PHONY: setup demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh $(VENV)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/palign run configs/demo.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check palign tests benchmarks ray_jobs
+	$(PY) -m pytest -q -rs
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check palign tests benchmarks ray_jobs
+
+bench: $(STAMP)
+	$(PY) benchmarks/judge_throughput.py
+
+clean:
+	rm -rf runs

@@ -1,0 +1,294 @@
+"""Answer extraction and grading with math-verify, safe inside long-running Ray actors.
+
+sympy can spin forever on pathological input (``9^{9^{9^{9}}}``, huge factorials, ...), and
+math-verify's own time limits use ``signal.alarm``, which only works in the main thread of the
+main interpreter. So the checks run in a persistent worker process started with the "spawn"
+context (no fork of a threaded parent such as a Ray actor or a vLLM engine), one check at a time
+over a Pipe. The parent times every check with ``conn.poll``; when one runs past the limit the
+worker is killed, the check counts as wrong with status ``"timeout"``, and a fresh worker is
+started lazily at the next call.
+
+What is compared:
+
+* prediction: the content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in the output, re-wrapped
+  as ``\\boxed{<content>}`` and parsed by math-verify (its boxed-answer extraction is the most
+  robust path; ``$...$`` wrapping would break on contents that contain ``$``);
+* gold: parsed as given if it already contains ``$`` or ``\\boxed``, else wrapped as ``$<gold>$``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from types import TracebackType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_NO_ANSWER = "no_answer"
+STATUS_TIMEOUT = "timeout"
+STATUS_ERROR = "error"
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) in text, braces balanced; None if
+    there is none or its braces never close.
+
+    Escaped braces (``\\{``, ``\\}``) inside the box are not counted, so set answers such as
+    ``\\boxed{\\{1, 2\\}}`` come out whole. If the last box is unclosed the result is None even
+    when an earlier box is well formed: the final answer is malformed.
+    """
+    if not text:
+        return None
+    start = None
+    for m in _BOX_RE.finditer(text):
+        start = m.end()
+    if start is None:
+        return None
+    depth = 1
+    i = start
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 2  # skip the escaped character (\{, \}, \\ or a command's first letter)
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i]
+        i += 1
+    return None
+
+
+def _gold_for_parsing(gold: str) -> str:
+    if "$" in gold or "\\boxed" in gold:
+        return gold
+    return f"${gold}$"
+
+
+def _pred_for_parsing(content: str) -> str:
+    return f"\\boxed{{{content}}}"
+
+
+@dataclass(frozen=True)
+class Grade:
+    correct: bool
+    status: str  # "ok", "no_answer" (nothing to grade), "timeout", "error"
+    predicted: str | None  # the extracted answer string
+
+
+# --------------------------------------------------------------------------- worker process
+
+
+def _check(math_verify: Any, pred: str, gold: str) -> tuple[str, bool, str]:
+    """One comparison, inside the worker. Returns (status, correct, detail)."""
+    gold_parsed = math_verify.parse(_gold_for_parsing(gold), parsing_timeout=None)
+    if not gold_parsed:
+        return STATUS_ERROR, False, f"gold answer could not be parsed: {gold!r}"
+    pred_parsed = math_verify.parse(_pred_for_parsing(pred), parsing_timeout=None)
+    if not pred_parsed:
+        return STATUS_NO_ANSWER, False, "nothing extracted from the boxed answer"
+    ok = bool(math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=None))
+    return STATUS_OK, ok, ""
+
+
+def _worker_main(conn: Connection, parent_pid: int) -> None:
+    """Entry point of the grading worker: import math_verify once, then serve checks."""
+    try:
+        import math_verify
+
+        # Its time limits are disabled on purpose (the parent enforces them); silence the
+        # one-time warning that says so.
+        for name in ("math_verify", "math_verify.parser", "math_verify.grader"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    except Exception as err:  # noqa: BLE001 - report any import failure to the parent
+        conn.send(("failed", f"{type(err).__name__}: {err}"))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            # Wake up now and then to notice an orphaned worker (parent gone).
+            while not conn.poll(5.0):
+                if os.getppid() != parent_pid:
+                    return
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        job_id, pred, gold = msg
+        try:
+            status, correct, detail = _check(math_verify, pred, gold)
+        except Exception as err:  # noqa: BLE001 - any failure is an "error" grade
+            status, correct, detail = STATUS_ERROR, False, f"{type(err).__name__}: {err}"
+        try:
+            conn.send((job_id, status, correct, detail))
+        except (EOFError, OSError, BrokenPipeError):
+            return
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+class Grader:
+    """Grades predictions against gold answers in a persistent worker process.
+    Each check has a hard time limit; on time-out the worker is killed and restarted, and the
+    check counts as wrong with status "timeout". Usable as a context manager; close() stops the
+    worker.
+
+    ``startup_timeout_s`` bounds the start of a worker (spawn plus importing math_verify and
+    sympy); it does not count against ``timeout_s``. Calls are serialized with a lock, so one
+    Grader may be shared by threads.
+    """
+
+    def __init__(self, timeout_s: float = 5.0, startup_timeout_s: float = 120.0) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.timeout_s = float(timeout_s)
+        self.startup_timeout_s = float(startup_timeout_s)
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self._next_job = 0
+        self.restarts = 0  # workers killed after a time-out or failure
+
+    # -- worker lifecycle
+
+    def _start(self) -> None:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(child_conn, os.getpid()),
+            name="palign-grader",
+            daemon=True,
+        )
+        t0 = time.monotonic()
+        proc.start()
+        child_conn.close()  # so that the worker's death shows up here as EOF
+        self._proc, self._conn = proc, parent_conn
+        try:
+            if not parent_conn.poll(self.startup_timeout_s):
+                raise TimeoutError(f"grading worker not ready after {self.startup_timeout_s}s")
+            msg = parent_conn.recv()
+        except BaseException:
+            self._stop_worker(kill=True)
+            raise
+        if msg[0] != "ready":
+            self._stop_worker(kill=True)
+            raise RuntimeError(f"grading worker failed to start: {msg[1]}")
+        log.info("grading worker %s ready in %.1fs", msg[1], time.monotonic() - t0)
+
+    def _stop_worker(self, kill: bool) -> None:
+        proc, conn = self._proc, self._conn
+        self._proc, self._conn = None, None
+        if proc is not None and not kill and conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(None)
+            proc.join(2.0)
+        if proc is not None and proc.is_alive():
+            proc.terminate()
+            proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2.0)
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            try:
+                proc.close()
+            except ValueError:  # still running after SIGKILL: leave it to the OS
+                log.warning("grading worker %s did not exit", proc.pid)
+
+    # -- grading
+
+    def _run_check(self, pred: str, gold: str) -> tuple[str, bool, str]:
+        if self._proc is None or not self._proc.is_alive():
+            if self._proc is not None:
+                self._stop_worker(kill=True)
+            try:
+                self._start()
+            except Exception as err:  # noqa: BLE001 - a failed start grades as "error"
+                log.error("could not start the grading worker: %s", err)
+                return STATUS_ERROR, False, f"worker start failed: {err}"
+        assert self._conn is not None
+        job_id = self._next_job
+        self._next_job += 1
+        try:
+            self._conn.send((job_id, pred, gold))
+            if not self._conn.poll(self.timeout_s):
+                log.warning(
+                    "grading timed out after %.1fs (pred %.80r, gold %.80r); restarting worker",
+                    self.timeout_s,
+                    pred,
+                    gold,
+                )
+                self._stop_worker(kill=True)
+                self.restarts += 1
+                return STATUS_TIMEOUT, False, f"no verdict within {self.timeout_s}s"
+            reply = self._conn.recv()
+        except (EOFError, OSError) as err:
+            log.error("grading worker died (%s); restarting it at the next check", err)
+            self._stop_worker(kill=True)
+            self.restarts += 1
+            return STATUS_ERROR, False, f"worker died: {type(err).__name__}"
+        got_id, status, correct, detail = reply
+        if got_id != job_id:  # cannot happen with one check in flight; be safe anyway
+            log.error("grading worker answered job %s, expected %s", got_id, job_id)
+            self._stop_worker(kill=True)
+            self.restarts += 1
+            return STATUS_ERROR, False, "out-of-order reply"
+        return status, bool(correct), detail
+
+    def grade(self, output: str, gold: str) -> Grade:
+        """Grade one model output (its last boxed answer) against a gold answer."""
+        predicted = last_boxed(output) if isinstance(output, str) else None
+        if predicted is None or not predicted.strip():
+            return Grade(correct=False, status=STATUS_NO_ANSWER, predicted=predicted)
+        with self._lock:
+            status, correct, detail = self._run_check(predicted, str(gold))
+        if status == STATUS_ERROR:
+            log.warning("grading error (pred %.80r, gold %.80r): %s", predicted, gold, detail)
+        return Grade(correct=correct and status == STATUS_OK, status=status, predicted=predicted)
+
+    def grade_many(self, outputs: list[str], golds: list[str]) -> list[Grade]:
+        """Grade pairs one by one; each check has its own time limit."""
+        if len(outputs) != len(golds):
+            raise ValueError(f"{len(outputs)} outputs but {len(golds)} gold answers")
+        return [self.grade(o, g) for o, g in zip(outputs, golds, strict=True)]
+
+    def close(self) -> None:
+        """Stop the worker (a later grade starts a new one)."""
+        with self._lock:
+            self._stop_worker(kill=False)
+
+    def __enter__(self) -> Grader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if self._proc is not None:
+                self._stop_worker(kill=True)
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass

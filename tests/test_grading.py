@@ -1,0 +1,160 @@
+"""Tests for palign.grading: boxed-answer extraction and math-verify grading in a worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from palign.grading import Grade, Grader, last_boxed
+
+pytest.importorskip("math_verify")
+
+
+# --------------------------------------------------------------------------- last_boxed
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"so the answer is \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
+        (r"\boxed{1} then \boxed{2} and finally \boxed{3}", "3"),
+        (r"first \boxed{1}, final \boxed{\frac{1}{2", None),  # last box unbalanced
+        (r"\boxed{\frac{1}{2}", None),
+        ("the answer is 42", None),
+        ("", None),
+        (r"\fbox{7}", "7"),
+        (r"\boxed{1} and \fbox{x+1}", "x+1"),
+        (r"\boxed {5}", "5"),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces are not counted
+        (r"\boxed{}", ""),
+        (r"\boxed{\text{(A)}} \quad", r"\text{(A)}"),
+    ],
+)
+def test_last_boxed(text: str, expected: str | None) -> None:
+    assert last_boxed(text) == expected
+
+
+# --------------------------------------------------------------------------- grading
+
+
+@pytest.fixture(scope="module")
+def grader() -> Iterator[Grader]:
+    with Grader(timeout_s=5.0) as g:
+        yield g
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [
+        (r"\frac{1}{2}", "0.5"),
+        ("204", "204"),
+        ("204.0", "204"),
+        (r"\dfrac{3}{4}", r"\frac{3}{4}"),
+        ("[1, 3)", "[1,3)"),
+        # math-verify 0.9 accepts an assignment against a bare value: Eq(x, 3) vs 3 is correct.
+        ("x=3", "3"),
+        (r"\sqrt{2}/2", r"\frac{\sqrt{2}}{2}"),
+        (r"\{1, 2\}", r"\{2, 1\}"),
+    ],
+)
+def test_equal_forms_are_correct(grader: Grader, pred: str, gold: str) -> None:
+    g = grader.grade(f"Reasoning... so the answer is $\\boxed{{{pred}}}$.", gold)
+    assert g == Grade(correct=True, status="ok", predicted=pred)
+
+
+def test_gold_already_in_latex_form(grader: Grader) -> None:
+    assert grader.grade(r"\boxed{204}", r"\boxed{204}").correct
+    assert grader.grade(r"\boxed{204}", r"$204$").correct
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [
+        ("205", "204"),
+        (r"\frac{1}{3}", "0.5"),
+        ("(1, 3]", "[1,3)"),
+    ],
+)
+def test_wrong_answers_are_wrong(grader: Grader, pred: str, gold: str) -> None:
+    g = grader.grade(f"\\boxed{{{pred}}}", gold)
+    assert g == Grade(correct=False, status="ok", predicted=pred)
+
+
+@pytest.mark.parametrize(
+    "output",
+    ["", "The answer is 204.", r"\boxed{204", r"\boxed{}", r"\boxed{   }"],
+)
+def test_malformed_outputs_are_no_answer(grader: Grader, output: str) -> None:
+    g = grader.grade(output, "204")
+    assert g.status == "no_answer"
+    assert not g.correct
+
+
+def test_grade_many(grader: Grader) -> None:
+    grades = grader.grade_many([r"\boxed{204}", r"\boxed{205}", "no box"], ["204", "204", "204"])
+    assert [(g.correct, g.status) for g in grades] == [
+        (True, "ok"),
+        (False, "ok"),
+        (False, "no_answer"),
+    ]
+    with pytest.raises(ValueError):
+        grader.grade_many([r"\boxed{1}"], [])
+
+
+def test_timeout_kills_worker_and_run_goes_on() -> None:
+    # verify() of this power tower against 1 makes sympy build/evaluate 9^(9^387420489):
+    # it ran for more than 12 s without finishing when tried by hand (parsing alone is ~0.1 s).
+    with Grader(timeout_s=1.0) as g:
+        assert g.grade(r"\boxed{1}", "1").correct  # worker started and warm
+        t0 = time.monotonic()
+        slow = g.grade(r"\boxed{9^{9^{9^{9}}}}", "1")
+        elapsed = time.monotonic() - t0
+        assert slow == Grade(correct=False, status="timeout", predicted="9^{9^{9^{9}}}")
+        assert elapsed < 5.0
+        assert g.restarts == 1
+        # The same Grader restarts its worker and keeps grading.
+        after = g.grade(r"\boxed{\frac{1}{2}}", "0.5")
+        assert after == Grade(correct=True, status="ok", predicted=r"\frac{1}{2}")
+
+
+def test_close_and_restart() -> None:
+    g = Grader(timeout_s=5.0)
+    assert g.grade(r"\boxed{3}", "3").correct
+    g.close()
+    g.close()  # idempotent
+    assert g.grade(r"\boxed{3}", "3").correct  # lazily starts a new worker
+    g.close()
+
+
+def test_rejects_bad_timeout() -> None:
+    with pytest.raises(ValueError):
+        Grader(timeout_s=0)
+
+
+def test_unparsable_gold_is_error(grader: Grader) -> None:
+    g = grader.grade(r"\boxed{204}", "")
+    assert g == Grade(correct=False, status="error", predicted="204")
+
+
+def test_works_from_a_non_main_thread() -> None:
+    # Ray actors and vLLM call from worker threads, where signal-based time-outs fail.
+    results: list[Grade] = []
+    with Grader(timeout_s=1.0) as g:
+        t = threading.Thread(
+            target=lambda: results.extend(
+                g.grade_many(
+                    [r"\boxed{\frac{1}{2}}", r"\boxed{9^{9^{9^{9}}}}", r"\boxed{2}"],
+                    ["0.5", "1", "2"],
+                )
+            )
+        )
+        t.start()
+        t.join(30)
+    assert [(r.correct, r.status) for r in results] == [
+        (True, "ok"),
+        (False, "timeout"),
+        (True, "ok"),
+    ]

@@ -1,0 +1,87 @@
+"""The truncate stage's scheduler without Ray: many searches, one engine call per round.
+
+The judge here is a scripted stand-in (it calls a prefix sufficient once it holds the sentence
+"KEY."), so the expected prefix is known exactly; the real engines run in test_pipeline.py.
+"""
+
+import math
+
+from palign.config import TruncateSection
+from palign.engines.base import Completion, LabelScores
+from palign.search import max_probes
+from palign.segment import sentence_ends
+from palign.stages.truncate import truncate_rows
+
+
+class ScriptedJudge:
+    name = "scripted"
+
+    def __init__(self):
+        self.calls = []
+
+    def _enough(self, chat):
+        opening = chat[0]["content"].split("Opening of the solution:\n", 1)[1]
+        return "KEY." in opening.split("\n\nAnswer with one word")[0]
+
+    def score_labels(self, chats, labels):
+        self.calls.append(len(chats))
+        return [LabelScores({"ENOUGH": math.log(0.9 if self._enough(c) else 0.1),
+                             "NOT_ENOUGH": math.log(0.1 if self._enough(c) else 0.9)},
+                            prompt_tokens=100, cached_tokens=60) for c in chats]
+
+    def generate(self, chats, sampling):
+        self.calls.append(len(chats))
+        return [Completion("ENOUGH" if self._enough(c) else "not enough, sorry")
+                for c in chats]
+
+
+def make_rows():
+    rows = []
+    for n, key_at in [(12, 5), (3, 1), (40, 33), (7, None), (25, 25)]:
+        sentences = [("KEY." if i + 1 == key_at else f"Step {i + 1} is 1.5 times x.")
+                     for i in range(n)]
+        rows.append({"id": f"r{n}", "question": "Q?", "answer": "1",
+                     "cot": " ".join(sentences), "key_at": key_at, "n": n})
+    return rows
+
+
+def check(rows, outcomes, calls, judge):
+    longest = max(len(o.record["probes"]) for o in outcomes)
+    assert calls == len(judge.calls) == longest <= max(max_probes(r["n"]) for r in rows)
+    assert sum(judge.calls) == sum(len(o.record["probes"]) for o in outcomes)
+    assert judge.calls[0] == len(rows)  # the first round judges every row at once
+    for row, out in zip(rows, outcomes):
+        rec = out.record
+        assert len(sentence_ends(row["cot"])) == rec["sentences_total"] == row["n"]
+        expected = row["key_at"] or row["n"]
+        assert rec["sentences_kept"] == expected
+        assert rec["sufficient"] is (row["key_at"] is not None)
+        assert rec["prefix"] == row["cot"][:rec["prefix_offset"]]
+        assert rec["prefix"].endswith("KEY.") or row["key_at"] is None
+        assert 1 <= len(rec["probes"]) <= max_probes(row["n"])
+
+
+def test_score_verdicts_many_searches_in_flight():
+    rows, judge = make_rows(), ScriptedJudge()
+    outcomes, calls = truncate_rows(rows, judge, TruncateSection(verdict="score"))
+    check(rows, outcomes, calls, judge)
+    rec = outcomes[0].record
+    assert all(p["score"] is not None for p in rec["probes"])
+    assert rec["judge_cached_tokens"] == 60 * len(rec["probes"])
+
+
+def test_generated_verdicts_and_baselines():
+    rows, judge = make_rows(), ScriptedJudge()
+    outcomes, calls = truncate_rows(rows, judge, TruncateSection(verdict="generate"))
+    check(rows, outcomes, calls, judge)
+    full, calls = truncate_rows(rows, None, TruncateSection(strategy="full"))
+    assert calls == 0 and all(o.record["prefix"] == r["cot"] for o, r in zip(full, rows))
+    fixed, _ = truncate_rows(rows, None, TruncateSection(strategy="fixed_ratio", ratio=0.25))
+    assert [o.record["sentences_kept"] for o in fixed] == [3, 1, 10, 2, 7]
+
+
+def test_rows_without_cot_are_rejected_others_go_on():
+    rows = make_rows()[:2] + [{"id": "empty", "question": "Q?", "answer": "1", "cot": "  "}]
+    outcomes, _ = truncate_rows(rows, ScriptedJudge(), TruncateSection())
+    assert [o.ok for o in outcomes] == [True, True, False]
+    assert "no CoT" in outcomes[2].reason
