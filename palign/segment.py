@@ -9,6 +9,7 @@ opens the next one and each prefix of the text is exactly ``cot[:offset]``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 _TERMINAL = ".!?…"
 _CLOSERS = "\"')]}*”’»"  # may trail the final punctuation and still belong to the sentence
@@ -36,7 +37,7 @@ def sentence_ends(cot: str) -> list[int]:
     n = len(cot)
     cuts = [0]
     content_end = 0  # offset just past the last non-whitespace character seen
-    missing: dict[str, int] = {}
+    regions = _Regions(cot)
     i = 0
     while i < n:
         ch = cot[i]
@@ -44,7 +45,7 @@ def sentence_ends(cot: str) -> list[int]:
             content_end = i = i + 2
             continue
         if ch in "$\\":
-            end, inner = _protected_span(cot, i, missing)
+            end, inner = regions.span(i)
             if end > 0:
                 content_end = p = _skip_closers(cot, end)
                 # A display that ends its own sentence ("\[ x = 1. \]") closes it too.
@@ -60,8 +61,9 @@ def sentence_ends(cot: str) -> list[int]:
             run = cot[i:j]
             p = _skip_closers(cot, j)
             ellipsis = "…" in run or ".." in run
-            blocked = run == "." and (_is_abbreviation(cot, i) or _is_marker(cot, i, cuts[-1]))
-            if not blocked and _boundary_after(cot, p, strict=ellipsis):
+            if _boundary_after(cot, p, strict=ellipsis) and not (
+                run == "." and (_is_abbreviation(cot, i) or _is_marker(cot, i, cuts[-1]))
+            ):
                 _add(cuts, p)
             content_end = i = j
             continue
@@ -135,8 +137,8 @@ def _line_break_cuts(text: str, i: int, content_end: int) -> bool:
 
 def _is_abbreviation(text: str, i: int) -> bool:
     """Whether the '.' at i closes a known abbreviation such as 'e.g.' or 'Eq.'."""
-    s = i
-    while s > 0 and (text[s - 1].isalpha() or text[s - 1] == "."):
+    s, stop = i, max(0, i - 8)  # no abbreviation is longer; bounds the scan
+    while s > stop and (text[s - 1].isalpha() or text[s - 1] == "."):
         s -= 1
     token = text[s:i].lower()
     if token == "no":  # "No. 5" is a number; "the answer is no." is not
@@ -147,8 +149,8 @@ def _is_abbreviation(text: str, i: int) -> bool:
 def _is_marker(text: str, i: int, last_cut: int) -> bool:
     """Whether the '.' at i closes a step number ('1.', '2.3.', 'Step 3.') that opens a line
     or a sentence and is followed by text on the same line."""
-    s = i
-    while s > 0 and (text[s - 1].isdigit() or text[s - 1] == "."):
+    s, stop = i, max(0, i - 16)  # longer than any step number; bounds the scan
+    while s > stop and (text[s - 1].isdigit() or text[s - 1] == "."):
         s -= 1
     if not _NUMBER.fullmatch(text, s, i) or not _TEXT_ON_LINE.match(text, i + 1):
         return False
@@ -166,70 +168,88 @@ def _is_marker(text: str, i: int, last_cut: int) -> bool:
     return start in (0, last_cut) or "\n" in text[start:k]
 
 
-def _protected_span(text: str, i: int, missing: dict[str, int]) -> tuple[int, int]:
-    """(end, start of the closing delimiter) of a math or \\boxed region opening at i,
-    or (-1, -1) when none does (an unmatched opener is plain text)."""
-    if text.startswith("$$", i):
-        return _find_close(text, "$$", i + 2, missing)
-    if text[i] == "$":
-        return _inline_math(text, i)
-    if text.startswith("\\(", i):
-        return _find_close(text, "\\)", i + 2, missing)
-    if text.startswith("\\[", i):
-        return _find_close(text, "\\]", i + 2, missing)
-    if text.startswith("\\boxed{", i):
-        return _brace_group(text, i + 6)
-    m = _BEGIN.match(text, i)
-    if m:
-        return _find_close(text, "\\end{" + m.group(1) + "}", m.end(), missing)
-    return -1, -1
+class _Regions:
+    """Finds protected regions (math, \\boxed) opening at an offset. Searches are cached, and
+    the scanner only moves forward, so many unmatched openers still cost linear time."""
 
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.hits: dict[str, tuple[int, int]] = {}  # key -> (searched from, first hit or len)
+        self.braces: dict[int, int] | None = None  # offset of '{' -> offset of its '}'
 
-def _find_close(text: str, closer: str, start: int, missing: dict[str, int]) -> tuple[int, int]:
-    # Once a closer is absent after some offset it is absent after every later one; remembering
-    # that keeps many unmatched openers linear.
-    if start >= missing.get(closer, len(text) + 1):
+    def span(self, i: int) -> tuple[int, int]:
+        """(end, start of the closing delimiter) of the region opening at i, or (-1, -1) when
+        none does (an unmatched opener is plain text)."""
+        text = self.text
+        if text.startswith("$$", i):
+            return self._close("$$", i + 2)
+        if text[i] == "$":
+            return self._inline_math(i)
+        if text.startswith("\\(", i):
+            return self._close("\\)", i + 2)
+        if text.startswith("\\[", i):
+            return self._close("\\]", i + 2)
+        if text.startswith("\\boxed{", i):
+            return self._brace_group(i + 6)
+        m = _BEGIN.match(text, i)
+        if m:
+            return self._close("\\end{" + m.group(1) + "}", m.end())
         return -1, -1
-    j = text.find(closer, start)
-    if j < 0:
-        missing[closer] = start
-        return -1, -1
-    return j + len(closer), j
 
+    def _first(self, key: str, start: int, find: Callable[[int], int]) -> int:
+        # A hit h first found from s is also the first hit from any start in [s, h].
+        s, h = self.hits.get(key, (len(self.text) + 1, -1))
+        if not s <= start <= h:
+            h = find(start)
+            self.hits[key] = (start, h)
+        return h
 
-def _inline_math(text: str, i: int) -> tuple[int, int]:
-    """Inline $...$ in the usual Markdown sense, so that prices like '$5 and $10' stay text:
-    the opener is followed by non-space, the closer preceded by non-space and not followed by a
-    digit, and the span never crosses a blank line."""
-    if i + 1 >= len(text) or text[i + 1].isspace():
-        return -1, -1
-    blank = _BLANK_LINE.search(text, i)
-    limit = blank.start() if blank else len(text)
-    j = i + 1
-    while True:
-        j = text.find("$", j, limit)
-        if j < 0:
+    def _close(self, closer: str, start: int) -> tuple[int, int]:
+        n = len(self.text)
+        j = self._first(closer, start, lambda q: _found(self.text.find(closer, q), n))
+        return (j + len(closer), j) if j < n else (-1, -1)
+
+    def _inline_math(self, i: int) -> tuple[int, int]:
+        """Inline $...$ in the usual Markdown sense, so that prices like '$5 and $10' stay text:
+        the opener is followed by non-space, the closer preceded by non-space and not followed
+        by a digit, and the span never crosses a blank line."""
+        text = self.text
+        if i + 1 >= len(text) or text[i + 1].isspace():
             return -1, -1
-        before = text[j - 1]
-        if not before.isspace() and before != "\\" and not text[j + 1 : j + 2].isdigit():
-            return j + 1, j
-        j += 1
+        j = self._first("$", i + 1, self._dollar_closer)
+        blank = self._first("blank", i, self._blank_line)
+        return (j + 1, j) if j < blank else (-1, -1)
+
+    def _dollar_closer(self, q: int) -> int:
+        text = self.text
+        j = text.find("$", q)
+        while j >= 0:
+            before = text[j - 1]
+            if not before.isspace() and before != "\\" and not text[j + 1 : j + 2].isdigit():
+                return j
+            j = text.find("$", j + 1)
+        return len(text)
+
+    def _blank_line(self, q: int) -> int:
+        m = _BLANK_LINE.search(self.text, q)
+        return m.start() if m else len(self.text)
+
+    def _brace_group(self, i: int) -> tuple[int, int]:
+        """The balanced {...} group opening at i; escaped braces do not count."""
+        if self.braces is None:
+            self.braces, stack, text, j = {}, [], self.text, 0
+            while j < len(text):
+                c = text[j]
+                if c == "\\":
+                    j += 1
+                elif c == "{":
+                    stack.append(j)
+                elif c == "}" and stack:
+                    self.braces[stack.pop()] = j
+                j += 1
+        j = self.braces.get(i, -1)
+        return (j + 1, j) if j >= 0 else (-1, -1)
 
 
-def _brace_group(text: str, i: int) -> tuple[int, int]:
-    """End of the balanced {...} group opening at i (escaped braces do not count)."""
-    depth = 0
-    j = i
-    while j < len(text):
-        c = text[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return j + 1, j
-        j += 1
-    return -1, -1
+def _found(j: int, n: int) -> int:
+    return j if j >= 0 else n

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -264,6 +266,22 @@ def test_prefix() -> None:
         prefix(text, ends, 0)
     with pytest.raises(ValueError):
         prefix(text, ends, 4)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a $b " * 20000, "\\boxed{ x. " * 10000, "\\( y. " * 20000, "$a\n\n" * 20000, "1." * 50000],
+)
+def test_unmatched_openers_stay_linear(text: str) -> None:
+    start = time.perf_counter()
+    check_invariants_cheap(text)
+    assert time.perf_counter() - start < 5.0
+
+
+def check_invariants_cheap(text: str) -> None:
+    ends = sentence_ends(text)
+    assert ends[-1] == len(text)
+    assert all(a < b for a, b in zip(ends, ends[1:]))
 
 
 # --- a realistic chain of thought -----------------------------------------------------------
