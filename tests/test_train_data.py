@@ -1,0 +1,260 @@
+"""palign.train.data: loss masks from the chat template, packing, attention isolation, the loss."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from palign.models import resolve_model
+from palign.prompts import student_question, training_target
+from palign.train.data import (
+    IGNORE_INDEX,
+    Example,
+    Rejected,
+    build_example,
+    collate_packs,
+    example_from_row,
+    pack,
+    packing_efficiency,
+    pad_batch,
+    token_loss_sum,
+)
+
+LOSS_ATOL = 1e-5  # packed vs padded mean loss, fp32 (measured: 0 to 1.5e-6)
+GRAD_RTOL = 1e-4  # packed vs padded gradient norm, relative (measured: <3e-8)
+QUESTION = "What is the sum of the first 10 positive integers?"
+TARGET = training_target("Pair 1 with 10, 2 with 9: five pairs.", "Each is 11, so \\boxed{55}.")
+
+
+# ---------------------------------------------------------------- the real template (SmolLM2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+
+def supervised(ex: Example) -> list[int]:
+    return [tok for tok, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX]
+
+
+@pytest.mark.slow
+def test_labels_are_the_target_and_the_end_of_turn_token(tokenizer):
+    ex = build_example(tokenizer, QUESTION, TARGET, max_len=1024, example_id="x")
+    assert isinstance(ex, Example) and ex.span == "tokens"  # ChatML: the prompt is a token prefix
+    # Supervised: the target and <|im_end|>; ChatML's "\n" after <|im_end|> is in the input but
+    # not supervised (generation stops at <|im_end|>, the model never writes that newline).
+    assert tokenizer.decode(supervised(ex)) == TARGET + "<|im_end|>"
+    assert tokenizer.decode(ex.input_ids[-1:]) == "\n" and ex.labels[-1] == IGNORE_INDEX
+    # The input is exactly the template's rendering, with no second BOS.
+    chat = [
+        {"role": "user", "content": student_question(QUESTION)},
+        {"role": "assistant", "content": TARGET},
+    ]
+    assert tokenizer.decode(ex.input_ids) == tokenizer.apply_chat_template(chat, tokenize=False)
+    # Nothing before the assistant turn (system, user, the assistant header) is supervised, and
+    # the supervised tokens are one contiguous run.
+    prompt = tokenizer.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert all(label == IGNORE_INDEX for label in ex.labels[:n_prompt])
+    where = [i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX]
+    assert where == list(range(n_prompt, n_prompt + len(where)))
+    assert "sum of the first" not in tokenizer.decode(supervised(ex))
+
+
+@pytest.mark.slow
+def test_offsets_fallback_when_the_prompt_is_no_token_prefix():
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    # A template whose generation prompt ends in a space: " <" merges into one token in the full
+    # rendering, so the prompt's tokens are not a prefix of it.
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    ex = build_example(tok, QUESTION, TARGET, max_len=1024)
+    assert isinstance(ex, Example) and ex.span == "offsets"
+    # The straddling token (space + "<") is supervised; no end marker in this template.
+    assert tok.decode(supervised(ex)) == " " + TARGET
+
+
+@pytest.mark.slow
+def test_overlong_rows_are_rejected_with_their_length_or_truncated(tokenizer):
+    row = {"id": "long", "question": QUESTION, "target": TARGET + " more words" * 50}
+    full = example_from_row(tokenizer, row, max_len=10_000)
+    assert isinstance(full, Example) and len(full) > 100
+    rejected = example_from_row(tokenizer, row, max_len=100)
+    assert rejected == Rejected("long", f"{len(full)} tokens > max_len 100")
+    cut = example_from_row(tokenizer, row, max_len=100, overlong="truncate")
+    assert isinstance(cut, Example) and cut.truncated and len(cut) == 100
+    assert cut.input_ids == full.input_ids[:100] and cut.labels == full.labels[:100]
+    # A prompt alone over max_len leaves nothing to learn: rejected even when truncating.
+    nothing = build_example(tokenizer, QUESTION * 40, TARGET, 100, "truncate", example_id="q")
+    assert isinstance(nothing, Rejected) and "no supervised token" in nothing.reason
+    assert re.match(r"^\d+ tokens > max_len 100", nothing.reason)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def synthetic(lengths: list[int], seed: int = 0, vocab: int = 128) -> list[Example]:
+    """Examples with a random 'prompt' third (unsupervised) and a supervised rest."""
+    rng = random.Random(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = [rng.randrange(vocab) for _ in range(n)]
+        cut = max(1, n // 3)
+        out.append(Example(f"e{i}", ids, [IGNORE_INDEX] * cut + ids[cut:]))
+    return out
+
+
+def next_fit(lengths: list[int], seq_len: int) -> int:
+    bins, room = 0, 0
+    for n in lengths:
+        if n > room:
+            bins, room = bins + 1, seq_len
+        room -= n
+    return bins
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seq_len=st.integers(8, 256),
+    fractions=st.lists(st.floats(0.0, 1.0), min_size=0, max_size=60),
+)
+def test_pack_properties(seq_len, fractions):
+    lengths = [max(1, round(f * seq_len)) for f in fractions]
+    examples = synthetic(lengths)
+    packs = pack(examples, seq_len, pad_id=0)
+    by_id = {ex.id: ex for ex in examples}
+    assert sorted(i for p in packs for i in p.ids) == sorted(by_id)  # each exactly once
+    for p in packs:
+        assert len(p.input_ids) == len(p.labels) == len(p.position_ids) == seq_len
+        assert p.n_real <= seq_len and p.seq_lens == [len(by_id[i]) for i in p.ids]
+        at = 0
+        for i in p.ids:  # contents in place, positions restart, first label masked
+            ex = by_id[i]
+            assert p.input_ids[at : at + len(ex)] == ex.input_ids
+            assert p.position_ids[at : at + len(ex)] == list(range(len(ex)))
+            assert p.labels[at : at + len(ex)] == [IGNORE_INDEX, *ex.labels[1:]]
+            at += len(ex)
+        assert p.position_ids[at:] == list(range(seq_len - at))  # padding: its own sequence
+        assert set(p.labels[at:]) <= {IGNORE_INDEX}
+    total = sum(lengths)
+    assert len(packs) >= math.ceil(total / seq_len)
+    # Any-fit guarantee: a new bin opens only when nothing fits, so at most one bin is half empty.
+    assert sum(2 * p.n_real <= seq_len for p in packs) <= 1
+    expected = total / (len(packs) * seq_len) if packs else 0.0
+    assert packing_efficiency(packs) == pytest.approx(expected)
+
+
+def test_best_fit_uses_no_more_bins_than_sequential_packing():
+    for seed in range(5):
+        rng = random.Random(seed)
+        lengths = [rng.randint(1, 700) for _ in range(300)]
+        packs = pack(synthetic(lengths), 1024)
+        assert len(packs) <= next_fit(lengths, 1024)
+        assert packing_efficiency(packs) == sum(lengths) / (len(packs) * 1024)
+
+
+def test_pack_rejects_an_example_longer_than_seq_len():
+    with pytest.raises(ValueError, match="9 tokens > seq_len 8"):
+        pack(synthetic([9]), 8)
+
+
+# ---------------------------------------------------------------- isolation and the loss
+
+LENGTHS = [5, 17, 29, 38, 47, 60]  # six sequences, 196 tokens, into rows of 128
+
+
+def tiny_model(attn: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        attn_implementation=attn, initializer_range=0.2,
+    )  # fmt: skip
+    # initializer_range 0.2 (not 0.02): a model that depends on its context clearly enough for
+    # the negative control (leaky attention) to move the mean loss by ~0.1
+    return LlamaForCausalLM(config).float().eval()
+
+
+def mean_loss_and_grad_norm(model, batches) -> tuple[float, float, int]:
+    model.zero_grad()
+    sums, counts = zip(*(token_loss_sum(model, b) for b in batches))
+    loss = sum(sums) / sum(counts)
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+    return loss.item(), norm.item(), sum(counts)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_equals_padded_and_the_control_fails(attn):
+    model = tiny_model(attn)
+    examples = synthetic(LENGTHS, seed=1)
+    packs = pack(examples, 128)
+    assert len(packs) == 2 and sum(len(p.ids) > 1 for p in packs) == 2
+    packed = collate_packs(packs)
+    assert set(packed) == {"input_ids", "labels", "position_ids"}
+    padded = pad_batch(examples, pad_id=0)
+    loss_pk, norm_pk, n_pk = mean_loss_and_grad_norm(model, [packed])
+    loss_pd, norm_pd, n_pd = mean_loss_and_grad_norm(model, [padded])
+    assert n_pk == n_pd == sum(n - max(1, n // 3) for n in LENGTHS)
+    assert abs(loss_pk - loss_pd) < LOSS_ATOL
+    assert abs(norm_pk - norm_pd) <= GRAD_RTOL * norm_pd
+    # Also in training mode (where config.use_cache=True would switch the isolation off).
+    model.train()
+    assert abs(mean_loss_and_grad_norm(model, [packed])[0] - loss_pd) < LOSS_ATOL
+    model.eval()
+    # Negative control: one running position range and no mask lets the sequences see each other.
+    leaky = dict(packed, position_ids=torch.arange(128).expand(len(packs), -1))
+    assert abs(mean_loss_and_grad_norm(model, [leaky])[0] - loss_pd) > 1e-2
+
+
+def test_pack_boundary_never_supervises_across_sequences():
+    # Fully supervised examples (label 0 set): packed, the last token of one sequence must not be
+    # trained to predict the first token of the next.
+    rng = random.Random(3)
+    examples = []
+    for i, n in enumerate([6, 9, 12]):
+        ids = [rng.randrange(128) for _ in range(n)]
+        examples.append(Example(f"s{i}", ids, list(ids)))
+    packed = collate_packs(pack(examples, 32))
+    starts = (packed["position_ids"] == 0).nonzero()[:, 1]
+    assert (packed["labels"][0, starts] == IGNORE_INDEX).all()
+    model = tiny_model("sdpa")
+    with torch.no_grad():
+        loss_pk, n_pk = token_loss_sum(model, packed)
+        loss_pd, n_pd = token_loss_sum(model, pad_batch(examples, pad_id=0))
+    assert n_pk == n_pd == 6 + 9 + 12 - 3
+    assert abs(loss_pk.item() / n_pk - loss_pd.item() / n_pd) < LOSS_ATOL
+
+
+@pytest.mark.parametrize("kind", ["packed", "padded"])
+def test_chunked_loss_equals_the_plain_one(kind):
+    model = tiny_model("sdpa")
+    examples = synthetic(LENGTHS, seed=2)
+    batch = collate_packs(pack(examples, 128)) if kind == "packed" else pad_batch(examples, 0)
+    grads = {}
+    for chunk in (None, 7):  # None: plain model(**batch).logits
+        model.zero_grad()
+        loss_sum, n = token_loss_sum(model, batch, chunk_size=chunk)
+        (loss_sum / n).backward()
+        grads[chunk] = (loss_sum.item() / n, [p.grad.clone() for p in model.parameters()])
+    assert abs(grads[None][0] - grads[7][0]) < LOSS_ATOL
+    for plain, chunked in zip(grads[None][1], grads[7][1]):
+        torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_nothing_supervised_gives_zero_loss_with_a_graph():
+    model = tiny_model("sdpa")
+    ex = Example("none", [1, 2, 3, 4], [IGNORE_INDEX] * 4)
+    loss_sum, n = token_loss_sum(model, collate_packs(pack([ex], 8)))
+    assert n == 0 and loss_sum.item() == 0.0
+    loss_sum.backward()  # does not raise
