@@ -15,14 +15,14 @@ demo: $(STAMP)
 	$(VENV)/bin/palign run configs/demo.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check palign tests benchmarks ray_jobs
+	$(VENV)/bin/ruff check palign tests benchmarks
 	$(PY) -m pytest -q -rs
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check palign tests benchmarks ray_jobs
+	$(VENV)/bin/ruff check palign tests benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/judge_throughput.py

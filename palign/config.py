@@ -21,7 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-STAGES = ("generate", "truncate", "align")
+STAGES = ("generate", "truncate", "align", "train")
+ENGINE_STAGES = ("generate", "truncate", "align")  # the stages that run inference engines
 
 
 class ConfigError(ValueError):
@@ -35,8 +36,8 @@ class _Strict(BaseModel):
 class RunSection(_Strict):
     name: str = "palign"
     output_dir: str = "runs/palign"  # each stage writes <output_dir>/<stage>/
-    stages: list[Literal["generate", "truncate", "align"]] = Field(
-        default_factory=lambda: list(STAGES), min_length=1
+    stages: list[Literal["generate", "truncate", "align", "train"]] = Field(
+        default_factory=lambda: ["generate", "truncate", "align"], min_length=1
     )
     seed: int = 0
 
@@ -138,6 +139,38 @@ class AlignSection(_Strict):
     grade_timeout_s: float = Field(default=5.0, gt=0)
 
 
+class TrainSection(_Strict):
+    """Student SFT on Ray Train + DeepSpeed ZeRO; the same fields from 2 CPU workers to N x 8
+    GPUs (only num_workers, use_gpu and the batch sizes change)."""
+
+    num_workers: int = Field(default=2, ge=1)  # Ray Train workers (one per GPU on clusters)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1, gt=0)
+    zero_stage: Literal[2, 3] = 2
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seq_len: int = Field(default=4096, ge=16)  # packing bin length (tokens)
+    packing: bool = True  # False: one padded sequence per row (for comparison)
+    overlong: Literal["reject", "truncate"] = "reject"  # rows over seq_len
+    micro_batch_size: int = Field(default=1, ge=1)  # packed sequences per worker per step
+    grad_accum: int = Field(default=1, ge=1)
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)  # optimizer steps; caps epochs
+    lr: float = Field(default=1e-5, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # cosine decays to lr * this
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    loss_chunk_size: int | None = Field(default=1024, ge=1)  # None: plain full logits
+    report_every: int = Field(default=1, ge=1)  # steps between ray.train.report metrics
+    checkpoint_every: int = Field(default=50, ge=1)  # steps between DeepSpeed checkpoints
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=0, ge=-1)  # worker-group restarts (-1: unbounded)
+    storage_path: str | None = None  # Ray Train storage; default <output_dir>/train/ray
+    seed: int = 0
+
+
 class OutputSection(_Strict):
     format: Literal["jsonl", "parquet"] = "jsonl"
     shard_rows: int = Field(default=64, ge=1)  # at most this many rows per shard file
@@ -152,6 +185,7 @@ class Config(_Strict):
     generate: GenerateSection = GenerateSection()
     truncate: TruncateSection = TruncateSection()
     align: AlignSection = AlignSection()
+    train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()
 
     @model_validator(mode="after")
@@ -175,7 +209,7 @@ def _merge_engine(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(base, dict):
         return raw
     merged = dict(raw)
-    for stage in STAGES:
+    for stage in ENGINE_STAGES:
         section = raw.get(stage)
         if section is None:
             section = {}

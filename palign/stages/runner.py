@@ -186,9 +186,25 @@ def ingest_summary(cfg: Config) -> StageSummary:
                         output_dir=str(folder))
 
 
+def run_train_stage(cfg: Config) -> StageSummary:
+    """Student SFT on Ray Train + DeepSpeed; resumes from its latest checkpoint."""
+    from palign.train.trainer import run_train
+
+    init_ray(cfg)
+    res = run_train(cfg)
+    return StageSummary(
+        "train", rows_in=res.rows_used + res.rows_rejected, rows_out=res.rows_used,
+        rejected=res.rows_rejected, processed=res.rows_used, wall_s=res.wall_s,
+        stats={"steps": res.steps, "final_loss": res.final_loss,
+               "tokens_per_s": res.tokens_per_s, "packing_efficiency": res.packing_efficiency},
+        output_dir=str(res.model_dir),
+    )
+
+
 def run_pipeline(cfg: Config, stages: list[str] | None = None) -> list[StageSummary]:
     """Run the given stages (default: the config's) in order; the ingest summary comes first."""
-    summaries = [run_stage(cfg, s) for s in (stages or cfg.run.stages)]
+    summaries = [run_train_stage(cfg) if s == "train" else run_stage(cfg, s)
+                 for s in (stages or cfg.run.stages)]
     return [ingest_summary(cfg), *summaries]
 
 
