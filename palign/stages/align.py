@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from palign.grading import Grader
-
 from palign.config import AlignSection
 from palign.engines.base import Engine
+from palign.grading import Grader
 from palign.prompts import align_chat, training_target
 from palign.stages.generate import sampling_for
 from palign.stages.outcome import Outcome, rejected

@@ -83,7 +83,6 @@ class StageWorker:
             return truncate_rows(rows, judge, self.cfg.truncate)
         if self.stage == "align":
             from palign.grading import Grader
-
             from palign.stages.align import align_rows
 
             if self._grader is None:
