@@ -161,3 +161,15 @@ def test_seeded_sampling_reproduces(engine: Engine) -> None:
     assert first == again
     other = [c.text for c in engine.generate(chats, replace(sampling, seed=7))]
     assert other != first
+
+
+def test_seeded_sampling_survives_chunked_prefill(engine: Engine) -> None:
+    """Prompts totalling more than one engine step's token budget get their prefill split;
+    with seeded sampling that once crashed vLLM's CPU build."""
+    filler = " ".join(f"Line {i}: the value {i} plus {i} gives {2 * i}." for i in range(40))
+    chats = [chat(f"Problem {n}. {filler} What is the last value?") for n in range(8)]
+    sampling = Sampling(max_tokens=4, temperature=0.6, top_p=0.9, seed=3)
+    out = engine.generate(chats, sampling)
+    assert [c.error for c in out] == [None] * 8
+    assert all(c.completion_tokens > 0 for c in out)
+    assert sum(c.prompt_tokens for c in out) > 4096  # vLLM's default step budget here

@@ -92,6 +92,7 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
+        self.on_cpu = on_cpu
         self.spec = spec
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
         dtype = resolve_dtype(spec.dtype, on_gpu=not on_cpu)
@@ -155,6 +156,8 @@ class VLLMEngine:
     def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
         from vllm import SamplingParams
 
+        if self.on_cpu and sampling.seed is not None:
+            torch.manual_seed(sampling.seed)  # the in-process engine samples from this RNG
         results = [Completion() for _ in chats]
         fitting = self._prompts(chats, sampling.max_tokens, results)
         for row in results:
@@ -169,8 +172,10 @@ class VLLMEngine:
                 repetition_penalty=sampling.repetition_penalty,
                 max_tokens=sampling.max_tokens,
                 # One seed per row: the call is reproducible, yet duplicated prompts (pass@k)
-                # still draw different samples.
-                seed=None if sampling.seed is None else sampling.seed + i,
+                # still draw different samples. Not on CPU: there, a seeded request whose
+                # prefill is split across steps crashes vLLM 0.32 ("CPU Generator does not use
+                # offset"), so sampling follows the engine's own seed (spec.seed) instead.
+                seed=None if sampling.seed is None or self.on_cpu else sampling.seed + i,
                 stop=list(sampling.stop) or None,
             )
             for i, _ in fitting

@@ -95,8 +95,9 @@ class StageWorker:
         try:
             outcomes, calls = self._process(rows)
         except Exception:
-            log.exception("%s: batch of %d failed; retrying its rows one by one",
-                          self.stage, len(rows))
+            log.exception("%s: batch of %d failed; retrying its rows one by one on a fresh "
+                          "engine", self.stage, len(rows))
+            self._drop_engine()  # an engine that raised mid-step may hold half-done requests
             outcomes, calls = [], 0
             for row in rows:
                 try:
@@ -113,6 +114,14 @@ class StageWorker:
             out["record"].append(json.dumps(payload, ensure_ascii=False, default=str))
             out["calls"].append(calls if n == 0 else 0)
         return out
+
+    def _drop_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception:  # noqa: BLE001 - it is being thrown away either way
+                log.warning("%s: closing the failed engine raised", self.stage, exc_info=True)
 
     def __del__(self) -> None:
         if self._grader is not None:
