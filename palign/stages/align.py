@@ -2,7 +2,8 @@
 
 Output row: the truncate record plus continuation, target
 (``<Begin_of_Draft>{prefix}<End_of_Draft>\\n{continuation}``), predicted_answer, answer_correct,
-grade_status and the continuation's token count. With ``align.policy: drop_wrong`` rows whose
+grade_status, answer_source (continuation or prefix: the target's last box is graded) and the
+continuation's token count. With ``align.policy: drop_wrong`` rows whose
 answer does not match the gold one go to rejects, with the reason.
 """
 
@@ -35,10 +36,12 @@ def align_rows(
         if comp.error:
             outcomes[i] = rejected(row, f"student: {comp.error}")
             continue
-        grade = grader.grade(comp.text, row["answer"])
+        # The target's final answer is graded: the continuation's last box, else the prefix's.
+        grade, source = grader.grade(comp.text, row["answer"]), "continuation"
         if grade.status == "no_answer":
-            # The continuation may stop short of a box that the prefix already gave.
-            grade = grader.grade(row["prefix"] + comp.text, row["answer"])
+            grade, source = grader.grade(row["prefix"], row["answer"]), "prefix"
+            if grade.status == "no_answer":
+                source = None
         record = {
             **row,
             "continuation": comp.text,
@@ -46,6 +49,7 @@ def align_rows(
             "predicted_answer": grade.predicted,
             "answer_correct": grade.correct,
             "grade_status": grade.status,
+            "answer_source": source,  # which part of the target held the graded box
             "continuation_tokens": comp.completion_tokens,
             "continuation_finish": comp.finish_reason,
         }
