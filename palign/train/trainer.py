@@ -1,0 +1,169 @@
+"""The train stage's driver: student SFT on the aligned rows with Ray Train + DeepSpeed ZeRO.
+
+``run_train(cfg)`` starts a Ray Train ``TorchTrainer`` of ``train.num_workers`` workers, each
+running ``palign.train.loop.train_worker`` (see that module for the loop, the step plan, the loss
+normalisation and the checkpoint layout), and returns a ``TrainResult``.
+
+Data: no Ray Data. Every worker reads the align stage's shards from disk and builds the same
+packed units; a deterministic step plan (seeded permutation per epoch, fixed slice per rank and
+micro-batch) decides what each rank trains on. That makes a resumed run exact (the position is
+just the step number) at the cost of every worker tokenising all rows (cheap next to training).
+So ``<output_dir>/align/`` must be visible to every worker: on a cluster ``run.output_dir`` lives
+on shared storage (NFS, a FUSE-mounted bucket), and so do the model export
+(``<output_dir>/train/model/``, written by rank 0) and the rejects
+(``<output_dir>/train/rejects/``, written by rank 0, each id once, nothing added on resume).
+
+Resume (Ray 2.60, Ray Train V2, the default there): checkpoints are reported with
+``ray.train.report`` and land in ``<storage_path>/<run.name>-train/checkpoint_<step>/`` (the
+storage path defaults to ``<output_dir>/train/ray``; on a multi-node cluster it must be shared
+or cloud storage). Ray records the reported checkpoints in a snapshot in that run folder. A
+worker-group restart after a failure (``train.max_failures``) and a later run with the same
+storage path and name both start with ``ray.train.get_checkpoint()`` returning the latest
+checkpoint, from which the loop restores weights, optimizer, scheduler, RNG and data position.
+So rerunning the same config after a crash continues the run; to start over, delete that run
+folder or change ``run.name``. Ray keeps the newest ``train.keep_checkpoints`` checkpoints.
+Resuming needs the same number of workers.
+
+Without Ray (``torchrun``)::
+
+    torchrun --nproc-per-node N -m palign.train.loop CONFIG.yaml
+    # multi-node: torchrun --nnodes M --node-rank R --rdzv-endpoint HOST:PORT ... (same command)
+
+runs the same loop; checkpoints go to the same folder (``<storage_path>/<run.name>-train/``) and
+a rerun resumes from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from palign.config import Config
+from palign.stages.io import shard_files
+from palign.train.loop import model_dir, run_name, storage_path, train_worker
+
+logger = logging.getLogger(__name__)
+
+# Forwarded from the driver's environment to the training workers when set.
+FORWARDED_ENV = ("PALIGN_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                 "TORCH_EXTENSIONS_DIR", "PALIGN_DS_SHM_COMM", "PALIGN_TRAIN_FAIL_AT_STEP")
+
+
+class TrainStageError(RuntimeError):
+    """The train stage cannot start (no aligned rows)."""
+
+
+@dataclass
+class TrainResult:
+    """What a train run did. ``losses[i]`` is the loss of optimizer step ``i + 1`` (global
+    token-weighted mean), over the whole run including steps done before a resume."""
+
+    steps: int
+    final_loss: float | None
+    losses: list[float] = field(default_factory=list)
+    tokens_per_s: float = 0.0  # real input tokens per second, all workers, this invocation
+    packing_efficiency: float = 0.0
+    rows_used: int = 0
+    rows_rejected: int = 0
+    checkpoint_dir: str | None = None  # the latest checkpoint (Ray storage)
+    model_dir: str = ""
+    wall_s: float = 0.0
+    resumed_from: int = 0  # the step this invocation resumed after (0: started from scratch)
+
+
+def absolute_config(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as the JSON-able dict the workers get, with every local path made absolute."""
+    raw = cfg.model_dump(mode="json")
+    raw["run"]["output_dir"] = str(Path(cfg.run.output_dir).expanduser().absolute())
+    raw["train"]["storage_path"] = str(storage_path(cfg))
+    if os.path.isdir(cfg.models.student):
+        raw["models"]["student"] = str(Path(cfg.models.student).absolute())
+    if cfg.models.cache_dir:
+        raw["models"]["cache_dir"] = str(Path(cfg.models.cache_dir).expanduser().absolute())
+    return raw
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for the training workers: palign importable, and the driver's settings.
+
+    When palign is imported from a source tree (not an installed package), that tree goes on
+    the workers' ``PYTHONPATH``; an installed palign needs nothing.
+    """
+    import palign
+
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    root = Path(palign.__file__).resolve().parent.parent
+    installed = any(part in ("site-packages", "dist-packages") for part in root.parts)
+    if not installed:
+        paths = [str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def run_train(cfg: Config) -> TrainResult:
+    """Fine-tune the student on ``<output_dir>/align/`` and export it to
+    ``<output_dir>/train/model/``; resumes a run of the same name from its latest checkpoint.
+
+    Starts (or joins, per ``ray.address``) Ray. Raises ``TrainStageError`` when there are no
+    aligned shards, and Ray's ``TrainingFailedError`` when the workers fail more than
+    ``train.max_failures`` times (the checkpoints stay; run again to resume).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from palign.models import resolve_model
+    from palign.stages.runner import init_ray
+
+    started = time.time()
+    tc = cfg.train
+    align = cfg.stage_dir("align")
+    if not shard_files(align):
+        raise TrainStageError(f"train reads the align stage's shards in {align}, and there are "
+                              "none: run `palign align` first")
+    # Materialise a short-name student once here, not in every worker at once.
+    resolve_model(cfg.models.student, cfg.models.cache_dir)
+    init_ray(cfg)
+    store = storage_path(cfg)
+    store.mkdir(parents=True, exist_ok=True)
+    resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
+    if tc.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=absolute_config(cfg),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name(cfg),
+            storage_path=str(store),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+    )
+    logger.info("train: %d workers (%s), ZeRO-%d, storage %s/%s", tc.num_workers,
+                "GPU" if tc.use_gpu else "CPU", tc.zero_stage, store, run_name(cfg))
+    result = trainer.fit()
+    metrics: dict[str, Any] = dict(result.metrics or {})
+    losses = [float(x) for x in metrics.get("losses", [])]
+    out = TrainResult(
+        steps=len(losses),
+        final_loss=losses[-1] if losses else None,
+        losses=losses,
+        tokens_per_s=float(metrics.get("run_tokens_per_s", 0.0)),
+        packing_efficiency=float(metrics.get("packing_efficiency", 0.0)),
+        rows_used=int(metrics.get("rows_used", 0)),
+        rows_rejected=int(metrics.get("rows_rejected", 0)),
+        checkpoint_dir=result.checkpoint.path if result.checkpoint else None,
+        model_dir=str(metrics.get("model_dir") or model_dir(cfg)),
+        wall_s=time.time() - started,
+        resumed_from=int(metrics.get("resumed_from", 0)),
+    )
+    logger.info("train: %d steps, final loss %s, %.0f tokens/s, model in %s", out.steps,
+                out.final_loss, out.tokens_per_s, out.model_dir)
+    return out
+
