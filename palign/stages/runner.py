@@ -49,6 +49,7 @@ class StageSummary:
     wall_s: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
     output_dir: str = ""
+    model_dir: str | None = None  # train: the exported Hugging Face folder
 
 
 def init_ray(cfg: Config) -> None:
@@ -197,7 +198,7 @@ def run_train_stage(cfg: Config) -> StageSummary:
         rejected=res.rows_rejected, processed=res.rows_used, wall_s=res.wall_s,
         stats={"steps": res.steps, "final_loss": res.final_loss,
                "tokens_per_s": res.tokens_per_s, "packing_efficiency": res.packing_efficiency},
-        output_dir=str(res.model_dir),
+        output_dir=str(cfg.stage_dir("train")), model_dir=str(res.model_dir),
     )
 
 
@@ -220,4 +221,6 @@ def format_summary(summaries: list[StageSummary], total_s: float) -> str:
     lines.append(f"total wall time: {total_s:.1f} s")
     for s in summaries:
         lines.append(f"  {s.stage}: {s.output_dir}/ (rejects in {s.output_dir}/{REJECTS}/)")
+        if s.model_dir:
+            lines.append(f"  {s.stage}: exported model in {s.model_dir}/")
     return "\n".join(lines)
