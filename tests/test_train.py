@@ -27,7 +27,7 @@ from palign.config import Config, parse_config
 from palign.models import resolve_model
 from palign.prompts import training_target
 from palign.stages.io import REJECTS, ShardWriter, read_rows
-from palign.train.loop import ENV_FAIL_AT_STEP, StepPlan, lr_lambda
+from palign.train.loop import ENV_FAIL_AT_STEP, StepPlan, load_train_data, lr_lambda
 from palign.train.trainer import run_train
 
 pytestmark = pytest.mark.slow
@@ -148,7 +148,15 @@ def test_zero2_learns_and_exports(zero2_run):
 
 
 def test_zero3_learns_and_exports(zero2_run, tiny_model, tmp_path):
-    cfg = make_config(tmp_path, tiny_model, "z3", zero_stage=3)
+    # Small loss chunks: 8 LM-head calls (ZeRO-3 weight gathers) per micro-batch of 256
+    # positions, while the two ranks' micro-batches hold different supervised counts, so a
+    # chunk count that followed the labels would differ between the ranks and deadlock.
+    cfg = make_config(tmp_path, tiny_model, "z3", zero_stage=3, loss_chunk_size=32)
+    data = load_train_data(cfg, AutoTokenizer.from_pretrained(tiny_model))
+    plan = StepPlan(len(data.units), 2, 1, 1, 5, STEPS, cfg.train.seed)
+    by_labels = [[math.ceil(sum(data.supervised[i] for i in plan.micro_batches(s, r)[0]) / 32)
+                  for r in range(2)] for s in range(STEPS)]
+    assert sum(a != b for a, b in by_labels) >= STEPS // 3, by_labels
     result = run_train(cfg)
     assert_learns_and_exports(cfg, result)
     # Same data, same start: ZeRO-3 computes what ZeRO-2 does, up to reduction order.

@@ -236,20 +236,76 @@ def test_pack_boundary_never_supervises_across_sequences():
     assert abs(loss_pk.item() / n_pk - loss_pd.item() / n_pd) < LOSS_ATOL
 
 
-@pytest.mark.parametrize("kind", ["packed", "padded"])
+def sparse_labels(batch: dict, keep: int, seed: int = 0) -> dict:
+    """The batch with all but ``keep`` of its supervised labels masked (-100)."""
+    labels = batch["labels"].clone()
+    supervised = (labels != IGNORE_INDEX).flatten().nonzero().flatten()
+    drop = supervised[torch.randperm(len(supervised), generator=torch.Generator().manual_seed(
+        seed))[keep:]]
+    labels.view(-1)[drop] = IGNORE_INDEX
+    return dict(batch, labels=labels)
+
+
+@pytest.mark.parametrize("kind", ["packed", "padded", "sparse"])
 def test_chunked_loss_equals_the_plain_one(kind):
     model = tiny_model("sdpa")
     examples = synthetic(LENGTHS, seed=2)
     batch = collate_packs(pack(examples, 128)) if kind == "packed" else pad_batch(examples, 0)
+    if kind == "sparse":  # 3 supervised tokens in 2 x 127 positions: most chunks are empty
+        batch = sparse_labels(collate_packs(pack(examples, 128)), keep=3)
     grads = {}
-    for chunk in (None, 7):  # None: plain model(**batch).logits
+    for chunk in (None, 7, (7, 4096)):  # None: plain model(**batch).logits; (size, positions)
         model.zero_grad()
-        loss_sum, n = token_loss_sum(model, batch, chunk_size=chunk)
+        size, positions = chunk if isinstance(chunk, tuple) else (chunk, None)
+        loss_sum, n = token_loss_sum(model, batch, chunk_size=size, positions=positions)
         (loss_sum / n).backward()
         grads[chunk] = (loss_sum.item() / n, [p.grad.clone() for p in model.parameters()])
-    assert abs(grads[None][0] - grads[7][0]) < LOSS_ATOL
-    for plain, chunked in zip(grads[None][1], grads[7][1]):
-        torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
+    assert n == (3 if kind == "sparse" else sum(n - max(1, n // 3) for n in LENGTHS))
+    for chunk in (7, (7, 4096)):
+        assert abs(grads[None][0] - grads[chunk][0]) < LOSS_ATOL
+        for plain, chunked in zip(grads[None][1], grads[chunk][1]):
+            torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
+
+
+def count_head_calls(model, batch, chunk_size, positions=None) -> tuple[list[int], list[int]]:
+    """Rows of every LM-head call in the forward pass and in the backward recomputation."""
+    calls: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        model.zero_grad()
+        loss_sum, _ = token_loss_sum(model, batch, chunk_size, positions)
+        forward = list(calls)
+        calls.clear()
+        loss_sum.backward()
+    finally:
+        hook.remove()
+    return forward, calls
+
+
+def test_head_calls_do_not_depend_on_the_labels():
+    # Under ZeRO-3 every head call is a collective: ranks with different supervised counts must
+    # still call it equally often, in the forward pass and in the backward recomputation.
+    model = tiny_model("sdpa")
+    full = collate_packs(pack(synthetic(LENGTHS, seed=2), 128))  # 2 x 128, 128 supervised
+    n_full = int((full["labels"] != IGNORE_INDEX).sum())
+    expected = math.ceil(2 * 127 / 16)
+    counts = {}
+    for keep in (n_full, 1, 0):
+        fwd, bwd = count_head_calls(model, sparse_labels(full, keep), chunk_size=16)
+        assert len(fwd) == len(bwd) == expected, (keep, fwd, bwd)
+        assert sum(fwd) == sum(bwd) == keep and max(fwd) <= 16
+        counts[keep] = len(fwd)
+    assert n_full > 100 and len(set(counts.values())) == 1
+    # Right-padded batches of different widths: a shared ``positions`` fixes the count.
+    narrow = pad_batch(synthetic([5, 9], seed=4), 0)
+    wide = pad_batch(synthetic([60, 47], seed=4), 0)
+    assert narrow["labels"].shape != wide["labels"].shape
+    for batch in (narrow, wide):
+        fwd, bwd = count_head_calls(model, batch, chunk_size=16, positions=2 * 128)
+        assert len(fwd) == len(bwd) == 2 * 128 // 16 and max(fwd) <= 16
+    with pytest.raises(ValueError, match="positions"):
+        token_loss_sum(model, wide, 16, positions=10)
 
 
 def test_nothing_supervised_gives_zero_loss_with_a_graph():

@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -219,17 +220,30 @@ def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tenso
 
 
 def token_loss_sum(
-    model: Any, batch: Mapping[str, torch.Tensor], chunk_size: int | None = 1024
+    model: Any,
+    batch: Mapping[str, torch.Tensor],
+    chunk_size: int | None = 1024,
+    positions: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the supervised tokens, and how many there are.
 
     Works for packed (``collate_packs``) and padded (``pad_batch``) batches alike; the mean loss
     is ``loss_sum / n_tokens``, summed over micro-batches first when accumulating. With
-    ``chunk_size`` the logits are computed (in fp32) only for supervised positions, ``chunk_size``
-    rows at a time, each chunk recomputed in the backward pass, so the full
+    ``chunk_size`` the logits are computed (in fp32) only for supervised positions, at most
+    ``chunk_size`` rows at a time, each chunk recomputed in the backward pass, so the full
     [batch, seq, vocab] logits never exist. ``chunk_size=None`` uses the model's own logits.
     The chunked path calls the decoder and the LM head directly: pass the bare model (or
     DeepSpeed's ``engine.module``), not a torch DDP wrapper, whose gradient sync needs its forward.
+
+    The number of LM-head calls does not depend on the labels: the supervised positions are
+    split into exactly ``ceil(positions / chunk_size)`` near-equal chunks (some of them empty when
+    fewer tokens are supervised than there are chunks; the head is called on those too, on zero
+    rows), and the backward pass recomputes each chunk once, so forward and backward make that
+    many head calls each. Under ZeRO-3 every head call gathers the sharded weight with a
+    collective, so every rank must make the same number: ``positions`` is an upper bound on the
+    supervised positions that all ranks share (the loop passes ``micro_batch x seq_len``);
+    the default, this batch's ``batch x (seq - 1)``, is the same on every rank only when the
+    batches have one shape (packed ones do, right-padded ones need not).
     """
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     targets = batch["labels"][:, 1:]
@@ -239,11 +253,14 @@ def token_loss_sum(
     if chunk_size is None or not _plain_lm_head(model):
         logits = model(**inputs, use_cache=False).logits[:, :-1][keep]
         return F.cross_entropy(logits.float(), wanted, reduction="sum"), n_tokens
+    positions = targets.numel() if positions is None else positions
+    if positions < n_tokens:
+        raise ValueError(f"positions={positions} is below the {n_tokens} supervised tokens")
+    n_chunks = max(1, math.ceil(positions / chunk_size))  # each chunk <= chunk_size rows
     hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
     ce = functools.partial(_chunk_ce, model.get_output_embeddings())
     total = hidden.float().sum() * 0.0  # keeps the graph (and grads) when nothing is supervised
-    for s in range(0, n_tokens, chunk_size):
-        h, t = hidden[s : s + chunk_size], wanted[s : s + chunk_size]
+    for h, t in zip(hidden.tensor_split(n_chunks), wanted.tensor_split(n_chunks)):
         if torch.is_grad_enabled() and h.requires_grad:
             total = total + checkpoint(ce, h, t, use_reentrant=False)
         else:

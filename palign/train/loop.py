@@ -32,8 +32,9 @@ What one worker does:
    optimizer, betas (0.9, 0.95), no weight decay on norms and biases; linear warm-up then cosine
    decay to ``lr * min_lr_ratio`` as client scheduler; bf16 mixed precision, with fp32 master
    weights, exactly when the model is loaded in bf16). The loss is computed inside the engine's
-   forward (``LossModule``), with ``token_loss_sum``'s chunked LM head; under ZeRO-3 in one
-   chunk per micro-batch (see ``loss_chunk_size``).
+   forward (``LossModule``), with ``token_loss_sum``'s chunked LM head (``loss_chunk_size``
+   rows per call at most), which makes the same number of head calls on every rank whatever
+   the labels, as ZeRO-3's parameter gathers need (see ``LossModule``).
 5. Loss normalisation: the loss of a step is the mean over every supervised token of the global
    batch (all micro-batches of all ranks), as one large batch would give. Every rank knows every
    unit, so each knows the step's global token count ``T`` without communication; a micro-batch
@@ -413,30 +414,25 @@ class LossModule(torch.nn.Module):
     Calling the loss through ``engine(...)`` keeps DeepSpeed's forward bookkeeping (ZeRO-3
     parameter fetching, backward hooks) while ``token_loss_sum`` gets the bare model it needs for
     its chunked path. Packed batches are run with ``use_cache=False`` by ``token_loss_sum``.
+
+    Under ZeRO-3 every call of the LM head gathers its sharded weight with a collective, so all
+    ranks must call it equally often, although their micro-batches hold different numbers of
+    supervised tokens (and, unpacked, different widths). ``positions`` (``micro_batch x
+    seq_len``, the same on every rank) fixes ``token_loss_sum``'s chunk count at
+    ``ceil(positions / chunk_size)`` head calls forward and as many in the backward
+    recomputation, on every rank, with at most ``chunk_size`` rows of fp32 logits at a time.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int | None) -> None:
+    def __init__(self, model: torch.nn.Module, chunk_size: int | None,
+                 positions: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.positions = positions
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        loss_sum, _ = token_loss_sum(self.model, batch, self.chunk_size)
+        loss_sum, _ = token_loss_sum(self.model, batch, self.chunk_size, self.positions)
         return loss_sum
-
-
-def loss_chunk_size(tc: TrainSection) -> int | None:
-    """The ``token_loss_sum`` chunk size the loop uses.
-
-    Under ZeRO-3 every call of the LM head gathers its sharded weight with a collective, so all
-    ranks must call it equally often; ``token_loss_sum`` makes ``ceil(supervised tokens /
-    chunk)`` calls, which differ between ranks (and deadlock). ZeRO-3 therefore uses one chunk
-    per micro-batch (one head call forward, one in the recomputation): the logits of the
-    supervised positions exist once, in fp32, and are not kept for the backward pass.
-    """
-    if tc.zero_stage == 3 and tc.loss_chunk_size is not None:
-        return tc.micro_batch_size * tc.seq_len
-    return tc.loss_chunk_size
 
 
 def deepspeed_config(tc: TrainSection, world: int, bf16: bool) -> dict[str, Any]:
@@ -461,7 +457,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, world: int, total_steps: i
 
     tc = cfg.train
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    module = LossModule(model, loss_chunk_size(tc))
+    module = LossModule(model, tc.loss_chunk_size, tc.micro_batch_size * tc.seq_len)
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
