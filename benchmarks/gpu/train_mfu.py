@@ -1,0 +1,559 @@
+"""Student SFT step throughput and MFU on one GPU: palign's DeepSpeed loop against plain PyTorch.
+
+Models: random-init Qwen2.5-0.5B- and 1.5B-shaped ``Qwen2ForCausalLM`` (tied embeddings, vocab
+151936, sdpa, bf16). Data: synthetic token ids packed by ``palign.train.data.pack`` into rows of
+``--seq-len`` (4096) tokens, position ids restarting per sequence, sequence lengths log-normal
+(median ``--median-len`` 900, clipped to 64..seq_len), prompt share 15..45 % (about 70 % of the
+tokens supervised); ``--layout full`` makes every row one unbroken sequence instead (no
+block-diagonal mask: sdpa's flash kernel, as in the STACK-NOTES runs). Micro-batch 4, one
+micro-batch per optimizer step. Modes:
+
+- ``palign``: palign's loop on one process: ``setup_distributed`` (``deepspeed.
+  init_distributed("nccl")``, MASTER_ADDR/PORT, RANK, WORLD_SIZE set here), ``build_engine``
+  itself (``LossModule`` -> ``token_loss_sum``, the chunked loss: the full logits never exist;
+  ``deepspeed_config``: ZeRO-2, bf16 with fp32 master weights, grad clip 1.0), with the torch
+  AdamW it constructs made **fused** for the call (``--adamw palign`` leaves it as
+  ``build_engine`` has it: torch's default, foreach), and the loop's step: ``engine(**batch)``,
+  ``engine.backward(loss_sum / supervised tokens)``, ``engine.step()``;
+- ``plain``: the baseline: the same model in bf16, fused AdamW on it (no master weights), HF's
+  own loss from the full logits (``model(..., labels=...).loss``), ``clip_grad_norm_`` 1.0;
+- ``palign-zero3``: ``palign`` under ZeRO-3; ``palign-gc``: ``palign`` with gradient
+  checkpointing.
+
+Each (shape, mode) runs in a child process of its own (an OOM or a hang loses one row, and the
+peak memory is that row's). Per row: warm-up steps, then timed steps (``torch.cuda.
+synchronize`` around each), real (non-pad) tokens/s and
+
+    MFU = tokens/s x (6 N + 12 L H S / 2) / peak
+
+with N the parameters (tied embeddings once), L layers, H hidden size, S the mean packed
+sequence length weighted by tokens (sum len^2 / sum len over the timed rows' sequences: each
+token attends to S/2 tokens on average under the causal mask), peak ``--peak-tflops`` (790, the
+bf16 dense rate measured on these H100/H200s). ``mfu_notes`` is the STACK-NOTES convention
+(6 N + 12 L H seq_len, not halved, slot tokens/s): the reference numbers there (plain 0.41 /
+0.55, ZeRO-2 0.34 / 0.48) are reproduced by that formula, so compare with them in
+``--layout full`` only. Both modes get the same formula, so within a shape MFU ratios equal
+tokens/s ratios. Peak GPU memory is ``torch.cuda.max_memory_allocated`` (and reserved).
+
+Prints a table and writes JSON (machine, formula, rows) to ``$OUT/train_mfu.json`` when OUT is
+set, else ``benchmarks/results/train_mfu_gpu.json``. ``--smoke`` checks the script on a CPU: a
+tiny config, fp32, gloo, a few steps, every mode (the JSON then goes to the temp folder).
+
+    python3 benchmarks/gpu/train_mfu.py [--shapes 0.5b,1.5b] [--modes palign,plain]
+    python3 benchmarks/gpu/train_mfu.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import random
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script from anywhere, without installing palign
+    sys.path.insert(0, str(ROOT))
+
+GIB = 1024**3
+VOCAB = 151936
+SHAPES: dict[str, dict[str, int]] = {
+    "0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": VOCAB},
+    "1.5b": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+             "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": VOCAB},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 4096},
+}
+MODES = ("palign", "plain", "palign-zero3", "palign-gc")
+FORMULA = ("MFU = real tokens/s x (6 N + 12 L H S / 2) / peak; N = parameters (tied embeddings "
+           "once), L = layers, H = hidden size, S = mean packed sequence length weighted by "
+           "tokens (sum len^2 / sum len), /2 for the causal mask. mfu_notes (STACK-NOTES' "
+           "convention) = slot tokens/s x (6 N + 12 L H seq_len) / peak")
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def make_examples(n_rows: int, seq_len: int, vocab: int, layout: str, median_len: int,
+                  seed: int) -> list[Any]:
+    """Synthetic ``Example``s with enough tokens for about ``n_rows`` packed rows."""
+    from palign.train.data import IGNORE_INDEX, Example
+
+    rng = random.Random(seed)
+    examples: list[Example] = []
+    total = 0
+    while total < n_rows * seq_len * 1.02:
+        if layout == "full":
+            n = seq_len
+        else:
+            n = int(min(seq_len, max(64, math.exp(rng.gauss(math.log(median_len), 0.7)))))
+        prompt = max(1, round(n * rng.uniform(0.15, 0.45)))
+        ids = [rng.randrange(vocab) for _ in range(n)]
+        labels = [IGNORE_INDEX] * prompt + ids[prompt:]
+        examples.append(Example(f"ex{len(examples)}", ids, labels))
+        total += n
+    return examples
+
+
+def make_packs(n_rows: int, args: argparse.Namespace, vocab: int) -> tuple[list[Any], dict]:
+    """``n_rows`` packs (cycled if BFD made fewer), in a seeded shuffle, and their statistics."""
+    from palign.train.data import pack, packing_efficiency
+
+    examples = make_examples(n_rows, args.seq_len, vocab, args.layout, args.median_len,
+                             args.seed)
+    packs = pack(examples, args.seq_len, pad_id=0)
+    random.Random(args.seed).shuffle(packs)
+    rows = [packs[i % len(packs)] for i in range(n_rows)]
+    lens = [n for p in rows for n in p.seq_lens]
+    stats = {"packs_made": len(packs), "packing_efficiency": packing_efficiency(packs),
+             "sequences": len(lens), "mean_seq_len": sum(lens) / len(lens),
+             "token_weighted_seq_len": sum(n * n for n in lens) / sum(lens)}
+    return rows, stats
+
+
+# ------------------------------------------------------------------------------ child
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def train_config(args: argparse.Namespace, mode: str, total_steps: int) -> Any:
+    from palign.config import parse_config
+
+    return parse_config({
+        "run": {"name": "bench-train-mfu", "output_dir": "runs/bench-unused",
+                "stages": ["train"]},
+        "data": {"path": "unused.jsonl"},
+        "models": {"student": "unused"},
+        "train": {
+            "num_workers": 1, "use_gpu": not args.smoke,
+            # smoke: one thread (OpenMP threads spin badly on a loaded 2-core machine)
+            "cpus_per_worker": 1 if args.smoke else len(os.sched_getaffinity(0)),
+            "zero_stage": 3 if mode == "palign-zero3" else 2,
+            "dtype": "float32" if args.smoke else "bfloat16",
+            "seq_len": args.seq_len, "micro_batch_size": args.micro_batch, "grad_accum": 1,
+            "max_steps": total_steps, "gradient_checkpointing": mode == "palign-gc",
+            "attn_implementation": "sdpa", "loss_chunk_size": args.loss_chunk_size,
+        },
+    })
+
+
+def build_model(shape: str, dtype: Any, device: Any, checkpointing: bool) -> Any:
+    """A random-init Qwen2 causal LM of ``shape``, made directly on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(tie_word_embeddings=True, max_position_embeddings=32768,
+                      rms_norm_eps=1e-6, use_cache=False, **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def param_groups(module: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """``build_engine``'s groups: no weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+@contextlib.contextmanager
+def fused_adamw() -> Iterator[None]:
+    """Make ``torch.optim.AdamW`` fused for the duration (``build_engine`` constructs one)."""
+    import torch
+
+    original = torch.optim.AdamW
+
+    class FusedAdamW(original):  # type: ignore[misc, valid-type]
+        def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            kwargs["fused"] = True
+            kwargs.pop("foreach", None)
+            super().__init__(params, *args, **kwargs)
+
+    torch.optim.AdamW = FusedAdamW  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        torch.optim.AdamW = original  # type: ignore[misc]
+
+
+def palign_engine(cfg: Any, model: Any, total_steps: int, adamw: str) -> Any:
+    """palign's ``build_engine`` itself; with ``adamw == "fused"`` its AdamW is the fused one."""
+    from palign.train.loop import build_engine
+
+    if adamw == "palign":
+        return build_engine(cfg, model, 1, total_steps)
+    with fused_adamw():
+        return build_engine(cfg, model, 1, total_steps)
+
+
+def adamw_kind(optimizer: Any) -> str:
+    """Which torch AdamW implementation ``optimizer`` asks for."""
+    defaults = getattr(optimizer, "defaults", {}) or {}
+    if defaults.get("fused"):
+        return "fused"
+    foreach = defaults.get("foreach")
+    if foreach is None:
+        return "default (foreach on CUDA, for-loop on CPU)"
+    return "foreach" if foreach else "for-loop"
+
+
+def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]:
+    """Build, warm up and time one (shape, mode); the result row (raises on failure)."""
+    import torch
+
+    from palign.train.data import IGNORE_INDEX, collate_packs
+
+    if args.smoke:
+        sys.modules.setdefault("ray", None)  # type: ignore[arg-type]  # as on the GPU machine
+    cuda = not args.smoke
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device (use --smoke on a CPU)")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("DeepSpeed", "deepspeed", "palign"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    total = args.warmup + args.steps
+    cfg = train_config(args, mode, total)
+    t0 = time.perf_counter()
+    if mode == "plain":
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(int(cfg.train.cpus_per_worker))
+    else:
+        from palign.train.loop import setup_distributed
+
+        device = setup_distributed(cfg.train).device  # deepspeed.init_distributed(nccl|gloo)
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    model = build_model(shape, dtype, device, mode == "palign-gc")
+    n_params = sum(p.numel() for p in model.parameters())
+    mc = model.config
+    optimizer: Any = None
+    engine: Any = None
+    if mode == "plain":
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay),
+                                      lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    else:
+        engine = palign_engine(cfg, model, total, args.adamw)
+    init_s = time.perf_counter() - t0
+
+    packs, data_stats = make_packs(total * args.micro_batch, args, mc.vocab_size)
+    steps: list[dict[str, float]] = []
+    timed_lens: list[int] = []
+    for i in range(total):
+        units = packs[i * args.micro_batch:(i + 1) * args.micro_batch]
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        cpu_batch = collate_packs(units)
+        n_sup = int((cpu_batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        if engine is not None:
+            loss_sum = engine(**batch)
+            engine.backward(loss_sum * (1.0 / max(1, n_sup)))
+            engine.step()
+            loss = float(loss_sum.detach()) / max(1, n_sup)
+        else:
+            out = model(**batch, use_cache=False)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = float(out.loss.detach())
+            del out
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        if i >= args.warmup:
+            steps.append({"seconds": dt, "real": sum(p.n_real for p in units),
+                          "slots": cpu_batch["input_ids"].numel(), "supervised": n_sup,
+                          "loss": loss})
+            timed_lens += [n for p in units for n in p.seq_lens]
+        print(f"    {shape} {mode} step {i + 1}/{total}{' (warm-up)' if i < args.warmup else ''}"
+              f": {dt:.3f} s, loss {loss:.3f}", flush=True)
+
+    secs = sum(s["seconds"] for s in steps)
+    real_rate = sum(s["real"] for s in steps) / secs
+    slot_rate = sum(s["slots"] for s in steps) / secs
+    layers, hidden = mc.num_hidden_layers, mc.hidden_size
+    s_eff = sum(n * n for n in timed_lens) / sum(timed_lens)
+    attn = 12 * layers * hidden * s_eff / 2
+    fpt = 6 * n_params + attn
+    peak = args.peak_tflops * 1e12
+    row: dict[str, Any] = {
+        "shape": shape, "mode": mode, "layout": args.layout, "status": "ok",
+        "params": n_params, "layers": layers, "hidden": hidden,
+        "zero_stage": None if mode == "plain" else cfg.train.zero_stage,
+        "adamw": adamw_kind(optimizer if engine is None
+                            else getattr(engine, "client_optimizer", None)),
+        "loss": "HF full logits" if mode == "plain"
+                else f"build_engine's LossModule -> token_loss_sum "
+                     f"(chunk {cfg.train.loss_chunk_size})",
+        "micro_batch": args.micro_batch, "seq_len": args.seq_len,
+        "warmup_steps": args.warmup, "timed_steps": len(steps), "seconds": secs,
+        "tokens_per_s": real_rate, "slot_tokens_per_s": slot_rate,
+        "supervised_tokens_per_s": sum(s["supervised"] for s in steps) / secs,
+        "seq_len_token_weighted": s_eff,
+        "mean_seq_len": sum(timed_lens) / len(timed_lens),
+        "attn_flops_per_token": attn, "flops_per_token": fpt,
+        "mfu": real_rate * fpt / peak,
+        "mfu_notes": slot_rate * (6 * n_params + 12 * layers * hidden * args.seq_len) / peak,
+        "step_s_median": statistics.median(s["seconds"] for s in steps),
+        "step_s": [round(s["seconds"], 4) for s in steps],
+        "losses": [round(s["loss"], 4) for s in steps],
+        "init_s": init_s, "data": data_stats,
+    }
+    row.update(memory_stats(cuda))
+    return row
+
+
+def memory_stats(cuda: bool) -> dict[str, float | None]:
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    if not cuda:
+        return {"peak_mem_alloc_gib": None, "peak_mem_reserved_gib": None, "peak_rss_gib": rss}
+    return {"peak_mem_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
+            "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+            "peak_rss_gib": rss}
+
+
+def child_main(args: argparse.Namespace) -> int:
+    shape, mode, result = args.child
+    try:
+        row = run_child(args, shape, mode)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes the row's status
+        import torch
+
+        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        row = {"shape": shape, "mode": mode, "layout": args.layout,
+               "status": "oom" if oom else "error",
+               "error": f"{type(exc).__name__}: {str(exc)[:2000]}",
+               "traceback": traceback.format_exc()[-4000:]}
+        row.update(memory_stats(not args.smoke and torch.cuda.is_available()))
+        traceback.print_exc()
+    Path(result).write_text(json.dumps(row))
+    return 0
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def machine_info(smoke: bool) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(),
+                            "torch": torch.__version__, "cuda": torch.version.cuda,
+                            "transformers": transformers.__version__,
+                            "cores": len(os.sched_getaffinity(0))}
+    try:
+        import deepspeed
+
+        info["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        info["deepspeed"] = None
+    if not smoke and torch.cuda.is_available():
+        prop = torch.cuda.get_device_properties(0)
+        info.update(gpu=prop.name, gpu_memory_gib=prop.total_memory / GIB,
+                    sms=prop.multi_processor_count)
+    else:
+        info["gpu"] = None
+    return info
+
+
+def child_command(args: argparse.Namespace, shape: str, mode: str, result: Path) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", shape, mode, str(result),
+           "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
+           "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--peak-tflops", str(args.peak_tflops), "--adamw", args.adamw,
+           "--layout", args.layout, "--median-len", str(args.median_len),
+           "--seed", str(args.seed)]
+    if args.loss_chunk_size is not None:
+        cmd += ["--loss-chunk-size", str(args.loss_chunk_size)]
+    if args.smoke:
+        cmd.append("--smoke")
+    return cmd
+
+
+def driver_main(args: argparse.Namespace) -> int:
+    shapes = args.shapes.split(",")
+    modes = args.modes.split(",")
+    for s in shapes:
+        if s not in SHAPES:
+            raise SystemExit(f"unknown shape {s!r}; known: {', '.join(SHAPES)}")
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"unknown mode {m!r}; known: {', '.join(MODES)}")
+    machine = machine_info(args.smoke)
+    print(f"{machine.get('gpu') or 'CPU (smoke)'}; torch {machine['torch']}, transformers "
+          f"{machine['transformers']}, deepspeed {machine['deepspeed']}", flush=True)
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    work = Path(tempfile.mkdtemp(prefix="palign-mfu-"))
+    for shape in shapes:
+        for mode in modes:
+            left = args.deadline_s - (time.perf_counter() - start)
+            if left < 20:
+                rows.append({"shape": shape, "mode": mode, "layout": args.layout,
+                             "status": "skipped", "error": "--deadline-s reached"})
+                continue
+            result = work / f"{shape}-{mode}.json"
+            print(f"== {shape} {mode} ({args.layout})", flush=True)
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(child_command(args, shape, mode, result),
+                                      timeout=min(args.child_timeout_s, left))
+                rc: int | str = proc.returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            if result.is_file():
+                row = json.loads(result.read_text())
+            else:
+                row = {"shape": shape, "mode": mode, "layout": args.layout,
+                       "status": "timeout" if rc == "timeout" else "error",
+                       "error": f"child ended ({rc}) without a result"}
+            row["child_wall_s"] = time.perf_counter() - t0
+            rows.append(row)
+    report = {
+        "benchmark": "train_mfu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine, "smoke": args.smoke, "formula": FORMULA,
+        "peak_tflops": args.peak_tflops,
+        "settings": {"seq_len": args.seq_len, "micro_batch": args.micro_batch,
+                     "warmup": args.warmup, "steps": args.steps, "layout": args.layout,
+                     "median_len": args.median_len, "adamw": args.adamw,
+                     "loss_chunk_size": args.loss_chunk_size, "seed": args.seed},
+        "rows": rows, "goals": goals(rows),
+        "wall_s": time.perf_counter() - start,
+    }
+    print_table(report)
+    out = output_path(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0 if all(r["status"] in ("ok", "oom", "skipped") for r in rows) else 1
+
+
+def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """palign MFU >= plain MFU per shape; the 1.5B palign peak within 80 GiB."""
+    ok = {(r["shape"], r["mode"]): r for r in rows if r["status"] == "ok"}
+    out: dict[str, Any] = {}
+    for shape in sorted({s for s, _ in ok}):
+        p, b = ok.get((shape, "palign")), ok.get((shape, "plain"))
+        if p and b:
+            out[f"{shape}_palign_over_plain_mfu"] = p["mfu"] / b["mfu"]
+    p15 = ok.get(("1.5b", "palign"))
+    if p15 and p15.get("peak_mem_alloc_gib") is not None:
+        out["1.5b_palign_peak_alloc_gib"] = p15["peak_mem_alloc_gib"]
+        out["1.5b_palign_within_80_gib"] = p15["peak_mem_alloc_gib"] <= 80
+    return out
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out)
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"]) / "train_mfu.json"
+    if args.smoke:
+        return Path(tempfile.gettempdir()) / "train_mfu_smoke.json"
+    return ROOT / "benchmarks" / "results" / "train_mfu_gpu.json"
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"\n{report['formula']}; peak {report['peak_tflops']:g} TFLOP/s")
+    head = (f"{'shape':5s} {'mode':12s} {'status':7s} {'tok/s':>9s} {'MFU':>6s} "
+            f"{'MFU(notes)':>10s} {'step s':>7s} {'S':>6s} {'alloc GiB':>9s} {'resv GiB':>8s}")
+    print(head)
+    print("-" * len(head))
+    for r in report["rows"]:
+        print(f"{r['shape']:5s} {r['mode']:12s} {r['status']:7s} "
+              f"{_fmt(r.get('tokens_per_s'), '9.0f')} {_fmt(r.get('mfu'), '6.3f')} "
+              f"{_fmt(r.get('mfu_notes'), '10.3f')} {_fmt(r.get('step_s_median'), '7.3f')} "
+              f"{_fmt(r.get('seq_len_token_weighted'), '6.0f')} "
+              f"{_fmt(r.get('peak_mem_alloc_gib'), '9.1f')} "
+              f"{_fmt(r.get('peak_mem_reserved_gib'), '8.1f')}")
+        if r.get("error"):
+            print(f"      {r['error'][:300]}")
+    for key, value in report["goals"].items():
+        print(f"goal {key}: {value:.3f}" if isinstance(value, float) and not
+              isinstance(value, bool) else f"goal {key}: {value}")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=None, help="comma list of 0.5b, 1.5b (smoke: tiny)")
+    ap.add_argument("--modes", default=None,
+                    help=f"comma list of {', '.join(MODES)} (default palign,plain; smoke: all)")
+    ap.add_argument("--seq-len", type=int, default=None, help="4096 (smoke 512)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="4 (smoke 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="3 (smoke 1)")
+    ap.add_argument("--steps", type=int, default=None, help="15 (smoke 2)")
+    ap.add_argument("--layout", choices=("packed", "full"), default="packed")
+    ap.add_argument("--median-len", type=int, default=900, help="median sequence length")
+    ap.add_argument("--loss-chunk-size", type=int, default=1024)
+    ap.add_argument("--adamw", choices=("fused", "palign"), default="fused",
+                    help="palign modes: fused torch AdamW, or build_engine's own (foreach)")
+    ap.add_argument("--peak-tflops", type=float, default=790.0)
+    ap.add_argument("--deadline-s", type=float, default=480.0,
+                    help="start no new row after this many seconds")
+    ap.add_argument("--child-timeout-s", type=float, default=240.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU check (fp32, gloo)")
+    ap.add_argument("--out", default=None, help="JSON path (default: $OUT or results/)")
+    ap.add_argument("--child", nargs=3, metavar=("SHAPE", "MODE", "RESULT"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    big = {"shapes": "0.5b,1.5b", "modes": "palign,plain", "seq_len": 4096, "micro_batch": 4,
+           "warmup": 3, "steps": 15}
+    small = {"shapes": "tiny", "modes": ",".join(MODES), "seq_len": 512, "micro_batch": 2,
+             "warmup": 1, "steps": 2}
+    for key, value in (small if args.smoke else big).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.smoke and args.median_len == 900:
+        args.median_len = 120
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return child_main(args) if args.child else driver_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
