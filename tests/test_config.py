@@ -11,7 +11,8 @@ MINIMAL = {"data": {"path": "x.jsonl"}, "models": {"student": "smollm2-135m"}}
 
 def test_demo_config_is_valid():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
-    assert cfg.run.stages == ["generate", "truncate", "align"]
+    assert cfg.run.stages == ["generate", "truncate", "align", "train"]
+    assert cfg.train.num_workers == 2 and cfg.train.zero_stage == 2
     assert cfg.judge_model == "smollm2-135m"
     assert cfg.truncate.engine.cpus_per_replica == 2  # inherited from the top-level engine
 
