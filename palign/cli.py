@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a config field by its dotted path, e.g. data.limit=5")
     fetch = sub.add_parser("fetch-model", help="materialise a short-name model in the cache")
     fetch.add_argument("name")
+    grade = sub.add_parser("grade", help="grade a JSONL of generations: pass@1 and pass@k")
+    grade.add_argument("file")
+    grade.add_argument("--json", dest="json_out", help="also write the report here")
+    grade.add_argument("--answer-field", default="answer")
+    grade.add_argument("--output-field", default="output", help="a list of outputs per row")
+    grade.add_argument("--timeout", type=float, default=5.0, help="seconds per answer check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -43,6 +49,21 @@ def main(argv: list[str] | None = None) -> int:
         from palign.models import resolve_model
 
         print(resolve_model(args.name))
+        return 0
+    if args.command == "grade":
+        import json
+        from pathlib import Path
+
+        from palign.grade_file import format_report, grade_file
+
+        try:
+            report = grade_file(args.file, args.answer_field, args.output_field, args.timeout)
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(format_report(report))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
         return 0
     try:
         cfg = load_config(args.config, _overrides(args.set))
