@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from host import host_info
 
 from palign.config import TruncateSection, parse_config
 from palign.engines.base import EngineSpec, Sampling
@@ -42,17 +42,10 @@ DATA = ROOT / "data" / "demo" / "problems.jsonl"
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import torch
 
-    info = {"host": platform.node(), "cpu": cpu, "cores": len(os.sched_getaffinity(0)),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__}
+    info = {**host_info(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     try:
         from importlib.metadata import version
 

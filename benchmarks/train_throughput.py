@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import resource
 import socket
@@ -51,6 +50,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere, without installi
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from host import host_info  # noqa: E402
 
 from palign.config import Config, parse_config  # noqa: E402
 from palign.stages.io import read_rows  # noqa: E402
@@ -85,20 +85,11 @@ QUESTIONS = (
 
 def machine_info() -> dict[str, Any]:
     """Host, CPU model, usable cores, Python and torch versions, load average now."""
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import deepspeed
     import transformers
 
-    return {"host": platform.node(), "cpu": cpu, "cores": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
-            "loadavg_start": list(os.getloadavg())}
+    return {**host_info(), "transformers": transformers.__version__,
+            "deepspeed": deepspeed.__version__, "loadavg_start": list(os.getloadavg())}
 
 
 def synthetic_rows(tokenizer: Any, n: int, seed: int) -> list[dict[str, Any]]:

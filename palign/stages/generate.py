@@ -14,12 +14,12 @@ from palign.prompts import teacher_chat
 from palign.stages.outcome import Outcome, rejected
 
 
-def sampling_for(section: Any, seed_offset: int = 0) -> Sampling:
+def sampling_for(section: Any) -> Sampling:
     s = section.sampling
     return Sampling(
         max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
         repetition_penalty=s.repetition_penalty,
-        seed=None if s.seed is None else s.seed + seed_offset,
+        seed=s.seed,
     )
 
 

@@ -94,6 +94,7 @@ import numpy as np
 import torch
 
 from palign.config import Config, TrainSection, parse_config
+from palign.engines.hf_engine import resolve_dtype as resolve_dtype_name
 from palign.stages.io import REJECTS, ShardWriter, read_ids, read_rows, reject_row
 from palign.train.data import (
     IGNORE_INDEX,
@@ -382,13 +383,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def resolve_dtype(tc: TrainSection, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on a GPU that supports it, fp32 otherwise."""
-    if tc.dtype == "float32":
-        return torch.float32
-    if tc.dtype == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return resolve_dtype_name(tc.dtype, on_gpu=bf16_gpu)
 
 
 def load_student(cfg: Config, dtype: torch.dtype) -> tuple[Any, Any]:
