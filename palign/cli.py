@@ -1,4 +1,5 @@
-"""The `palign` command: run the pipeline or one stage, or validate a config."""
+"""The `palign` command: run the pipeline or one stage, validate a config, grade generations,
+or compare runs' evaluation results."""
 
 from __future__ import annotations
 
@@ -22,6 +23,27 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def _compare(paths: list[str], json_out: str | None) -> int:
+    import json
+    from pathlib import Path
+
+    from palign.report import format_comparison, load_arms, merge_arms
+
+    try:
+        arms = load_arms(paths)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_comparison(arms))
+    if json_out:
+        try:
+            Path(json_out).write_text(json.dumps(merge_arms(arms), indent=2) + "\n")
+        except OSError as err:
+            print(f"error: cannot write {json_out}: {err}", file=sys.stderr)
+            return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="palign", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--answer-field", default="answer")
     grade.add_argument("--output-field", default="output", help="a list of outputs per row")
     grade.add_argument("--timeout", type=float, default=5.0, help="seconds per answer check")
+    comp = sub.add_parser("compare", help="put several runs' evaluation results side by side")
+    comp.add_argument("results", nargs="+",
+                      help="a run's output_dir, its evaluate/ folder, or a results.json")
+    comp.add_argument("--json", dest="json_out", help="also write the merged results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -65,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
         return 0
+    if args.command == "compare":
+        return _compare(args.results, args.json_out)
     try:
         cfg = load_config(args.config, _overrides(args.set))
     except ConfigError as err:

@@ -1,0 +1,194 @@
+import json
+
+import pytest
+
+from palign.cli import main
+from palign.prompts import BEGIN_DRAFT, END_DRAFT
+from palign.report import benchmark_metrics, compare, write_results
+from palign.stages.io import ShardWriter, reject_row
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DRAFTED = f"{BEGIN_DRAFT}key idea{END_DRAFT}\nso \\boxed{{1}}"
+RUNAWAY = f"{BEGIN_DRAFT}and then and then"
+PLAIN = "no draft, \\boxed{1}"
+
+
+def sample(i, correct, status="ok", tokens=10, output=DRAFTED):
+    return {"sample": i, "output": output, "extracted": "1" if status == "ok" else None,
+            "correct": correct, "status": status, "output_tokens": tokens,
+            "finish_reason": "length" if output == RUNAWAY else "stop"}
+
+
+def row(pid, bench, model, samples):
+    return {"id": pid, "benchmark": bench, "model": model, "model_path": f"/m/{model}",
+            "question": "q", "answer": "1", "samples": samples}
+
+
+# student on "math": p1 right once in three; p2 never right (one no_answer, one timeout that
+# claims to be correct but must count wrong). Tokens 10..60, so the mean is 35.
+STUDENT_MATH = [
+    [sample(0, True, tokens=10), sample(1, False, tokens=20), sample(2, False, tokens=30)],
+    [sample(0, False, tokens=40),
+     sample(1, False, "no_answer", tokens=50, output=RUNAWAY),
+     sample(2, True, "timeout", tokens=60, output=PLAIN)],
+]
+# base on "math": p1 always right, p2 right once in three; never writes a draft.
+BASE_MATH = [
+    [sample(i, True, tokens=100, output=PLAIN) for i in range(3)],
+    [sample(0, False, tokens=200, output=PLAIN), sample(1, True, tokens=200, output=PLAIN),
+     sample(2, False, tokens=200, output=PLAIN)],
+]
+# student on "aime": two samples per problem.
+STUDENT_AIME = [[sample(0, True), sample(1, False)], [sample(0, False), sample(1, False)]]
+
+
+def make_run(root, models, ratios=None):
+    """An output_dir with evaluate/<model>/<bench>/ shards (and truncate rows if ratios)."""
+    for (model, bench), problems in models.items():
+        folder = root / "evaluate" / model / bench
+        rows = [row(f"{bench}-{i}", bench, model, s) for i, s in enumerate(problems)]
+        ShardWriter(folder, "jsonl", shard_rows=1).write(rows)
+        ShardWriter(folder / "rejects").write([reject_row("bad", "evaluate", "why")])
+    if ratios is not None:
+        ShardWriter(root / "truncate").write(
+            [{"id": str(i), "prefix_ratio": r} for i, r in enumerate(ratios)])
+    return root
+
+
+def test_benchmark_metrics_exact_values():
+    m = benchmark_metrics([row(str(i), "math", "student", s) for i, s in enumerate(STUDENT_MATH)])
+    assert (m["problems"], m["samples"], m["n"]) == (2, 6, 3)
+    assert m["pass@1"] == pytest.approx((1 / 3 + 0) / 2)
+    assert m["pass@2"] == pytest.approx((2 / 3 + 0) / 2)  # 1 - C(2,2)/C(3,2) on p1
+    assert m["pass@3"] == pytest.approx(0.5)
+    assert m["mean_output_tokens"] == pytest.approx(35.0)
+    assert m["no_end_of_draft_share"] == pytest.approx(2 / 6)  # the runaway and the plain one
+    assert m["unclosed_draft_share"] == pytest.approx(1 / 6)
+    assert m["no_answer_share"] == pytest.approx(1 / 6)
+    assert (m["timeouts"], m["errors"]) == (1, 0)
+
+
+def test_benchmark_metrics_n_is_the_smallest_sample_count():
+    rows = [row("a", "b", "m", [sample(0, True), sample(1, False)]),
+            row("b", "b", "m", [sample(0, True)]), row("c", "b", "m", [])]
+    m = benchmark_metrics(rows)
+    assert m["n"] == 1 and "pass@2" not in m
+    assert m["pass@1"] == pytest.approx(0.75) and m["problems_without_samples"] == 1
+    with pytest.raises(ValueError):
+        benchmark_metrics([row("c", "b", "m", [])])
+
+
+def test_write_results_files(tmp_path):
+    run = make_run(tmp_path / "run", {("student", "math"): STUDENT_MATH,
+                                      ("base", "math"): BASE_MATH,
+                                      ("student", "aime"): STUDENT_AIME},
+                   ratios=[0.05, 0.25, 0.25, 1.0])
+    res = write_results(run, run_name="palign-arm")
+    ev = run / "evaluate"
+
+    data = json.loads((ev / "results.json").read_text())
+    assert data["run_name"] == "palign-arm"
+    base = data["models"]["base"]["math"]
+    assert base["pass@1"] == pytest.approx(2 / 3)
+    assert base["pass@2"] == pytest.approx((1 + 2 / 3) / 2)
+    assert base["mean_output_tokens"] == pytest.approx(150.0)
+    assert base["no_end_of_draft_share"] == 1.0
+    aime = data["models"]["student"]["aime"]
+    assert aime["n"] == 2 and aime["pass@1"] == pytest.approx(0.25)
+    assert aime["pass@2"] == pytest.approx(0.5)
+    assert res.metrics == data["models"]
+    prefix = data["prefix_ratio"]
+    assert prefix["count"] == 4 and prefix["mean"] == pytest.approx(0.3875)
+    assert prefix["median"] == pytest.approx(0.25)
+    assert prefix["histogram"] == [1, 0, 2, 0, 0, 0, 0, 0, 0, 1]
+
+    md = (ev / "results.md").read_text()
+    assert md.count("## math") == 1 and md.count("## aime") == 1
+    assert md.strip() == res.results_md.read_text().strip()
+    math_table = md.split("## math")[1].split("##")[0]
+    assert "| base |" in math_table and "| student |" in math_table
+    assert "0.1667" in math_table and "0.6667" in math_table and "33.3%" in math_table
+
+    records = [json.loads(line) for line in (ev / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 6 + 6 + 4  # one per sample; the rejects are not read
+    assert set(records[0]) >= {"id", "benchmark", "model", "sample", "output", "extracted",
+                               "correct", "status", "output_tokens"}
+    timed_out = [r for r in records if r["status"] == "timeout"]
+    assert len(timed_out) == 1 and timed_out[0]["correct"] is False
+    assert {(r["model"], r["benchmark"]) for r in records} == {
+        ("student", "math"), ("base", "math"), ("student", "aime")}
+
+    for png in ("pass_at_1.png", "prefix_ratio.png"):
+        assert (ev / png).read_bytes()[:8] == PNG_MAGIC
+    assert res.prefix_ratio_png == ev / "prefix_ratio.png"
+    assert not list(ev.glob(".tmp-*"))
+
+
+def test_write_results_without_truncate_rows(tmp_path):
+    run = make_run(tmp_path / "base-only", {("base", "math"): BASE_MATH})
+    res = write_results(run)
+    ev = run / "evaluate"
+    assert res.run_name == "base-only" and res.prefix_ratio is None
+    assert json.loads((ev / "results.json").read_text())["prefix_ratio"] is None
+    assert (ev / "pass_at_1.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (ev / "prefix_ratio.png").exists() and res.prefix_ratio_png is None
+
+
+def test_write_results_without_rows_fails(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        write_results(tmp_path)
+    (tmp_path / "evaluate" / "base" / "math").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no scorable"):
+        write_results(tmp_path)
+
+
+def two_arms(tmp_path):
+    a = make_run(tmp_path / "a", {("student", "math"): STUDENT_MATH}, ratios=[0.2, 0.4])
+    b = make_run(tmp_path / "b", {("student", "math"): BASE_MATH})
+    write_results(a, run_name="palign-arm")
+    write_results(b, run_name="full-cot-arm")
+    return a, b
+
+
+def test_compare_two_arms(tmp_path):
+    a, b = two_arms(tmp_path)
+    # One arm by its output_dir, the other by its results.json.
+    text = compare([str(a), str(b / "evaluate" / "results.json")])
+    tables, prefix = text.split("## Prefix ratio")
+    lines = {line.split("|")[1].strip(): line for line in tables.splitlines()
+             if line.startswith("| ") and "-arm" in line}
+    assert set(lines) == {"palign-arm", "full-cot-arm"}
+    assert "| 0.1667 | 0.5000 | 35.0 | 33.3% | 16.7% |" in lines["palign-arm"]
+    assert "| 0.6667 | 1.0000 | 150.0 | 100.0% | 0.0% |" in lines["full-cot-arm"]
+    assert "| palign-arm | 2 | 0.300 |" in prefix  # mean of 0.2 and 0.4
+    assert "full-cot-arm" not in prefix  # that run has no truncate rows
+
+
+def test_compare_names_a_missing_or_broken_path(tmp_path):
+    a, _ = two_arms(tmp_path)
+    missing = tmp_path / "nope"
+    with pytest.raises(ValueError, match=str(missing)):
+        compare([str(a), str(missing)])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json"):
+        compare([str(broken)])
+    other = tmp_path / "other.json"
+    other.write_text('{"pass@1": 0.5}')
+    with pytest.raises(ValueError, match="other.json"):
+        compare([str(other)])
+
+
+def test_cli_compare(tmp_path, capsys):
+    a, b = two_arms(tmp_path)
+    out = tmp_path / "merged.json"
+    assert main(["compare", str(a), str(b / "evaluate"), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "palign-arm" in printed and "full-cot-arm" in printed
+    merged = json.loads(out.read_text())
+    assert [arm["name"] for arm in merged["arms"]] == ["palign-arm", "full-cot-arm"]
+    assert {(r["arm"], r["benchmark"]) for r in merged["rows"]} == {
+        ("palign-arm", "math"), ("full-cot-arm", "math")}
+
+    assert main(["compare", str(a), str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
