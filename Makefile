@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.palign-setup
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo arms test test-fast lint bench clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
@@ -13,6 +13,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/palign run configs/demo.yaml
+
+arms: $(STAMP)
+	PALIGN=$(VENV)/bin/palign bash scripts/run_arms.sh configs/arms/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check palign tests benchmarks

@@ -21,8 +21,10 @@ from pydantic import (
     model_validator,
 )
 
-STAGES = ("generate", "truncate", "align", "train")
-ENGINE_STAGES = ("generate", "truncate", "align")  # the stages that run inference engines
+STAGES = ("generate", "truncate", "align", "train", "evaluate")
+ENGINE_STAGES = ("generate", "truncate", "align", "evaluate")  # stages that run inference engines
+# Folder-safe names for benchmarks and evaluated models (they become output folder names).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class ConfigError(ValueError):
@@ -36,7 +38,7 @@ class _Strict(BaseModel):
 class RunSection(_Strict):
     name: str = "palign"
     output_dir: str = "runs/palign"  # each stage writes <output_dir>/<stage>/
-    stages: list[Literal["generate", "truncate", "align", "train"]] = Field(
+    stages: list[Literal["generate", "truncate", "align", "train", "evaluate"]] = Field(
         default_factory=lambda: ["generate", "truncate", "align"], min_length=1
     )
     seed: int = 0
@@ -171,6 +173,46 @@ class TrainSection(_Strict):
     seed: int = 0
 
 
+class BenchmarkFields(_Strict):
+    id: str = "id"  # missing ids are derived from a hash of the question
+    question: str = "question"
+    answer: str = "answer"
+
+
+class Benchmark(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)  # results go to evaluate/<model>/<name>/
+    path: str  # .jsonl/.json, .parquet, a folder of those, or a `datasets` folder on disk
+    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = "auto"
+    split: str | None = None
+    fields: BenchmarkFields = BenchmarkFields()
+    limit: int | None = Field(default=None, gt=0)  # only the first N problems
+
+
+class EvalModel(_Strict):
+    label: str = Field(pattern=NAME_PATTERN)  # the row name in the results table
+    # "trained": this run's train export (<output_dir>/train/model); "student": models.student
+    # as given (the "before" row); anything else: a short name, a local folder or a hub id.
+    model: str = "trained"
+
+
+class EvaluateSection(_Strict):
+    engine: EngineConfig = EngineConfig()
+    benchmarks: list[Benchmark] = Field(default_factory=list)
+    models: list[EvalModel] = Field(default_factory=lambda: [EvalModel(label="trained")],
+                                    min_length=1)
+    n: int = Field(default=3, ge=1)  # samples per problem (the paper: 3)
+    sampling: SamplingConfig = SamplingConfig(max_tokens=4096, repetition_penalty=1.0)
+    grade_timeout_s: float = Field(default=5.0, gt=0)  # past it an answer counts as wrong
+
+    @model_validator(mode="after")
+    def _unique(self) -> EvaluateSection:
+        for what, names in (("benchmarks", [b.name for b in self.benchmarks]),
+                            ("models", [m.label for m in self.models])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"evaluate.{what}: names must be unique, got {names}")
+        return self
+
+
 class OutputSection(_Strict):
     format: Literal["jsonl", "parquet"] = "jsonl"
     shard_rows: int = Field(default=64, ge=1)  # at most this many rows per shard file
@@ -186,6 +228,7 @@ class Config(_Strict):
     truncate: TruncateSection = TruncateSection()
     align: AlignSection = AlignSection()
     train: TrainSection = TrainSection()
+    evaluate: EvaluateSection = EvaluateSection()
     output: OutputSection = OutputSection()
 
     @model_validator(mode="after")
@@ -193,6 +236,8 @@ class Config(_Strict):
         no_cot = self.data.fields.cot is None
         if "generate" in self.run.stages and no_cot and not self.models.teacher:
             raise ValueError("models.teacher: required when the data has no CoT field")
+        if "evaluate" in self.run.stages and not self.evaluate.benchmarks:
+            raise ValueError("evaluate.benchmarks: list at least one benchmark to evaluate on")
         return self
 
     @property
@@ -245,11 +290,12 @@ def parse_config(raw: Any) -> Config:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    """Read and validate a YAML config; ``overrides`` maps dotted paths to values."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config {path}: {err}") from None
+    """Read and validate a YAML config; ``overrides`` maps dotted paths to values.
+
+    A config may start from another with ``extends: <path relative to it>``: mappings are
+    merged key by key (this file wins), anything else (lists included) is replaced.
+    """
+    raw = _read_yaml(Path(path), seen=())
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -257,3 +303,32 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
             node = node.setdefault(key, {})
         node[leaf] = value
     return parse_config(raw)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> Any:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from None
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return raw
+    base_ref = raw.pop("extends")
+    if not isinstance(base_ref, str):
+        raise ConfigError(f"invalid config {path}:\n  extends: expected a path")
+    base_path = (path.parent / base_ref).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise ConfigError(f"invalid config {path}:\n  extends: {base_ref} extends itself")
+    base = _read_yaml(base_path, (*seen, path.resolve()))
+    if not isinstance(base, dict):
+        raise ConfigError(f"invalid config {base_path}: expected a mapping of sections")
+    return _deep_merge(base, raw)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -60,3 +60,56 @@ def test_load_config_overrides_and_unreadable_file(tmp_path):
         load_config(path, {"data.limit": -1})
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_evaluate_needs_benchmarks_and_folder_safe_unique_names():
+    on = {**MINIMAL, "run": {"stages": ["evaluate"]}}
+    assert "evaluate.benchmarks" in errors_of(on)
+    bench = {"name": "math", "path": "m.jsonl"}
+    cfg = parse_config({**on, "evaluate": {"benchmarks": [bench]}})
+    assert cfg.evaluate.n == 3 and cfg.evaluate.sampling.temperature == 0.6
+    assert cfg.evaluate.sampling.top_p == 0.9
+    assert [m.model for m in cfg.evaluate.models] == ["trained"]
+    assert "evaluate.benchmarks.0.name" in errors_of(
+        {**on, "evaluate": {"benchmarks": [{"name": "../up", "path": "m.jsonl"}]}})
+    assert "names must be unique" in errors_of(
+        {**on, "evaluate": {"benchmarks": [bench, bench]}})
+    assert "evaluate.engine.batchsize" in errors_of(
+        {**on, "evaluate": {"benchmarks": [bench], "engine": {"batchsize": 2}}})
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
+        **MINIMAL, "run": {"name": "base", "stages": ["generate", "truncate"]},
+        "truncate": {"strategy": "fixed_ratio", "ratio": 0.5},
+    }))
+    (tmp_path / "sub" / "arm.yaml").write_text(yaml.safe_dump({
+        "extends": "../base.yaml", "run": {"stages": ["truncate"]}, "truncate": {"ratio": 0.25},
+    }))
+    cfg = load_config(tmp_path / "sub" / "arm.yaml", {"run.name": "x"})
+    assert cfg.run.name == "x" and cfg.run.stages == ["truncate"]
+    assert cfg.truncate.strategy == "fixed_ratio" and cfg.truncate.ratio == 0.25
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "loop.yaml")
+
+
+@pytest.mark.parametrize("scale", ["demo", "cluster"])
+def test_arm_configs_differ_only_in_name_and_truncation(scale):
+    arms = {a: load_config(ROOT / "configs/arms" / scale / f"{a}.yaml")
+            for a in ("full_cot", "fixed_ratio", "palign")}
+    assert {a: c.truncate.strategy for a, c in arms.items()} == {
+        "full_cot": "full", "fixed_ratio": "fixed_ratio", "palign": "binary"}
+    assert arms["fixed_ratio"].truncate.ratio == 0.25
+    dumps = []
+    for c in arms.values():
+        d = c.model_dump(mode="json")
+        d.pop("run")
+        d["truncate"].pop("strategy")
+        dumps.append(d)
+    assert dumps[0] == dumps[1] == dumps[2]
+    assert len({c.run.output_dir for c in arms.values()}) == 3
+    shared = load_config(ROOT / "configs/arms" / scale / "shared.yaml")
+    assert shared.run.stages == ["generate", "evaluate"]
+    assert all(c.data.path == f"{shared.run.output_dir}/generate" for c in arms.values())

@@ -14,11 +14,12 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from palign.config import STAGES, Config
+from palign.config import STAGES, Benchmark, Config, DataSection, EvalModel, FieldNames
 from palign.ingest import read_problems
 from palign.stages.io import (
     DONE_MARKER,
@@ -50,6 +51,7 @@ class StageSummary:
     stats: dict[str, float] = field(default_factory=dict)
     output_dir: str = ""
     model_dir: str | None = None  # train: the exported Hugging Face folder
+    report: str | None = None  # evaluate: the results table (Markdown)
 
 
 def init_ray(cfg: Config) -> None:
@@ -69,13 +71,16 @@ def init_ray(cfg: Config) -> None:
 
 def ingest(cfg: Config) -> list[dict[str, Any]]:
     """The source's usable rows; read once per output folder, rejects written once."""
-    folder = Path(cfg.run.output_dir) / "ingest"
+    return _ingest_once(Path(cfg.run.output_dir) / "ingest", cfg.data, cfg.output.shard_rows)
+
+
+def _ingest_once(folder: Path, data: DataSection, shard_rows: int) -> list[dict[str, Any]]:
     if (folder / DONE_MARKER).exists():
         return list(read_rows(folder))
     shutil.rmtree(folder, ignore_errors=True)  # an unfinished ingest is simply redone
-    problems, rejects = read_problems(cfg.data)
-    ShardWriter(folder, "jsonl", cfg.output.shard_rows).write(problems)
-    ShardWriter(folder / REJECTS, "jsonl", cfg.output.shard_rows).write(
+    problems, rejects = read_problems(data)
+    ShardWriter(folder, "jsonl", shard_rows).write(problems)
+    ShardWriter(folder / REJECTS, "jsonl", shard_rows).write(
         reject_row(r.id, "ingest", r.reason, r.row) for r in rejects
     )
     (folder / DONE_MARKER).write_text(json.dumps({"rows": len(problems),
@@ -97,8 +102,6 @@ def stage_input(cfg: Config, stage: str) -> list[dict[str, Any]]:
 
 def run_stage(cfg: Config, stage: str) -> StageSummary:
     """Run one stage to completion (resuming where an earlier run stopped)."""
-    import ray
-
     start = time.time()
     rows = stage_input(cfg, stage)
     out_dir = cfg.stage_dir(stage)
@@ -110,40 +113,132 @@ def run_stage(cfg: Config, stage: str) -> StageSummary:
              summary.skipped, len(pending))
     writer = ShardWriter(out_dir, cfg.output.format, cfg.output.shard_rows)
     rejects = ShardWriter(out_dir / REJECTS, "jsonl", cfg.output.shard_rows)
-    if pending:
-        if stage_needs_engine(cfg, stage):
-            from palign.models import resolve_model
 
-            # Materialise short-name models once here, not in every actor at once.
-            resolve_model(stage_model(cfg, stage), cfg.models.cache_dir)
-        init_ray(cfg)
-        engine = getattr(cfg, stage).engine
-        items = [{"id": str(r["id"]), "record": json.dumps(r, ensure_ascii=False)}
-                 for r in pending]
-        ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) /
-                                                                      engine.batch_size))
-        ds = ds.map_batches(
-            StageWorker,
-            fn_constructor_kwargs={"cfg_raw": cfg.model_dump(mode="json"), "stage": stage},
-            batch_size=engine.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=engine.replicas.min,
-                                               max_size=engine.replicas.max),
-            num_cpus=engine.cpus_per_replica,
-            num_gpus=engine.gpus_per_replica,
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            good, bad = [], []
-            for ok, rec in zip(batch["ok"], batch["record"]):
-                (good if ok else bad).append(json.loads(rec))
-            writer.write(good)
-            rejects.write(bad)
-            summary.processed += len(good) + len(bad)
-            summary.engine_calls += int(sum(batch["calls"]))
-            log.info("%s: +%d rows, +%d rejects (%d/%d)", stage, len(good), len(bad),
-                     summary.processed, len(pending))
+    def write(good: list[dict[str, Any]], bad: list[dict[str, Any]]) -> None:
+        writer.write(good)
+        rejects.write(bad)
+
+    if pending:
+        model = stage_model(cfg, stage) if stage_needs_engine(cfg, stage) else None
+        summary.processed, summary.engine_calls = _stream(cfg, stage, pending, write, model)
     summary.wall_s = time.time() - start
     _fill_totals(summary, out_dir)
     return summary
+
+
+def _stream(cfg: Config, stage: str, rows: list[dict[str, Any]],
+            write: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None],
+            model: str | None) -> tuple[int, int]:
+    """Send ``rows`` through the stage's actor pool (serving ``model``); ``write`` gets each
+    result batch's good records and rejects as they arrive. Returns (rows done, engine calls)."""
+    import ray
+
+    if model is not None:
+        from palign.models import resolve_model
+
+        # Materialise short-name models once here, not in every actor at once.
+        resolve_model(model, cfg.models.cache_dir)
+    init_ray(cfg)
+    engine = getattr(cfg, stage).engine
+    items = [{"id": str(r["id"]), "record": json.dumps(r, ensure_ascii=False)} for r in rows]
+    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) /
+                                                                  engine.batch_size))
+    ds = ds.map_batches(
+        StageWorker,
+        fn_constructor_kwargs={"cfg_raw": cfg.model_dump(mode="json"), "stage": stage,
+                               "model": model},
+        batch_size=engine.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=engine.replicas.min,
+                                           max_size=engine.replicas.max),
+        num_cpus=engine.cpus_per_replica,
+        num_gpus=engine.gpus_per_replica,
+    )
+    done = calls = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        good, bad = [], []
+        for ok, rec in zip(batch["ok"], batch["record"]):
+            (good if ok else bad).append(json.loads(rec))
+        write(good, bad)
+        done += len(good) + len(bad)
+        calls += int(sum(batch["calls"]))
+        log.info("%s: +%d rows, +%d rejects (%d/%d)", stage, len(good), len(bad), done,
+                 len(rows))
+    return done, calls
+
+
+def eval_model_path(cfg: Config, model: EvalModel) -> str:
+    """Where the model under test is: the train export, the configured student, or as given."""
+    if model.model == "trained":
+        from palign.train.loop import model_dir
+
+        path = model_dir(cfg)
+        if not (path / "config.json").is_file():
+            raise StageError(f"evaluate.models[{model.label}]: no trained model at {path}: run "
+                             "the train stage first, or name a model folder")
+        return str(path)
+    if model.model == "student":
+        return cfg.models.student
+    return model.model
+
+
+def run_evaluate_stage(cfg: Config) -> StageSummary:
+    """Every model under test on every benchmark, n graded samples per problem; then the
+    results table and plots. Resumes per (model, benchmark) folder by id."""
+    from palign.report import write_results
+
+    start = time.time()
+    root = cfg.stage_dir("evaluate")
+    summary = StageSummary("evaluate", output_dir=str(root))
+    benchmarks = {
+        b.name: _ingest_once(root / "_ingest" / b.name, _benchmark_source(b),
+                             cfg.output.shard_rows)
+        for b in cfg.evaluate.benchmarks
+    }
+    paths = {m.label: eval_model_path(cfg, m) for m in cfg.evaluate.models}  # fail early
+    for m in cfg.evaluate.models:
+        pending: list[dict[str, Any]] = []
+        writers: dict[str, tuple[ShardWriter, ShardWriter]] = {}
+        for name, rows in benchmarks.items():
+            out = root / m.label / name
+            done = done_ids(out)
+            todo = [r for r in rows if str(r["id"]) not in done]
+            summary.rows_in += len(rows)
+            summary.skipped += len(rows) - len(todo)
+            pending += [{**r, "benchmark": name, "model": m.label, "model_path": paths[m.label]}
+                        for r in todo]
+            writers[name] = (ShardWriter(out, cfg.output.format, cfg.output.shard_rows),
+                             ShardWriter(out / REJECTS, "jsonl", cfg.output.shard_rows))
+        log.info("evaluate %s (%s): %d problem(s) to do", m.label, paths[m.label], len(pending))
+        if not pending:
+            continue
+
+        def write(good: list[dict[str, Any]], bad: list[dict[str, Any]],
+                  writers: dict[str, tuple[ShardWriter, ShardWriter]] = writers) -> None:
+            for name, (writer, rejects) in writers.items():
+                writer.write([r for r in good if r["benchmark"] == name])
+                rejects.write([r for r in bad if r["row"]["benchmark"] == name])
+
+        done, calls = _stream(cfg, "evaluate", pending, write, paths[m.label])
+        summary.processed += done
+        summary.engine_calls += calls
+    for m in cfg.evaluate.models:
+        for name in benchmarks:
+            out = root / m.label / name
+            summary.rows_out += sum(1 for _ in read_rows(out))
+            summary.rejected += sum(1 for _ in read_rows(out / REJECTS))
+    results = write_results(cfg.run.output_dir, cfg.run.name)
+    for label, per_bench in results.metrics.items():
+        for bench, metrics in per_bench.items():
+            summary.stats[f"{label}.{bench}.pass@1"] = metrics["pass@1"]
+    summary.report = str(results.results_md)
+    summary.wall_s = time.time() - start
+    return summary
+
+
+def _benchmark_source(b: Benchmark) -> DataSection:
+    return DataSection(path=b.path, format=b.format, split=b.split, limit=b.limit,
+                       fields=FieldNames(id=b.fields.id, question=b.fields.question,
+                                         answer=b.fields.answer, cot=None))
 
 
 def _fill_totals(summary: StageSummary, out_dir: Path) -> None:
@@ -179,8 +274,10 @@ def stage_stats(stage: str, rows: list[dict[str, Any]]) -> dict[str, float]:
     return {}
 
 
-def ingest_summary(cfg: Config) -> StageSummary:
+def ingest_summary(cfg: Config) -> StageSummary | None:
     folder = Path(cfg.run.output_dir) / "ingest"
+    if not folder.is_dir():
+        return None  # nothing read the run's data (an evaluate-only run)
     out = sum(1 for _ in read_rows(folder))
     rejected = sum(1 for _ in read_rows(folder / REJECTS))
     return StageSummary("ingest", rows_in=out + rejected, rows_out=out, rejected=rejected,
@@ -204,9 +301,11 @@ def run_train_stage(cfg: Config) -> StageSummary:
 
 def run_pipeline(cfg: Config, stages: list[str] | None = None) -> list[StageSummary]:
     """Run the given stages (default: the config's) in order; the ingest summary comes first."""
-    summaries = [run_train_stage(cfg) if s == "train" else run_stage(cfg, s)
+    runners = {"train": run_train_stage, "evaluate": run_evaluate_stage}
+    summaries = [runners[s](cfg) if s in runners else run_stage(cfg, s)
                  for s in (stages or cfg.run.stages)]
-    return [ingest_summary(cfg), *summaries]
+    first = ingest_summary(cfg)
+    return [first, *summaries] if first else summaries
 
 
 def format_summary(summaries: list[StageSummary], total_s: float) -> str:
@@ -223,4 +322,6 @@ def format_summary(summaries: list[StageSummary], total_s: float) -> str:
         lines.append(f"  {s.stage}: {s.output_dir}/ (rejects in {s.output_dir}/{REJECTS}/)")
         if s.model_dir:
             lines.append(f"  {s.stage}: exported model in {s.model_dir}/")
+        if s.report:
+            lines.append(f"  {s.stage}: results table in {s.report} (plots and JSON beside it)")
     return "\n".join(lines)

@@ -37,24 +37,28 @@ def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0) -> EngineS
 
 
 def stage_model(cfg: Config, stage: str) -> str | None:
-    """The model a stage's engine serves: teacher, judge (the student by default), student."""
+    """The model a stage's engine serves: teacher, judge (the student by default), student.
+    The evaluate stage serves each model under test in turn, so it names none here."""
     return {"generate": cfg.models.teacher, "truncate": cfg.judge_model,
-            "align": cfg.models.student}[stage]
+            "align": cfg.models.student, "evaluate": None}[stage]
 
 
 def stage_needs_engine(cfg: Config, stage: str) -> bool:
     if stage == "truncate":
         return cfg.truncate.strategy == "binary"
+    if stage == "evaluate":
+        return True
     return stage_model(cfg, stage) is not None
 
 
 class StageWorker:
     """``map_batches`` callable: batch of ``{"id", "record"}`` in, outcomes out."""
 
-    def __init__(self, cfg_raw: dict[str, Any], stage: str) -> None:
+    def __init__(self, cfg_raw: dict[str, Any], stage: str, model: str | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         self.cfg = Config.model_validate(cfg_raw)
         self.stage = stage
+        self.model = model or stage_model(self.cfg, stage)  # evaluate: the model under test
         self._engine: Engine | None = None
         self._grader = None
 
@@ -64,11 +68,18 @@ class StageWorker:
             from palign.models import resolve_model
 
             section = getattr(self.cfg, self.stage)
-            name = stage_model(self.cfg, self.stage)
-            path = resolve_model(name, self.cfg.models.cache_dir)
+            path = resolve_model(self.model, self.cfg.models.cache_dir)
             self._engine = build_engine(engine_spec(section.engine, path, self.cfg.run.seed))
-            log.info("%s: engine %s ready for %s", self.stage, self._engine.name, name)
+            log.info("%s: engine %s ready for %s", self.stage, self._engine.name, self.model)
         return self._engine
+
+    def grader(self) -> Any:
+        if self._grader is None:
+            from palign.grading import Grader
+
+            section = getattr(self.cfg, self.stage)
+            self._grader = Grader(timeout_s=section.grade_timeout_s)
+        return self._grader
 
     def _process(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
         if self.stage == "generate":
@@ -82,12 +93,13 @@ class StageWorker:
             judge = self.engine() if stage_needs_engine(self.cfg, "truncate") else None
             return truncate_rows(rows, judge, self.cfg.truncate)
         if self.stage == "align":
-            from palign.grading import Grader
             from palign.stages.align import align_rows
 
-            if self._grader is None:
-                self._grader = Grader(timeout_s=self.cfg.align.grade_timeout_s)
-            return align_rows(rows, self.engine(), self._grader, self.cfg.align), 0
+            return align_rows(rows, self.engine(), self.grader(), self.cfg.align), 0
+        if self.stage == "evaluate":
+            from palign.stages.evaluate import evaluate_rows
+
+            return evaluate_rows(rows, self.engine(), self.grader(), self.cfg.evaluate), 0
         raise ValueError(f"unknown stage {self.stage!r}")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:

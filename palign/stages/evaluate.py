@@ -1,0 +1,49 @@
+"""evaluate: n sampled solutions per benchmark problem from the model under test, each graded.
+
+Input row: a benchmark problem (id, question, answer, benchmark). Output row: the problem plus
+``samples``, one record per sample: sample index, output, extracted answer, correct, grade
+status (ok, no_answer, timeout, error), output tokens and finish reason. A time-out counts as
+wrong and stays recorded as such. The prompt is the one the student was trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from palign.config import EvaluateSection
+from palign.engines.base import Engine
+from palign.grading import Grader
+from palign.prompts import student_question
+from palign.stages.generate import sampling_for
+from palign.stages.outcome import Outcome, rejected
+
+
+def evaluate_rows(
+    rows: list[dict[str, Any]], engine: Engine, grader: Grader, cfg: EvaluateSection
+) -> list[Outcome]:
+    # One engine call for every sample of every row: the n copies of a prompt share its prefix
+    # in the engine's cache, and the batch stays full.
+    chats = [[{"role": "user", "content": student_question(row["question"])}]
+             for row in rows for _ in range(cfg.n)]
+    completions = engine.generate(chats, sampling_for(cfg))
+    outcomes = []
+    for i, row in enumerate(rows):
+        mine = completions[i * cfg.n:(i + 1) * cfg.n]
+        failed = next((c.error for c in mine if c.error), None)
+        if failed:
+            outcomes.append(rejected(row, f"model under test: {failed}"))
+            continue
+        samples = []
+        for k, comp in enumerate(mine):
+            grade = grader.grade(comp.text, row["answer"])
+            samples.append({
+                "sample": k,
+                "output": comp.text,
+                "extracted": grade.predicted,
+                "correct": grade.correct,
+                "status": grade.status,
+                "output_tokens": comp.completion_tokens,
+                "finish_reason": comp.finish_reason,
+            })
+        outcomes.append(Outcome(row["id"], {**row, "samples": samples}))
+    return outcomes
