@@ -93,6 +93,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from palign import telemetry
 from palign.config import Config, TrainSection, parse_config
 from palign.engines.hf_engine import resolve_dtype as resolve_dtype_name
 from palign.stages.io import REJECTS, ShardWriter, read_ids, read_rows, reject_row
@@ -549,6 +550,8 @@ def _report(dist_info: DistInfo, metrics: dict[str, Any], ckpt_dir: Path | None,
     if dist_info.rank == 0:
         shown = {k: v for k, v in metrics.items() if k != "losses"}
         logger.info("train %s", json.dumps(shown, default=str))
+        # Prometheus gauges through Ray's metrics agent; a no-op under torchrun (no Ray).
+        telemetry.train_step(metrics.get("loss"), metrics.get("tokens_per_s"))
     if not dist_info.under_ray:
         return
     import ray.train

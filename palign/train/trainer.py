@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from palign.config import Config
+from palign.resources import train_request
 from palign.stages.io import shard_files
 from palign.train.loop import model_dir, run_name, storage_path, train_worker
 
@@ -129,14 +130,10 @@ def run_train(cfg: Config) -> TrainResult:
     init_ray(cfg)
     store = storage_path(cfg)
     store.mkdir(parents=True, exist_ok=True)
-    resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
-    if tc.use_gpu:
-        resources["GPU"] = 1
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=absolute_config(cfg),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(**train_request(tc).scaling_config_kwargs()),
         run_config=RunConfig(
             name=run_name(cfg),
             storage_path=str(store),
