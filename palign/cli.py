@@ -99,7 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     if args.command == "validate":
+        from palign.resources import format_resource_plan, plan_resources
+
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        try:
+            plan = plan_resources(cfg)
+        except ConfigError as err:
+            print(err, file=sys.stderr)
+            return 2
+        print(format_resource_plan(plan))
         print("config OK")
         return 0
 

@@ -70,6 +70,7 @@ class EngineSpec:
     cpu_kv_cache_gib: float = 2.0
     max_num_seqs: int = 64
     seed: int = 0
+    executor_backend: str | None = None  # vLLM distributed_executor_backend (None: its default)
 
 
 # Helpers both backends share, so that they feed the model identical token ids and reject the

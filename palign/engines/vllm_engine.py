@@ -114,6 +114,8 @@ class VLLMEngine:
             # logprob_token_ids, which is bounded by vLLM's own limit (128 ids) instead.
             max_logprobs=20,
         )
+        if spec.executor_backend:  # tensor parallel: rank actors in the replica's placement group
+            kwargs["distributed_executor_backend"] = spec.executor_backend
         if on_cpu:
             # The engine argument takes fractions of a GiB; vLLM's legacy whole-GiB variable
             # VLLM_CPU_KVCACHE_SPACE still overrides it where a user has set one.

@@ -21,6 +21,7 @@ from typing import Any
 
 from palign.config import STAGES, Benchmark, Config, DataSection, EvalModel, FieldNames
 from palign.ingest import read_problems
+from palign.resources import engine_pool_kwargs, engine_request
 from palign.stages.io import (
     DONE_MARKER,
     REJECTS,
@@ -55,16 +56,23 @@ class StageSummary:
 
 
 def init_ray(cfg: Config) -> None:
+    """Join ``ray.address``; inside a Ray job (``RAY_ADDRESS`` set by the job server) join the
+    job's cluster; otherwise start a local Ray."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ("PALIGN_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE")
-           if k in os.environ}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
-    if cfg.ray.address is None:
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {}
+    if address is None:
+        # A local Ray: forward the model cache settings to its workers. A job's workers get
+        # them from the job's runtime_env (ray_jobs/runtime_env.yaml) instead.
+        env = {k: os.environ[k] for k in ("PALIGN_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE")
+               if k in os.environ}
+        if env:
+            kwargs["runtime_env"] = {"env_vars": env}
         kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard)
-    ray.init(address=cfg.ray.address, logging_level=logging.WARNING, **kwargs)
+    ray.init(address=address, logging_level=logging.WARNING, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
 
@@ -143,26 +151,30 @@ def _stream(cfg: Config, stage: str, rows: list[dict[str, Any]],
     items = [{"id": str(r["id"]), "record": json.dumps(r, ensure_ascii=False)} for r in rows]
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) /
                                                                   engine.batch_size))
-    ds = ds.map_batches(
-        StageWorker,
-        fn_constructor_kwargs={"cfg_raw": cfg.model_dump(mode="json"), "stage": stage,
-                               "model": model},
-        batch_size=engine.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=engine.replicas.min,
-                                           max_size=engine.replicas.max),
-        num_cpus=engine.cpus_per_replica,
-        num_gpus=engine.gpus_per_replica,
-    )
     done = calls = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        good, bad = [], []
-        for ok, rec in zip(batch["ok"], batch["record"]):
-            (good if ok else bad).append(json.loads(rec))
-        write(good, bad)
-        done += len(good) + len(bad)
-        calls += int(sum(batch["calls"]))
-        log.info("%s: +%d rows, +%d rejects (%d/%d)", stage, len(good), len(bad), done,
-                 len(rows))
+    # The pool's resources (GPUs, a placement group per tensor-parallel replica) come from
+    # palign.resources; its placement groups are removed when the stage ends.
+    with engine_pool_kwargs(engine_request(stage, engine)) as pool:
+        ds = ds.map_batches(
+            StageWorker,
+            fn_constructor_kwargs={"cfg_raw": cfg.model_dump(mode="json"), "stage": stage,
+                                   "model": model},
+            batch_size=engine.batch_size,
+            # A replica that dies (OOM kill, segfault, lost node) is restarted and the batch
+            # it held is retried, so no row is lost (Ray Data's defaults too; stated here).
+            max_restarts=-1,
+            max_task_retries=-1,
+            **pool,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            good, bad = [], []
+            for ok, rec in zip(batch["ok"], batch["record"]):
+                (good if ok else bad).append(json.loads(rec))
+            write(good, bad)
+            done += len(good) + len(bad)
+            calls += int(sum(batch["calls"]))
+            log.info("%s: +%d rows, +%d rejects (%d/%d)", stage, len(good), len(bad), done,
+                     len(rows))
     return done, calls
 
 
@@ -301,6 +313,9 @@ def run_train_stage(cfg: Config) -> StageSummary:
 
 def run_pipeline(cfg: Config, stages: list[str] | None = None) -> list[StageSummary]:
     """Run the given stages (default: the config's) in order; the ingest summary comes first."""
+    from palign.resources import plan_resources
+
+    plan_resources(cfg)  # a config the cluster cannot place fails here, before any work
     runners = {"train": run_train_stage, "evaluate": run_evaluate_stage}
     summaries = [runners[s](cfg) if s in runners else run_stage(cfg, s)
                  for s in (stages or cfg.run.stages)]

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
+from palign import telemetry
 from palign.config import Config, EngineConfig
 from palign.engines.base import Engine, EngineSpec
 from palign.stages.io import reject_row
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0) -> EngineSpec:
+    from palign.resources import TP_EXECUTOR_BACKEND
+
     return EngineSpec(
         model=model_path,
         backend=engine.backend,
@@ -33,6 +37,8 @@ def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0) -> EngineS
         cpu_kv_cache_gib=engine.cpu_kv_cache_gib,
         max_num_seqs=engine.max_num_seqs,
         seed=seed,
+        # "ray" for a tensor-parallel replica: its ranks run in the replica's placement group
+        executor_backend=TP_EXECUTOR_BACKEND if engine.tensor_parallel_size > 1 else None,
     )
 
 
@@ -104,6 +110,7 @@ class StageWorker:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         rows = [json.loads(r) for r in batch["record"]]
+        start = time.monotonic()
         try:
             outcomes, calls = self._process(rows)
         except Exception:
@@ -118,6 +125,10 @@ class StageWorker:
                     one, c = [rejected(row, f"{self.stage} failed: {type(err).__name__}: {err}")], 0
                 outcomes += one
                 calls += c
+        telemetry.stage_batch(self.stage, rows_in=len(rows),
+                              records=[o.record for o in outcomes if o.ok],
+                              rejected=sum(not o.ok for o in outcomes),
+                              seconds=time.monotonic() - start)
         out: dict[str, list[Any]] = {"id": [], "ok": [], "record": [], "calls": []}
         for n, (row, o) in enumerate(zip(rows, outcomes)):
             payload = o.record if o.ok else reject_row(row["id"], self.stage, o.reason, row)
