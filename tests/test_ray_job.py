@@ -68,7 +68,9 @@ class Head:
             time.sleep(2)
 
     def ray(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([str(BIN / "ray"), *args, "--address", self.address],
+        # The address goes before any `--`: what follows it is the job's entrypoint.
+        done = subprocess.run([str(BIN / "ray"), *args[:2], "--address", self.address,
+                               *args[2:]],
                               env=self.env, capture_output=True, text=True, timeout=120)
         if check:
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -78,10 +80,15 @@ class Head:
         done = self.ray("job", "submit", "--no-wait", "--working-dir", str(ROOT),
                         "--runtime-env-json", json.dumps(runtime_env), "--",
                         sys.executable, "ray_jobs/pipeline.py", "--config", str(config))
-        return re.search(r"raysubmit_\w+", done.stdout).group(0)
+        return re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0)
 
     def status(self, job: str) -> str:
-        out = self.ray("job", "status", job).stdout
+        done = self.ray("job", "status", job)
+        out = done.stdout + done.stderr  # the CLI's logger may write to either
+        for words, state in (("succeeded", "SUCCEEDED"), ("was stopped", "STOPPED"),
+                             ("failed", "FAILED")):
+            if f"' {words}" in out:
+                return state
         return re.findall(r"(PENDING|RUNNING|STOPPED|SUCCEEDED|FAILED)", out)[-1]
 
     def wait(self, job: str, timeout: float = 900) -> str:
@@ -92,7 +99,8 @@ class Head:
         return state
 
     def logs(self, job: str) -> str:
-        return self.ray("job", "logs", job, check=False).stdout
+        done = self.ray("job", "logs", job, check=False)
+        return done.stdout + done.stderr
 
     def scrape(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10) as r:
@@ -124,8 +132,13 @@ def runtime_env() -> dict:
     return env
 
 
-def write_config(tmp: Path, n_rows: int, **over) -> Path:
-    rows = DEMO[:n_rows]  # rows with a CoT: no teacher needed
+LONG_COT = " ".join(f"Step {i}: we add {i} and {i + 1} to get {2 * i + 1}." for i in range(700))
+TOO_LONG = {"id": "too-long-for-engine", "question": "Add them up.", "answer": "7",
+            "cot": LONG_COT}  # the engine rejects its prompts: a row rejected mid-stage
+
+
+def write_config(tmp: Path, n_rows: int, extra_rows: tuple = (), **over) -> Path:
+    rows = [*DEMO[:n_rows], *extra_rows]  # demo rows with a CoT: no teacher needed
     (tmp / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {
         "run": {"name": "job", "output_dir": str(tmp / "out"), "stages": ["truncate", "align"]},
@@ -162,7 +175,7 @@ def metric_values(text: str, name: str) -> dict[str, float]:
 def test_submitted_pipeline_succeeds_and_reports_metrics(head, tmp_path):
     from palign.telemetry import EXPORTED_NAMES
 
-    cfg = write_config(tmp_path, 3)
+    cfg = write_config(tmp_path, 3, extra_rows=(TOO_LONG,))
     job = head.submit(cfg, runtime_env())
     seen: dict[str, dict[str, float]] = {}
     deadline = time.time() + 900
@@ -180,6 +193,8 @@ def test_submitted_pipeline_succeeds_and_reports_metrics(head, tmp_path):
     assert state == "SUCCEEDED", logs[-4000:]
     out = tmp_path / "out"
     assert len(list(read_rows(out / "align"))) == 3
+    rejects = {r["id"]: r["reason"] for r in read_rows(out / "truncate/rejects")}
+    assert "prompt too long" in rejects["too-long-for-engine"]  # rejected, the job went on
     assert "truncate: +" in logs  # a log line per shard on the job's page
     page = head.scrape()
     deadline = time.time() + 30
@@ -194,8 +209,8 @@ def test_submitted_pipeline_succeeds_and_reports_metrics(head, tmp_path):
     engine_side = [n for n in EXPORTED_NAMES if "train" not in n]
     missing = [n for n in engine_side if n not in seen]
     assert not missing, f"not exported with non-zero values: {missing}"
-    assert any('stage="truncate"' in k for k in seen[next(n for n in engine_side
-                                                            if "rows_out" in n)])
+    assert any('stage="truncate"' in k for k in seen["ray_palign_rows_out_total"])
+    assert any('stage="align"' in k for k in seen["ray_palign_engine_tokens_total"])
 
 
 STATE_SCRIPT = """
@@ -232,6 +247,14 @@ def summary_row(logs: str, stage: str) -> list[int]:
     return [int(x) for x in m.groups()]
 
 
+def wait_for_first_shard(head: Head, job: str, folder: Path) -> None:
+    deadline = time.time() + 600
+    while not list(folder.glob("part-*")):
+        assert head.status(job) in ("PENDING", "RUNNING"), head.logs(job)[-4000:]
+        assert time.time() < deadline, f"no shard in {folder} yet"
+        time.sleep(0.5)
+
+
 def test_killed_engine_actor_and_stopped_job_lose_nothing(head, tmp_path):
     n = 10
     cfg = write_config(tmp_path, n)
@@ -240,11 +263,7 @@ def test_killed_engine_actor_and_stopped_job_lose_nothing(head, tmp_path):
 
     # 1. An engine actor is killed mid-stage; the same job finishes with every id once.
     job = head.submit(cfg, env)
-    deadline = time.time() + 600
-    while not list((out / "truncate").glob("part-*")):
-        assert head.status(job) in ("PENDING", "RUNNING"), head.logs(job)[-4000:]
-        assert time.time() < deadline
-        time.sleep(0.5)
+    wait_for_first_shard(head, job, out / "truncate")
     before = sum(ids(out, "truncate").values())
     assert before < n, "the stage finished before the kill"
     actor_id = state(head, "kill", ENGINE_ACTOR)  # found by class, killed by its actor id
@@ -260,11 +279,7 @@ def test_killed_engine_actor_and_stopped_job_lose_nothing(head, tmp_path):
     cfg2 = write_config(tmp_path, n, **over)
     out2 = tmp_path / "out2"
     job = head.submit(cfg2, env)
-    deadline = time.time() + 600
-    while not list((out2 / "truncate").glob("part-*")):
-        assert head.status(job) in ("PENDING", "RUNNING"), head.logs(job)[-4000:]
-        assert time.time() < deadline
-        time.sleep(0.5)
+    wait_for_first_shard(head, job, out2 / "truncate")
     head.ray("job", "stop", job)
     assert head.wait(job) == "STOPPED"
     partial = sum(ids(out2, "truncate").values())

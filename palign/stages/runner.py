@@ -65,6 +65,8 @@ def init_ray(cfg: Config) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {}
     if address is None:
+        # "local", not None: ray.init(None) joins any cluster `ray start` left on this machine.
+        address = "local"
         # A local Ray: forward the model cache settings to its workers. A job's workers get
         # them from the job's runtime_env (ray_jobs/runtime_env.yaml) instead.
         env = {k: os.environ[k] for k in ("PALIGN_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE")
