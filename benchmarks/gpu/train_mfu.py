@@ -204,14 +204,47 @@ def fused_adamw() -> Iterator[None]:
         torch.optim.AdamW = original  # type: ignore[misc]
 
 
-def palign_engine(cfg: Any, model: Any, total_steps: int, adamw: str) -> Any:
-    """palign's ``build_engine`` itself; with ``adamw == "fused"`` its AdamW is the fused one."""
+def palign_engine(cfg: Any, model: Any, total_steps: int, adamw: str,
+                  zero_extra: dict[str, Any] | None = None) -> Any:
+    """palign's ``build_engine`` itself; with ``adamw == "fused"`` its AdamW is the fused one.
+    ``zero_extra`` (``--zero-extra``, for experiments) is merged into its ZeRO section."""
+    from palign.train import loop
     from palign.train.loop import build_engine
 
+    if zero_extra:
+        plain_config = loop.deepspeed_config
+
+        def with_extra(*a: Any, **kw: Any) -> dict[str, Any]:
+            ds = plain_config(*a, **kw)
+            ds["zero_optimization"] = {**ds["zero_optimization"], **zero_extra}
+            return ds
+
+        loop.deepspeed_config = with_extra
     if adamw == "palign":
         return build_engine(cfg, model, 1, total_steps)
     with fused_adamw():
         return build_engine(cfg, model, 1, total_steps)
+
+
+def profile_step(step: Any, label: str) -> None:
+    """One extra, untimed step under torch.profiler: where its CUDA and CPU time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+    kernel_s = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"== profile {label}: step {wall:.3f} s (profiled), GPU busy {kernel_s:.3f} s",
+          flush=True)
+    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60),
+          flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60),
+          flush=True)
 
 
 def adamw_kind(optimizer: Any) -> str:
@@ -264,17 +297,14 @@ def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]
         optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay),
                                       lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
     else:
-        engine = palign_engine(cfg, model, total, args.adamw)
+        engine = palign_engine(cfg, model, total, args.adamw,
+                               json.loads(args.zero_extra) if args.zero_extra else None)
     init_s = time.perf_counter() - t0
 
     packs, data_stats = make_packs(total * args.micro_batch, args, mc.vocab_size)
     steps: list[dict[str, float]] = []
     timed_lens: list[int] = []
-    for i in range(total):
-        units = packs[i * args.micro_batch:(i + 1) * args.micro_batch]
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+    def one_step(units: list[Any]) -> tuple[dict[str, Any], int, float]:
         cpu_batch = collate_packs(units)
         n_sup = int((cpu_batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
@@ -291,6 +321,14 @@ def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]
             optimizer.zero_grad(set_to_none=True)
             loss = float(out.loss.detach())
             del out
+        return cpu_batch, n_sup, loss
+
+    for i in range(total):
+        units = packs[i * args.micro_batch:(i + 1) * args.micro_batch]
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        cpu_batch, n_sup, loss = one_step(units)
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
@@ -301,6 +339,8 @@ def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]
             timed_lens += [n for p in units for n in p.seq_lens]
         print(f"    {shape} {mode} step {i + 1}/{total}{' (warm-up)' if i < args.warmup else ''}"
               f": {dt:.3f} s, loss {loss:.3f}", flush=True)
+    if args.profile and cuda:
+        profile_step(lambda: one_step(packs[:args.micro_batch]), f"{shape} {mode}")
 
     secs = sum(s["seconds"] for s in steps)
     real_rate = sum(s["real"] for s in steps) / secs
@@ -399,6 +439,10 @@ def child_command(args: argparse.Namespace, shape: str, mode: str, result: Path)
            "--peak-tflops", str(args.peak_tflops), "--adamw", args.adamw,
            "--layout", args.layout, "--median-len", str(args.median_len),
            "--seed", str(args.seed)]
+    if args.zero_extra:
+        cmd += ["--zero-extra", args.zero_extra]
+    if args.profile:
+        cmd.append("--profile")
     if args.loss_chunk_size is not None:
         cmd += ["--loss-chunk-size", str(args.loss_chunk_size)]
     if args.smoke:
@@ -453,7 +497,8 @@ def driver_main(args: argparse.Namespace) -> int:
         "settings": {"seq_len": args.seq_len, "micro_batch": args.micro_batch,
                      "warmup": args.warmup, "steps": args.steps, "layout": args.layout,
                      "median_len": args.median_len, "adamw": args.adamw,
-                     "loss_chunk_size": args.loss_chunk_size, "seed": args.seed},
+                     "loss_chunk_size": args.loss_chunk_size, "seed": args.seed,
+                     "zero_extra": args.zero_extra},
         "rows": rows, "goals": goals(rows),
         "wall_s": time.perf_counter() - start,
     }
@@ -532,6 +577,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--deadline-s", type=float, default=480.0,
                     help="start no new row after this many seconds")
     ap.add_argument("--child-timeout-s", type=float, default=240.0)
+    ap.add_argument("--profile", action="store_true",
+                    help="one extra untimed step per row under torch.profiler (tables to stdout)")
+    ap.add_argument("--zero-extra", default=None,
+                    help="JSON merged into the DeepSpeed zero_optimization section (experiments)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU check (fp32, gloo)")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT or results/)")
