@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -112,6 +113,11 @@ class Head:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
+        # `ray start` records its head as the machine's "current cluster", which a later
+        # ray.init() without an address would try to join; forget it once it is gone.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{self.port}"):
+            current.unlink()
 
 
 @pytest.fixture(scope="module")
