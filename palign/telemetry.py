@@ -230,15 +230,16 @@ def train_step(m: _Metrics, loss: float | None, tokens_per_s: float | None) -> N
 @_safe
 def stage_batch(m: _Metrics, stage: str, rows_in: int, records: list[dict[str, Any]],
                 rejected: int, seconds: float, tokens: int | None = None) -> None:
-    """Everything one actor batch says: rows in/out/rejected; for records with ``probes`` and
-    ``prefix_ratio`` (truncate) the probes and ratios; engine tokens from ``tokens`` or, if not
+    """Everything one actor batch says: rows in/out/rejected; for truncate, the judge probes and
+    prefix ratios of its records; engine tokens from ``tokens`` or, if not
     given, ``record_tokens`` summed over ``records``, in ``seconds``."""
     rows(stage, rows_in=rows_in, rows_out=len(records), rejected=rejected)
-    probes = sum(len(r.get("probes") or ()) for r in records)
+    # Only truncate's own work: later stages' records carry its probes and ratios along.
+    probes = sum(len(r.get("probes") or ()) for r in records) if stage == "truncate" else 0
     if probes:
         judge_probes(stage, probes)
     ratios = [r["prefix_ratio"] for r in records
-              if isinstance(r.get("prefix_ratio"), (float, int))]
+              if isinstance(r.get("prefix_ratio"), (float, int))] if stage == "truncate" else []
     if ratios:
         prefix_ratios(stage, ratios)
     if tokens is None:

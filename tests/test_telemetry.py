@@ -131,7 +131,10 @@ def test_stage_batch_reads_the_records(fake_metrics: telemetry._Metrics) -> None
     assert m.engine_tokens_per_s.calls[-1] == ("set", 20.0, {"stage": "evaluate"})
     telemetry.stage_batch("other", 1, [{"id": "e"}], 0, 2.0, tokens=60)
     assert m.engine_tokens.calls[-1] == ("inc", 60.0, {"stage": "other"})
+    # align's records carry truncate's probes and ratio along: not counted again
+    telemetry.stage_batch("align", 1, [{"id": "a", "prefix_ratio": 0.4, "probes": [{}]}], 0, 1.0)
     assert m.judge_probes.calls == [("inc", 4.0, tag)]  # nothing new
+    assert [c[1] for c in m.prefix_ratio.calls] == [0.4, 1.0]
 
 
 # ------------------------------------------------------------------------------ dashboard
