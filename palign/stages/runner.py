@@ -163,9 +163,9 @@ def _stream(cfg: Config, stage: str, rows: list[dict[str, Any]],
                                    "model": model},
             batch_size=engine.batch_size,
             # A replica that dies (OOM kill, segfault, lost node) is restarted and the batch
-            # it held is retried, so no row is lost (Ray Data's defaults too; stated here).
-            max_restarts=-1,
-            max_task_retries=-1,
+            # it held is retried, so no row is lost: Ray Data gives actor pools max_restarts=-1
+            # and max_task_retries=-1 (passing them here is deprecated in Ray 2.60);
+            # tests/test_ray_job.py kills a replica mid-stage to hold it to that.
             **pool,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
