@@ -263,7 +263,9 @@ def wait_for_first_shard(head: Head, job: str, folder: Path) -> None:
 
 def test_killed_engine_actor_and_stopped_job_lose_nothing(head, tmp_path):
     n = 10
-    cfg = write_config(tmp_path, n)
+    only_truncate = {"run": {"name": "job", "output_dir": str(tmp_path / "out"),
+                             "stages": ["truncate"]}}  # the faults hit truncate; align adds time
+    cfg = write_config(tmp_path, n, **only_truncate)
     out = tmp_path / "out"
     env = runtime_env()
 
@@ -275,13 +277,11 @@ def test_killed_engine_actor_and_stopped_job_lose_nothing(head, tmp_path):
     actor_id = state(head, "kill", ENGINE_ACTOR)  # found by class, killed by its actor id
     assert head.wait(job) == "SUCCEEDED", head.logs(job)[-4000:]
     assert int(state(head, "restarts", actor_id)) >= 1  # Ray restarted that same actor
-    for stage in ("truncate", "align"):
-        counts = ids(out, stage)
-        assert set(counts) == {r["id"] for r in DEMO[:n]} and set(counts.values()) == {1}
+    counts = ids(out, "truncate")
+    assert set(counts) == {r["id"] for r in DEMO[:n]} and set(counts.values()) == {1}
 
     # 2. A job stopped midway and submitted again: every id once.
-    over = {"run": {"name": "job", "output_dir": str(tmp_path / "out2"),
-                    "stages": ["truncate", "align"]}}
+    over = {"run": {"name": "job", "output_dir": str(tmp_path / "out2"), "stages": ["truncate"]}}
     cfg2 = write_config(tmp_path, n, **over)
     out2 = tmp_path / "out2"
     job = head.submit(cfg2, env)
@@ -293,6 +293,5 @@ def test_killed_engine_actor_and_stopped_job_lose_nothing(head, tmp_path):
     job = head.submit(cfg2, env)
     assert head.wait(job) == "SUCCEEDED", head.logs(job)[-4000:]
     assert summary_row(head.logs(job), "truncate")[3] == partial  # those were not redone
-    for stage in ("truncate", "align"):
-        counts = ids(out2, stage)
-        assert set(counts) == {r["id"] for r in DEMO[:n]} and set(counts.values()) == {1}
+    counts = ids(out2, "truncate")
+    assert set(counts) == {r["id"] for r in DEMO[:n]} and set(counts.values()) == {1}
