@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import statistics
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from palign.grading import STATUS_ERROR, STATUS_NO_ANSWER, STATUS_TIMEOUT
 from palign.metrics import pass_at_ks
 from palign.prompts import BEGIN_DRAFT, END_DRAFT
-from palign.stages.io import REJECTS, read_rows
+from palign.stages.io import REJECTS, read_rows, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +167,6 @@ def _sample_record(row: Mapping[str, Any], model: str, benchmark: str,
             "finish_reason": sample.get("finish_reason")}
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_results(output_dir: str | Path, run_name: str | None = None) -> Results:
     """Score every ``<output_dir>/evaluate/<model>/<benchmark>/`` folder and write
     results.json, results.md, samples.jsonl, pass_at_1.png and (when the run has truncate rows)
@@ -211,7 +203,7 @@ def write_results(output_dir: str | Path, run_name: str | None = None) -> Result
                                 rec = _sample_record(row, model, bench, s)
                                 f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
 
-    _replace_atomically(samples_path, write_samples)
+    replace_atomically(samples_path, write_samples)
     if not metrics:
         samples_path.unlink(missing_ok=True)
         raise ValueError(f"no scorable evaluation rows under {eval_dir}/<model>/<benchmark>/")
@@ -222,9 +214,9 @@ def write_results(output_dir: str | Path, run_name: str | None = None) -> Result
         results_json=eval_dir / RESULTS_JSON, results_md=eval_dir / RESULTS_MD,
         samples_jsonl=samples_path, pass_at_1_png=eval_dir / PASS_AT_1_PNG,
         prefix_ratio_png=eval_dir / PREFIX_RATIO_PNG if prefix else None)
-    _replace_atomically(results.results_json, lambda tmp: tmp.write_text(
+    replace_atomically(results.results_json, lambda tmp: tmp.write_text(
         json.dumps(results.to_json(), indent=2) + "\n", encoding="utf-8"))
-    _replace_atomically(results.results_md, lambda tmp: tmp.write_text(
+    replace_atomically(results.results_md, lambda tmp: tmp.write_text(
         format_results(results) + "\n", encoding="utf-8"))
     _plot_pass_at_1(metrics, results.pass_at_1_png, name)
     stale = eval_dir / PREFIX_RATIO_PNG
@@ -297,7 +289,7 @@ def format_results(results: Results) -> str:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def _plot_pass_at_1(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]], path: Path,

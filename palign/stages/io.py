@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,14 @@ def done_ids(stage_dir: str | Path) -> set[str]:
     """Ids a stage has finished: written as output or as rejects."""
     stage_dir = Path(stage_dir)
     return read_ids(stage_dir) | read_ids(stage_dir / REJECTS)
+
+
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write one file through a temporary name beside it (``write(tmp)``), then rename it into
+    place, so a reader never sees half a file."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 class ShardWriter:

@@ -22,8 +22,9 @@ from palign.stages.outcome import Outcome, rejected
 log = logging.getLogger(__name__)
 
 
-def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0) -> EngineSpec:
-    from palign.resources import TP_EXECUTOR_BACKEND
+def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0,
+                stage: str = "engine") -> EngineSpec:
+    from palign.resources import engine_request
 
     return EngineSpec(
         model=model_path,
@@ -37,8 +38,8 @@ def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0) -> EngineS
         cpu_kv_cache_gib=engine.cpu_kv_cache_gib,
         max_num_seqs=engine.max_num_seqs,
         seed=seed,
-        # "ray" for a tensor-parallel replica: its ranks run in the replica's placement group
-        executor_backend=TP_EXECUTOR_BACKEND if engine.tensor_parallel_size > 1 else None,
+        # The pool's plan says how a replica runs its ranks ("ray" inside its placement group)
+        executor_backend=engine_request(stage, engine).executor_backend,
     )
 
 
@@ -75,7 +76,8 @@ class StageWorker:
 
             section = getattr(self.cfg, self.stage)
             path = resolve_model(self.model, self.cfg.models.cache_dir)
-            self._engine = build_engine(engine_spec(section.engine, path, self.cfg.run.seed))
+            self._engine = build_engine(engine_spec(section.engine, path, self.cfg.run.seed,
+                                                     self.stage))
             log.info("%s: engine %s ready for %s", self.stage, self._engine.name, self.model)
         return self._engine
 

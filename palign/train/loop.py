@@ -96,7 +96,14 @@ import torch
 from palign import telemetry
 from palign.config import Config, TrainSection, parse_config
 from palign.engines.hf_engine import resolve_dtype as resolve_dtype_name
-from palign.stages.io import REJECTS, ShardWriter, read_ids, read_rows, reject_row
+from palign.stages.io import (
+    REJECTS,
+    ShardWriter,
+    read_ids,
+    read_rows,
+    reject_row,
+    replace_atomically,
+)
 from palign.train.data import (
     IGNORE_INDEX,
     Example,
@@ -488,9 +495,8 @@ def save_checkpoint(engine: Any, directory: Path, dist_info: DistInfo,
     dist.barrier()
     if dist_info.rank == 0:
         state = {k: v for k, v in client_state.items() if k != "losses"}
-        tmp = directory / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, directory / STATE_FILE)
+        replace_atomically(directory / STATE_FILE,
+                           lambda tmp: tmp.write_text(json.dumps(state, indent=1)))
 
 
 def load_checkpoint(engine: Any, directory: Path, dist_info: DistInfo) -> dict[str, Any]:
@@ -734,10 +740,8 @@ def _finish(cfg: Config, engine: Any, tokenizer: Any, dist_info: DistInfo,
         "model_dir": str(out),
     }
     if dist_info.rank == 0:
-        path = cfg.stage_dir("train").absolute() / "summary.json"
-        tmp = path.with_name(".summary.json.tmp")
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, path)
+        replace_atomically(cfg.stage_dir("train").absolute() / "summary.json",
+                           lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     return summary
 
 
