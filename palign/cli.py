@@ -4,13 +4,14 @@ or compare runs' evaluation results."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 
 import yaml
 
 from palign.config import STAGES, ConfigError, load_config
+from palign.failures import MachineryError, StageFailed
+from palign.logs import setup_driver_logging
 
 
 def _overrides(pairs: list[str]) -> dict[str, object]:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="a run's output_dir, its evaluate/ folder, or a results.json")
     comp.add_argument("--json", dest="json_out", help="also write the merged results here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_driver_logging()
 
     if args.command == "fetch-model":
         from palign.models import resolve_model
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except MachineryError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         print(format_report(report))
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
@@ -99,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     if args.command == "validate":
+        from palign.preflight import check_paths
         from palign.resources import format_resource_plan, plan_resources
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         try:
+            check_paths(cfg)
             plan = plan_resources(cfg)
         except ConfigError as err:
             print(err, file=sys.stderr)
@@ -111,15 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         print("config OK")
         return 0
 
+    from palign.runlock import RunLocked
     from palign.stages.runner import StageError, format_summary, run_pipeline
 
     start = time.time()
     stages = None if args.command == "run" else [args.command]
     try:
         summaries = run_pipeline(cfg, stages)
-    except (StageError, FileNotFoundError, ValueError) as err:
+    except (StageError, RunLocked, FileNotFoundError, ValueError) as err:
+        # ConfigError is a ValueError: a config or a folder that cannot run, before any work
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (StageFailed, MachineryError) as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
     print(format_summary(summaries, time.time() - start))
     return 0
 

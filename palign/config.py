@@ -42,6 +42,12 @@ class RunSection(_Strict):
         default_factory=lambda: ["generate", "truncate", "align"], min_length=1
     )
     seed: int = 0
+    # Which earlier rejects a rerun tries again: "system" (crashes of the machinery; default),
+    # "all" (also the rows' own faults, e.g. after raising max_model_len) or "none".
+    retry_rejects: Literal["system", "all", "none"] = "system"
+    # A run holds <output_dir>/_LOCK; one whose holder stopped heartbeating this long ago (or
+    # whose holder process on this host is gone) is taken over.
+    lock_stale_s: float = Field(default=300, gt=0)
 
     @field_validator("stages")
     @classmethod
@@ -56,8 +62,10 @@ class RunSection(_Strict):
 class RaySection(_Strict):
     address: str | None = None  # None: start a local Ray; "auto": join the running cluster
     num_cpus: int | None = Field(default=None, ge=1)  # local Ray only
-    include_dashboard: bool = False  # local Ray only
-    progress_bars: bool = True
+    # Local Ray only. None: on when the run trains (Ray Train's placement-group cleaner asks
+    # the state API, which the dashboard serves), off otherwise (it costs about 0.9 GiB).
+    include_dashboard: bool | None = None
+    progress_bars: bool = True  # Ray Data's bars, on a terminal; elsewhere a line per batch
 
 
 class FieldNames(_Strict):
@@ -74,6 +82,7 @@ class DataSection(_Strict):
     fields: FieldNames = FieldNames()
     max_cot_chars: int = Field(default=200_000, gt=0)  # longer CoTs go to rejects
     limit: int | None = Field(default=None, gt=0)  # only the first N rows (smoke runs)
+    max_reject_share: float = Field(default=0.5, ge=0, le=1)  # ingest fails past this share
 
 
 class ModelsSection(_Strict):
@@ -109,6 +118,17 @@ class EngineConfig(_Strict):
     enforce_eager: bool | None = None  # None: eager on CPU, compiled on GPU
     cpu_kv_cache_gib: float = Field(default=2.0, gt=0)
     max_num_seqs: int = Field(default=64, ge=1)
+    # Failures of the engine in a row before the stage fails: starts of an actor (a model that
+    # does not load) and health checks after a crash, each counted per actor.
+    max_failures: int = Field(default=3, ge=1)
+
+
+class _Rejects(_Strict):
+    """How much a stage may reject before it fails (the share of all its rows), and how often a
+    row may be in flight when its engine dies before it is rejected (kind ``system``)."""
+
+    max_reject_share: float = Field(default=0.5, ge=0, le=1)
+    max_row_attempts: int = Field(default=3, ge=1)
 
 
 class SamplingConfig(_Strict):
@@ -119,13 +139,13 @@ class SamplingConfig(_Strict):
     seed: int | None = 0
 
 
-class GenerateSection(_Strict):
+class GenerateSection(_Rejects):
     engine: EngineConfig = EngineConfig()
     sampling: SamplingConfig = SamplingConfig(repetition_penalty=1.0)
     min_cot_chars: int = Field(default=1, ge=1)  # shorter teacher outputs go to rejects
 
 
-class TruncateSection(_Strict):
+class TruncateSection(_Rejects):
     engine: EngineConfig = EngineConfig()
     strategy: Literal["binary", "full", "fixed_ratio"] = "binary"
     ratio: float = Field(default=0.25, gt=0, le=1)  # fixed_ratio: share of sentences kept
@@ -134,7 +154,7 @@ class TruncateSection(_Strict):
     judge_max_tokens: int = Field(default=16, ge=1)  # generate: tokens per verdict
 
 
-class AlignSection(_Strict):
+class AlignSection(_Rejects):
     engine: EngineConfig = EngineConfig()
     sampling: SamplingConfig = SamplingConfig()  # the paper's: 0.6 / 0.9 / 1.05
     policy: Literal["keep_all", "drop_wrong"] = "keep_all"
@@ -171,6 +191,7 @@ class TrainSection(_Strict):
     max_failures: int = Field(default=0, ge=-1)  # worker-group restarts (-1: unbounded)
     storage_path: str | None = None  # Ray Train storage; default <output_dir>/train/ray
     seed: int = 0
+    max_reject_share: float = Field(default=0.5, ge=0, le=1)  # rows not trained on (overlong)
 
 
 class BenchmarkFields(_Strict):
@@ -195,7 +216,7 @@ class EvalModel(_Strict):
     model: str = "trained"
 
 
-class EvaluateSection(_Strict):
+class EvaluateSection(_Rejects):
     engine: EngineConfig = EngineConfig()
     benchmarks: list[Benchmark] = Field(default_factory=list)
     models: list[EvalModel] = Field(default_factory=lambda: [EvalModel(label="trained")],

@@ -6,7 +6,9 @@ main interpreter. So the checks run in a persistent worker process started with 
 context (no fork of a threaded parent such as a Ray actor or a vLLM engine), one check at a time
 over a Pipe. The parent times every check with ``conn.poll``; when one runs past the limit the
 worker is killed, the check counts as wrong with status ``"timeout"``, and a fresh worker is
-started lazily at the next call.
+started lazily at the next call. A worker that cannot start (math_verify missing or broken, no
+process to spawn) raises :class:`~palign.failures.GraderUnavailable`: a failure of the
+machinery, never a wrong answer.
 
 What is compared:
 
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any
+
+from palign.failures import GraderUnavailable, describe
 
 log = logging.getLogger(__name__)
 
@@ -215,15 +219,24 @@ class Grader:
 
     # -- grading
 
+    def start(self) -> None:
+        """Start the worker now (it otherwise starts at the first check); raises
+        GraderUnavailable when it cannot start."""
+        with self._lock:
+            self._ensure_worker()
+
+    def _ensure_worker(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            return
+        if self._proc is not None:
+            self._stop_worker(kill=True)
+        try:
+            self._start()
+        except Exception as err:  # noqa: BLE001 - the machinery's fault, never a row's
+            raise GraderUnavailable(f"the grading worker cannot start: {describe(err)}") from err
+
     def _run_check(self, pred: str, gold: str) -> tuple[str, bool, str]:
-        if self._proc is None or not self._proc.is_alive():
-            if self._proc is not None:
-                self._stop_worker(kill=True)
-            try:
-                self._start()
-            except Exception as err:  # noqa: BLE001 - a failed start grades as "error"
-                log.error("could not start the grading worker: %s", err)
-                return STATUS_ERROR, False, f"worker start failed: {err}"
+        self._ensure_worker()
         assert self._conn is not None
         job_id = self._next_job
         self._next_job += 1

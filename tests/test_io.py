@@ -1,4 +1,11 @@
-from palign.stages.io import ShardWriter, done_ids, read_rows, reject_row
+from palign.stages.io import (
+    ShardWriter,
+    done_ids,
+    read_rows,
+    reject_row,
+    release_rejects,
+    shard_files,
+)
 
 
 def test_shards_are_atomic_and_ids_done(tmp_path):
@@ -17,3 +24,37 @@ def test_parquet_round_trip(tmp_path):
     rows = [{"id": "a", "probes": [{"k": 2, "verdict": "ENOUGH", "score": None}], "x": 1.5}]
     ShardWriter(tmp_path, "parquet").write(rows)
     assert list(read_rows(tmp_path)) == rows
+
+
+def test_rejects_record_their_kind():
+    assert reject_row("7", "truncate", "why")["kind"] == "row"
+    assert reject_row("7", "truncate", "crashed", kind="system")["kind"] == "system"
+
+
+def write_rejects(out):
+    ShardWriter(out / "rejects", shard_rows=2).write([
+        reject_row("r1", "truncate", "prompt too long"),
+        reject_row("s1", "truncate", "crashed the engine", kind="system"),
+        reject_row("s2", "truncate", "crashed the engine", kind="system"),
+        {"id": "old", "stage": "truncate", "reason": "before kinds existed", "row": None},
+    ])
+
+
+def test_a_rerun_retries_system_rejects_and_keeps_row_rejects(tmp_path):
+    out = tmp_path / "truncate"
+    ShardWriter(out).write([{"id": "ok"}])
+    write_rejects(out)
+    assert release_rejects(out, "system") == 2
+    assert done_ids(out) == {"ok", "r1", "old"}  # s1 and s2 are pending again
+    assert sorted(r["id"] for r in read_rows(out / "rejects_retried")) == ["s1", "s2"]
+    assert sorted(r["id"] for r in read_rows(out / "rejects")) == ["old", "r1"]
+    assert release_rejects(out, "system") == 0  # nothing left to release
+
+
+def test_retry_all_and_none(tmp_path):
+    write_rejects(tmp_path / "a")
+    assert release_rejects(tmp_path / "a", "none") == 0
+    assert done_ids(tmp_path / "a") == {"r1", "s1", "s2", "old"}
+    assert release_rejects(tmp_path / "a", "all") == 4
+    assert done_ids(tmp_path / "a") == set()
+    assert not shard_files(tmp_path / "a" / "rejects")

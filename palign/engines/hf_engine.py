@@ -53,7 +53,9 @@ class TransformersEngine:
 
     def __init__(self, spec: EngineSpec) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # one bar per actor start says nothing to a reader
         started = time.monotonic()
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -113,6 +113,7 @@ class VLLMEngine:
             # Caps top-k `logprobs=` requests only; score_labels asks for its ids by
             # logprob_token_ids, which is bounded by vLLM's own limit (128 ids) instead.
             max_logprobs=20,
+            use_tqdm_on_load=False,  # a progress bar per actor start says nothing to a reader
         )
         if spec.executor_backend:  # tensor parallel: rank actors in the replica's placement group
             kwargs["distributed_executor_backend"] = spec.executor_backend

@@ -2,7 +2,10 @@
 
 A stage folder holds ``part-*.jsonl`` (or ``.parquet``) shards of finished rows and a
 ``rejects/`` folder of the same shape. A shard is written under a temporary name and renamed
-into place, so a reader sees a whole shard or none. The ids in both folders are the ids done.
+into place, so a reader sees a whole shard or none. The ids done are the ids of both folders,
+after ``release_rejects`` has taken the rejects a rerun retries (``run.retry_rejects``: by
+default those of kind ``system``) out of ``rejects/`` (into ``rejects_retried/``, for the
+record).
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from palign.failures import ROW, SYSTEM
+
 log = logging.getLogger(__name__)
 
 FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet"}
 REJECTS = "rejects"
+RETRIED = "rejects_retried"
 DONE_MARKER = "_DONE"
 
 
@@ -53,10 +59,43 @@ def read_ids(folder: str | Path) -> set[str]:
     return {str(row["id"]) for row in read_rows(folder)}
 
 
+def retried(reject: dict[str, Any], retry: str) -> bool:
+    """Whether a rerun with ``run.retry_rejects: retry`` serves this reject's row again."""
+    return retry == "all" or (retry == "system" and reject.get("kind", ROW) == SYSTEM)
+
+
 def done_ids(stage_dir: str | Path) -> set[str]:
-    """Ids a stage has finished: written as output or as rejects."""
+    """Ids a stage has finished: written as output or as rejects (call ``release_rejects``
+    first to retry some of them)."""
     stage_dir = Path(stage_dir)
     return read_ids(stage_dir) | read_ids(stage_dir / REJECTS)
+
+
+def release_rejects(stage_dir: str | Path, retry: str) -> int:
+    """Move the rejects a rerun retries out of ``rejects/`` (to ``rejects_retried/``), shard by
+    shard, each shard rewritten atomically; returns how many were released."""
+    if retry == "none":
+        return 0
+    stage_dir = Path(stage_dir)
+    released = 0
+    for path in shard_files(stage_dir / REJECTS):
+        rows = read_shard(path)
+        again = [r for r in rows if retried(r, retry)]
+        if not again:
+            continue
+        # The record first: a kill between the two steps leaves the reject in place (done),
+        # never a row that is neither done nor pending.
+        ShardWriter(stage_dir / RETRIED, "jsonl", max(1, len(again))).write(again)
+        keep = [r for r in rows if not retried(r, retry)]
+        if keep:
+            replace_atomically(path, lambda tmp, keep=keep: _write_jsonl(tmp, keep))
+        else:
+            path.unlink()
+        released += len(again)
+    if released:
+        log.info("%s: %d earlier rejects will be tried again (run.retry_rejects=%s)",
+                 stage_dir.name, released, retry)
+    return released
 
 
 def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
@@ -95,17 +134,23 @@ class ShardWriter:
         if self.fmt == "parquet":
             pq.write_table(pa.Table.from_pylist(rows), tmp)
         else:
-            with tmp.open("w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            _write_jsonl(tmp, rows)
         os.replace(tmp, self.folder / name)
         self.rows_written += len(rows)
         log.debug("wrote %s (%d rows)", self.folder / name, len(rows))
         return self.folder / name
 
 
-def reject_row(row_id: str, stage: str, reason: str, row: Any = None) -> dict[str, Any]:
-    """The shape of every rejects file row: the id, the stage, why, and the row as it came."""
-    return {"id": str(row_id), "stage": stage, "reason": reason, "row": row}
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def reject_row(row_id: str, stage: str, reason: str, row: Any = None,
+               kind: str = ROW) -> dict[str, Any]:
+    """The shape of every rejects file row: the id, the stage, why, whose fault it is (``row``
+    or ``system``, see ``palign.failures``), and the row as it came."""
+    return {"id": str(row_id), "stage": stage, "reason": reason, "kind": kind, "row": row}

@@ -4,6 +4,12 @@ through the stage's actor pool, and write shards as results arrive.
 A stage's input is the output of the closest earlier stage the config lists; the first listed
 stage reads the ingested data (``<output_dir>/ingest/``, written once). The driver writes every
 shard, so the output folder only has to be visible to the driver.
+
+A stage ends in one of two ways: its summary, or :class:`~palign.failures.StageFailed` with a
+message for a person, after writing what it has. It fails when its engine keeps failing, when
+its rejects pass ``<stage>.max_reject_share`` of its rows, or when no row came out of it. A
+whole run holds ``<output_dir>/_LOCK`` (``palign.runlock``): a second run on the same folder
+refuses to start.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from palign.config import STAGES, Benchmark, Config, DataSection, EvalModel, FieldNames
+from palign.failures import StageFailed, describe, reject_share_error
 from palign.ingest import read_problems
 from palign.resources import engine_pool_kwargs, engine_request
 from palign.stages.io import (
@@ -29,6 +37,7 @@ from palign.stages.io import (
     done_ids,
     read_rows,
     reject_row,
+    release_rejects,
 )
 from palign.stages.worker import StageWorker, stage_model, stage_needs_engine
 
@@ -53,6 +62,15 @@ class StageSummary:
     output_dir: str = ""
     model_dir: str | None = None  # train: the exported Hugging Face folder
     report: str | None = None  # evaluate: the results table (Markdown)
+    reasons: list[str] = field(default_factory=list, repr=False)  # of the rejects
+
+    def check_rejects(self, field_name: str, limit: float) -> None:
+        """Fail (after the stage has written what it has) when its rejects pass ``limit`` of
+        its rows, or when nothing came out of it."""
+        error = reject_share_error(self.stage, field_name, self.rows_out, self.rejected, limit,
+                                   self.reasons)
+        if error:
+            raise StageFailed(f"{error}. What was written is in {self.output_dir}/.")
 
 
 def init_ray(cfg: Config) -> None:
@@ -73,15 +91,25 @@ def init_ray(cfg: Config) -> None:
                if k in os.environ}
         if env:
             kwargs["runtime_env"] = {"env_vars": env}
-        kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard)
+        dashboard = cfg.ray.include_dashboard
+        if dashboard is None:
+            dashboard = "train" in cfg.run.stages
+        kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=dashboard)
     ray.init(address=address, logging_level=logging.WARNING, **kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.ray.progress_bars
+    # Off a terminal (a log file, `ray job logs`) Ray Data would log a progress block every
+    # 10 s; the driver's line per finished batch says the same in one line.
+    ctx.enable_progress_bars = cfg.ray.progress_bars and sys.stdout.isatty()
 
 
 def ingest(cfg: Config) -> list[dict[str, Any]]:
-    """The source's usable rows; read once per output folder, rejects written once."""
-    return _ingest_once(Path(cfg.run.output_dir) / "ingest", cfg.data, cfg.output.shard_rows)
+    """The source's usable rows; read once per output folder, rejects written once. Fails when
+    more than ``data.max_reject_share`` of the source is unusable."""
+    rows = _ingest_once(Path(cfg.run.output_dir) / "ingest", cfg.data, cfg.output.shard_rows)
+    summary = ingest_summary(cfg)
+    if summary is not None:
+        summary.check_rejects("data.max_reject_share", cfg.data.max_reject_share)
+    return rows
 
 
 def _ingest_once(folder: Path, data: DataSection, shard_rows: int) -> list[dict[str, Any]]:
@@ -115,6 +143,7 @@ def run_stage(cfg: Config, stage: str) -> StageSummary:
     start = time.time()
     rows = stage_input(cfg, stage)
     out_dir = cfg.stage_dir(stage)
+    release_rejects(out_dir, cfg.run.retry_rejects)
     done = done_ids(out_dir)
     pending = [r for r in rows if str(r["id"]) not in done]
     summary = StageSummary(stage, rows_in=len(rows), skipped=len(rows) - len(pending),
@@ -130,9 +159,12 @@ def run_stage(cfg: Config, stage: str) -> StageSummary:
 
     if pending:
         model = stage_model(cfg, stage) if stage_needs_engine(cfg, stage) else None
+        if stage == "generate" and all(r.get("cot") for r in pending):
+            model = None  # every row brings its CoT: no teacher to load
         summary.processed, summary.engine_calls = _stream(cfg, stage, pending, write, model)
     summary.wall_s = time.time() - start
     _fill_totals(summary, out_dir)
+    summary.check_rejects(f"{stage}.max_reject_share", getattr(cfg, stage).max_reject_share)
     return summary
 
 
@@ -149,35 +181,96 @@ def _stream(cfg: Config, stage: str, rows: list[dict[str, Any]],
         # Materialise short-name models once here, not in every actor at once.
         resolve_model(model, cfg.models.cache_dir)
     init_ray(cfg)
-    engine = getattr(cfg, stage).engine
+    section = getattr(cfg, stage)
+    engine = section.engine
     items = [{"id": str(r["id"]), "record": json.dumps(r, ensure_ascii=False)} for r in rows]
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) /
                                                                   engine.batch_size))
+    _bound_actor_starts(engine.max_failures)
+    ledger = start_ledger(section.max_row_attempts, engine.max_failures)
     done = calls = 0
     # The pool's resources (GPUs, a placement group per tensor-parallel replica) come from
     # palign.resources; its placement groups are removed when the stage ends.
-    with engine_pool_kwargs(engine_request(stage, engine)) as pool:
-        ds = ds.map_batches(
-            StageWorker,
-            fn_constructor_kwargs={"cfg_raw": cfg.model_dump(mode="json"), "stage": stage,
-                                   "model": model},
-            batch_size=engine.batch_size,
-            # A replica that dies (OOM kill, segfault, lost node) is restarted and the batch
-            # it held is retried, so no row is lost: Ray Data gives actor pools max_restarts=-1
-            # and max_task_retries=-1 (passing them here is deprecated in Ray 2.60);
-            # tests/test_ray_job.py kills a replica mid-stage to hold it to that.
-            **pool,
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            good, bad = [], []
-            for ok, rec in zip(batch["ok"], batch["record"]):
-                (good if ok else bad).append(json.loads(rec))
-            write(good, bad)
-            done += len(good) + len(bad)
-            calls += int(sum(batch["calls"]))
-            log.info("%s: +%d rows, +%d rejects (%d/%d)", stage, len(good), len(bad), done,
-                     len(rows))
+    try:
+        with engine_pool_kwargs(engine_request(stage, engine)) as pool:
+            ds = ds.map_batches(
+                StageWorker,
+                fn_constructor_kwargs={"cfg_raw": cfg.model_dump(mode="json"), "stage": stage,
+                                       "model": model, "ledger": ledger},
+                batch_size=engine.batch_size,
+                # A replica that dies (a machinery failure, an OOM kill, a lost node) is
+                # restarted and the batch it held is retried, so no row is lost: Ray Data gives
+                # actor pools max_restarts=-1 and max_task_retries=-1 (passing them here is
+                # deprecated in Ray 2.60); the ledger bounds the retries of one row.
+                **pool,
+            )
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                good, bad = [], []
+                for ok, rec in zip(batch["ok"], batch["record"]):
+                    (good if ok else bad).append(json.loads(rec))
+                write(good, bad)
+                done += len(good) + len(bad)
+                calls += int(sum(batch["calls"]))
+                log.info("%s: +%d rows, +%d rejects (%d/%d)", stage, len(good), len(bad),
+                         done, len(rows))
+    except StageFailed:
+        raise
+    except Exception as err:  # noqa: BLE001 - Ray's wrapping of what failed the stage
+        raise _stage_failure(stage, err, done, len(rows)) from err
+    finally:
+        ray.kill(ledger)
     return done, calls
+
+
+def start_ledger(max_row_attempts: int, max_failures: int) -> Any:
+    """The stage's attempt ledger (``palign.attempts``), a Ray actor on this (the driver's)
+    node, so that it outlives any engine actor and any worker node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from palign.attempts import AttemptLedger
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return (ray.remote(AttemptLedger)
+            .options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)
+            .remote(max_row_attempts, max_failures))
+
+
+def _bound_actor_starts(max_failures: int) -> None:
+    """An engine actor whose start fails (a model that does not load, a grader that cannot
+    start) is started again, ``max_failures`` times in all, then the stage fails with its
+    error: Ray Data retries a constructor that raises, and replaces an actor that dies while
+    starting, as many times as these say."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.actor_init_retry_on_errors = True
+    ctx.actor_init_max_retries = max_failures - 1
+    ctx.max_consecutive_actor_init_deaths = max_failures - 1
+
+
+def _stage_failure(stage: str, err: BaseException, done: int, total: int) -> StageFailed:
+    """What failed the stage, from under Ray's wrappers, as a StageFailed a person can read."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, StageFailed):
+            return StageFailed(f"{cause} ({done} of {total} rows were written)")
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return StageFailed(f"{stage} failed after {done} of {total} rows were written: "
+                       f"{_last_error_line(err)}")
+
+
+def _last_error_line(err: BaseException) -> str:
+    """The last ``SomeError: message`` line of an error's text (Ray's carry the remote
+    traceback), else its one-line description."""
+    import re
+
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    found = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Failure|Unavailable"
+                                           r"|Failed)\b.*: ", ln)]
+    return found[-1][:600] if found else describe(err)
 
 
 def eval_model_path(cfg: Config, model: EvalModel) -> str:
@@ -214,6 +307,7 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
         writers: dict[str, tuple[ShardWriter, ShardWriter]] = {}
         for name, rows in benchmarks.items():
             out = root / m.label / name
+            release_rejects(out, cfg.run.retry_rejects)
             done = done_ids(out)
             todo = [r for r in rows if str(r["id"]) not in done]
             summary.rows_in += len(rows)
@@ -239,13 +333,15 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
         for name in benchmarks:
             out = root / m.label / name
             summary.rows_out += sum(1 for _ in read_rows(out))
-            summary.rejected += sum(1 for _ in read_rows(out / REJECTS))
+            summary.reasons += [str(r.get("reason")) for r in read_rows(out / REJECTS)]
+    summary.rejected = len(summary.reasons)
     results = write_results(cfg.run.output_dir, cfg.run.name)
     for label, per_bench in results.metrics.items():
         for bench, metrics in per_bench.items():
             summary.stats[f"{label}.{bench}.pass@1"] = metrics["pass@1"]
     summary.report = str(results.results_md)
     summary.wall_s = time.time() - start
+    summary.check_rejects("evaluate.max_reject_share", cfg.evaluate.max_reject_share)
     return summary
 
 
@@ -258,7 +354,8 @@ def _benchmark_source(b: Benchmark) -> DataSection:
 def _fill_totals(summary: StageSummary, out_dir: Path) -> None:
     rows = list(read_rows(out_dir))
     summary.rows_out = len(rows)
-    summary.rejected = sum(1 for _ in read_rows(out_dir / REJECTS))
+    summary.reasons = [str(r.get("reason")) for r in read_rows(out_dir / REJECTS)]
+    summary.rejected = len(summary.reasons)
     summary.stats = stage_stats(summary.stage, rows)
 
 
@@ -293,9 +390,9 @@ def ingest_summary(cfg: Config) -> StageSummary | None:
     if not folder.is_dir():
         return None  # nothing read the run's data (an evaluate-only run)
     out = sum(1 for _ in read_rows(folder))
-    rejected = sum(1 for _ in read_rows(folder / REJECTS))
-    return StageSummary("ingest", rows_in=out + rejected, rows_out=out, rejected=rejected,
-                        output_dir=str(folder))
+    reasons = [str(r.get("reason")) for r in read_rows(folder / REJECTS)]
+    return StageSummary("ingest", rows_in=out + len(reasons), rows_out=out,
+                        rejected=len(reasons), output_dir=str(folder), reasons=reasons)
 
 
 def run_train_stage(cfg: Config) -> StageSummary:
@@ -303,24 +400,41 @@ def run_train_stage(cfg: Config) -> StageSummary:
     from palign.train.trainer import run_train
 
     init_ray(cfg)
-    res = run_train(cfg)
-    return StageSummary(
+    try:
+        res = run_train(cfg)
+    except StageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Ray Train's wrapping of what failed the workers
+        raise StageFailed(f"train failed (its checkpoints stay; run again to resume): "
+                          f"{_last_error_line(err)}") from err
+    summary = StageSummary(
         "train", rows_in=res.rows_used + res.rows_rejected, rows_out=res.rows_used,
         rejected=res.rows_rejected, processed=res.rows_used, wall_s=res.wall_s,
         stats={"steps": res.steps, "final_loss": res.final_loss,
                "tokens_per_s": res.tokens_per_s, "packing_efficiency": res.packing_efficiency},
         output_dir=str(cfg.stage_dir("train")), model_dir=str(res.model_dir),
+        reasons=[str(r.get("reason")) for r in read_rows(cfg.stage_dir("train") / REJECTS)],
     )
+    summary.check_rejects("train.max_reject_share", cfg.train.max_reject_share)
+    return summary
 
 
 def run_pipeline(cfg: Config, stages: list[str] | None = None) -> list[StageSummary]:
-    """Run the given stages (default: the config's) in order; the ingest summary comes first."""
-    from palign.resources import plan_resources
+    """Run the given stages (default: the config's) in order; the ingest summary comes first.
 
+    Before any work: the config's paths are checked (``palign.preflight``), the cluster plan is
+    made, and the output folder is locked for this run (``RunLocked`` if another run holds it).
+    """
+    from palign.preflight import check_paths
+    from palign.resources import plan_resources
+    from palign.runlock import RunLock
+
+    stages = stages or list(cfg.run.stages)
+    check_paths(cfg, stages)  # a missing data file or model folder fails here
     plan_resources(cfg)  # a config the cluster cannot place fails here, before any work
     runners = {"train": run_train_stage, "evaluate": run_evaluate_stage}
-    summaries = [runners[s](cfg) if s in runners else run_stage(cfg, s)
-                 for s in (stages or cfg.run.stages)]
+    with RunLock(cfg.run.output_dir, stale_s=cfg.run.lock_stale_s):
+        summaries = [runners[s](cfg) if s in runners else run_stage(cfg, s) for s in stages]
     first = ingest_summary(cfg)
     return [first, *summaries] if first else summaries
 

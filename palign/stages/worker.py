@@ -1,25 +1,44 @@
 """The Ray Data callable every stage runs on its actor pool: one engine per actor, built once.
 
 Rows travel as JSON text in a ``record`` column: stage records are nested and vary from row to
-row (a reject carries the raw input), which Arrow schemas handle badly. The actor never lets a
-bad row fail its batch: if a batch raises, its rows are retried one by one and the row that
-still fails goes to rejects with the exception.
+row (a reject carries the raw input), which Arrow schemas handle badly.
+
+Failures (``palign.failures``):
+
+- The engine and the grading worker are started in the constructor: a model that does not load
+  or a grader that cannot start fails the actor's start, which Ray Data retries
+  (``engine.max_failures`` times) and then fails the stage with that error.
+- A row fault becomes a reject of kind ``row``; an exception our own stage code raises on one
+  row's data is found by serving the batch's rows one by one, and rejects that row alone.
+- A machinery fault (anything the engine raises, a grader that cannot restart) is written to the
+  stage's attempt ledger with the rows in flight, and the actor's process exits: Ray restarts the
+  actor and retries the batch. The retry sees which rows were in flight, checks the new engine's
+  health, and serves those rows one by one; a row that was in flight for ``max_row_attempts``
+  crashes is rejected with kind ``system``. An engine that fails its health check
+  ``engine.max_failures`` times in a row fails the stage.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
 from palign import telemetry
+from palign.attempts import AttemptLedger
 from palign.config import Config, EngineConfig
-from palign.engines.base import Engine, EngineSpec
+from palign.engines.base import EngineSpec
+from palign.engines.guard import GuardedEngine
+from palign.failures import SYSTEM, MachineryError, StageFailed, describe, is_machinery
+from palign.logs import setup_actor_logging
 from palign.stages.io import reject_row
 from palign.stages.outcome import Outcome, rejected
 
 log = logging.getLogger(__name__)
+
+MACHINERY_EXIT_CODE = 75  # the actor's exit status after a machinery fault (Ray restarts it)
 
 
 def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0,
@@ -59,95 +78,200 @@ def stage_needs_engine(cfg: Config, stage: str) -> bool:
 
 
 class StageWorker:
-    """``map_batches`` callable: batch of ``{"id", "record"}`` in, outcomes out."""
+    """``map_batches`` callable: batch of ``{"id", "record"}`` in, outcomes out.
 
-    def __init__(self, cfg_raw: dict[str, Any], stage: str, model: str | None = None) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    ``model`` is the model the engine serves (None: this stage needs no engine here);
+    ``ledger`` is the stage's attempt ledger (a Ray actor handle of ``LedgerActor``, or an
+    ``AttemptLedger`` when run in-process)."""
+
+    def __init__(self, cfg_raw: dict[str, Any], stage: str, model: str | None = None,
+                 ledger: Any = None) -> None:
+        setup_actor_logging(stage)
         self.cfg = Config.model_validate(cfg_raw)
         self.stage = stage
-        self.model = model or stage_model(self.cfg, stage)  # evaluate: the model under test
-        self._engine: Engine | None = None
-        self._grader = None
+        self.section = getattr(self.cfg, stage)
+        self.model = model
+        self.ledger = ledger if ledger is not None else AttemptLedger(
+            self.section.max_row_attempts, self.section.engine.max_failures)
+        self.actor = _actor_id()
+        self.engine: GuardedEngine | None = self._build_engine() if model else None
+        self.grader: Any = self._start_grader() if stage in ("align", "evaluate") else None
 
-    def engine(self) -> Engine:
-        if self._engine is None:
-            from palign.engines import build_engine
-            from palign.models import resolve_model
+    def _build_engine(self) -> GuardedEngine:
+        from palign.engines import build_engine
+        from palign.models import resolve_model
 
-            section = getattr(self.cfg, self.stage)
-            path = resolve_model(self.model, self.cfg.models.cache_dir)
-            self._engine = build_engine(engine_spec(section.engine, path, self.cfg.run.seed,
-                                                     self.stage))
-            log.info("%s: engine %s ready for %s", self.stage, self._engine.name, self.model)
-        return self._engine
+        path = resolve_model(self.model, self.cfg.models.cache_dir)
+        engine = build_engine(engine_spec(self.section.engine, path, self.cfg.run.seed,
+                                          self.stage))
+        log.info("%s: engine %s ready for %s", self.stage, engine.name, self.model)
+        return GuardedEngine(engine)
 
-    def grader(self) -> Any:
-        if self._grader is None:
-            from palign.grading import Grader
+    def _start_grader(self) -> Any:
+        from palign.grading import Grader
 
-            section = getattr(self.cfg, self.stage)
-            self._grader = Grader(timeout_s=section.grade_timeout_s)
-        return self._grader
+        grader = Grader(timeout_s=self.section.grade_timeout_s)
+        grader.start()  # GraderUnavailable: the actor does not start
+        return grader
 
-    def _process(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
-        if self.stage == "generate":
-            from palign.stages.generate import generate_rows
-
-            teacher = self.engine if self.cfg.models.teacher else None
-            return generate_rows(rows, teacher, self.cfg.generate), 0
-        if self.stage == "truncate":
-            from palign.stages.truncate import truncate_rows
-
-            judge = self.engine() if stage_needs_engine(self.cfg, "truncate") else None
-            return truncate_rows(rows, judge, self.cfg.truncate)
-        if self.stage == "align":
-            from palign.stages.align import align_rows
-
-            return align_rows(rows, self.engine(), self.grader(), self.cfg.align), 0
-        if self.stage == "evaluate":
-            from palign.stages.evaluate import evaluate_rows
-
-            return evaluate_rows(rows, self.engine(), self.grader(), self.cfg.evaluate), 0
-        raise ValueError(f"unknown stage {self.stage!r}")
+    # -- one batch ------------------------------------------------------------------------
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         rows = [json.loads(r) for r in batch["record"]]
         start = time.monotonic()
-        try:
-            outcomes, calls = self._process(rows)
-        except Exception:
-            log.exception("%s: batch of %d failed; retrying its rows one by one on a fresh "
-                          "engine", self.stage, len(rows))
-            self._drop_engine()  # an engine that raised mid-step may hold half-done requests
-            outcomes, calls = [], 0
-            for row in rows:
-                try:
-                    one, c = self._process([row])
-                except Exception as err:  # noqa: BLE001 - a row must never kill the job
-                    one, c = [rejected(row, f"{self.stage} failed: {type(err).__name__}: {err}")], 0
-                outcomes += one
-                calls += c
+        outcomes, calls = self._serve(rows)
         telemetry.stage_batch(self.stage, rows_in=len(rows),
                               records=[o.record for o in outcomes if o.ok],
                               rejected=sum(not o.ok for o in outcomes),
                               seconds=time.monotonic() - start)
         out: dict[str, list[Any]] = {"id": [], "ok": [], "record": [], "calls": []}
         for n, (row, o) in enumerate(zip(rows, outcomes)):
-            payload = o.record if o.ok else reject_row(row["id"], self.stage, o.reason, row)
+            payload = o.record if o.ok else reject_row(row["id"], self.stage, o.reason, row,
+                                                       o.kind)
             out["id"].append(str(row["id"]))
             out["ok"].append(o.ok)
             out["record"].append(json.dumps(payload, ensure_ascii=False, default=str))
             out["calls"].append(calls if n == 0 else 0)
         return out
 
-    def _drop_engine(self) -> None:
-        engine, self._engine = self._engine, None
-        if engine is not None:
+    def _serve(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
+        """The batch's outcomes; after a crash with these rows in flight, row by row."""
+        ids = [str(r["id"]) for r in rows]
+        crashes = self._ledger("crashed", ids)
+        if not crashes:
+            return self._attempt(rows)
+        log.warning("%s: %d of %d rows were in flight when an earlier attempt died; checking "
+                    "the engine, then serving them one by one", self.stage, len(crashes),
+                    len(rows))
+        self._check_engine()
+        by_id: dict[str, Outcome] = {}
+        calls = 0
+        # The likeliest culprits last: the others finish before it can crash the actor again.
+        for row in sorted(rows, key=lambda r: crashes.get(str(r["id"]), 0)):
+            row_id = str(row["id"])
+            if self._ledger("exhausted", row_id):
+                reason = (f"{self.stage}: the engine failed {crashes[row_id]} times while "
+                          f"serving this row (last: {self._ledger('reason', row_id)})")
+                log.error("%s: rejecting row %s: %s", self.stage, row_id, reason)
+                by_id[row_id] = rejected(row, reason, SYSTEM)
+                self._ledger("end", [row_id])
+                continue
+            (one,), c = self._attempt([row])
+            by_id[row_id], calls = one, calls + c
+        return [by_id[i] for i in ids], calls
+
+    def _attempt(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
+        ids = [str(r["id"]) for r in rows]
+        self._ledger("begin", ids)
+        try:
+            result = self._isolating(rows)
+        except MachineryError as err:
+            self._ledger("note", ids, describe(err))
+            self._exit(f"{self.stage}: machinery failure with {len(ids)} row(s) in flight: "
+                       f"{describe(err)}")
+        self._ledger("end", ids, self.actor)
+        return result
+
+    def _isolating(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
+        """Process the rows together; if our own code raises on them (not the machinery),
+        process them one by one and reject the row that raises, with the exception."""
+        try:
+            return self._process(rows)
+        except MachineryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - find the row at fault
+            if is_machinery(err):  # out of memory, a device error: not any row's doing
+                raise MachineryError(describe(err)) from err
+            if len(rows) == 1:
+                log.warning("%s: row %s raised", self.stage, rows[0].get("id"), exc_info=True)
+                return [rejected(rows[0], f"{self.stage} failed on this row: {describe(err)}")], 0
+            log.warning("%s: a batch of %d rows raised; serving them one by one", self.stage,
+                        len(rows), exc_info=True)
+        outcomes: list[Outcome] = []
+        calls = 0
+        for row in rows:
             try:
-                engine.close()
-            except Exception:  # noqa: BLE001 - it is being thrown away either way
-                log.warning("%s: closing the failed engine raised", self.stage, exc_info=True)
+                one, c = self._process([row])
+            except MachineryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - this row's own fault
+                if is_machinery(err):
+                    raise MachineryError(describe(err)) from err
+                one, c = [rejected(row, f"{self.stage} failed on this row: {describe(err)}")], 0
+            outcomes += one
+            calls += c
+        return outcomes, calls
+
+    def _process(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
+        if self.stage == "generate":
+            from palign.stages.generate import generate_rows
+
+            teacher = (lambda: self.engine) if self.engine is not None else None
+            return generate_rows(rows, teacher, self.cfg.generate), 0
+        if self.stage == "truncate":
+            from palign.stages.truncate import truncate_rows
+
+            return truncate_rows(rows, self.engine, self.cfg.truncate)
+        if self.stage == "align":
+            from palign.stages.align import align_rows
+
+            return align_rows(rows, self.engine, self.grader, self.cfg.align), 0
+        if self.stage == "evaluate":
+            from palign.stages.evaluate import evaluate_rows
+
+            return evaluate_rows(rows, self.engine, self.grader, self.cfg.evaluate), 0
+        raise ValueError(f"unknown stage {self.stage!r}")
+
+    # -- machinery ------------------------------------------------------------------------
+
+    def _check_engine(self) -> None:
+        """After a crash: is this actor's (new) engine sound? If not, it is the machinery's
+        fault, not the rows': exit again, or fail the stage once that has happened too often."""
+        if self.engine is None:
+            return
+        try:
+            self.engine.health_check()
+        except MachineryError as err:
+            reason = describe(err)
+            if self._ledger("engine_failed", self.actor, reason):
+                raise StageFailed(
+                    f"{self.stage}: the engine failed its health check "
+                    f"{self.section.engine.max_failures} times in a row on actor {self.actor} "
+                    f"(engine.max_failures); last error: {reason}") from err
+            self._exit(f"{self.stage}: the engine failed its health check: {reason}")
+
+    def _ledger(self, method: str, *args: Any) -> Any:
+        if isinstance(self.ledger, AttemptLedger):
+            return getattr(self.ledger, method)(*args)
+        import ray
+
+        return ray.get(getattr(self.ledger, method).remote(*args))
+
+    def _exit(self, message: str) -> None:
+        """End this actor's process so that Ray restarts it (fresh engine, fresh device state)
+        and retries the batch. Outside a Ray actor there is nothing to restart: raise."""
+        if self.actor == "local":
+            raise MachineryError(message)
+        log.error("%s; exiting this actor so that Ray restarts it and retries the batch",
+                  message)
+        logging.shutdown()
+        os._exit(MACHINERY_EXIT_CODE)
 
     def __del__(self) -> None:
-        if self._grader is not None:
-            self._grader.close()
+        grader = getattr(self, "grader", None)
+        if grader is not None:
+            grader.close()
+
+
+def _actor_id() -> str:
+    """This Ray actor's id (kept across restarts), or "local" outside an actor."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            actor = ray.get_runtime_context().get_actor_id()
+            if actor:
+                return actor
+    except Exception:  # noqa: BLE001 - no Ray here
+        pass
+    return "local"

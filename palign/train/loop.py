@@ -85,6 +85,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -553,9 +554,11 @@ def _collate(data: TrainData, idx: list[int], pad_id: int) -> dict[str, torch.Te
 
 def _report(dist_info: DistInfo, metrics: dict[str, Any], ckpt_dir: Path | None,
             step: int) -> None:
-    if dist_info.rank == 0:
-        shown = {k: v for k, v in metrics.items() if k != "losses"}
-        logger.info("train %s", json.dumps(shown, default=str))
+    if dist_info.rank == 0:  # one line per step, from one rank; the metrics go to Ray Train
+        logger.info("train step %d/%s: loss %.4f, lr %.3g, grad norm %.3g, %.0f tokens/s",
+                    step, metrics.get("total_steps", "?"), metrics.get("loss", float("nan")),
+                    metrics.get("lr", float("nan")), metrics.get("grad_norm") or float("nan"),
+                    metrics.get("tokens_per_s", 0.0))
         # Prometheus gauges through Ray's metrics agent; a no-op under torchrun (no Ray).
         telemetry.train_step(metrics.get("loss"), metrics.get("tokens_per_s"))
     if not dist_info.under_ray:
@@ -751,6 +754,11 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("palign").setLevel(logging.INFO)
+    # Said once per rank and about DeepSpeed's own calls into torch, not about this run.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:
         from deepspeed.utils import logger as ds_logger

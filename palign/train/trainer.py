@@ -113,7 +113,13 @@ def run_train(cfg: Config) -> TrainResult:
     aligned shards, and Ray's ``TrainingFailedError`` when the workers fail more than
     ``train.max_failures`` times (the checkpoints stay; run again to resume).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from palign.models import resolve_model
@@ -140,6 +146,9 @@ def run_train(cfg: Config) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             worker_runtime_env={"env_vars": worker_env()},
+            # Ray Train's per-rank INFO lines (each report, each checkpoint) stay in its log
+            # files under the session's logs/train/; the console shows rank 0's step line.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     logger.info("train: %d workers (%s), ZeRO-%d, storage %s/%s", tc.num_workers,

@@ -1,0 +1,76 @@
+"""The engine as the stages see it: every exception it raises is a machinery failure.
+
+A row the engine cannot serve comes back with its ``error`` set (a row fault, see
+``palign.failures``); anything the engine *raises* (a dead engine core, a CUDA error, out of
+memory, a bug in the backend) says the machinery is unsound, so it becomes an
+:class:`~palign.failures.EngineFailure` that the stage worker hands to Ray instead of rejecting
+the rows in flight.
+
+Test hook: when ``PALIGN_TEST_EXIT_ON_PROMPT`` is set in an engine's environment, a batch with a
+prompt containing that text makes the engine's process exit at once, as a crashing engine would.
+The fault tests use it to make a poison row; nothing else sets it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from palign.engines.base import Chat, Completion, Engine, LabelScores, Sampling
+from palign.failures import EngineFailure, MachineryError, describe
+
+log = logging.getLogger(__name__)
+
+EXIT_ON_PROMPT_ENV = "PALIGN_TEST_EXIT_ON_PROMPT"
+EXIT_CODE = 86
+HEALTH_CHAT: Chat = [{"role": "user", "content": "Reply with the word OK."}]
+
+T = TypeVar("T")
+
+
+class GuardedEngine:
+    """Wraps an :class:`~palign.engines.base.Engine`; same interface, plus ``health_check``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.inner = engine
+        self.name = engine.name
+
+    def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
+        return self._call(self.inner.generate, chats, sampling)
+
+    def score_labels(self, chats: list[Chat], labels: list[str]) -> list[LabelScores]:
+        return self._call(self.inner.score_labels, chats, labels)
+
+    def health_check(self) -> None:
+        """One token for a trivial prompt; raises EngineFailure if the engine cannot serve it."""
+        out = self.generate([HEALTH_CHAT], Sampling(max_tokens=1))
+        if out[0].error:
+            raise EngineFailure(f"{self.name} engine failed its health check: {out[0].error}")
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        except Exception:  # noqa: BLE001 - it is being thrown away either way
+            log.warning("closing the %s engine raised", self.name, exc_info=True)
+
+    def _call(self, fn: Callable[..., T], chats: list[Chat], arg: Any) -> T:
+        _exit_if_asked(chats)
+        try:
+            return fn(chats, arg)
+        except MachineryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever the engine raises is its own fault
+            raise EngineFailure(f"{self.name} engine: {describe(err)}") from err
+
+
+def _exit_if_asked(chats: list[Chat]) -> None:
+    marker = os.environ.get(EXIT_ON_PROMPT_ENV)
+    if not marker:
+        return
+    if any(marker in message.get("content", "") for chat in chats for message in chat):
+        log.error("test hook %s: a prompt holds %r; exiting the engine's process",
+                  EXIT_ON_PROMPT_ENV, marker)
+        logging.shutdown()
+        os._exit(EXIT_CODE)

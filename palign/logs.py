@@ -1,0 +1,72 @@
+"""Logging set-up for the driver and for engine actors: a console a person can read, and the
+full logs in Ray's log folder.
+
+Ray streams every actor's stderr to the driver's console. An engine actor logs a great deal
+that matters only when something is wrong (vLLM's start-up report, CPU tuning advice, library
+deprecation warnings), so in an actor everything goes to a file in the Ray session's log folder
+(``<session>/logs/palign-<name>-<pid>.log``) and only palign's own lines, and errors from any
+library, reach the console.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DRIVER_FORMAT = "%(asctime)s %(name)s: %(message)s"
+
+
+def setup_driver_logging() -> None:
+    """The ``palign`` command's console: palign's INFO lines, other libraries' warnings."""
+    logging.basicConfig(level=logging.INFO, format=DRIVER_FORMAT)
+
+
+class _ConsoleFilter(logging.Filter):
+    """palign's records from INFO up; any other library's from ERROR up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "palign" or record.name.startswith("palign."):
+            return record.levelno >= logging.INFO
+        return record.levelno >= logging.ERROR
+
+
+def actor_log_dir() -> Path:
+    """The Ray session's log folder when this process belongs to a Ray session, else a
+    temporary folder."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # the session this worker belongs to
+        if node is not None:
+            return Path(node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001 - not in a Ray session
+        pass
+    return Path(tempfile.gettempdir())
+
+
+def setup_actor_logging(name: str) -> Path:
+    """Route this actor process's logs: all of them to a file in Ray's log folder, the lines a
+    person needs to the console (see module doc). Call before the engine's library is imported
+    (vLLM reads ``VLLM_CONFIGURE_LOGGING`` then). Returns the log file's path."""
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM's records go through ours
+    path = actor_log_dir() / f"palign-{name}-{os.getpid()}.log"
+    root = logging.getLogger()
+    if getattr(root, "_palign_log_file", None) == str(path):
+        return path
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter(FORMAT))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(FORMAT))
+    console.addFilter(_ConsoleFilter())
+    root.addHandler(to_file)
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)  # library deprecation warnings: to the file
+    root._palign_log_file = str(path)  # type: ignore[attr-defined]
+    return path

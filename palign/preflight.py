@@ -1,0 +1,102 @@
+"""What a config's paths must be before any work starts; ``palign validate`` and every run check.
+
+Storage is local paths today: a URI (``s3://``, ``gs://``, ...) in a path field fails here,
+naming the field, instead of silently becoming a relative folder (``s3:/bucket``). The data a
+run reads, the local model folders it serves and the benchmarks it evaluates must exist. Hub ids
+(``org/name``) cannot be checked without the hub and pass.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from palign.config import STAGES, Config, ConfigError
+
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+SUPPORTED_SCHEMES: tuple[str, ...] = ()  # object storage comes with the data plane's URIs
+
+
+def check_paths(cfg: Config, stages: list[str] | None = None) -> None:
+    """Raise ConfigError listing every problem, each with its field's dotted path."""
+    problems = path_problems(cfg, stages)
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def path_problems(cfg: Config, stages: list[str] | None = None) -> list[str]:
+    stages = list(stages or cfg.run.stages)
+    problems = [p for field, value in _path_fields(cfg) if (p := _scheme_problem(field, value))]
+    if problems:
+        return problems
+    earlier = [s for s in cfg.run.stages if STAGES.index(s) < STAGES.index(stages[0])]
+    reads_source = not earlier and stages[0] in ("generate", "truncate", "align")
+    ingested = (Path(cfg.run.output_dir) / "ingest" / "_DONE").exists()
+    if reads_source and not ingested and not Path(cfg.data.path).exists():
+        problems.append(f"data.path: {cfg.data.path} does not exist")
+    for field, name in _models(cfg, stages):
+        if (p := _model_problem(field, name, cfg.models.cache_dir)):
+            problems.append(p)
+    if "evaluate" in stages:
+        for i, bench in enumerate(cfg.evaluate.benchmarks):
+            if not Path(bench.path).exists():
+                problems.append(f"evaluate.benchmarks.{i}.path: {bench.path} does not exist "
+                                f"(benchmark {bench.name})")
+    return problems
+
+
+def _path_fields(cfg: Config) -> list[tuple[str, str | None]]:
+    fields = [("run.output_dir", cfg.run.output_dir), ("data.path", cfg.data.path),
+              ("train.storage_path", cfg.train.storage_path),
+              ("models.cache_dir", cfg.models.cache_dir),
+              ("models.student", cfg.models.student), ("models.teacher", cfg.models.teacher),
+              ("models.judge", cfg.models.judge)]
+    fields += [(f"evaluate.benchmarks.{i}.path", b.path)
+               for i, b in enumerate(cfg.evaluate.benchmarks)]
+    fields += [(f"evaluate.models.{i}.model", m.model) for i, m in enumerate(cfg.evaluate.models)]
+    return fields
+
+
+def _scheme_problem(field: str, value: str | None) -> str | None:
+    match = _URI.match(value or "")
+    if match is None or match.group(1).lower() in SUPPORTED_SCHEMES:
+        return None
+    return (f"{field}: {value}: {match.group(1)}:// storage is not supported yet; use a local "
+            "path (on a cluster, shared storage mounted on every node)")
+
+
+def _models(cfg: Config, stages: list[str]) -> list[tuple[str, str]]:
+    """The models the listed stages will load, with the field that names each."""
+    out: list[tuple[str, str]] = []
+    if "generate" in stages and cfg.models.teacher:
+        out.append(("models.teacher", cfg.models.teacher))
+    if "truncate" in stages and cfg.truncate.strategy == "binary":
+        out.append(("models.judge" if cfg.models.judge else "models.student", cfg.judge_model))
+    if {"align", "train"} & set(stages):
+        out.append(("models.student", cfg.models.student))
+    if "evaluate" in stages:
+        for i, m in enumerate(cfg.evaluate.models):
+            if m.model == "student":
+                out.append(("models.student", cfg.models.student))
+            elif m.model != "trained":  # the train stage makes that one
+                out.append((f"evaluate.models.{i}.model", m.model))
+    return list(dict.fromkeys(out))
+
+
+def _model_problem(field: str, name: str, cache_dir: str | None) -> str | None:
+    from palign.models import REGISTRY
+
+    if name in REGISTRY:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return f"{field}: {name} is not a Hugging Face model folder (no config.json)"
+        return None
+    # A hub id is "org/name"; anything else that is not a folder here is a mistake (a missing
+    # folder, a misspelt short name).
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        known = ", ".join(sorted(REGISTRY))
+        return (f"{field}: {name} is neither a model folder that exists, a short name "
+                f"({known}), nor a hub id (org/name)")
+    return None  # a hub id: only the hub can tell
