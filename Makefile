@@ -5,7 +5,7 @@ STAMP := $(VENV)/.palign-setup
 
 .PHONY: setup demo arms test test-fast lint bench clean
 
-$(STAMP): pyproject.toml scripts/setup_env.sh
+$(STAMP): pyproject.toml scripts/setup_env.sh requirements/cpu.lock requirements/gpu.lock
 	bash scripts/setup_env.sh $(VENV)
 	touch $(STAMP)
 

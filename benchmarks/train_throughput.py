@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine["loadavg_end"] = list(os.getloadavg())
     report = {
         "benchmark": "train_throughput",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine,
         "data": {"source": source, "rows": len(rows), "examples": len(examples),
                  "rejected": [f"{r.id}: {r.reason}" for r in rejected],

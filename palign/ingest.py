@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,24 +60,9 @@ def iter_source(data: DataSection) -> Iterator[tuple[str, Any]]:
     if fmt == "jsonl":
         for file in _files(path, (".jsonl", ".json")):
             if file.suffix == ".json":
-                try:
-                    rows = json.loads(file.read_text(encoding="utf-8"))
-                except json.JSONDecodeError as err:
-                    yield f"{file.name}", _Unreadable(f"invalid JSON file: {err}")
-                    continue
-                for i, row in enumerate(rows if isinstance(rows, list) else [rows]):
-                    yield f"{file.name}[{i}]", row
-                continue
-            with file.open(encoding="utf-8", errors="replace") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"{file.name}:{lineno}", json.loads(line)
-                    except json.JSONDecodeError as err:
-                        yield f"{file.name}:{lineno}", _Unreadable(
-                            f"invalid JSON: {err.msg}", line[:2000]
-                        )
+                yield from _json_file(file)
+            else:
+                yield from _jsonl_file(file)
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -98,6 +84,44 @@ def iter_source(data: DataSection) -> Iterator[tuple[str, Any]]:
             yield f"row[{i}]", row
 
 
+def _jsonl_file(file: Path) -> Iterator[tuple[str, Any]]:
+    """One row per line: lines end at \\n only (a \\r inside a line is the line's own
+    business), a CRLF ending and a byte-order mark before the first line are dropped. A line
+    that is not UTF-8, or not JSON, is an unreadable row, not the end of the file."""
+    with file.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            raw = raw.rstrip(b"\n").removesuffix(b"\r")
+            if not raw.strip():
+                continue
+            pos = f"{file.name}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield pos, _Unreadable(f"not valid UTF-8: {err.reason} at byte {err.start}",
+                                       raw[:2000].decode("utf-8", "replace"))
+                continue
+            try:
+                yield pos, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield pos, _Unreadable(f"invalid JSON: {err.msg} (column {err.colno})",
+                                       line[:2000])
+            except RecursionError:
+                yield pos, _Unreadable("invalid JSON: nested too deeply", line[:2000])
+
+
+def _json_file(file: Path) -> Iterator[tuple[str, Any]]:
+    """A whole-file JSON array (or one object): its elements are the rows."""
+    try:
+        rows = json.loads(file.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        yield f"{file.name}", _Unreadable(f"invalid JSON file: {err}")
+        return
+    for i, row in enumerate(rows if isinstance(rows, list) else [rows]):
+        yield f"{file.name}[{i}]", row
+
+
 class _Unreadable:
     def __init__(self, reason: str, raw: str | None = None) -> None:
         self.reason = reason
@@ -113,7 +137,8 @@ def validate_row(pos: str, raw: Any, data: DataSection) -> dict[str, Any] | Reje
     f = data.fields
     given_id = raw.get(f.id)
     question = raw.get(f.question)
-    row_id = str(given_id) if isinstance(given_id, (str, int)) and str(given_id).strip() else None
+    id_ok = isinstance(given_id, (str, int)) and not isinstance(given_id, bool)
+    row_id = str(given_id) if id_ok and str(given_id).strip() else None
     if given_id is not None and row_id is None:
         return Rejected(pos, f"field {f.id!r} must be a non-empty string or integer", raw)
     if question is None:
@@ -122,10 +147,16 @@ def validate_row(pos: str, raw: Any, data: DataSection) -> dict[str, Any] | Reje
         return Rejected(row_id or pos, f"field {f.question!r} is not a string", raw)
     if not question.strip():
         return Rejected(row_id or pos, f"field {f.question!r} is empty", raw)
+    for name, value in ((f.id, row_id), (f.question, question)):
+        if value is not None and not _is_unicode(value):
+            return Rejected(pos, f"field {name!r} holds a lone surrogate (not valid Unicode)",
+                            raw)
     row_id = row_id or question_id(question)
     answer = raw.get(f.answer)
     # Numeric gold answers are common in math datasets; they are kept as their text.
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        if not math.isfinite(answer):
+            return Rejected(row_id, f"field {f.answer!r} is not a finite number", raw)
         answer = str(answer)
     if answer is None:
         return Rejected(row_id, f"missing answer field {f.answer!r}", raw)
@@ -143,7 +174,21 @@ def validate_row(pos: str, raw: Any, data: DataSection) -> dict[str, Any] | Reje
             row_id, f"CoT has {len(cot)} characters, over data.max_cot_chars={data.max_cot_chars}",
             raw,
         )
+    for name, value in ((f.answer, answer), (f.cot, cot)):
+        if isinstance(value, str) and not _is_unicode(value):
+            return Rejected(row_id, f"field {name!r} holds a lone surrogate (not valid Unicode)",
+                            raw)
     return {"id": row_id, "question": question, "answer": answer.strip(), "cot": cot}
+
+
+def _is_unicode(text: str) -> bool:
+    """False for text with lone surrogates (JSON escapes like \\ud800 decode to them), which
+    no UTF-8 file can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_problems(data: DataSection) -> tuple[list[dict[str, Any]], list[Rejected]]:

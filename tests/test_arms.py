@@ -22,14 +22,6 @@ ARMS = ("full_cot", "fixed_ratio", "palign")
 PROBLEMS, N = 3, 2
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
 
 def write_benchmark(path: Path) -> None:
     rows = [json.loads(line) for line in (ROOT / "data/demo/eval.jsonl").read_text().splitlines()]

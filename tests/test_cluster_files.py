@@ -34,7 +34,9 @@ KUBERAY_FILES = ("raycluster.yaml", "rayjob.yaml", "pvc.yaml")
 ENGINE, TRAIN = "engine-gpu", "train-8gpu"  # node type (launcher) = worker group (KubeRay) names
 SHARED = "/mnt/palign"  # where every file mounts the shared storage
 ENTRYPOINT = "python ray_jobs/pipeline.py --config configs/arms/cluster/palign.yaml"
-VLLM_INSTALL = re.compile(r"pip install\b.*palign\[vllm\]")
+# palign with vLLM, at the locked versions.
+VLLM_INSTALL = re.compile(r"pip install -c \"\$HOME/palign/requirements/gpu\.lock\" "
+                          r".*palign\[vllm\]")
 
 
 def _load(path: Path) -> dict:
@@ -412,6 +414,7 @@ def test_dockerfile_installs_palign_with_vllm():
     assert re.fullmatch(r"rayproject/ray:\d+\.\d+\.\d+-py3\d+-gpu", _dockerfile_base())
     assert re.search(r"^COPY\b.*\s\.\s", text, re.M)  # the repo goes into the image
     assert "pip install" in text and "'vllm'" in text
+    assert "-c requirements/gpu.lock" in text  # the locked versions
     # The extra every file installs exists in pyproject.toml.
     extras = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1]
     assert re.search(r"^vllm\s*=", extras.split("\n[")[0], re.M)

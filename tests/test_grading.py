@@ -10,9 +10,6 @@ import pytest
 
 from palign.grading import Grade, Grader, last_boxed
 
-pytest.importorskip("math_verify")
-
-
 # --------------------------------------------------------------------------- last_boxed
 
 

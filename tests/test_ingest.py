@@ -3,6 +3,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from palign.config import DataSection
 from palign.ingest import question_id, read_problems
@@ -66,7 +68,8 @@ def test_parquet_and_datasets_folder(tmp_path):
     assert [p["id"] for p in problems] == ["0", "1", "2", "4"]
     assert [r.id for r in rejects] == ["3"]
 
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a hard dependency: missing, this fails (never skips)
+
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
     dd.save_to_disk(str(tmp_path / "hf"))
     with pytest.raises(ValueError, match="data.split"):
@@ -79,3 +82,61 @@ def test_parquet_and_datasets_folder(tmp_path):
 def test_missing_path_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.path"):
         read_problems(DataSection(path=str(tmp_path / "nope.jsonl")))
+
+
+# -- fuzz: whatever the bytes, every line is a problem or a reject with a reason -----------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                  max_size=3),
+    max_leaves=8)
+ODD_TEXT = st.sampled_from([
+    "", "   ", "x" * 300_000, "nul\x00inside", "lone \ud800 surrogate", "\udfff", "\ufeffbom",
+    "crlf\r\nin text", "What is 2+2?", "ü ∑ 数学",
+])
+FIELD = st.one_of(ODD_TEXT, JSON_VALUES, st.integers(-3, 3))
+ROW = st.fixed_dictionaries(
+    {}, optional={"id": st.sampled_from(["a", "b", "", " ", 7, True, 1.5, None, {"x": 1}]),
+                  "question": FIELD, "answer": FIELD, "cot": FIELD})
+MANGLE = st.sampled_from(["none", "bom", "crlf", "cut", "bad-utf8", "nul-byte", "cr-inside",
+                          "not-object", "deep"])
+
+
+def encode_line(row: dict, how: str) -> bytes:
+    if how == "not-object":
+        return json.dumps(list(row.values()), ensure_ascii=True, default=str).encode()
+    if how == "deep":
+        return b"[" * 5000 + b"]" * 5000
+    line = json.dumps(row, ensure_ascii=True, default=str).encode()  # escapes surrogates
+    return {"none": line, "bom": b"\xef\xbb\xbf" + line, "crlf": line + b"\r",
+            "cut": line[: len(line) // 2], "bad-utf8": line[:1] + b"\xff\xc3" + line[1:],
+            "nul-byte": line + b"\x00", "cr-inside": line[:1] + b"\r" + line[1:]}[how]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(ROW, MANGLE), max_size=12), st.booleans())
+def test_fuzzed_jsonl_never_crashes_and_accounts_for_every_line(tmp_path_factory, rows, blank):
+    from palign.stages.io import read_rows
+    from palign.stages.runner import _ingest_once
+
+    tmp = tmp_path_factory.mktemp("fuzz")
+    lines = [encode_line(row, how) for row, how in rows] + ([b"", b"  "] if blank else [])
+    (tmp / "data.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    data = DataSection(path=str(tmp / "data.jsonl"), max_cot_chars=200_000)
+
+    problems = _ingest_once(tmp / "ingest", data, shard_rows=5)  # reads, validates, writes
+
+    rejects = list(read_rows(tmp / "ingest" / "rejects"))
+    written = list(read_rows(tmp / "ingest"))
+    rows_in = sum(1 for i, line in enumerate(lines)
+                  if (line[3:] if i == 0 and line.startswith(b"\xef\xbb\xbf") else line)
+                  .removesuffix(b"\r").strip())
+    assert len(written) + len(rejects) == rows_in  # none lost, none made up
+    assert written == problems
+    assert len({p["id"] for p in written}) == len(written)  # ids are unique
+    for p in written:
+        assert all(isinstance(p[k], str) and p[k].strip() for k in ("id", "question", "answer"))
+        assert p["cot"] is None or isinstance(p["cot"], str)
+    for r in rejects:
+        assert r["id"] and r["reason"] and r["stage"] == "ingest" and r["kind"] == "row"

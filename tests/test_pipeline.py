@@ -1,5 +1,6 @@
 """truncate + align end to end on a real local Ray cluster, with SmolLM2 through both engines;
-rejects; and a run killed midway that resumes with every id exactly once."""
+rejects; and a run killed midway that resumes with every id exactly once (while it ran, a
+second run on the same folder refused to start)."""
 
 from __future__ import annotations
 
@@ -63,19 +64,11 @@ def make_config(tmp: Path, backend: str, good: int = 3, **over) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
 
 @pytest.mark.parametrize("backend", ["vllm", "transformers"])
 def test_truncate_and_align_write_all_fields(tmp_path, ray_cluster, backend):
-    if backend not in available_backends():
-        pytest.skip(f"{backend} is not installed")
+    # Both are hard dependencies of the suite: a missing one fails here, never skips.
+    assert backend in available_backends(), f"{backend} is not installed (make setup)"
     raw = make_config(tmp_path, backend)
     good_ids = raw.pop("_good_ids")
     cfg = parse_config(raw)
@@ -132,6 +125,10 @@ def test_killed_run_resumes_every_id_exactly_once(tmp_path):
     while time.time() < deadline and not list((out / "truncate").glob("part-*")):
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.5)
+    # A second run on the busy folder refuses before any work, naming the holder.
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use by another palign run: pid {proc.pid} on host" in second.stderr
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first = ids_by_stage(out, "truncate")
@@ -139,6 +136,7 @@ def test_killed_run_resumes_every_id_exactly_once(tmp_path):
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"taking over {out / '_LOCK'} from a run that is gone" in done.stderr
     row = re.search(r"^truncate\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s", done.stdout, re.M)
     assert row and int(row.group(4)) == sum(first.values())  # "resumed": not redone
     for stage in ("truncate", "align"):

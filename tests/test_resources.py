@@ -234,7 +234,7 @@ def _report_placement_class() -> type:
 
 
 @pytest.mark.slow
-def test_tensor_parallel_pool_runs_in_its_placement_group() -> None:
+def test_tensor_parallel_pool_runs_in_its_placement_group(no_ray) -> None:
     import ray
 
     from palign.resources import engine_pool_kwargs

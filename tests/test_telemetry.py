@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import socket
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -49,14 +48,8 @@ def fake_metrics(monkeypatch: pytest.MonkeyPatch) -> telemetry._Metrics:
     return metrics
 
 
-def _ray_connected() -> bool:
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized())
-
-
-def test_without_ray_nothing_is_made_or_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
-    if _ray_connected():
-        pytest.skip("another test left Ray initialised in this process")
+def test_without_ray_nothing_is_made_or_recorded(monkeypatch: pytest.MonkeyPatch,
+                                                 no_ray: None) -> None:
     monkeypatch.setattr(telemetry, "_metrics", None)
     telemetry.rows("truncate", rows_in=3, rows_out=2, rejected=1)
     telemetry.judge_probes("truncate", 5)
@@ -210,7 +203,7 @@ def _scrape(port: int) -> dict[tuple[str, str], list[tuple[dict[str, str], float
 
 
 @pytest.mark.slow
-def test_exported_names_on_a_local_ray() -> None:
+def test_exported_names_on_a_local_ray(no_ray) -> None:
     """Ray 2.60, ``include_dashboard=False``: the per-node metrics agent still serves
     ``/metrics`` on ``_metrics_export_port``; values appear after about 10-15 s."""
     import ray

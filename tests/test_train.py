@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -39,13 +38,6 @@ ZERO3_ATOL = 1e-4  # ZeRO-3 vs ZeRO-2 losses over 30 steps (other reduction orde
 ACCUM_ATOL = 1e-5  # 1 process x grad_accum 2 vs 2 workers, 30 steps: measured 7e-7
 ROOT = Path(__file__).resolve().parents[1]
 LONG_ID = "row-overlong"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

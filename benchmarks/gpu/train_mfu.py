@@ -491,7 +491,7 @@ def driver_main(args: argparse.Namespace) -> int:
             rows.append(row)
     report = {
         "benchmark": "train_mfu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine, "smoke": args.smoke, "formula": FORMULA,
         "peak_tflops": args.peak_tflops,
         "settings": {"seq_len": args.seq_len, "micro_batch": args.micro_batch,

