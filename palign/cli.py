@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field by its dotted path, e.g. data.limit=5")
+        if name == "validate":
+            p.add_argument("--skip-paths", action="store_true",
+                           help="do not check that data, models and benchmarks exist (for a "
+                                "cluster's config, from a machine without its storage)")
     fetch = sub.add_parser("fetch-model", help="materialise a short-name model in the cache")
     fetch.add_argument("name")
     grade = sub.add_parser("grade", help="grade a JSONL of generations: pass@1 and pass@k")
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         try:
-            check_paths(cfg)
+            if not args.skip_paths:
+                check_paths(cfg)
             plan = plan_resources(cfg)
         except ConfigError as err:
             print(err, file=sys.stderr)

@@ -34,6 +34,17 @@ class _ConsoleFilter(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+def quiet_console() -> None:
+    """Keep this process's console (its stream handlers) to palign's lines and errors; handlers
+    that write files keep everything. For Ray Train workers, whose logging Ray Train sets up
+    (its per-rank report lines go to its files under the session's logs/train/)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler):
+            if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
+                handler.addFilter(_ConsoleFilter())
+
+
 def actor_log_dir() -> Path:
     """The Ray session's log folder when this process belongs to a Ray session, else a
     temporary folder."""

@@ -33,7 +33,8 @@ def write_benchmark(path: Path) -> None:
 
 
 def overrides(tmp: Path, name: str) -> dict:
-    """Small and fast: 4 training rows, 2 optimizer steps, 3 problems x 2 short samples."""
+    """Small and fast: 4 training rows, 1 optimizer step on 1 worker, 3 problems x 2 short
+    samples."""
     return {
         "run.output_dir": str(tmp / name),
         "ray.progress_bars": False,
@@ -42,15 +43,17 @@ def overrides(tmp: Path, name: str) -> dict:
         "engine.max_model_len": 2048,
         "engine.cpu_kv_cache_gib": 1,
         "align.sampling.max_tokens": 48,
-        "train.max_steps": 2,
+        "train.max_steps": 1,
+        "train.num_workers": 1,
         "train.seq_len": 512,
-        "train.checkpoint_every": 2,
+        "train.checkpoint_every": 1,
         "evaluate.n": N,
         "evaluate.sampling.max_tokens": 48,
         "evaluate.benchmarks": [{"name": "demo-eval", "path": str(tmp / "bench.jsonl")}],
     }
 
 
+@pytest.mark.timeout(900)
 def test_demo_arms_train_evaluate_and_compare(tmp_path, ray_cluster, capsys):
     write_benchmark(tmp_path / "bench.jsonl")
     shared_over = {**overrides(tmp_path, "shared"),
@@ -62,7 +65,7 @@ def test_demo_arms_train_evaluate_and_compare(tmp_path, ray_cluster, capsys):
     for arm in ARMS:
         cfg = load_config(ROOT / f"configs/arms/demo/{arm}.yaml", overrides(tmp_path, arm))
         summaries = {s.stage: s for s in run_pipeline(cfg)}
-        assert summaries["train"].stats["steps"] == 2
+        assert summaries["train"].stats["steps"] == 1
         out = tmp_path / arm
         ratios = [r["prefix_ratio"] for r in read_rows(out / "truncate")]
         assert len(ratios) == 4

@@ -113,3 +113,16 @@ def test_arm_configs_differ_only_in_name_and_truncation(scale):
     shared = load_config(ROOT / "configs/arms" / scale / "shared.yaml")
     assert shared.run.stages == ["generate", "evaluate"]
     assert all(c.data.path == f"{shared.run.output_dir}/generate" for c in arms.values())
+
+
+def test_failure_settings_are_checked_by_name():
+    cfg = parse_config(MINIMAL)
+    assert cfg.run.retry_rejects == "system" and cfg.truncate.max_reject_share == 0.5
+    assert cfg.align.max_row_attempts == 3 and cfg.engine.max_failures == 3
+    assert cfg.evaluate.engine.max_failures == 3  # per stage, from the top-level engine
+    assert "run.retry_rejects" in errors_of({**MINIMAL, "run": {"retry_rejects": "sometimes"}})
+    assert "truncate.max_reject_share" in errors_of({**MINIMAL,
+                                                     "truncate": {"max_reject_share": 1.5}})
+    assert "align.max_row_attempts" in errors_of({**MINIMAL, "align": {"max_row_attempts": 0}})
+    assert "data.max_reject_share" in errors_of({"data": {"path": "x", "max_reject_share": -1},
+                                                 "models": {"student": "m"}})

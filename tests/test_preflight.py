@@ -68,3 +68,13 @@ def test_validate_command_reports_them(tmp_path, capsys):
                                 "run": {"output_dir": str(tmp_path / "out")}}))
     assert palign_main(["validate", str(path)]) == 2
     assert "data.path: " in capsys.readouterr().err
+
+
+def test_validate_can_skip_the_paths_for_a_cluster_config(capsys):
+    from pathlib import Path
+
+    cluster = Path(__file__).resolve().parents[1] / "configs/arms/cluster/palign.yaml"
+    assert palign_main(["validate", str(cluster)]) == 2  # /mnt/palign is the cluster's
+    assert "data.path: /mnt/palign/" in capsys.readouterr().err
+    assert palign_main(["validate", "--skip-paths", str(cluster)]) == 0
+    assert "config OK" in capsys.readouterr().out

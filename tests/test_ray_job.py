@@ -121,7 +121,8 @@ class Head:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(tmp_path_factory, no_ray):
+    # no_ray: the session's in-process Ray would hold ports the head's dashboard agent needs.
     h = Head(tmp_path_factory.mktemp("ray-head"))
     yield h
     h.close()
@@ -178,6 +179,7 @@ def metric_values(text: str, name: str) -> dict[str, float]:
     return values
 
 
+@pytest.mark.timeout(600)
 def test_submitted_pipeline_succeeds_and_reports_metrics(head, tmp_path):
     from palign.telemetry import EXPORTED_NAMES
 
@@ -261,6 +263,7 @@ def wait_for_first_shard(head: Head, job: str, folder: Path) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.timeout(900)
 def test_killed_engine_actor_and_stopped_job_lose_nothing(head, tmp_path):
     n = 10
     only_truncate = {"run": {"name": "job", "output_dir": str(tmp_path / "out"),

@@ -18,12 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from palign.config import Config, parse_config
-from palign.models import resolve_model
 from palign.prompts import training_target
 from palign.stages.io import REJECTS, ShardWriter, read_rows
 from palign.train.loop import ENV_FAIL_AT_STEP, StepPlan, load_train_data, lr_lambda
@@ -38,24 +36,6 @@ ZERO3_ATOL = 1e-4  # ZeRO-3 vs ZeRO-2 losses over 30 steps (other reduction orde
 ACCUM_ATOL = 1e-5  # 1 process x grad_accum 2 vs 2 workers, 30 steps: measured 7e-7
 ROOT = Path(__file__).resolve().parents[1]
 LONG_ID = "row-overlong"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A random-init 2-layer Llama (hidden 64) saved with SmolLM2's tokenizer and template."""
-    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
 
 
 def align_rows() -> list[dict]:

@@ -97,6 +97,7 @@ import torch
 from palign import telemetry
 from palign.config import Config, TrainSection, parse_config
 from palign.engines.hf_engine import resolve_dtype as resolve_dtype_name
+from palign.logs import quiet_console
 from palign.stages.io import (
     REJECTS,
     ShardWriter,
@@ -754,6 +755,7 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("palign").setLevel(logging.INFO)
+    quiet_console()  # e.g. Ray Train's "Reporting training result" line, per rank and step
     # Said once per rank and about DeepSpeed's own calls into torch, not about this run.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     from transformers.utils import logging as hf_logging
