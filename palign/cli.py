@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--answer-field", default="answer")
     grade.add_argument("--output-field", default="output", help="a list of outputs per row")
     grade.add_argument("--timeout", type=float, default=5.0, help="seconds per answer check")
+    grade.add_argument("--extract", choices=["strict", "flexible", "both"], default="both",
+                       help="strict: the last \\boxed{}; flexible: math-verify's own extraction "
+                            "over the whole output (as papers' labels often are); both (default)")
     comp = sub.add_parser("compare", help="put several runs' evaluation results side by side")
     comp.add_argument("results", nargs="+",
                       help="a run's output_dir, its evaluate/ folder, or a results.json")
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         from palign.grade_file import format_report, grade_file
 
         try:
-            report = grade_file(args.file, args.answer_field, args.output_field, args.timeout)
+            report = grade_file(args.file, args.answer_field, args.output_field, args.timeout,
+                                args.extract)
         except (OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

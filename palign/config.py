@@ -159,6 +159,9 @@ class AlignSection(_Rejects):
     sampling: SamplingConfig = SamplingConfig()  # the paper's: 0.6 / 0.9 / 1.05
     policy: Literal["keep_all", "drop_wrong"] = "keep_all"
     grade_timeout_s: float = Field(default=5.0, gt=0)
+    # How the target's answer is found: strict, its last \boxed{}; flexible, math-verify's own
+    # extraction over the text (also finds an unboxed final number; see docs/evaluation.md).
+    extract: Literal["strict", "flexible"] = "strict"
 
 
 class TrainSection(_Strict):

@@ -1,5 +1,12 @@
 """`palign grade FILE`: grade an existing JSONL of generations (one row per problem, the gold
-answer and a list of outputs) and report pass@1 and pass@k for every k up to n."""
+answer and a list of outputs) and report pass@1 and pass@k for every k up to n, in the strict
+extraction mode (last box), the flexible one (math-verify's own extraction) or both.
+
+The report: ``problems``, ``samples``, ``n_min``, ``n_max``, ``skipped`` and ``extract`` (the
+modes graded); the strict figures (``pass@k``, ``no_answer_share``, ``timeouts``, ``errors``)
+at the top level, and the same keys for the flexible mode in a ``flexible`` object. A mode not
+graded has no figures at all, so a strict figure is never mistaken for a flexible one.
+"""
 
 from __future__ import annotations
 
@@ -7,66 +14,96 @@ import json
 from pathlib import Path
 from typing import Any
 
-from palign.grading import Grader
-from palign.metrics import pass_at_ks
+from palign.grading import FLEXIBLE, STRICT, ExtractMode, Grader
+from palign.metrics import grade_figures
+
+# The --extract choices and the modes each one grades.
+EXTRACT_CHOICES: dict[str, tuple[ExtractMode, ...]] = {
+    "strict": (STRICT,), "flexible": (FLEXIBLE,), "both": (STRICT, FLEXIBLE)}
+
+
+def _read_row(line: str, lineno: int, answer_field: str,
+              output_field: str) -> tuple[str, list[str]] | dict[str, Any]:
+    """(gold, outputs) of one JSONL line, or the skip record saying why it cannot be graded."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        return {"line": lineno, "reason": f"invalid JSON: {err.msg}"}
+    gold = row.get(answer_field) if isinstance(row, dict) else None
+    outputs = row.get(output_field) if isinstance(row, dict) else None
+    if isinstance(outputs, str):
+        outputs = [outputs]
+    if isinstance(gold, (int, float)) and not isinstance(gold, bool):
+        gold = str(gold)
+    if not isinstance(gold, str) or not gold.strip():
+        return {"line": lineno, "reason": f"no usable {answer_field!r}"}
+    if (not isinstance(outputs, list) or not outputs
+            or not all(isinstance(o, str) for o in outputs)):
+        return {"line": lineno, "reason": f"{output_field!r} is not a non-empty list of strings"}
+    return gold, outputs
 
 
 def grade_file(path: str | Path, answer_field: str = "answer", output_field: str = "output",
-               timeout_s: float = 5.0) -> dict[str, Any]:
-    """Grade every row; rows without a usable answer or outputs are counted and skipped, with
-    their line number and reason in ``skipped``."""
-    correct: list[list[bool]] = []
-    statuses: dict[str, int] = {}
+               timeout_s: float = 5.0, extract: str = "both") -> dict[str, Any]:
+    """Grade every row in the modes ``extract`` names (strict, flexible or both; see the module
+    docstring for the report). Rows without a usable answer or outputs are counted and skipped,
+    with their line number and reason in ``skipped``. Raises ValueError for an unknown
+    ``extract`` or a file with no gradable row, OSError when it cannot be read."""
+    if extract not in EXTRACT_CHOICES:
+        raise ValueError(f"extract must be one of {list(EXTRACT_CHOICES)}, got {extract!r}")
+    modes = EXTRACT_CHOICES[extract]
+    correct: dict[str, list[list[bool]]] = {m: [] for m in modes}
+    statuses: dict[str, dict[str, int]] = {m: {} for m in modes}
     skipped: list[dict[str, Any]] = []
     with Grader(timeout_s=timeout_s) as grader, open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                skipped.append({"line": lineno, "reason": f"invalid JSON: {err.msg}"})
+            parsed = _read_row(line, lineno, answer_field, output_field)
+            if isinstance(parsed, dict):
+                skipped.append(parsed)
                 continue
-            gold = row.get(answer_field) if isinstance(row, dict) else None
-            outputs = row.get(output_field) if isinstance(row, dict) else None
-            if isinstance(outputs, str):
-                outputs = [outputs]
-            if isinstance(gold, (int, float)) and not isinstance(gold, bool):
-                gold = str(gold)
-            if not isinstance(gold, str) or not gold.strip():
-                skipped.append({"line": lineno, "reason": f"no usable {answer_field!r}"})
-                continue
-            if (not isinstance(outputs, list) or not outputs
-                    or not all(isinstance(o, str) for o in outputs)):
-                skipped.append({"line": lineno,
-                                "reason": f"{output_field!r} is not a non-empty list of strings"})
-                continue
-            grades = [grader.grade(o, gold) for o in outputs]
-            for g in grades:
-                statuses[g.status] = statuses.get(g.status, 0) + 1
-            correct.append([g.correct for g in grades])
-    if not correct:
+            gold, outputs = parsed
+            for mode in modes:
+                grades = [grader.grade(o, gold, mode) for o in outputs]
+                for g in grades:
+                    statuses[mode][g.status] = statuses[mode].get(g.status, 0) + 1
+                correct[mode].append([g.correct for g in grades])
+    rows = correct[modes[0]]
+    if not rows:
         raise ValueError(f"{path}: no gradable rows ({len(skipped)} skipped)")
-    samples = sum(len(c) for c in correct)
-    return {
-        **pass_at_ks(correct),
-        "problems": len(correct),
-        "samples": samples,
-        "n_min": min(len(c) for c in correct),
-        "n_max": max(len(c) for c in correct),
-        "no_answer_share": statuses.get("no_answer", 0) / samples,
-        "timeouts": statuses.get("timeout", 0),
-        "errors": statuses.get("error", 0),
+    report: dict[str, Any] = {"extract": list(modes)}
+    if STRICT in modes:
+        report.update(grade_figures(correct[STRICT], statuses[STRICT]))
+    if FLEXIBLE in modes:
+        report[FLEXIBLE] = grade_figures(correct[FLEXIBLE], statuses[FLEXIBLE])
+    report.update({
+        "problems": len(rows),
+        "samples": sum(len(c) for c in rows),
+        "n_min": min(len(c) for c in rows),
+        "n_max": max(len(c) for c in rows),
         "skipped": skipped,
-    }
+    })
+    return report
+
+
+def _mode_figures(report: dict[str, Any], mode: str) -> dict[str, Any]:
+    return report if mode == STRICT else report[mode]
 
 
 def format_report(report: dict[str, Any]) -> str:
-    keys = [k for k in report if k.startswith("pass@")]
-    lines = [" | ".join(["problems", "samples", *keys, "no answer", "timeouts"]),
-             " | ".join([str(report["problems"]), str(report["samples"]),
-                         *[f"{report[k]:.4f}" for k in keys],
-                         f"{report['no_answer_share']:.1%}", str(report["timeouts"])])]
+    """The printed report: a line of counts, then a table with a row per extraction mode (its
+    pass@k side by side with the other mode's), then the skipped lines."""
+    modes = report["extract"]
+    keys = [k for k in _mode_figures(report, modes[0]) if k.startswith("pass@")]
+    lines = [f"{report['problems']} problems, {report['samples']} samples "
+             f"(n {report['n_min']}..{report['n_max']})",
+             " | ".join(["extract", *keys, "no answer", "timeouts", "errors"])]
+    for mode in modes:
+        m = _mode_figures(report, mode)
+        lines.append(" | ".join([mode, *[f"{m[k]:.4f}" for k in keys],
+                                 f"{m['no_answer_share']:.1%}", str(m["timeouts"]),
+                                 str(m["errors"])]))
     for s in report["skipped"]:
         lines.append(f"skipped line {s['line']}: {s['reason']}")
     return "\n".join(lines)

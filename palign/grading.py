@@ -10,12 +10,23 @@ started lazily at the next call. A worker that cannot start (math_verify missing
 process to spawn) raises :class:`~palign.failures.GraderUnavailable`: a failure of the
 machinery, never a wrong answer.
 
-What is compared:
+Two ways to find the model's answer (the extraction mode of a check):
 
-* prediction: the content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in the output, re-wrapped
+* ``strict``: the content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in the output, re-wrapped
   as ``\\boxed{<content>}`` and parsed by math-verify (its boxed-answer extraction is the most
-  robust path; ``$...$`` wrapping would break on contents that contain ``$``);
-* gold: parsed as given if it already contains ``$`` or ``\\boxed``, else wrapped as ``$<gold>$``.
+  robust path; ``$...$`` wrapping would break on contents that contain ``$``). No box, no
+  answer.
+* ``flexible``: ``math_verify.parse`` over the whole output with its default extraction configs,
+  as the P-ALIGN authors' correctness labels were made. It ranks candidates (math-verify
+  0.9): a box or whatever follows "final answer ... is" first, then what follows "answer",
+  and last any LaTeX expression or number; within a rank the rightmost candidate that parses
+  wins. So it finds an answer in an output with no box at all (a truncated or looping one),
+  keeps a box over a later bare number, and takes a later "final answer is 15" over a box.
+  The extraction runs in the worker under the same time limit: parsing a whole output can
+  hang as well.
+
+The gold answer is the same for both: parsed as given if it already contains ``$`` or
+``\\boxed``, else wrapped as ``$<gold>$``.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from palign.failures import GraderUnavailable, describe
 
@@ -40,6 +51,11 @@ STATUS_OK = "ok"
 STATUS_NO_ANSWER = "no_answer"
 STATUS_TIMEOUT = "timeout"
 STATUS_ERROR = "error"
+
+ExtractMode = Literal["strict", "flexible"]
+STRICT: ExtractMode = "strict"
+FLEXIBLE: ExtractMode = "flexible"
+EXTRACT_MODES: tuple[ExtractMode, ...] = (STRICT, FLEXIBLE)
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
@@ -91,22 +107,44 @@ def _pred_for_parsing(content: str) -> str:
 class Grade:
     correct: bool
     status: str  # "ok", "no_answer" (nothing to grade), "timeout", "error"
-    predicted: str | None  # the extracted answer string
+    # The extracted answer as text. strict: the last box's content (also on a time-out or an
+    # error). flexible: the text of math-verify's match (None when the check did not finish).
+    predicted: str | None
 
 
 # --------------------------------------------------------------------------- worker process
 
 
-def _check(math_verify: Any, pred: str, gold: str) -> tuple[str, bool, str]:
-    """One comparison, inside the worker. Returns (status, correct, detail)."""
+def _flexible_text(parsed: list[Any]) -> str:
+    """The answer math-verify extracted, as text: the matched text it appends to its parsed
+    value (``fallback_mode="first_match"``, its default; verify compares that text too), else
+    the value itself. The text is that of the first candidate it tried, so in the rare output
+    whose first candidate does not parse it names that one, not the value that was graded."""
+    text = next((p for p in parsed if isinstance(p, str)), None)
+    return text if text is not None else str(parsed[0])
+
+
+def _check(math_verify: Any, mode: str, text: str, gold: str) -> tuple[str, bool, str, str | None]:
+    """One comparison, inside the worker. ``text`` is the last box's content (strict) or the
+    whole output (flexible). Returns (status, correct, detail, flexible's extracted text)."""
     gold_parsed = math_verify.parse(_gold_for_parsing(gold), parsing_timeout=None)
     if not gold_parsed:
-        return STATUS_ERROR, False, f"gold answer could not be parsed: {gold!r}"
-    pred_parsed = math_verify.parse(_pred_for_parsing(pred), parsing_timeout=None)
-    if not pred_parsed:
-        return STATUS_NO_ANSWER, False, "nothing extracted from the boxed answer"
+        return STATUS_ERROR, False, f"gold answer could not be parsed: {gold!r}", None
+    if mode == STRICT:
+        pred_parsed = math_verify.parse(_pred_for_parsing(text), parsing_timeout=None)
+        if not pred_parsed:
+            return STATUS_NO_ANSWER, False, "nothing extracted from the boxed answer", None
+        predicted = None
+    elif mode == FLEXIBLE:
+        # Default extraction configs and fallback, as the authors' labels were made.
+        pred_parsed = math_verify.parse(text, parsing_timeout=None)
+        if not pred_parsed:
+            return STATUS_NO_ANSWER, False, "math-verify found no answer in the output", None
+        predicted = _flexible_text(pred_parsed)
+    else:
+        return STATUS_ERROR, False, f"unknown extraction mode {mode!r}", None
     ok = bool(math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=None))
-    return STATUS_OK, ok, ""
+    return STATUS_OK, ok, "", predicted
 
 
 def _worker_main(conn: Connection, parent_pid: int) -> None:
@@ -133,13 +171,14 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
             return
         if msg is None:
             return
-        job_id, pred, gold = msg
+        job_id, mode, text, gold = msg
         try:
-            status, correct, detail = _check(math_verify, pred, gold)
+            status, correct, detail, predicted = _check(math_verify, mode, text, gold)
         except Exception as err:  # noqa: BLE001 - any failure is an "error" grade
             status, correct, detail = STATUS_ERROR, False, f"{type(err).__name__}: {err}"
+            predicted = None
         try:
-            conn.send((job_id, status, correct, detail))
+            conn.send((job_id, status, correct, detail, predicted))
         except (EOFError, OSError, BrokenPipeError):
             return
 
@@ -148,10 +187,10 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
 
 
 class Grader:
-    """Grades predictions against gold answers in a persistent worker process.
-    Each check has a hard time limit; on time-out the worker is killed and restarted, and the
-    check counts as wrong with status "timeout". Usable as a context manager; close() stops the
-    worker.
+    """Grades predictions against gold answers in a persistent worker process, in either
+    extraction mode (one worker serves both). Each check has a hard time limit; on time-out the
+    worker is killed and restarted, and the check counts as wrong with status "timeout".
+    Usable as a context manager; close() stops the worker.
 
     ``startup_timeout_s`` bounds the start of a worker (spawn plus importing math_verify and
     sympy); it does not count against ``timeout_s``. Calls are serialized with a lock, so one
@@ -235,53 +274,75 @@ class Grader:
         except Exception as err:  # noqa: BLE001 - the machinery's fault, never a row's
             raise GraderUnavailable(f"the grading worker cannot start: {describe(err)}") from err
 
-    def _run_check(self, pred: str, gold: str) -> tuple[str, bool, str]:
+    def _run_check(self, mode: str, text: str, gold: str) -> tuple[str, bool, str, str | None]:
+        """One check in the worker under the time limit: (status, correct, detail, flexible's
+        extracted text). A time-out or a dead worker is a grade, never an exception."""
         self._ensure_worker()
         assert self._conn is not None
         job_id = self._next_job
         self._next_job += 1
         try:
-            self._conn.send((job_id, pred, gold))
+            self._conn.send((job_id, mode, text, gold))
             if not self._conn.poll(self.timeout_s):
                 log.warning(
-                    "grading timed out after %.1fs (pred %.80r, gold %.80r); restarting worker",
+                    "grading (%s) timed out after %.1fs (pred %.80r, gold %.80r); "
+                    "restarting worker",
+                    mode,
                     self.timeout_s,
-                    pred,
+                    text,
                     gold,
                 )
                 self._stop_worker(kill=True)
                 self.restarts += 1
-                return STATUS_TIMEOUT, False, f"no verdict within {self.timeout_s}s"
+                return STATUS_TIMEOUT, False, f"no verdict within {self.timeout_s}s", None
             reply = self._conn.recv()
         except (EOFError, OSError) as err:
             log.error("grading worker died (%s); restarting it at the next check", err)
             self._stop_worker(kill=True)
             self.restarts += 1
-            return STATUS_ERROR, False, f"worker died: {type(err).__name__}"
-        got_id, status, correct, detail = reply
+            return STATUS_ERROR, False, f"worker died: {type(err).__name__}", None
+        got_id, status, correct, detail, predicted = reply
         if got_id != job_id:  # cannot happen with one check in flight; be safe anyway
             log.error("grading worker answered job %s, expected %s", got_id, job_id)
             self._stop_worker(kill=True)
             self.restarts += 1
-            return STATUS_ERROR, False, "out-of-order reply"
-        return status, bool(correct), detail
+            return STATUS_ERROR, False, "out-of-order reply", None
+        return status, bool(correct), detail, predicted
 
-    def grade(self, output: str, gold: str) -> Grade:
-        """Grade one model output (its last boxed answer) against a gold answer."""
-        predicted = last_boxed(output) if isinstance(output, str) else None
-        if predicted is None or not predicted.strip():
-            return Grade(correct=False, status=STATUS_NO_ANSWER, predicted=predicted)
+    def grade(self, output: str, gold: str, mode: ExtractMode = STRICT) -> Grade:
+        """Grade one model output against a gold answer. ``mode`` is how the answer is found:
+        ``"strict"`` (the last boxed answer; none, no answer) or ``"flexible"`` (math-verify's
+        own extraction over the whole output). Raises ValueError for another mode and
+        GraderUnavailable when the worker cannot start."""
+        if mode not in EXTRACT_MODES:
+            raise ValueError(f"extraction mode must be one of {EXTRACT_MODES}, got {mode!r}")
+        if mode == STRICT:
+            text = last_boxed(output) if isinstance(output, str) else None
+        else:
+            text = output if isinstance(output, str) else None
+        if text is None or not text.strip():
+            # Nothing to send to the worker; strict keeps the (blank) box content it found.
+            return Grade(correct=False, status=STATUS_NO_ANSWER,
+                         predicted=text if mode == STRICT else None)
         with self._lock:
-            status, correct, detail = self._run_check(predicted, str(gold))
+            status, correct, detail, extracted = self._run_check(mode, text, str(gold))
+        predicted = text if mode == STRICT else extracted
         if status == STATUS_ERROR:
-            log.warning("grading error (pred %.80r, gold %.80r): %s", predicted, gold, detail)
+            log.warning("grading (%s) error (pred %.80r, gold %.80r): %s",
+                        mode, predicted, gold, detail)
         return Grade(correct=correct and status == STATUS_OK, status=status, predicted=predicted)
 
-    def grade_many(self, outputs: list[str], golds: list[str]) -> list[Grade]:
-        """Grade pairs one by one; each check has its own time limit."""
+    def grade_both(self, output: str, gold: str) -> tuple[Grade, Grade]:
+        """The (strict, flexible) grades of one output: two checks, each with its own time
+        limit."""
+        return self.grade(output, gold, STRICT), self.grade(output, gold, FLEXIBLE)
+
+    def grade_many(self, outputs: list[str], golds: list[str],
+                   mode: ExtractMode = STRICT) -> list[Grade]:
+        """Grade pairs one by one in one mode; each check has its own time limit."""
         if len(outputs) != len(golds):
             raise ValueError(f"{len(outputs)} outputs but {len(golds)} gold answers")
-        return [self.grade(o, g) for o, g in zip(outputs, golds, strict=True)]
+        return [self.grade(o, g, mode) for o, g in zip(outputs, golds, strict=True)]
 
     def close(self) -> None:
         """Stop the worker (a later grade starts a new one)."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from palign.grading import STATUS_ERROR, STATUS_NO_ANSWER, STATUS_TIMEOUT
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -26,4 +29,17 @@ def pass_at_ks(correct: Sequence[Sequence[bool]]) -> dict[str, float]:
     return {
         f"pass@{k}": sum(pass_at_k(len(c), sum(c), k) for c in correct) / len(correct)
         for k in range(1, n_min + 1)
+    }
+
+
+def grade_figures(correct: Sequence[Sequence[bool]], statuses: Mapping[str, int]) -> dict[str, Any]:
+    """The figures of one extraction mode over graded problems: ``pass@k`` for every k up to the
+    smallest sample count, ``no_answer_share`` (of all samples), ``timeouts`` and ``errors``
+    (counts). ``statuses`` counts the samples by grade status."""
+    samples = sum(len(c) for c in correct)
+    return {
+        **pass_at_ks(correct),
+        "no_answer_share": statuses.get(STATUS_NO_ANSWER, 0) / samples,
+        "timeouts": statuses.get(STATUS_TIMEOUT, 0),
+        "errors": statuses.get(STATUS_ERROR, 0),
     }

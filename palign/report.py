@@ -5,6 +5,11 @@ The evaluate stage leaves one folder of shards per model label and benchmark,
 ``write_results`` turns them into ``results.json``, ``results.md``, a flat ``samples.jsonl``
 and two PNGs next to them; ``compare`` reads several runs' ``results.json`` and puts their
 numbers side by side (the comparison arms of an experiment are separate runs).
+
+Every sample is graded in two extraction modes (palign.grading): strict (the last box) and
+flexible (math-verify's own extraction, as papers' labels often are). The strict figures keep
+their plain names (``pass@1``, ``no_answer_share``, ...); the flexible ones sit in a
+``flexible`` object with the same keys, None for rows graded before flexible grading existed.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from palign.grading import STATUS_ERROR, STATUS_NO_ANSWER, STATUS_TIMEOUT
-from palign.metrics import pass_at_ks
+from palign.grading import FLEXIBLE, STATUS_ERROR, STATUS_TIMEOUT
+from palign.metrics import grade_figures
 from palign.prompts import BEGIN_DRAFT, END_DRAFT
 from palign.stages.io import REJECTS, read_rows, replace_atomically
 
@@ -46,36 +51,51 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _counts_correct(sample: Mapping[str, Any]) -> bool:
+# Where a sample keeps its flexible grade: the strict field names with this prefix.
+FLEXIBLE_PREFIX = "flexible_"
+
+
+def _counts_correct(sample: Mapping[str, Any], prefix: str = "") -> bool:
+    """Whether a sample counts as correct in one mode ("" strict, FLEXIBLE_PREFIX flexible)."""
     # A check that timed out or failed proved nothing, whatever its ``correct`` field says.
-    return sample.get("correct") is True and sample.get("status") not in (STATUS_TIMEOUT,
-                                                                          STATUS_ERROR)
+    return sample.get(prefix + "correct") is True and sample.get(prefix + "status") not in (
+        STATUS_TIMEOUT, STATUS_ERROR)
+
+
+def _has_flexible(sample: Mapping[str, Any]) -> bool:
+    # Rows written before flexible grading existed carry no flexible grade at all.
+    return FLEXIBLE_PREFIX + "status" in sample
 
 
 def benchmark_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Metrics of one model on one benchmark, from the evaluate stage's rows.
 
     pass@k is computed for every k up to ``n``, the smallest sample count of any problem (each
-    problem's estimate uses its own sample count). A sample that timed out or errored counts as
-    wrong whatever its ``correct`` field says. Rows without samples cannot be scored: they are
-    counted in ``problems_without_samples`` and left out. Raises ValueError when no row has a
-    sample.
+    problem's estimate uses its own sample count). The top-level ``pass@k``,
+    ``no_answer_share``, ``timeouts`` and ``errors`` are the strict mode's; ``flexible`` holds
+    the same keys for the flexible mode, or is None when a sample has no flexible grade (rows
+    from an older palign). A sample that timed out or errored counts as wrong whatever its
+    ``correct`` field says. Rows without samples cannot be scored: they are counted in
+    ``problems_without_samples`` and left out. Raises ValueError when no row has a sample.
     """
-    correct: list[list[bool]] = []
+    correct: dict[str, list[list[bool]]] = {"": [], FLEXIBLE_PREFIX: []}
+    statuses: dict[str, dict[str, int]] = {"": {}, FLEXIBLE_PREFIX: {}}
     tokens: list[int] = []
-    statuses: dict[str, int] = {}
     no_end = unclosed = without_samples = 0
+    flexible = True
     for row in rows:
         raw = row.get("samples")
         samples = [s for s in raw if isinstance(s, Mapping)] if isinstance(raw, list) else []
         if not samples:
             without_samples += 1
             continue
-        marks = []
+        flexible = flexible and all(_has_flexible(s) for s in samples)
+        for prefix, marks in correct.items():
+            marks.append([_counts_correct(s, prefix) for s in samples])
+            for s in samples:
+                status = str(s.get(prefix + "status"))
+                statuses[prefix][status] = statuses[prefix].get(status, 0) + 1
         for s in samples:
-            status = str(s.get("status"))
-            statuses[status] = statuses.get(status, 0) + 1
-            marks.append(_counts_correct(s))
             output = s.get("output") if isinstance(s.get("output"), str) else ""
             if END_DRAFT not in output:
                 no_end += 1
@@ -84,22 +104,25 @@ def benchmark_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                     unclosed += 1
             if _is_count(s.get("output_tokens")):
                 tokens.append(s["output_tokens"])
-        correct.append(marks)
-    if not correct:
+    strict = correct[""]
+    if not strict:
         raise ValueError(f"no problem has a graded sample ({without_samples} without samples)")
-    n_samples = sum(len(c) for c in correct)
+    n_samples = sum(len(c) for c in strict)
+    figures = grade_figures(strict, statuses[""])
     return {
-        "problems": len(correct),
+        "problems": len(strict),
         "samples": n_samples,
-        "n": min(len(c) for c in correct),
-        **pass_at_ks(correct),
+        "n": min(len(c) for c in strict),
+        **{k: v for k, v in figures.items() if k.startswith("pass@")},
         "mean_output_tokens": sum(tokens) / len(tokens) if tokens else None,
         "no_end_of_draft_share": no_end / n_samples,
         "unclosed_draft_share": unclosed / n_samples,
-        "no_answer_share": statuses.get(STATUS_NO_ANSWER, 0) / n_samples,
-        "timeouts": statuses.get(STATUS_TIMEOUT, 0),
-        "errors": statuses.get(STATUS_ERROR, 0),
+        "no_answer_share": figures["no_answer_share"],
+        "timeouts": figures["timeouts"],
+        "errors": figures["errors"],
         "problems_without_samples": without_samples,
+        FLEXIBLE: (grade_figures(correct[FLEXIBLE_PREFIX], statuses[FLEXIBLE_PREFIX])
+                   if flexible else None),
     }
 
 
@@ -160,10 +183,15 @@ def _subdirs(folder: Path) -> list[Path]:
 
 def _sample_record(row: Mapping[str, Any], model: str, benchmark: str,
                    sample: Mapping[str, Any]) -> dict[str, Any]:
+    flexible = _has_flexible(sample)
     return {"id": row.get("id"), "benchmark": benchmark, "model": model,
             "sample": sample.get("sample"), "output": sample.get("output"),
             "extracted": sample.get("extracted"), "correct": _counts_correct(sample),
-            "status": sample.get("status"), "output_tokens": sample.get("output_tokens"),
+            "status": sample.get("status"),
+            "flexible_extracted": sample.get(FLEXIBLE_PREFIX + "extracted"),
+            "flexible_correct": _counts_correct(sample, FLEXIBLE_PREFIX) if flexible else None,
+            "flexible_status": sample.get(FLEXIBLE_PREFIX + "status"),
+            "output_tokens": sample.get("output_tokens"),
             "finish_reason": sample.get("finish_reason")}
 
 
@@ -253,6 +281,13 @@ def _benchmarks(per_model: Iterable[Mapping[str, Any]]) -> list[str]:
     return list(seen)
 
 
+def _flexible(metrics: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The flexible figures of one model and benchmark; empty when it has none (results from
+    an older palign), so every flexible cell shows as missing."""
+    flexible = metrics.get(FLEXIBLE)
+    return flexible if isinstance(flexible, Mapping) else {}
+
+
 def _pass_keys(metric_dicts: Iterable[Mapping[str, Any]]) -> list[str]:
     ks = {int(k.split("@")[1]) for m in metric_dicts for k in m if k.startswith("pass@")}
     return [f"pass@{k}" for k in sorted(ks)]
@@ -268,17 +303,24 @@ def _prefix_lines(prefix: Mapping[str, Any]) -> list[str]:
 
 
 def format_results(results: Results) -> str:
-    """The Markdown of one run: a table per benchmark (a row per model), then the prefix ratios."""
-    lines = [f"# Evaluation: {_cell(results.run_name)}"]
+    """The Markdown of one run: a table per benchmark (a row per model; the strict pass@k, then
+    the flexible ones), then the prefix ratios."""
+    lines = [f"# Evaluation: {_cell(results.run_name)}",
+             "", "pass@k: strict extraction (the last `\\boxed{}`); flexible pass@k: "
+             "math-verify's own extraction over the whole output (docs/evaluation.md)."]
     for bench in _benchmarks(results.metrics.values()):
         models = [(m, b[bench]) for m, b in results.metrics.items() if bench in b]
         keys = _pass_keys(m for _, m in models)
-        header = ["model", "problems", "n", *keys, "mean output tokens",
-                  "no `<End_of_Draft>`", "no answer", "timeouts"]
+        header = ["model", "problems", "n", *keys, *[f"flexible {k}" for k in keys],
+                  "mean output tokens", "no `<End_of_Draft>`", "no answer",
+                  "flexible no answer", "timeouts", "flexible timeouts"]
         rows = [[_cell(model), str(m["problems"]), str(m["n"]),
                  *[_num(m.get(k), ".4f") for k in keys],
+                 *[_num(_flexible(m).get(k), ".4f") for k in keys],
                  _num(m["mean_output_tokens"], ".1f"), f"{m['no_end_of_draft_share']:.1%}",
-                 f"{m['no_answer_share']:.1%}", str(m["timeouts"])] for model, m in models]
+                 f"{m['no_answer_share']:.1%}", _num(_flexible(m).get("no_answer_share"), ".1%"),
+                 str(m["timeouts"]), _num(_flexible(m).get("timeouts"), "d")]
+                for model, m in models]
         lines += ["", f"## {_cell(bench)}", "", *_table(header, rows)]
     if results.prefix_ratio:
         lines += ["", *_prefix_lines(results.prefix_ratio)]
@@ -294,24 +336,34 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 def _plot_pass_at_1(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]], path: Path,
                     title: str) -> None:
+    """Bars of pass@1 per benchmark: for each model a solid strict bar and, beside it, a hatched
+    flexible bar in the same colour (absent where there is no flexible figure)."""
     # A bare Figure draws with Agg and never touches pyplot's global state or a display.
     from matplotlib.figure import Figure
 
     benches = _benchmarks(metrics.values())
     models = list(metrics)
-    width = 0.8 / len(models)
-    fig = Figure(figsize=(max(4.0, 1.3 * len(benches) + 2.0), 3.6))
+    bars_per_bench = 2 * len(models)
+    width = 0.8 / bars_per_bench
+    fig = Figure(figsize=(max(4.0, 2.0 * len(benches) + 2.0), 3.6))
     ax = fig.add_subplot()
     for i, model in enumerate(models):
-        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(benches))]
-        ys = [metrics[model].get(b, {}).get("pass@1", math.nan) for b in benches]
-        bars = ax.bar(xs, ys, width=width, label=model)
-        ax.bar_label(bars, labels=["" if math.isnan(y) else f"{y:.2f}" for y in ys],
-                     fontsize="small")
+        per_bench = [metrics[model].get(b, {}) for b in benches]
+        strict = [m.get("pass@1", math.nan) for m in per_bench]
+        flexible = [_flexible(m).get("pass@1", math.nan) for m in per_bench]
+        color = f"C{i % 10}"
+        for j, (ys, label, hatch) in enumerate(((strict, f"{model} (strict)", None),
+                                                (flexible, f"{model} (flexible)", "//"))):
+            slot = 2 * i + j
+            xs = [b + (slot - (bars_per_bench - 1) / 2) * width for b in range(len(benches))]
+            bars = ax.bar(xs, ys, width=width, label=label, color=color, hatch=hatch,
+                          alpha=0.55 if hatch else 1.0, edgecolor=color)
+            ax.bar_label(bars, labels=["" if math.isnan(y) else f"{y:.2f}" for y in ys],
+                         fontsize="x-small")
     ax.set_xticks(range(len(benches)), benches)
     ax.set_ylim(0, 1)
     ax.set_ylabel("pass@1")
-    ax.set_title(f"{title}: pass@1 per benchmark")
+    ax.set_title(f"{title}: pass@1 per benchmark (strict and flexible extraction)")
     ax.legend(fontsize="small")
     fig.tight_layout()
     _save_figure(fig, path)
@@ -407,7 +459,9 @@ def load_arms(paths: list[str]) -> list[Arm]:
 
 
 def format_comparison(arms: list[Arm]) -> str:
-    """A table per benchmark with a row per (arm, model), then each arm's mean prefix ratio."""
+    """A table per benchmark with a row per (arm, model), strict and flexible figures side by
+    side (flexible ones missing for results from an older palign), then each arm's mean prefix
+    ratio."""
     lines = ["# Comparison: " + ", ".join(_cell(a.name) for a in arms)]
     for bench in _benchmarks(b for a in arms for b in a.results["models"].values()):
         rows = []
@@ -416,13 +470,17 @@ def format_comparison(arms: list[Arm]) -> str:
                 m = benches.get(bench)
                 if m is None:
                     continue
+                flexible = _flexible(m)
                 rows.append([_cell(arm.name), _cell(model), str(m["n"]),
                              _num(m.get("pass@1"), ".4f"), _num(m.get(f"pass@{m['n']}"), ".4f"),
+                             _num(flexible.get("pass@1"), ".4f"),
+                             _num(flexible.get(f"pass@{m['n']}"), ".4f"),
                              _num(m.get("mean_output_tokens"), ".1f"),
                              _num(m.get("no_end_of_draft_share"), ".1%"),
-                             _num(m.get("no_answer_share"), ".1%")])
-        header = ["arm", "model", "n", "pass@1", "pass@n", "mean output tokens",
-                  "no `<End_of_Draft>`", "no answer"]
+                             _num(m.get("no_answer_share"), ".1%"),
+                             _num(flexible.get("no_answer_share"), ".1%")])
+        header = ["arm", "model", "n", "pass@1", "pass@n", "flexible pass@1", "flexible pass@n",
+                  "mean output tokens", "no `<End_of_Draft>`", "no answer", "flexible no answer"]
         lines += ["", f"## {_cell(bench)}", "", *_table(header, rows)]
     with_prefix = [a for a in arms if isinstance(a.results.get("prefix_ratio"), dict)]
     if with_prefix:
@@ -433,10 +491,18 @@ def format_comparison(arms: list[Arm]) -> str:
     return "\n".join(lines)
 
 
+def _flat_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """One model's metrics with the flexible object spread into ``flexible_<key>`` columns."""
+    flat = {k: v for k, v in metrics.items() if k != FLEXIBLE}
+    flat.update({f"{FLEXIBLE_PREFIX}{k}": v for k, v in _flexible(metrics).items()})
+    return flat
+
+
 def merge_arms(arms: list[Arm]) -> dict[str, Any]:
-    """A machine-readable merge: each arm's results, and a flat row per (arm, model, benchmark)
-    that loads straight into a data frame."""
-    rows = [{"arm": a.name, "model": model, "benchmark": bench, **m}
+    """A machine-readable merge: each arm's results as they are, and a flat row per (arm, model,
+    benchmark) that loads straight into a data frame (the flexible figures as
+    ``flexible_pass@1``, ``flexible_no_answer_share``, ...)."""
+    rows = [{"arm": a.name, "model": model, "benchmark": bench, **_flat_metrics(m)}
             for a in arms for model, benches in a.results["models"].items()
             for bench, m in benches.items()]
     return {"arms": [{"name": a.name, "source": str(a.source), **a.results} for a in arms],

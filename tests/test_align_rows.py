@@ -55,3 +55,42 @@ def test_drop_wrong_sends_wrong_answers_to_rejects(grader):
                      AlignSection(policy="drop_wrong"))
     assert [o.ok for o in out] == [True, False, True]
     assert "wrong answer: predicted '47', gold '48'" in out[1].reason
+
+
+# Continuations where the extraction modes differ (their grades are pinned in test_grading.py).
+MODE_ROWS = [
+    {"id": "unboxed", "question": "2*24?", "answer": "48", "prefix": "Double 24."},
+    {"id": "box-then-final", "question": "2*24?", "answer": "48", "prefix": "Double 24."},
+    {"id": "from-prefix", "question": "2*24?", "answer": "48", "prefix": "So \\boxed{48}."},
+]
+MODE_TEXTS = ["Twice 24 is 48.", "So \\boxed{47}. Hmm, so the final answer is 48.",
+              "Done, as above."]
+
+
+def test_extract_from_config_picks_the_grade(grader):
+    strict = align_rows(MODE_ROWS, ScriptedStudent(MODE_TEXTS), grader,
+                        AlignSection(policy="keep_all"))
+    flexible = align_rows(MODE_ROWS, ScriptedStudent(MODE_TEXTS), grader,
+                          AlignSection(policy="keep_all", extract="flexible"))
+
+    def grades(outcomes):
+        return [(o.record["answer_correct"], o.record["predicted_answer"],
+                 o.record["grade_status"], o.record["answer_source"]) for o in outcomes]
+
+    assert grades(strict) == [(False, None, "no_answer", None),  # no box anywhere
+                              (False, "47", "ok", "continuation"),
+                              (True, "48", "ok", "prefix")]
+    assert grades(flexible) == [(True, "48", "ok", "continuation"),  # the unboxed number
+                                (True, "48", "ok", "continuation"),  # "final answer is" wins
+                                (True, "48", "ok", "prefix")]
+    assert {o.record["answer_extract"] for o in strict} == {"strict"}
+    assert {o.record["answer_extract"] for o in flexible} == {"flexible"}
+
+
+def test_drop_wrong_uses_the_configured_mode(grader):
+    strict = align_rows(MODE_ROWS, ScriptedStudent(MODE_TEXTS), grader,
+                        AlignSection(policy="drop_wrong"))
+    flexible = align_rows(MODE_ROWS, ScriptedStudent(MODE_TEXTS), grader,
+                          AlignSection(policy="drop_wrong", extract="flexible"))
+    assert [o.ok for o in strict] == [False, False, True]
+    assert [o.ok for o in flexible] == [True, True, True]

@@ -32,6 +32,7 @@ def test_bad_value_names_its_path():
     assert "truncate.threshold" in errors_of({**MINIMAL, "truncate": {"threshold": 1.5}})
     assert "align.sampling.top_p" in errors_of({**MINIMAL, "align": {"sampling": {"top_p": 0}}})
     assert "truncate.strategy" in errors_of({**MINIMAL, "truncate": {"strategy": "linear"}})
+    assert "align.extract" in errors_of({**MINIMAL, "align": {"extract": "loose"}})
     assert "data: Field required" in errors_of({"models": {"student": "m"}})
     assert "data.path" in errors_of({"data": {}, "models": {"student": "m"}})
 
@@ -126,3 +127,8 @@ def test_failure_settings_are_checked_by_name():
     assert "align.max_row_attempts" in errors_of({**MINIMAL, "align": {"max_row_attempts": 0}})
     assert "data.max_reject_share" in errors_of({"data": {"path": "x", "max_reject_share": -1},
                                                  "models": {"student": "m"}})
+
+
+def test_align_extract_defaults_to_strict():
+    assert parse_config(MINIMAL).align.extract == "strict"
+    assert parse_config({**MINIMAL, "align": {"extract": "flexible"}}).align.extract == "flexible"

@@ -1,4 +1,5 @@
-"""Tests for palign.grading: boxed-answer extraction and math-verify grading in a worker."""
+"""Tests for palign.grading: boxed-answer extraction and math-verify grading in a worker, in the
+strict (last box) and flexible (math-verify's own extraction) modes."""
 
 from __future__ import annotations
 
@@ -155,3 +156,85 @@ def test_works_from_a_non_main_thread() -> None:
         (False, "timeout"),
         (True, "ok"),
     ]
+
+
+# --------------------------------------------------------------------------- extraction modes
+# What math-verify 0.9's own extraction really does on these outputs was checked by hand with
+# math_verify.parse before each expectation was written down; the flexible mode must agree.
+
+LOOP = "Let me recheck... 7 ... wait, let me recheck ... 7 ... wait"
+
+
+@pytest.mark.parametrize(
+    ("output", "gold", "strict", "flexible"),
+    [
+        # (a) No box but a final number: strict finds nothing, flexible takes the number.
+        ("Adding 40 and 2 gives 42, so the answer is 42.", "42",
+         Grade(False, "no_answer", None), Grade(True, "ok", "42")),
+        # (b) A box, then a later different bare number: math-verify ranks a box above a bare
+        # number, so both modes take the box ...
+        (r"So the sum is \boxed{12}. Wait, let me recheck: the correct count is 15.", "15",
+         Grade(False, "ok", "12"), Grade(False, "ok", "12")),
+        (r"So the sum is \boxed{12}. Wait, let me recheck: the correct count is 15.", "12",
+         Grade(True, "ok", "12"), Grade(True, "ok", "12")),
+        # ... and above a later "the answer is 15" too ...
+        (r"So the sum is \boxed{12}. Wait, so the answer is 15.", "15",
+         Grade(False, "ok", "12"), Grade(False, "ok", "12")),
+        # ... but "final answer ... is" ranks with a box, and the rightmost of the two wins.
+        (r"So the sum is \boxed{12}. Hmm, so the final answer is 15.", "15",
+         Grade(False, "ok", "12"), Grade(True, "ok", "15")),
+        # (c) A loop cut off by the token limit, no box: flexible takes the last number.
+        (LOOP, "7", Grade(False, "no_answer", None), Grade(True, "ok", "7")),
+        # A loop cut off inside its last number: flexible takes the fragment, wrong.
+        ("Let me recheck: the sum is 7. Wait, let me recheck: the sum is 7. Wait, let me "
+         "recheck: the sum is 1", "7", Grade(False, "no_answer", None), Grade(False, "ok", "1")),
+        # A corrected box: strict takes the last one; math-verify takes every box as a set,
+        # {1, 2}, which is not the single gold number.
+        (r"First \boxed{1}. Wait, no: \boxed{2}.", "2",
+         Grade(True, "ok", "2"), Grade(False, "ok", "1,2")),
+        # The same box twice is the set {7}, which math-verify counts as 7.
+        (r"So \boxed{7}. Let me double check... yes, \boxed{7}.", "7",
+         Grade(True, "ok", "7"), Grade(True, "ok", "7")),
+        # No number or expression anywhere: no answer in either mode.
+        ("I could not finish the computation.", "7",
+         Grade(False, "no_answer", None), Grade(False, "no_answer", None)),
+        ("", "7", Grade(False, "no_answer", None), Grade(False, "no_answer", None)),
+    ],
+)
+def test_modes_differ_where_math_verify_finds_another_answer(
+    grader: Grader, output: str, gold: str, strict: Grade, flexible: Grade
+) -> None:
+    assert grader.grade(output, gold) == strict  # strict is the default mode
+    assert grader.grade(output, gold, "strict") == strict
+    assert grader.grade(output, gold, "flexible") == flexible
+    assert grader.grade_both(output, gold) == (strict, flexible)
+
+
+def test_flexible_matches_strict_on_a_clean_boxed_answer(grader: Grader) -> None:
+    out = r"Reasoning... so the answer is $\boxed{\frac{1}{2}}$."
+    assert grader.grade(out, "0.5", "flexible").correct
+    assert grader.grade_many([out, "it is 3"], ["0.5", "3"], "flexible") == [
+        Grade(True, "ok", r"\frac{1}{2}"), Grade(True, "ok", "3")]
+
+
+def test_flexible_unparsable_gold_is_error(grader: Grader) -> None:
+    assert grader.grade("it is 3", "", "flexible") == Grade(False, "error", None)
+
+
+def test_unknown_mode_is_refused(grader: Grader) -> None:
+    with pytest.raises(ValueError, match="extraction mode"):
+        grader.grade(r"\boxed{1}", "1", "loose")  # type: ignore[arg-type]
+
+
+def test_flexible_extraction_runs_under_the_time_limit() -> None:
+    # The whole output goes to math-verify in the worker: the same power tower as below, found
+    # by its own extraction, hangs the check, which then times out like a strict one.
+    with Grader(timeout_s=1.0) as g:
+        assert g.grade("it is 1", "1", "flexible").correct  # worker started and warm
+        t0 = time.monotonic()
+        slow = g.grade(r"so it is $9^{9^{9^{9}}}$", "1", "flexible")
+        assert time.monotonic() - t0 < 5.0
+        assert slow == Grade(correct=False, status="timeout", predicted=None)
+        assert g.restarts == 1
+        assert g.grade_both(r"\boxed{2}", "2") == (Grade(True, "ok", "2"),
+                                                    Grade(True, "ok", "2"))

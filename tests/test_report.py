@@ -13,10 +13,20 @@ RUNAWAY = f"{BEGIN_DRAFT}and then and then"
 PLAIN = "no draft, \\boxed{1}"
 
 
-def sample(i, correct, status="ok", tokens=10, output=DRAFTED):
-    return {"sample": i, "output": output, "extracted": "1" if status == "ok" else None,
-            "correct": correct, "status": status, "output_tokens": tokens,
-            "finish_reason": "length" if output == RUNAWAY else "stop"}
+SAME = "same"
+
+
+def sample(i, correct, status="ok", tokens=10, output=DRAFTED, flexible=SAME):
+    """An evaluate sample. ``flexible``: its flexible grade as (correct, status); SAME copies the
+    strict one; None leaves it out, as in rows written before flexible grading existed."""
+    rec = {"sample": i, "output": output, "extracted": "1" if status == "ok" else None,
+           "correct": correct, "status": status, "output_tokens": tokens,
+           "finish_reason": "length" if output == RUNAWAY else "stop"}
+    if flexible is not None:
+        f_correct, f_status = (correct, status) if flexible == SAME else flexible
+        rec.update(flexible_extracted="1" if f_status == "ok" else None,
+                   flexible_correct=f_correct, flexible_status=f_status)
+    return rec
 
 
 def row(pid, bench, model, samples):
@@ -25,11 +35,12 @@ def row(pid, bench, model, samples):
 
 
 # student on "math": p1 right once in three; p2 never right (one no_answer, one timeout that
-# claims to be correct but must count wrong). Tokens 10..60, so the mean is 35.
+# claims to be correct but must count wrong). Tokens 10..60, so the mean is 35. Flexible: the
+# same, except that it finds the right answer in the runaway draft that has no box.
 STUDENT_MATH = [
     [sample(0, True, tokens=10), sample(1, False, tokens=20), sample(2, False, tokens=30)],
     [sample(0, False, tokens=40),
-     sample(1, False, "no_answer", tokens=50, output=RUNAWAY),
+     sample(1, False, "no_answer", tokens=50, output=RUNAWAY, flexible=(True, "ok")),
      sample(2, True, "timeout", tokens=60, output=PLAIN)],
 ]
 # base on "math": p1 always right, p2 right once in three; never writes a draft.
@@ -66,6 +77,10 @@ def test_benchmark_metrics_exact_values():
     assert m["unclosed_draft_share"] == pytest.approx(1 / 6)
     assert m["no_answer_share"] == pytest.approx(1 / 6)
     assert (m["timeouts"], m["errors"]) == (1, 0)
+    # The flexible figures: p2's runaway sample is right, its time-out still counts wrong.
+    assert m["flexible"] == {
+        "pass@1": pytest.approx((1 / 3 + 1 / 3) / 2), "pass@2": pytest.approx(2 / 3),
+        "pass@3": pytest.approx(1.0), "no_answer_share": 0.0, "timeouts": 1, "errors": 0}
 
 
 def test_benchmark_metrics_n_is_the_smallest_sample_count():
@@ -93,6 +108,10 @@ def test_write_results_files(tmp_path):
     assert base["pass@2"] == pytest.approx((1 + 2 / 3) / 2)
     assert base["mean_output_tokens"] == pytest.approx(150.0)
     assert base["no_end_of_draft_share"] == 1.0
+    assert base["flexible"]["pass@1"] == pytest.approx(2 / 3)  # boxed answers: modes agree
+    student = data["models"]["student"]["math"]
+    assert student["pass@1"] == pytest.approx(1 / 6)
+    assert student["flexible"]["pass@1"] == pytest.approx(1 / 3)
     aime = data["models"]["student"]["aime"]
     assert aime["n"] == 2 and aime["pass@1"] == pytest.approx(0.25)
     assert aime["pass@2"] == pytest.approx(0.5)
@@ -108,13 +127,22 @@ def test_write_results_files(tmp_path):
     math_table = md.split("## math")[1].split("##")[0]
     assert "| base |" in math_table and "| student |" in math_table
     assert "0.1667" in math_table and "0.6667" in math_table and "33.3%" in math_table
+    header = math_table.splitlines()[2].split(" | ")
+    assert header[3:9] == ["pass@1", "pass@2", "pass@3", "flexible pass@1", "flexible pass@2",
+                           "flexible pass@3"]
+    assert "| student | 2 | 3 | 0.1667 | 0.3333 | 0.5000 | 0.3333 | 0.6667 | 1.0000 |" in md
 
     records = [json.loads(line) for line in (ev / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 6 + 6 + 4  # one per sample; the rejects are not read
     assert set(records[0]) >= {"id", "benchmark", "model", "sample", "output", "extracted",
-                               "correct", "status", "output_tokens"}
+                               "correct", "status", "flexible_extracted", "flexible_correct",
+                               "flexible_status", "output_tokens"}
     timed_out = [r for r in records if r["status"] == "timeout"]
     assert len(timed_out) == 1 and timed_out[0]["correct"] is False
+    assert timed_out[0]["flexible_correct"] is False  # its flexible check timed out too
+    [runaway] = [r for r in records if r["output"] == RUNAWAY]
+    assert (runaway["status"], runaway["correct"]) == ("no_answer", False)
+    assert (runaway["flexible_status"], runaway["flexible_correct"]) == ("ok", True)
     assert {(r["model"], r["benchmark"]) for r in records} == {
         ("student", "math"), ("base", "math"), ("student", "aime")}
 
@@ -158,8 +186,11 @@ def test_compare_two_arms(tmp_path):
     lines = {line.split("|")[1].strip(): line for line in tables.splitlines()
              if line.startswith("| ") and "-arm" in line}
     assert set(lines) == {"palign-arm", "full-cot-arm"}
-    assert "| 0.1667 | 0.5000 | 35.0 | 33.3% | 16.7% |" in lines["palign-arm"]
-    assert "| 0.6667 | 1.0000 | 150.0 | 100.0% | 0.0% |" in lines["full-cot-arm"]
+    # pass@1, pass@n, flexible pass@1, flexible pass@n, tokens, no end, no answer (both modes)
+    assert ("| 0.1667 | 0.5000 | 0.3333 | 1.0000 | 35.0 | 33.3% | 16.7% | 0.0% |"
+            in lines["palign-arm"])
+    assert ("| 0.6667 | 1.0000 | 0.6667 | 1.0000 | 150.0 | 100.0% | 0.0% | 0.0% |"
+            in lines["full-cot-arm"])
     assert "| palign-arm | 2 | 0.300 |" in prefix  # mean of 0.2 and 0.4
     assert "full-cot-arm" not in prefix  # that run has no truncate rows
 
@@ -189,6 +220,29 @@ def test_cli_compare(tmp_path, capsys):
     assert [arm["name"] for arm in merged["arms"]] == ["palign-arm", "full-cot-arm"]
     assert {(r["arm"], r["benchmark"]) for r in merged["rows"]} == {
         ("palign-arm", "math"), ("full-cot-arm", "math")}
+    palign_row = next(r for r in merged["rows"] if r["arm"] == "palign-arm")
+    assert palign_row["pass@1"] == pytest.approx(1 / 6)
+    assert palign_row["flexible_pass@1"] == pytest.approx(1 / 3) and "flexible" not in palign_row
+    assert merged["arms"][0]["models"]["student"]["math"]["flexible"]["pass@3"] == 1.0
 
     assert main(["compare", str(a), str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_rows_graded_before_flexible_grading_have_no_flexible_figures(tmp_path):
+    # Rows an older palign wrote: strict grades only. Their flexible figures are missing, never
+    # zeros, in results.json, results.md, samples.jsonl and the comparison.
+    old = [[sample(i, i == 0, flexible=None) for i in range(2)],
+           [sample(i, False, flexible=None) for i in range(2)]]
+    run = make_run(tmp_path / "old", {("base", "math"): old})
+    res = write_results(run)
+    m = res.metrics["base"]["math"]
+    assert m["pass@1"] == pytest.approx(0.25) and m["flexible"] is None
+    assert "| base | 2 | 2 | 0.2500 | 0.5000 | - | - |" in res.results_md.read_text()
+    records = [json.loads(line) for line in res.samples_jsonl.read_text().splitlines()]
+    assert {(r["flexible_correct"], r["flexible_status"]) for r in records} == {(None, None)}
+    assert "| 0.2500 | 0.5000 | - | - |" in compare([str(run)])
+    # One row with and one without flexible grades: the benchmark has no flexible figure.
+    mixed = [row("a", "math", "base", [sample(0, True)]),
+             row("b", "math", "base", [sample(0, True, flexible=None)])]
+    assert benchmark_metrics(mixed)["flexible"] is None

@@ -2,9 +2,11 @@
 
 Output row: the truncate record plus continuation, target
 (``<Begin_of_Draft>{prefix}<End_of_Draft>\\n{continuation}``), predicted_answer, answer_correct,
-grade_status, answer_source (continuation or prefix: the target's last box is graded) and the
-continuation's token count. With ``align.policy: drop_wrong`` rows whose
-answer does not match the gold one go to rejects, with the reason.
+grade_status, answer_extract (the extraction mode, ``align.extract``: strict grades the last
+box, flexible math-verify's own extraction), answer_source (continuation or prefix: the
+continuation is graded first, the prefix when the continuation has no answer) and the
+continuation's token count. With ``align.policy: drop_wrong`` rows whose answer does not match
+the gold one go to rejects, with the reason.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ def align_rows(
         if comp.error:
             outcomes[i] = rejected(row, f"student: {comp.error}")
             continue
-        # The target's final answer is graded: the continuation's last box, else the prefix's.
-        grade, source = grader.grade(comp.text, row["answer"]), "continuation"
+        # The target's final answer is graded: the continuation's, else the prefix's.
+        grade, source = grader.grade(comp.text, row["answer"], cfg.extract), "continuation"
         if grade.status == "no_answer":
-            grade, source = grader.grade(row["prefix"], row["answer"]), "prefix"
+            grade, source = grader.grade(row["prefix"], row["answer"], cfg.extract), "prefix"
             if grade.status == "no_answer":
                 source = None
         record = {
@@ -49,7 +51,8 @@ def align_rows(
             "predicted_answer": grade.predicted,
             "answer_correct": grade.correct,
             "grade_status": grade.status,
-            "answer_source": source,  # which part of the target held the graded box
+            "answer_extract": cfg.extract,
+            "answer_source": source,  # which part of the target held the graded answer
             "continuation_tokens": comp.completion_tokens,
             "continuation_finish": comp.finish_reason,
         }

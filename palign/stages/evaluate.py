@@ -1,9 +1,12 @@
 """evaluate: n sampled solutions per benchmark problem from the model under test, each graded.
 
 Input row: a benchmark problem (id, question, answer, benchmark). Output row: the problem plus
-``samples``, one record per sample: sample index, output, extracted answer, correct, grade
-status (ok, no_answer, timeout, error), output tokens and finish reason. A time-out counts as
-wrong and stays recorded as such. The prompt is the one the student was trained on.
+``samples``, one record per sample: sample index, output, output tokens, finish reason, and
+its grade in both extraction modes (see palign.grading): ``extracted``, ``correct`` and
+``status`` (ok, no_answer, timeout, error) for the strict mode (the last box), and
+``flexible_extracted``, ``flexible_correct`` and ``flexible_status`` for the flexible one
+(math-verify's own extraction over the whole output). A time-out counts as wrong and stays
+recorded as such. The prompt is the one the student was trained on.
 """
 
 from __future__ import annotations
@@ -35,13 +38,17 @@ def evaluate_rows(
             continue
         samples = []
         for k, comp in enumerate(mine):
-            grade = grader.grade(comp.text, row["answer"])
+            # Both modes, always: the point is to report a paper-comparable figure beside ours.
+            strict, flexible = grader.grade_both(comp.text, row["answer"])
             samples.append({
                 "sample": k,
                 "output": comp.text,
-                "extracted": grade.predicted,
-                "correct": grade.correct,
-                "status": grade.status,
+                "extracted": strict.predicted,
+                "correct": strict.correct,
+                "status": strict.status,
+                "flexible_extracted": flexible.predicted,
+                "flexible_correct": flexible.correct,
+                "flexible_status": flexible.status,
                 "output_tokens": comp.completion_tokens,
                 "finish_reason": comp.finish_reason,
             })
