@@ -11,6 +11,7 @@ import yaml
 
 from palign.config import STAGES, ConfigError, load_config
 from palign.failures import MachineryError, StageFailed
+from palign.grade_file import EXTRACT_CHOICES
 from palign.logs import setup_driver_logging
 
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--answer-field", default="answer")
     grade.add_argument("--output-field", default="output", help="a list of outputs per row")
     grade.add_argument("--timeout", type=float, default=5.0, help="seconds per answer check")
-    grade.add_argument("--extract", choices=["strict", "flexible", "both"], default="both",
+    grade.add_argument("--extract", choices=list(EXTRACT_CHOICES), default="both",
                        help="strict: the last \\boxed{}; flexible: math-verify's own extraction "
                             "over the whole output (as papers' labels often are); both (default)")
     comp = sub.add_parser("compare", help="put several runs' evaluation results side by side")
