@@ -137,3 +137,20 @@ def test_rerun_retries_system_rejects_and_keeps_row_rejects(tmp_path, ray_cluste
     assert again.processed == 1  # the row reject, served again on request
     assert ids(out) == Counter({r["id"]: 1 for r in rows})
     assert not list(read_rows(out / "rejects"))
+
+
+def test_a_model_that_does_not_load_fails_the_stage_and_rejects_nothing(tmp_path, ray_cluster,
+                                                                        capsys):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    raw = truncate_config(tmp_path, WITH_COT[:2], models={"student": str(broken)},
+                          engine={"backend": "transformers", "max_failures": 2})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(raw))
+    assert palign_main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED: truncate failed after 0 of 2 rows were written" in err
+    assert "no-such-architecture" in err  # the loader's own words
+    out = tmp_path / "out" / "truncate"
+    assert not list(read_rows(out)) and not list(read_rows(out / "rejects"))

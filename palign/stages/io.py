@@ -59,6 +59,11 @@ def read_ids(folder: str | Path) -> set[str]:
     return {str(row["id"]) for row in read_rows(folder)}
 
 
+def reject_reasons(stage_dir: str | Path) -> list[str]:
+    """The reason of every reject a stage folder holds."""
+    return [str(r.get("reason")) for r in read_rows(Path(stage_dir) / REJECTS)]
+
+
 def retried(reject: dict[str, Any], retry: str) -> bool:
     """Whether a rerun with ``run.retry_rejects: retry`` serves this reject's row again."""
     return retry == "all" or (retry == "system" and reject.get("kind", ROW) == SYSTEM)

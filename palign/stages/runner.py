@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -36,6 +37,7 @@ from palign.stages.io import (
     ShardWriter,
     done_ids,
     read_rows,
+    reject_reasons,
     reject_row,
     release_rejects,
 )
@@ -263,14 +265,15 @@ def _stage_failure(stage: str, err: BaseException, done: int, total: int) -> Sta
 
 
 def _last_error_line(err: BaseException) -> str:
-    """The last ``SomeError: message`` line of an error's text (Ray's carry the remote
-    traceback), else its one-line description."""
-    import re
-
+    """The last ``SomeError: message`` of an error's text (Ray's carry the remote traceback),
+    with the lines of its message that follow, on one line; else its one-line description."""
     lines = [ln.strip() for ln in str(err).splitlines()]
-    found = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Failure|Unavailable"
-                                           r"|Failed)\b.*: ", ln)]
-    return found[-1][:600] if found else describe(err)
+    starts = [i for i, ln in enumerate(lines)
+              if re.match(r"^[\w.]+(Error|Exception|Failure|Unavailable|Failed)\b.*: ", ln)]
+    if not starts:
+        return describe(err)
+    text = " ".join(ln for ln in lines[starts[-1]:] if ln)
+    return text if len(text) <= 600 else text[:597] + "..."
 
 
 def eval_model_path(cfg: Config, model: EvalModel) -> str:
@@ -333,7 +336,7 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
         for name in benchmarks:
             out = root / m.label / name
             summary.rows_out += sum(1 for _ in read_rows(out))
-            summary.reasons += [str(r.get("reason")) for r in read_rows(out / REJECTS)]
+            summary.reasons += reject_reasons(out)
     summary.rejected = len(summary.reasons)
     results = write_results(cfg.run.output_dir, cfg.run.name)
     for label, per_bench in results.metrics.items():
@@ -354,7 +357,7 @@ def _benchmark_source(b: Benchmark) -> DataSection:
 def _fill_totals(summary: StageSummary, out_dir: Path) -> None:
     rows = list(read_rows(out_dir))
     summary.rows_out = len(rows)
-    summary.reasons = [str(r.get("reason")) for r in read_rows(out_dir / REJECTS)]
+    summary.reasons = reject_reasons(out_dir)
     summary.rejected = len(summary.reasons)
     summary.stats = stage_stats(summary.stage, rows)
 
@@ -390,7 +393,7 @@ def ingest_summary(cfg: Config) -> StageSummary | None:
     if not folder.is_dir():
         return None  # nothing read the run's data (an evaluate-only run)
     out = sum(1 for _ in read_rows(folder))
-    reasons = [str(r.get("reason")) for r in read_rows(folder / REJECTS)]
+    reasons = reject_reasons(folder)
     return StageSummary("ingest", rows_in=out + len(reasons), rows_out=out,
                         rejected=len(reasons), output_dir=str(folder), reasons=reasons)
 
@@ -413,7 +416,7 @@ def run_train_stage(cfg: Config) -> StageSummary:
         stats={"steps": res.steps, "final_loss": res.final_loss,
                "tokens_per_s": res.tokens_per_s, "packing_efficiency": res.packing_efficiency},
         output_dir=str(cfg.stage_dir("train")), model_dir=str(res.model_dir),
-        reasons=[str(r.get("reason")) for r in read_rows(cfg.stage_dir("train") / REJECTS)],
+        reasons=reject_reasons(cfg.stage_dir("train")),
     )
     summary.check_rejects("train.max_reject_share", cfg.train.max_reject_share)
     return summary
