@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from palign.config import Config, ConfigError, EngineConfig, TrainSection
+from palign.stages.registry import REGISTRY
 
 TP_STRATEGY = "STRICT_PACK"  # every tensor-parallel rank of a replica on one node
 TP_EXECUTOR_BACKEND = "ray"  # vLLM's executor for tp > 1: ranks as Ray actors in our bundles
@@ -209,17 +210,21 @@ def train_request(train: TrainSection) -> TrainRequest:
     return TrainRequest(train.num_workers, train.use_gpu, resources)
 
 
+def _definition_needs_engine(cfg: Config, stage: str) -> bool:
+    return stage in REGISTRY and REGISTRY[stage].needs_engine(cfg)
+
+
 def engine_stages(cfg: Config,
                   needs_engine: Callable[[Config, str], bool] | None = None
                   ) -> list[tuple[str, EngineConfig]]:
     """(stage, engine settings) of every listed stage that runs an engine, in run order.
 
     A stage counts when its config section has an ``engine`` and ``needs_engine(cfg, stage)``
-    says so (default: ``palign.stages.worker.stage_needs_engine``; e.g. ``truncate`` with
-    strategy ``full`` runs none).
+    says so (default: the stage's definition, ``palign.stages.registry``; e.g. ``truncate``
+    with strategy ``full`` runs none).
     """
     if needs_engine is None:
-        from palign.stages.worker import stage_needs_engine as needs_engine
+        needs_engine = _definition_needs_engine
     pairs = []
     for stage in cfg.run.stages:
         engine = getattr(getattr(cfg, stage, None), "engine", None)

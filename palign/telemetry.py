@@ -13,8 +13,8 @@ What to call, and where (``stage`` is the stage name; it becomes the ``stage`` l
 - ``prefix_ratios(stage, values)``                 truncate: each row's kept share of its CoT
 - ``engine_tokens(stage, tokens, seconds)``        tokens an engine call processed, and its time
 - ``train_step(loss, tokens_per_s)``               train, rank 0, per reported step
-- ``stage_batch(stage, rows_in, records, rejected, seconds)``  all of the above that apply,
-  for one actor batch of finished records (dicts as the stages write them)
+- ``stage_batch(stage, rows_in, rows_out, rejected, seconds, tokens, probes, ratios)``  all of
+  the above that apply, for one actor batch
 
 Exported names, measured with Ray 2.60 (its default OpenTelemetry exporter; see
 ``tests/test_telemetry.py``): Ray prefixes ``ray_``, counters get ``_total`` and histograms
@@ -70,28 +70,6 @@ EXPORTED_NAMES = (
     "ray_palign_train_loss",
     "ray_palign_train_tokens_per_s",
 )
-
-# The record field that counts a stage's engine tokens (``stage_batch``): generated tokens for
-# generate and align, judge prompt tokens for truncate (its verdicts are one-token reads);
-# evaluate sums ``output_tokens`` over the record's ``samples``.
-TOKEN_FIELDS = {
-    "generate": "teacher_tokens",
-    "truncate": "judge_prompt_tokens",
-    "align": "continuation_tokens",
-}
-SAMPLE_TOKEN_FIELD = "output_tokens"
-
-
-def record_tokens(stage: str, record: dict[str, Any]) -> int:
-    """The engine tokens one finished record of ``stage`` accounts for (0 when unknown)."""
-    field = TOKEN_FIELDS.get(stage)
-    if field:
-        return int(record.get(field) or 0)
-    samples = record.get("samples")
-    if isinstance(samples, list):
-        return sum(int(s.get(SAMPLE_TOKEN_FIELD) or 0) for s in samples if isinstance(s, dict))
-    return 0
-
 
 @dataclass
 class _Metrics:
@@ -228,21 +206,18 @@ def train_step(m: _Metrics, loss: float | None, tokens_per_s: float | None) -> N
 
 
 @_safe
-def stage_batch(m: _Metrics, stage: str, rows_in: int, records: list[dict[str, Any]],
-                rejected: int, seconds: float, tokens: int | None = None) -> None:
-    """Everything one actor batch says: rows in/out/rejected; for truncate, the judge probes and
-    prefix ratios of its records; engine tokens from ``tokens`` or, if not
-    given, ``record_tokens`` summed over ``records``, in ``seconds``."""
-    rows(stage, rows_in=rows_in, rows_out=len(records), rejected=rejected)
-    # Only truncate's own work: later stages' records carry its probes and ratios along.
-    probes = sum(len(r.get("probes") or ()) for r in records) if stage == "truncate" else 0
+def stage_batch(m: _Metrics, stage: str, rows_in: int, rows_out: int, rejected: int,
+                seconds: float, tokens: int = 0, probes: int = 0,
+                ratios: Iterable[float] = ()) -> None:
+    """Everything one actor batch says: rows in, out and rejected, the engine tokens its
+    finished records account for (in ``seconds``), and any judge probes and prefix ratios.
+    What a stage's records hold is its own definition's business
+    (``palign.stages.definition.Stage.metrics``)."""
+    rows(stage, rows_in=rows_in, rows_out=rows_out, rejected=rejected)
     if probes:
         judge_probes(stage, probes)
-    ratios = [r["prefix_ratio"] for r in records
-              if isinstance(r.get("prefix_ratio"), (float, int))] if stage == "truncate" else []
+    ratios = list(ratios)
     if ratios:
         prefix_ratios(stage, ratios)
-    if tokens is None:
-        tokens = sum(record_tokens(stage, r) for r in records)
     if tokens:
         engine_tokens(stage, tokens, seconds)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from palign import telemetry
+from palign.stages.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "cluster" / "grafana" / "palign_dashboard.json"
@@ -56,7 +57,7 @@ def test_without_ray_nothing_is_made_or_recorded(monkeypatch: pytest.MonkeyPatch
     telemetry.prefix_ratios("truncate", [0.2, 0.9])
     telemetry.engine_tokens("align", 100, 2.0)
     telemetry.train_step(1.5, 300.0)
-    telemetry.stage_batch("truncate", 2, [{"prefix_ratio": 0.5, "probes": [{}]}], 0, 1.0)
+    telemetry.stage_batch("truncate", 2, 1, 0, 1.0, tokens=10, probes=1, ratios=[0.5])
     assert telemetry._metrics is None
     assert not telemetry.enabled()
 
@@ -78,7 +79,7 @@ def test_a_failing_metric_warns_once_and_never_raises(monkeypatch: pytest.Monkey
     with caplog.at_level(logging.WARNING, logger="palign.telemetry"):
         telemetry.rows("align", rows_in=1)
         telemetry.train_step(1.0, 2.0)
-        telemetry.stage_batch("align", 1, [{}], 0, 1.0)
+        telemetry.stage_batch("align", 1, 1, 0, 1.0)
     warnings = [r for r in caplog.records if r.name == "palign.telemetry"]
     assert len(warnings) == 1 and "rows failed" in warnings[0].getMessage()
 
@@ -102,13 +103,15 @@ def test_functions_record_with_the_stage_tag(fake_metrics: telemetry._Metrics) -
     assert m.train_tokens_per_s.calls == []
 
 
-def test_stage_batch_reads_the_records(fake_metrics: telemetry._Metrics) -> None:
+def test_stage_batch_records_what_the_stage_counted(fake_metrics: telemetry._Metrics) -> None:
     m = fake_metrics
     records = [
         {"id": "a", "prefix_ratio": 0.4, "probes": [{}, {}, {}], "judge_prompt_tokens": 300},
         {"id": "b", "prefix_ratio": 1, "probes": [{}], "judge_prompt_tokens": 100},
     ]
-    telemetry.stage_batch("truncate", rows_in=3, records=records, rejected=1, seconds=4.0)
+    counted = REGISTRY["truncate"].metrics(records)  # the stage's own definition
+    telemetry.stage_batch("truncate", rows_in=3, rows_out=2, rejected=1, seconds=4.0,
+                          tokens=counted.tokens, probes=counted.probes, ratios=counted.ratios)
     tag = {"stage": "truncate"}
     assert m.rows_in.calls == [("inc", 3.0, tag)]
     assert m.rows_out.calls == [("inc", 2.0, tag)]
@@ -117,17 +120,16 @@ def test_stage_batch_reads_the_records(fake_metrics: telemetry._Metrics) -> None
     assert [c[1] for c in m.prefix_ratio.calls] == [0.4, 1.0]
     assert m.engine_tokens.calls == [("inc", 400.0, tag)]
     assert m.engine_tokens_per_s.calls == [("set", 100.0, tag)]
-    # evaluate: output tokens of every sample; an explicit count wins.
+
+
+def test_each_stage_counts_its_own_tokens() -> None:
     samples = [{"sample": 0, "output_tokens": 30}, {"sample": 1, "output_tokens": 10}]
-    telemetry.stage_batch("evaluate", 2, [{"id": "c", "samples": samples}, {"id": "d"}], 0, 2.0)
-    assert m.engine_tokens.calls[-1] == ("inc", 40.0, {"stage": "evaluate"})
-    assert m.engine_tokens_per_s.calls[-1] == ("set", 20.0, {"stage": "evaluate"})
-    telemetry.stage_batch("other", 1, [{"id": "e"}], 0, 2.0, tokens=60)
-    assert m.engine_tokens.calls[-1] == ("inc", 60.0, {"stage": "other"})
+    assert REGISTRY["evaluate"].metrics([{"id": "c", "samples": samples}, {"id": "d"}]).tokens == 40
+    assert REGISTRY["generate"].metrics([{"teacher_tokens": 7}, {"cot_source": "data"}]).tokens == 7
     # align's records carry truncate's probes and ratio along: not counted again
-    telemetry.stage_batch("align", 1, [{"id": "a", "prefix_ratio": 0.4, "probes": [{}]}], 0, 1.0)
-    assert m.judge_probes.calls == [("inc", 4.0, tag)]  # nothing new
-    assert [c[1] for c in m.prefix_ratio.calls] == [0.4, 1.0]
+    carried = REGISTRY["align"].metrics([{"prefix_ratio": 0.4, "probes": [{}],
+                                          "continuation_tokens": 12}])
+    assert (carried.tokens, carried.probes, carried.ratios) == (12, 0, ())
 
 
 # ------------------------------------------------------------------------------ dashboard

@@ -11,12 +11,14 @@ the gold one go to rejects, with the reason.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from palign.config import AlignSection
 from palign.engines.base import Engine
 from palign.grading import Grader
 from palign.prompts import align_chat, training_target
+from palign.stages.definition import Row, Stage, field_tokens
 from palign.stages.generate import sampling_for
 from palign.stages.outcome import Outcome, rejected
 
@@ -63,3 +65,24 @@ def align_rows(
         else:
             outcomes[i] = Outcome(row["id"], record)
     return [outcomes[i] for i in range(len(rows))]
+
+
+def summary_stats(rows: Sequence[Row]) -> dict[str, float]:
+    """The share of targets whose answer matched the gold one, and the continuations' length."""
+    if not rows:
+        return {}
+    return {
+        "answer_correct_share": sum(bool(r["answer_correct"]) for r in rows) / len(rows),
+        "mean_continuation_tokens": sum(r.get("continuation_tokens", 0) for r in rows) / len(rows),
+    }
+
+
+ALIGN = Stage(
+    name="align",
+    model=lambda cfg: cfg.models.student,
+    needs_engine=lambda cfg: True,
+    grades=True,
+    process=lambda rows, engine, grader, section: (align_rows(rows, engine, grader, section), 0),
+    metrics=field_tokens("continuation_tokens"),
+    stats=summary_stats,
+)

@@ -11,12 +11,14 @@ recorded as such. The prompt is the one the student was trained on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from palign.config import EvaluateSection
 from palign.engines.base import Engine
 from palign.grading import Grader
 from palign.prompts import student_question
+from palign.stages.definition import BatchMetrics, Row, Stage
 from palign.stages.generate import sampling_for
 from palign.stages.outcome import Outcome, rejected
 
@@ -54,3 +56,24 @@ def evaluate_rows(
             })
         outcomes.append(Outcome(row["id"], {**row, "samples": samples}))
     return outcomes
+
+
+def batch_metrics(records: Sequence[Row]) -> BatchMetrics:
+    """The output tokens of every sample."""
+    return BatchMetrics(tokens=sum(
+        int(s.get("output_tokens") or 0) for r in records
+        for s in (r.get("samples") if isinstance(r.get("samples"), list) else ())
+        if isinstance(s, dict)))
+
+
+# Its engine serves each model under test in turn (the runner names it per run); the results
+# tables are its summary (palign.report).
+EVALUATE = Stage(
+    name="evaluate",
+    model=lambda cfg: None,
+    needs_engine=lambda cfg: True,
+    grades=True,
+    process=lambda rows, engine, grader, section: (
+        evaluate_rows(rows, engine, grader, section), 0),
+    metrics=batch_metrics,
+)

@@ -5,12 +5,13 @@ Output row: the problem record with ``cot`` filled and ``cot_source`` ("data" or
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from palign.config import GenerateSection
 from palign.engines.base import Engine, Sampling
 from palign.prompts import teacher_chat
+from palign.stages.definition import Row, Stage, field_tokens
 from palign.stages.outcome import Outcome, rejected
 
 
@@ -54,3 +55,20 @@ def generate_rows(
                     "teacher_finish": comp.finish_reason,
                 })
     return [outcomes[i] for i in range(len(rows))]
+
+
+def summary_stats(rows: Sequence[Row]) -> dict[str, float]:
+    """How many CoTs the teacher wrote (the others came with the data)."""
+    return {"teacher_written": sum(r.get("cot_source") == "teacher" for r in rows)} if rows else {}
+
+
+GENERATE = Stage(
+    name="generate",
+    model=lambda cfg: cfg.models.teacher,
+    needs_engine=lambda cfg: cfg.models.teacher is not None,
+    process=lambda rows, engine, grader, section: (
+        generate_rows(rows, (lambda: engine) if engine is not None else None, section), 0),
+    engine_for=lambda rows: any(not r.get("cot") for r in rows),  # rows with a CoT pass through
+    metrics=field_tokens("teacher_tokens"),
+    stats=summary_stats,
+)

@@ -41,7 +41,8 @@ from palign.stages.io import (
     reject_row,
     release_rejects,
 )
-from palign.stages.worker import StageWorker, stage_model, stage_needs_engine
+from palign.stages.registry import REGISTRY
+from palign.stages.worker import StageWorker
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +161,9 @@ def run_stage(cfg: Config, stage: str) -> StageSummary:
         rejects.write(bad)
 
     if pending:
-        model = stage_model(cfg, stage) if stage_needs_engine(cfg, stage) else None
-        if stage == "generate" and all(r.get("cot") for r in pending):
-            model = None  # every row brings its CoT: no teacher to load
+        definition = REGISTRY[stage]
+        needs = definition.needs_engine(cfg) and definition.engine_for(pending)
+        model = definition.model(cfg) if needs else None
         summary.processed, summary.engine_calls = _stream(cfg, stage, pending, write, model)
     summary.wall_s = time.time() - start
     _fill_totals(summary, out_dir)
@@ -359,33 +360,7 @@ def _fill_totals(summary: StageSummary, out_dir: Path) -> None:
     summary.rows_out = len(rows)
     summary.reasons = reject_reasons(out_dir)
     summary.rejected = len(summary.reasons)
-    summary.stats = stage_stats(summary.stage, rows)
-
-
-def stage_stats(stage: str, rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Means over a stage's finished rows, for the run summary."""
-    if not rows:
-        return {}
-    n = len(rows)
-    if stage == "generate":
-        return {"teacher_written": sum(r.get("cot_source") == "teacher" for r in rows)}
-    if stage == "truncate":
-        ptok = sum(r.get("judge_prompt_tokens", 0) for r in rows)
-        ctok = sum(r.get("judge_cached_tokens", 0) for r in rows)
-        return {
-            "mean_prefix_ratio": sum(r["prefix_ratio"] for r in rows) / n,
-            "mean_sentence_ratio": sum(r["sentences_kept"] / r["sentences_total"]
-                                       for r in rows) / n,
-            "probes_per_example": sum(len(r["probes"]) for r in rows) / n,
-            "sufficient_share": sum(bool(r["sufficient"]) for r in rows) / n,
-            "prompt_cache_share": ctok / ptok if ptok else 0.0,
-        }
-    if stage == "align":
-        return {
-            "answer_correct_share": sum(bool(r["answer_correct"]) for r in rows) / n,
-            "mean_continuation_tokens": sum(r.get("continuation_tokens", 0) for r in rows) / n,
-        }
-    return {}
+    summary.stats = REGISTRY[summary.stage].stats(rows)
 
 
 def ingest_summary(cfg: Config) -> StageSummary | None:

@@ -12,6 +12,7 @@ prefix_ratio, sufficient, probes [{k, verdict, score}], strategy, and the judge'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -20,6 +21,7 @@ from palign.engines.base import Engine, Sampling
 from palign.prompts import judge_chat
 from palign.search import PrefixSearch, make_search
 from palign.segment import prefix, sentence_ends
+from palign.stages.definition import BatchMetrics, Row, Stage
 from palign.stages.outcome import Outcome, rejected
 from palign.verdict import (
     LABELS,
@@ -122,3 +124,39 @@ def truncate_rows(
             "judge_cached_tokens": f.cached_tokens,
         })
     return [outcomes[i] for i in range(len(rows))], calls
+
+
+def batch_metrics(records: Sequence[Row]) -> BatchMetrics:
+    """Judge prompt tokens (its verdicts are one-token reads), probes and prefix ratios."""
+    return BatchMetrics(
+        tokens=sum(int(r.get("judge_prompt_tokens") or 0) for r in records),
+        probes=sum(len(r.get("probes") or ()) for r in records),
+        ratios=tuple(float(r["prefix_ratio"]) for r in records
+                     if isinstance(r.get("prefix_ratio"), (float, int))))
+
+
+def summary_stats(rows: Sequence[Row]) -> dict[str, float]:
+    """Means over the finished rows: prefix and sentence ratios, probes per example, the share
+    judged sufficient, and the share of judge prompt tokens served from the prefix cache."""
+    if not rows:
+        return {}
+    n = len(rows)
+    ptok = sum(r.get("judge_prompt_tokens", 0) for r in rows)
+    ctok = sum(r.get("judge_cached_tokens", 0) for r in rows)
+    return {
+        "mean_prefix_ratio": sum(r["prefix_ratio"] for r in rows) / n,
+        "mean_sentence_ratio": sum(r["sentences_kept"] / r["sentences_total"] for r in rows) / n,
+        "probes_per_example": sum(len(r["probes"]) for r in rows) / n,
+        "sufficient_share": sum(bool(r["sufficient"]) for r in rows) / n,
+        "prompt_cache_share": ctok / ptok if ptok else 0.0,
+    }
+
+
+TRUNCATE = Stage(
+    name="truncate",
+    model=lambda cfg: cfg.judge_model,
+    needs_engine=lambda cfg: cfg.truncate.strategy == "binary",
+    process=lambda rows, engine, grader, section: truncate_rows(rows, engine, section),
+    metrics=batch_metrics,
+    stats=summary_stats,
+)

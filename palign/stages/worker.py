@@ -35,6 +35,7 @@ from palign.failures import SYSTEM, MachineryError, StageFailed, describe, is_ma
 from palign.logs import setup_actor_logging
 from palign.stages.io import reject_row
 from palign.stages.outcome import Outcome, rejected
+from palign.stages.registry import REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +63,6 @@ def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0,
     )
 
 
-def stage_model(cfg: Config, stage: str) -> str | None:
-    """The model a stage's engine serves: teacher, judge (the student by default), student.
-    The evaluate stage serves each model under test in turn, so it names none here."""
-    return {"generate": cfg.models.teacher, "truncate": cfg.judge_model,
-            "align": cfg.models.student, "evaluate": None}[stage]
-
-
-def stage_needs_engine(cfg: Config, stage: str) -> bool:
-    if stage == "truncate":
-        return cfg.truncate.strategy == "binary"
-    if stage == "evaluate":
-        return True
-    return stage_model(cfg, stage) is not None
-
-
 class StageWorker:
     """``map_batches`` callable: batch of ``{"id", "record"}`` in, outcomes out.
 
@@ -89,13 +75,14 @@ class StageWorker:
         setup_actor_logging(stage)
         self.cfg = Config.model_validate(cfg_raw)
         self.stage = stage
-        self.section = getattr(self.cfg, stage)
+        self.definition = REGISTRY[stage]
+        self.section = self.definition.section(self.cfg)
         self.model = model
         self.ledger = ledger if ledger is not None else AttemptLedger(
             self.section.max_row_attempts, self.section.engine.max_failures)
         self.actor = _actor_id()
         self.engine: GuardedEngine | None = self._build_engine() if model else None
-        self.grader: Any = self._start_grader() if stage in ("align", "evaluate") else None
+        self.grader: Any = self._start_grader() if self.definition.grades else None
 
     def _build_engine(self) -> GuardedEngine:
         from palign.engines import build_engine
@@ -120,10 +107,12 @@ class StageWorker:
         rows = [json.loads(r) for r in batch["record"]]
         start = time.monotonic()
         outcomes, calls = self._serve(rows)
-        telemetry.stage_batch(self.stage, rows_in=len(rows),
-                              records=[o.record for o in outcomes if o.ok],
-                              rejected=sum(not o.ok for o in outcomes),
-                              seconds=time.monotonic() - start)
+        records = [o.record for o in outcomes if o.ok]
+        metrics = self.definition.metrics(records)
+        telemetry.stage_batch(self.stage, rows_in=len(rows), rows_out=len(records),
+                              rejected=len(outcomes) - len(records),
+                              seconds=time.monotonic() - start, tokens=metrics.tokens,
+                              probes=metrics.probes, ratios=metrics.ratios)
         out: dict[str, list[Any]] = {"id": [], "ok": [], "record": [], "calls": []}
         for n, (row, o) in enumerate(zip(rows, outcomes)):
             payload = o.record if o.ok else reject_row(row["id"], self.stage, o.reason, row,
@@ -203,24 +192,7 @@ class StageWorker:
         return outcomes, calls
 
     def _process(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
-        if self.stage == "generate":
-            from palign.stages.generate import generate_rows
-
-            teacher = (lambda: self.engine) if self.engine is not None else None
-            return generate_rows(rows, teacher, self.cfg.generate), 0
-        if self.stage == "truncate":
-            from palign.stages.truncate import truncate_rows
-
-            return truncate_rows(rows, self.engine, self.cfg.truncate)
-        if self.stage == "align":
-            from palign.stages.align import align_rows
-
-            return align_rows(rows, self.engine, self.grader, self.cfg.align), 0
-        if self.stage == "evaluate":
-            from palign.stages.evaluate import evaluate_rows
-
-            return evaluate_rows(rows, self.engine, self.grader, self.cfg.evaluate), 0
-        raise ValueError(f"unknown stage {self.stage!r}")
+        return self.definition.process(rows, self.engine, self.grader, self.section)
 
     # -- machinery ------------------------------------------------------------------------
 

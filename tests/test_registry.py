@@ -1,0 +1,41 @@
+"""One definition per engine stage, one registry: what the generic worker and runner ask."""
+
+from __future__ import annotations
+
+from palign.config import ENGINE_STAGES, STAGES, parse_config
+from palign.stages.registry import REGISTRY
+
+MINIMAL = {"data": {"path": "x.jsonl"}, "models": {"student": "student-m", "teacher": "t-m"}}
+
+
+def test_every_engine_stage_has_one_definition():
+    assert set(REGISTRY) == set(ENGINE_STAGES) == set(STAGES) - {"train"}
+    for name, stage in REGISTRY.items():
+        assert stage.name == name
+
+
+def test_models_and_engines_per_stage():
+    cfg = parse_config(MINIMAL)
+    assert REGISTRY["generate"].model(cfg) == "t-m"
+    assert REGISTRY["truncate"].model(cfg) == "student-m"  # the student judges by default
+    assert REGISTRY["align"].model(cfg) == "student-m"
+    assert REGISTRY["evaluate"].model(cfg) is None  # one per model under test, named per run
+    full = parse_config({**MINIMAL, "truncate": {"strategy": "full"}})
+    assert REGISTRY["truncate"].needs_engine(cfg) and not REGISTRY["truncate"].needs_engine(full)
+    no_teacher = parse_config({**MINIMAL, "models": {"student": "s"}})
+    assert not REGISTRY["generate"].needs_engine(no_teacher)
+    # A teacher is loaded only for rows that need one.
+    assert not REGISTRY["generate"].engine_for([{"cot": "A."}, {"cot": "B."}])
+    assert REGISTRY["generate"].engine_for([{"cot": "A."}, {"cot": None}])
+    assert [n for n, s in REGISTRY.items() if s.grades] == ["align", "evaluate"]
+
+
+def test_summary_statistics():
+    rows = [{"prefix_ratio": 0.5, "sentences_kept": 1, "sentences_total": 2, "probes": [{}, {}],
+             "sufficient": True, "judge_prompt_tokens": 100, "judge_cached_tokens": 60}]
+    stats = REGISTRY["truncate"].stats(rows)
+    assert stats["mean_prefix_ratio"] == 0.5 and stats["prompt_cache_share"] == 0.6
+    assert REGISTRY["align"].stats([{"answer_correct": True, "continuation_tokens": 8},
+                                    {"answer_correct": False}]) == {
+        "answer_correct_share": 0.5, "mean_continuation_tokens": 4.0}
+    assert all(s.stats([]) == {} for s in REGISTRY.values())
