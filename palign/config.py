@@ -268,8 +268,11 @@ class Config(_Strict):
     def judge_model(self) -> str:
         return self.models.judge or self.models.student
 
-    def stage_dir(self, stage: str) -> Path:
-        return Path(self.run.output_dir) / stage
+    def stage_dir(self, stage: str) -> str:
+        """``<output_dir>/<stage>``: a local path or a URI (``palign.storage``)."""
+        from palign import storage
+
+        return storage.join(self.run.output_dir, stage)
 
 
 def _merge_engine(raw: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Reading problems: JSONL, Parquet or a `datasets` folder, row by row, never crashing on a row.
+"""Reading problems: JSONL, Parquet or a `datasets` folder (local or on object storage), row by
+row, never crashing on a row.
 
 Each source row becomes a problem record ``{id, question, answer, cot}`` (``cot`` is None when
 the data has none), or a reject with the id (or the row's position) and the reason. Reading row
@@ -12,11 +13,14 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from palign import storage
 from palign.config import DataSection
 
 log = logging.getLogger(__name__)
@@ -34,92 +38,127 @@ def question_id(question: str) -> str:
     return "q-" + hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
 
 
-def _detect_format(path: Path) -> str:
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of the source: its number (files are read in this order), where it is (a local
+    path or a URI) and how to read it."""
+
+    number: int
+    path: str
+    kind: Literal["jsonl", "json", "parquet", "arrow"]
+
+
+def _detect_format(path: str) -> str:
+    if storage.is_dir(path):
+        names = storage.list_files(path)
+        if "dataset_info.json" in names or "dataset_dict.json" in names:
             return "hf_disk"
-        suffixes = {p.suffix for p in path.iterdir() if p.is_file()}
-        if ".parquet" in suffixes:
-            return "parquet"
-        return "jsonl"
-    return "parquet" if path.suffix == ".parquet" else "jsonl"
+        return "parquet" if any(n.endswith(".parquet") for n in names) else "jsonl"
+    return "parquet" if path.endswith(".parquet") else "jsonl"
 
 
-def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix in suffixes)
-    return [path]
+def source_files(data: DataSection) -> list[SourceFile]:
+    """The files of the source, in reading order; a source that is not there is an error."""
+    path = storage.absolute(data.path)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"data.path: {data.path} does not exist")
+    fmt = data.format if data.format != "auto" else _detect_format(path)
+    if fmt == "hf_disk":
+        return [SourceFile(i, p, "arrow") for i, p in enumerate(_arrow_files(path, data.split))]
+    if fmt == "parquet":
+        suffixes: tuple[str, ...] = (".parquet",)
+    else:
+        suffixes = (".jsonl", ".json")
+    if storage.is_dir(path):
+        files = [storage.join(path, n) for n in storage.list_files(path, suffixes=suffixes)]
+    else:
+        files = [path]
+    return [SourceFile(i, f, "parquet" if fmt == "parquet" else
+                       "json" if f.endswith(".json") else "jsonl")
+            for i, f in enumerate(files)]
+
+
+def _arrow_files(path: str, split: str | None) -> list[str]:
+    """The Arrow files of a ``datasets`` folder (``save_to_disk``), of one split if it has
+    several."""
+    names = storage.list_files(path)
+    if "dataset_dict.json" in names:
+        splits = json.loads(storage.read_text(storage.join(path, "dataset_dict.json")))["splits"]
+        if split is None:
+            raise ValueError(f"data.split: {path} holds splits {splits}; name one")
+        if split not in splits:
+            raise ValueError(f"data.split: {path} has no split {split!r} (it has {splits})")
+        path = storage.join(path, split)
+    state = json.loads(storage.read_text(storage.join(path, "state.json")))
+    return [storage.join(path, f["filename"]) for f in state["_data_files"]]
+
+
+def read_file(source: SourceFile) -> Iterator[tuple[str, Any]]:
+    """(position, raw row) for every row of one source file, streamed; raw rows may be
+    anything (an unreadable line comes as ``_Unreadable``)."""
+    name = storage.name(source.path)
+    if source.kind == "jsonl":
+        yield from _jsonl_lines(name, storage.iter_lines(source.path))
+    elif source.kind == "json":
+        yield from _json_file(name, storage.read_bytes(source.path))
+    elif source.kind == "parquet":
+        fs, path = storage.resolve(source.path)
+        with fs.open_input_file(path) as f:
+            start = 0
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                for i, row in enumerate(batch.to_pylist()):
+                    yield f"{name}[{start + i}]", row
+                start += batch.num_rows
+    else:
+        fs, path = storage.resolve(source.path)
+        with fs.open_input_stream(path) as f:
+            start = 0
+            for batch in pa.ipc.open_stream(f):
+                for i, row in enumerate(batch.to_pylist()):
+                    yield f"row[{start + i}]", row
+                start += batch.num_rows
 
 
 def iter_source(data: DataSection) -> Iterator[tuple[str, Any]]:
-    """Yield (position, raw row) for every row of the source; raw rows may be anything."""
-    path = Path(data.path)
-    if not path.exists():
-        raise FileNotFoundError(f"data.path: {path} does not exist")
-    fmt = data.format if data.format != "auto" else _detect_format(path)
-    if fmt == "jsonl":
-        for file in _files(path, (".jsonl", ".json")):
-            if file.suffix == ".json":
-                yield from _json_file(file)
-            else:
-                yield from _jsonl_file(file)
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        for file in _files(path, (".parquet",)):
-            start = 0
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
-                for i, row in enumerate(batch.to_pylist()):
-                    yield f"{file.name}[{start + i}]", row
-                start += batch.num_rows
-    else:
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if data.split is None:
-                raise ValueError(f"data.split: {path} holds splits {list(ds)}; name one")
-            ds = ds[data.split]
-        for i, row in enumerate(ds):
-            yield f"row[{i}]", row
+    """Yield (position, raw row) for every row of the source, file after file."""
+    for source in source_files(data):
+        yield from read_file(source)
 
 
-def _jsonl_file(file: Path) -> Iterator[tuple[str, Any]]:
+def _jsonl_lines(name: str, lines: Iterable[bytes]) -> Iterator[tuple[str, Any]]:
     """One row per line: lines end at \\n only (a \\r inside a line is the line's own
     business), a CRLF ending and a byte-order mark before the first line are dropped. A line
     that is not UTF-8, or not JSON, is an unreadable row, not the end of the file."""
-    with file.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            raw = raw.rstrip(b"\n").removesuffix(b"\r")
-            if not raw.strip():
-                continue
-            pos = f"{file.name}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield pos, _Unreadable(f"not valid UTF-8: {err.reason} at byte {err.start}",
-                                       raw[:2000].decode("utf-8", "replace"))
-                continue
-            try:
-                yield pos, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield pos, _Unreadable(f"invalid JSON: {err.msg} (column {err.colno})",
-                                       line[:2000])
-            except RecursionError:
-                yield pos, _Unreadable("invalid JSON: nested too deeply", line[:2000])
+    for lineno, raw in enumerate(lines, 1):
+        if lineno == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        raw = raw.removesuffix(b"\r")
+        if not raw.strip():
+            continue
+        pos = f"{name}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield pos, _Unreadable(f"not valid UTF-8: {err.reason} at byte {err.start}",
+                                   raw[:2000].decode("utf-8", "replace"))
+            continue
+        try:
+            yield pos, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield pos, _Unreadable(f"invalid JSON: {err.msg} (column {err.colno})", line[:2000])
+        except RecursionError:
+            yield pos, _Unreadable("invalid JSON: nested too deeply", line[:2000])
 
 
-def _json_file(file: Path) -> Iterator[tuple[str, Any]]:
+def _json_file(name: str, data: bytes) -> Iterator[tuple[str, Any]]:
     """A whole-file JSON array (or one object): its elements are the rows."""
     try:
-        rows = json.loads(file.read_bytes().decode("utf-8-sig"))
+        rows = json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        yield f"{file.name}", _Unreadable(f"invalid JSON file: {err}")
+        yield name, _Unreadable(f"invalid JSON file: {err}")
         return
     for i, row in enumerate(rows if isinstance(rows, list) else [rows]):
-        yield f"{file.name}[{i}]", row
+        yield f"{name}[{i}]", row
 
 
 class _Unreadable:

@@ -1,20 +1,22 @@
 """What a config's paths must be before any work starts; ``palign validate`` and every run check.
 
-Storage is local paths today: a URI (``s3://``, ``gs://``, ...) in a path field fails here,
-naming the field, instead of silently becoming a relative folder (``s3:/bucket``). The data a
-run reads, the local model folders it serves and the benchmarks it evaluates must exist. Hub ids
+The run's data, output and benchmarks may be local paths or ``s3://``/``gs://`` URIs
+(``palign.storage``). An unknown scheme fails here, naming the field, and so does a bucket
+that does not exist or cannot be reached. Two places still need a filesystem path and refuse a
+URI by name: the train stage (its checkpoints and export) and model folders. The data a run
+reads, the local model folders it serves and the benchmarks it evaluates must exist. Hub ids
 (``org/name``) cannot be checked without the hub and pass.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from palign import storage
 from palign.config import STAGES, Config, ConfigError
 
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-SUPPORTED_SCHEMES: tuple[str, ...] = ()  # object storage comes with the data plane's URIs
+# Fields that take a URI; the others need a path on the machine (or a hub id, for models).
+URI_FIELDS = ("run.output_dir", "data.path", "evaluate.benchmarks.")
 
 
 def check_paths(cfg: Config, stages: list[str] | None = None) -> None:
@@ -26,20 +28,26 @@ def check_paths(cfg: Config, stages: list[str] | None = None) -> None:
 
 def path_problems(cfg: Config, stages: list[str] | None = None) -> list[str]:
     stages = list(stages or cfg.run.stages)
-    problems = [p for field, value in _path_fields(cfg) if (p := _scheme_problem(field, value))]
+    problems = [p for field, value in _path_fields(cfg)
+                if (p := _scheme_problem(field, value, stages))]
+    if problems:
+        return problems
+    for field, value in _path_fields(cfg):
+        if value and field.startswith(URI_FIELDS) and (why := storage.bucket_problem(value)):
+            problems.append(f"{field}: {value}: {why}")
     if problems:
         return problems
     earlier = [s for s in cfg.run.stages if STAGES.index(s) < STAGES.index(stages[0])]
     reads_source = not earlier and stages[0] in ("generate", "truncate", "align")
-    ingested = (Path(cfg.run.output_dir) / "ingest" / "_DONE").exists()
-    if reads_source and not ingested and not Path(cfg.data.path).exists():
+    ingested = storage.exists(storage.join(cfg.run.output_dir, "ingest", "_DONE"))
+    if reads_source and not ingested and not storage.exists(cfg.data.path):
         problems.append(f"data.path: {cfg.data.path} does not exist")
     for field, name in _models(cfg, stages):
         if (p := _model_problem(field, name, cfg.models.cache_dir)):
             problems.append(p)
     if "evaluate" in stages:
         for i, bench in enumerate(cfg.evaluate.benchmarks):
-            if not Path(bench.path).exists():
+            if not storage.exists(bench.path):
                 problems.append(f"evaluate.benchmarks.{i}.path: {bench.path} does not exist "
                                 f"(benchmark {bench.name})")
     return problems
@@ -57,12 +65,22 @@ def _path_fields(cfg: Config) -> list[tuple[str, str | None]]:
     return fields
 
 
-def _scheme_problem(field: str, value: str | None) -> str | None:
-    match = _URI.match(value or "")
-    if match is None or match.group(1).lower() in SUPPORTED_SCHEMES:
+def _scheme_problem(field: str, value: str | None, stages: list[str]) -> str | None:
+    if not value:
         return None
-    return (f"{field}: {value}: {match.group(1)}:// storage is not supported yet; use a local "
-            "path (on a cluster, shared storage mounted on every node)")
+    why = storage.unsupported(value)
+    if why:
+        return f"{field}: {value}: {why}"
+    if not storage.is_uri(value):
+        return None
+    if not field.startswith(URI_FIELDS):
+        return (f"{field}: {value}: this field needs a path on the machine (on a cluster, "
+                "shared storage mounted on every node); object storage is for run.output_dir, "
+                "data.path and benchmark paths")
+    if field == "run.output_dir" and "train" in stages:
+        return (f"{field}: {value}: the train stage does not write to object storage yet; run "
+                "it with a shared path as output_dir (the other stages take the URI)")
+    return None
 
 
 def _models(cfg: Config, stages: list[str]) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ their plain names (``pass@1``, ``no_answer_share``, ...); the flexible ones sit 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -23,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from palign import storage
 from palign.grading import FLEXIBLE, STATUS_ERROR, STATUS_TIMEOUT
 from palign.metrics import grade_figures
 from palign.prompts import BEGIN_DRAFT, END_DRAFT
-from palign.stages.io import REJECTS, read_rows, replace_atomically
+from palign.stages.io import REJECTS, read_index, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +147,10 @@ def prefix_ratio_summary(ratios: Iterable[float]) -> dict[str, Any] | None:
     }
 
 
-def _prefix_ratios(truncate_dir: Path) -> list[float]:
+def _prefix_ratios(truncate_dir: str | Path) -> list[float]:
+    """The truncate stage's prefix ratios, from its index (no CoT is read)."""
     ratios = []
-    for row in read_rows(truncate_dir):
-        r = row.get("prefix_ratio")
+    for r in read_index(truncate_dir, ("prefix_ratio",))["prefix_ratio"].to_pylist():
         if isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r):
             ratios.append(float(r))
     return ratios
@@ -165,20 +167,25 @@ class Results:
     run_name: str
     metrics: dict[str, dict[str, dict[str, Any]]]
     prefix_ratio: dict[str, Any] | None
-    results_json: Path
-    results_md: Path
-    samples_jsonl: Path
-    pass_at_1_png: Path | None
-    prefix_ratio_png: Path | None
+    results_json: Path | str  # a Path for a local run folder, a URI's text for object storage
+    results_md: Path | str
+    samples_jsonl: Path | str
+    pass_at_1_png: Path | str | None
+    prefix_ratio_png: Path | str | None
 
     def to_json(self) -> dict[str, Any]:
         return {"format": RESULTS_FORMAT, "run_name": self.run_name, "models": self.metrics,
                 "prefix_ratio": self.prefix_ratio}
 
 
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and p.name != REJECTS and not p.name.startswith((".", "_")))
+def _subdirs(folder: str) -> list[str]:
+    return [n for n in storage.list_dirs(folder)
+            if n != REJECTS and not n.startswith((".", "_"))]
+
+
+def _at(folder: str | Path, name: str) -> Path | str:
+    """``folder/name``: a Path on local disk, a URI's text on object storage."""
+    return storage.join(folder, name) if storage.is_uri(folder) else Path(folder) / name
 
 
 def _sample_record(row: Mapping[str, Any], model: str, benchmark: str,
@@ -204,52 +211,48 @@ def write_results(output_dir: str | Path, run_name: str | None = None) -> Result
     groups its rows. Raises FileNotFoundError without an evaluate folder and ValueError when it
     holds no scorable rows.
     """
-    output_dir = Path(output_dir)
-    eval_dir = output_dir / EVALUATE
-    if not eval_dir.is_dir():
+    output_dir = storage.absolute(output_dir)
+    eval_dir = storage.join(output_dir, EVALUATE)
+    if not storage.is_dir(eval_dir):
         raise FileNotFoundError(f"no evaluate folder at {eval_dir}")
-    name = run_name or output_dir.resolve().name
+    name = run_name or storage.name(output_dir)
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
-    samples_path = eval_dir / SAMPLES_JSONL
-
-    def write_samples(tmp: Path) -> None:
-        # One benchmark folder in memory at a time; the flat records stream to disk.
-        with tmp.open("w", encoding="utf-8") as f:
-            for model_dir in _subdirs(eval_dir):
-                for bench_dir in _subdirs(model_dir):
-                    rows = list(read_rows(bench_dir))
-                    model, bench = model_dir.name, bench_dir.name
-                    try:
-                        scored = benchmark_metrics(rows)
-                    except ValueError as err:
-                        log.warning("%s: not scored: %s", bench_dir, err)
-                        continue
-                    metrics.setdefault(model, {})[bench] = scored
-                    for row in rows:
-                        for s in row.get("samples") or []:
-                            if isinstance(s, Mapping):
-                                rec = _sample_record(row, model, bench, s)
-                                f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
-
-    replace_atomically(samples_path, write_samples)
+    samples_path = _at(eval_dir, SAMPLES_JSONL)
+    # One benchmark folder in memory at a time; the flat records go into one buffer, written
+    # whole at the end.
+    samples = io.StringIO()
+    for model in _subdirs(eval_dir):
+        for bench in _subdirs(storage.join(eval_dir, model)):
+            bench_dir = storage.join(eval_dir, model, bench)
+            rows = list(read_rows(bench_dir))
+            try:
+                scored = benchmark_metrics(rows)
+            except ValueError as err:
+                log.warning("%s: not scored: %s", bench_dir, err)
+                continue
+            metrics.setdefault(model, {})[bench] = scored
+            for row in rows:
+                for s in row.get("samples") or []:
+                    if isinstance(s, Mapping):
+                        rec = _sample_record(row, model, bench, s)
+                        samples.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
     if not metrics:
-        samples_path.unlink(missing_ok=True)
+        storage.delete(samples_path)
         raise ValueError(f"no scorable evaluation rows under {eval_dir}/<model>/<benchmark>/")
-    prefix = prefix_ratio_summary(_prefix_ratios(output_dir / TRUNCATE))
+    storage.write_text(samples_path, samples.getvalue())
+    prefix = prefix_ratio_summary(_prefix_ratios(storage.join(output_dir, TRUNCATE)))
 
     results = Results(
         run_name=name, metrics=metrics, prefix_ratio=prefix,
-        results_json=eval_dir / RESULTS_JSON, results_md=eval_dir / RESULTS_MD,
-        samples_jsonl=samples_path, pass_at_1_png=eval_dir / PASS_AT_1_PNG,
-        prefix_ratio_png=eval_dir / PREFIX_RATIO_PNG if prefix else None)
-    replace_atomically(results.results_json, lambda tmp: tmp.write_text(
-        json.dumps(results.to_json(), indent=2) + "\n", encoding="utf-8"))
-    replace_atomically(results.results_md, lambda tmp: tmp.write_text(
-        format_results(results) + "\n", encoding="utf-8"))
+        results_json=_at(eval_dir, RESULTS_JSON), results_md=_at(eval_dir, RESULTS_MD),
+        samples_jsonl=samples_path, pass_at_1_png=_at(eval_dir, PASS_AT_1_PNG),
+        prefix_ratio_png=_at(eval_dir, PREFIX_RATIO_PNG) if prefix else None)
+    storage.write_text(results.results_json, json.dumps(results.to_json(), indent=2) + "\n")
+    storage.write_text(results.results_md, format_results(results) + "\n")
     _plot_pass_at_1(metrics, results.pass_at_1_png, name)
-    stale = eval_dir / PREFIX_RATIO_PNG
+    stale = _at(eval_dir, PREFIX_RATIO_PNG)
     if prefix is None:
-        stale.unlink(missing_ok=True)  # an earlier run's plot would no longer match results.json
+        storage.delete(stale)  # an earlier run's plot would no longer match results.json
     else:
         _plot_prefix_ratio(prefix, stale, name)
     log.info("evaluation results for %d model(s) written to %s", len(metrics), eval_dir)
@@ -330,11 +333,13 @@ def format_results(results: Results) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+def _save_figure(fig: Any, path: Path | str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    storage.write_bytes(path, buf.getvalue())
 
 
-def _plot_pass_at_1(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]], path: Path,
+def _plot_pass_at_1(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]], path: Path | str,
                     title: str) -> None:
     """Bars of pass@1 per benchmark: for each model a solid strict bar and, beside it, a hatched
     flexible bar in the same colour (absent where there is no flexible figure)."""
@@ -369,7 +374,7 @@ def _plot_pass_at_1(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]], path
     _save_figure(fig, path)
 
 
-def _plot_prefix_ratio(prefix: Mapping[str, Any], path: Path, title: str) -> None:
+def _plot_prefix_ratio(prefix: Mapping[str, Any], path: Path | str, title: str) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 

@@ -7,7 +7,9 @@ whose process on this same host is gone, was left by a dead run and is taken ove
 
 The lock file is made with ``O_CREAT | O_EXCL``, which is atomic on local and NFS v3+ file
 systems; a stale one is first renamed to a unique name, so two runs taking over at once cannot
-both win.
+both win. On object storage (``s3://``, ``gs://``), which has neither, the lock is an object
+written and then read back after a pause: of two runs that write it at once, only the one whose
+token survives goes on. The heartbeat is the time written in it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from palign import storage
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,11 @@ class RunLock:
     """``with RunLock(output_dir, stale_s):`` holds the folder for the block."""
 
     def __init__(self, folder: str | Path, stale_s: float = 300.0,
-                 heartbeat_s: float | None = None) -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+                 heartbeat_s: float | None = None, settle_s: float = 2.0) -> None:
+        self.remote = storage.is_uri(folder)
+        self.folder = str(folder) if self.remote else Path(folder)
+        self.path = storage.join(folder, LOCK_NAME) if self.remote else self.folder / LOCK_NAME
+        self.settle_s = settle_s  # object storage: how long a written lock must survive
         self.stale_s = float(stale_s)
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else min(30.0, stale_s / 5)
         self.token = uuid.uuid4().hex
@@ -65,7 +71,7 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        storage.make_dir(self.folder)
         for _ in range(5):
             if self._create():
                 self._thread = threading.Thread(target=self._beat, name="palign-run-lock",
@@ -95,13 +101,20 @@ class RunLock:
             self._thread = None
         holder = self._holder()
         if holder is not None and holder[0].get("token") == self.token:
-            self.path.unlink(missing_ok=True)
+            storage.delete(self.path)
 
     # -- parts ----------------------------------------------------------------------------
 
     def _create(self) -> bool:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
                 "started": datetime.now(UTC).isoformat(timespec="seconds")}
+        if self.remote:
+            if storage.exists(self.path):
+                return False
+            self._write_remote(info)
+            time.sleep(self.settle_s)  # another run writing at the same time overwrites ours
+            holder = self._holder()
+            return holder is not None and holder[0].get("token") == self.token
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -112,8 +125,21 @@ class RunLock:
             os.fsync(f.fileno())
         return True
 
+    def _write_remote(self, info: dict[str, Any]) -> None:
+        self._info = info
+        storage.write_text(self.path, json.dumps({**info, "beat": time.time()}))
+
     def _holder(self) -> tuple[dict[str, Any], float] | None:
         """The lock's content and its age since the last heartbeat; None if there is none."""
+        if self.remote:
+            try:
+                info = json.loads(storage.read_text(self.path))
+            except FileNotFoundError:
+                return None
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                info = {}
+            info = info if isinstance(info, dict) else {}
+            return info, time.time() - float(info.get("beat", 0.0))
         try:
             age = time.time() - self.path.stat().st_mtime
             text = self.path.read_text()
@@ -134,6 +160,9 @@ class RunLock:
         return None
 
     def _break(self) -> None:
+        if self.remote:
+            storage.delete(self.path)
+            return
         aside = self.path.with_name(f"{LOCK_NAME}.stale-{uuid.uuid4().hex[:8]}")
         try:
             os.rename(self.path, aside)
@@ -148,7 +177,10 @@ class RunLock:
                 if holder is None or holder[0].get("token") != self.token:
                     log.error("%s was taken by another run while this one held it", self.path)
                     return
-                os.utime(self.path)
+                if self.remote:
+                    self._write_remote(self._info)
+                else:
+                    os.utime(self.path)
             except OSError:
                 log.warning("could not refresh %s", self.path, exc_info=True)
 

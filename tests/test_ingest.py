@@ -118,14 +118,15 @@ def encode_line(row: dict, how: str) -> bytes:
 @given(st.lists(st.tuples(ROW, MANGLE), max_size=12), st.booleans())
 def test_fuzzed_jsonl_never_crashes_and_accounts_for_every_line(tmp_path_factory, rows, blank):
     from palign.stages.io import read_rows
-    from palign.stages.runner import _ingest_once
+    from palign.stages.source import ingest_here
 
     tmp = tmp_path_factory.mktemp("fuzz")
     lines = [encode_line(row, how) for row, how in rows] + ([b"", b"  "] if blank else [])
     (tmp / "data.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     data = DataSection(path=str(tmp / "data.jsonl"), max_cot_chars=200_000)
 
-    problems = _ingest_once(tmp / "ingest", data, shard_rows=5)  # reads, validates, writes
+    counts = ingest_here(str(tmp / "ingest"), data, shard_rows=5)  # reads, validates, writes
+    problems, _ = read_problems(data)  # the same source read in one go, in memory
 
     rejects = list(read_rows(tmp / "ingest" / "rejects"))
     written = list(read_rows(tmp / "ingest"))
@@ -134,9 +135,36 @@ def test_fuzzed_jsonl_never_crashes_and_accounts_for_every_line(tmp_path_factory
                   .removesuffix(b"\r").strip())
     assert len(written) + len(rejects) == rows_in  # none lost, none made up
     assert written == problems
+    assert counts == {"rows": len(written), "rejects": len(rejects)}
     assert len({p["id"] for p in written}) == len(written)  # ids are unique
     for p in written:
         assert all(isinstance(p[k], str) and p[k].strip() for k in ("id", "question", "answer"))
         assert p["cot"] is None or isinstance(p["cot"], str)
     for r in rejects:
         assert r["id"] and r["reason"] and r["stage"] == "ingest" and r["kind"] == "row"
+
+
+def test_sharded_ingest_settles_limits_and_repeats_across_files(tmp_path):
+    """Each file is read by its own task; the limit (in file order) and ids repeated across
+    files are settled afterwards from the indexes alone, as one reading in order would."""
+    from palign.stages.io import read_index, read_rows
+    from palign.stages.source import ingest_here
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f, ids in enumerate([["a", "b", "c"], ["b", "d", "bad"], ["a", "e"]]):
+        lines = [json.dumps({"id": i, "question": f"Q {i}?", "answer": "1"} if i != "bad"
+                            else {"id": i}) for i in ids]
+        (src / f"part-{f}.jsonl").write_text("\n".join(lines) + "\n")
+    for limit in (None, 5, 7):
+        data = DataSection(path=str(src), limit=limit)
+        out = str(tmp_path / f"ingest-{limit}")
+        ingest_here(out, data, shard_rows=2)
+        want, want_rejects = read_problems(data)
+        assert list(read_rows(out)) == want
+        got_rejects = list(read_rows(tmp_path / f"ingest-{limit}" / "rejects"))
+        assert sorted((r["id"], r["reason"]) for r in got_rejects) == sorted(
+            (r.id, r.reason) for r in want_rejects)
+        assert read_index(out, ("has_cot",))["has_cot"].to_pylist() == [False] * len(want)
+    dup = [r for r in read_rows(tmp_path / "ingest-None" / "rejects") if r["id"] == "b"]
+    assert dup and dup[0]["reason"] == "duplicate id (first seen at part-0.jsonl:2)"

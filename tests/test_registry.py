@@ -25,17 +25,23 @@ def test_models_and_engines_per_stage():
     no_teacher = parse_config({**MINIMAL, "models": {"student": "s"}})
     assert not REGISTRY["generate"].needs_engine(no_teacher)
     # A teacher is loaded only for rows that need one.
-    assert not REGISTRY["generate"].engine_for([{"cot": "A."}, {"cot": "B."}])
-    assert REGISTRY["generate"].engine_for([{"cot": "A."}, {"cot": None}])
+    assert not REGISTRY["generate"].engine_for({"has_cot": [True, True]})
+    assert REGISTRY["generate"].engine_for({"has_cot": [True, False]})
     assert [n for n, s in REGISTRY.items() if s.grades] == ["align", "evaluate"]
 
 
-def test_summary_statistics():
+def test_summary_statistics_come_from_the_index_columns():
+    truncate = REGISTRY["truncate"]
     rows = [{"prefix_ratio": 0.5, "sentences_kept": 1, "sentences_total": 2, "probes": [{}, {}],
-             "sufficient": True, "judge_prompt_tokens": 100, "judge_cached_tokens": 60}]
-    stats = REGISTRY["truncate"].stats(rows)
+             "sufficient": True, "judge_prompt_tokens": 100, "judge_cached_tokens": 60,
+             "cot": "a long text the index never holds"}]
+    columns = truncate.index_values(rows)
+    assert set(columns) == set(truncate.index_columns) and columns["probes"] == [2]
+    stats = truncate.stats(columns)
     assert stats["mean_prefix_ratio"] == 0.5 and stats["prompt_cache_share"] == 0.6
-    assert REGISTRY["align"].stats([{"answer_correct": True, "continuation_tokens": 8},
-                                    {"answer_correct": False}]) == {
+    assert stats["mean_sentence_ratio"] == 0.5 and stats["probes_per_example"] == 2
+    align = REGISTRY["align"]
+    assert align.stats(align.index_values([{"answer_correct": True, "continuation_tokens": 8},
+                                           {"answer_correct": False}])) == {
         "answer_correct_share": 0.5, "mean_continuation_tokens": 4.0}
-    assert all(s.stats([]) == {} for s in REGISTRY.values())
+    assert all(s.stats(s.index_values([])) == {} for s in REGISTRY.values())

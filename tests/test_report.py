@@ -6,6 +6,7 @@ from palign.cli import main
 from palign.prompts import BEGIN_DRAFT, END_DRAFT
 from palign.report import benchmark_metrics, compare, write_results
 from palign.stages.io import ShardWriter, reject_row
+from palign.stages.registry import REGISTRY
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DRAFTED = f"{BEGIN_DRAFT}key idea{END_DRAFT}\nso \\boxed{{1}}"
@@ -61,7 +62,7 @@ def make_run(root, models, ratios=None):
         ShardWriter(folder, "jsonl", shard_rows=1).write(rows)
         ShardWriter(folder / "rejects").write([reject_row("bad", "evaluate", "why")])
     if ratios is not None:
-        ShardWriter(root / "truncate").write(
+        ShardWriter(root / "truncate", index=REGISTRY["truncate"].index_values).write(
             [{"id": str(i), "prefix_ratio": r} for i, r in enumerate(ratios)])
     return root
 

@@ -12,6 +12,7 @@ import pytest
 
 from palign.config import parse_config
 from palign.failures import MachineryError
+from palign.stages.io import read_rows
 from palign.stages.worker import StageWorker
 
 pytestmark = pytest.mark.slow
@@ -24,9 +25,13 @@ def batch(rows: list[dict]) -> dict:
     return {"record": [json.dumps(r) for r in rows]}
 
 
-def outcomes(out: dict) -> dict[str, dict]:
-    return {i: {"ok": ok, **json.loads(rec)} for i, ok, rec in
-            zip(out["id"], out["ok"], out["record"])}
+def outcomes(worker: StageWorker, out: dict) -> dict[str, dict]:
+    """What the worker wrote for the batch (it writes its own shards; counts come back)."""
+    folder = worker.out_dir
+    got = {r["id"]: {"ok": True, **r} for r in read_rows(folder)}
+    got |= {r["id"]: {"ok": False, **r} for r in read_rows(f"{folder}/rejects")}
+    assert out["rows"] == [len(got)] and out["ok"] == [sum(g["ok"] for g in got.values())]
+    return got
 
 
 @pytest.fixture
@@ -41,7 +46,7 @@ def worker(tiny_model, tmp_path):
 
 def test_a_row_that_makes_our_code_raise_is_rejected_alone(worker):
     broken = {"id": "no-question", "answer": "1", "prefix": "A start."}  # align needs one
-    got = outcomes(worker(batch([GOOD[0], broken, GOOD[1]])))
+    got = outcomes(worker, worker(batch([GOOD[0], broken, GOOD[1]])))
     assert got["g0"]["ok"] and got["g1"]["ok"] and "continuation" in got["g0"]
     assert not got["no-question"]["ok"]
     assert got["no-question"]["kind"] == "row"
@@ -62,8 +67,17 @@ def test_after_crashes_a_row_in_flight_too_often_is_rejected_as_system(worker):
         led.crashed(["g1"])
         led.begin(["g1"])
         led.note(["g1"], "EngineFailure: vllm engine: EngineDeadError")
-    got = outcomes(worker(batch(GOOD)))  # the retry: health check, then row by row
+    got = outcomes(worker, worker(batch(GOOD)))  # the retry: health check, then row by row
     assert got["g0"]["ok"] and got["g2"]["ok"]
     assert got["g1"]["kind"] == "system" and not got["g1"]["ok"]
     assert "failed 2 times while serving this row (last: EngineFailure" in got["g1"]["reason"]
     assert led.size() == 0
+
+
+def test_a_batch_written_by_an_earlier_attempt_is_not_served_again(worker):
+    """Ray retries a task whose actor died after its write: the same rows, the same shard
+    names, found committed; nothing is served or written twice."""
+    first = worker(batch(GOOD))
+    worker.engine.inner.close()  # serving again would now raise
+    assert worker(batch(list(reversed(GOOD)))) == {**first, "calls": [0]}
+    assert sorted(r["id"] for r in read_rows(worker.out_dir)) == ["g0", "g1", "g2"]

@@ -11,14 +11,14 @@ the gold one go to rejects, with the reason.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from palign.config import AlignSection
 from palign.engines.base import Engine
 from palign.grading import Grader
 from palign.prompts import align_chat, training_target
-from palign.stages.definition import Row, Stage, field_tokens
+from palign.stages.definition import Stage, field_tokens
 from palign.stages.generate import sampling_for
 from palign.stages.outcome import Outcome, rejected
 
@@ -67,13 +67,14 @@ def align_rows(
     return [outcomes[i] for i in range(len(rows))]
 
 
-def summary_stats(rows: Sequence[Row]) -> dict[str, float]:
+def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
     """The share of targets whose answer matched the gold one, and the continuations' length."""
-    if not rows:
+    n = len(columns.get("answer_correct") or ())
+    if not n:
         return {}
     return {
-        "answer_correct_share": sum(bool(r["answer_correct"]) for r in rows) / len(rows),
-        "mean_continuation_tokens": sum(r.get("continuation_tokens", 0) for r in rows) / len(rows),
+        "answer_correct_share": sum(bool(v) for v in columns["answer_correct"]) / n,
+        "mean_continuation_tokens": sum(columns["continuation_tokens"]) / n,
     }
 
 
@@ -84,5 +85,8 @@ ALIGN = Stage(
     grades=True,
     process=lambda rows, engine, grader, section: (align_rows(rows, engine, grader, section), 0),
     metrics=field_tokens("continuation_tokens"),
+    index=lambda r: {"answer_correct": bool(r.get("answer_correct")),
+                     "continuation_tokens": int(r.get("continuation_tokens") or 0)},
+    index_columns=("answer_correct", "continuation_tokens"),
     stats=summary_stats,
 )

@@ -1,15 +1,16 @@
 """What an engine stage is, in one place; the generic worker and runner run any of them.
 
 A :class:`Stage` says which config section is its own, which model its engine serves, whether
-it needs an engine (for a config, and for a set of rows) or a grader, how it processes a batch
-of rows, what its finished records tell the metrics, and its summary statistics. Each stage
+it needs an engine (for a config, and for the rows to do) or a grader, how it processes a batch
+of rows, what its finished records tell the metrics and put in the shard index, and its summary
+statistics (from the index). Each stage
 module (``generate``, ``truncate``, ``align``, ``evaluate``) defines its own; ``registry``
 lists them. Pure: no Ray.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +35,15 @@ def _no_metrics(records: Sequence[Row]) -> BatchMetrics:
     return BatchMetrics()
 
 
-def _no_stats(rows: Sequence[Row]) -> dict[str, float]:
+def _no_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
     return {}
 
 
-def _every_row(rows: Sequence[Row]) -> bool:
+def _no_index(record: Row) -> dict[str, Any]:
+    return {}
+
+
+def _every_row(columns: Mapping[str, Sequence[Any]]) -> bool:
     return True
 
 
@@ -49,10 +54,25 @@ class Stage:
     process: Process
     needs_engine: Callable[[Config], bool]  # for this config (truncate `full` needs none)
     grades: bool = False  # needs a grading worker (math-verify)
-    # Whether these pending rows need the engine at all (generate: only rows without a CoT).
-    engine_for: Callable[[Sequence[Row]], bool] = _every_row
+    # Whether the rows to do need the engine at all (generate: only rows without a CoT), from
+    # the ``input_columns`` of their input's index (column -> values of the rows to do).
+    engine_for: Callable[[Mapping[str, Sequence[Any]]], bool] = _every_row
+    input_columns: tuple[str, ...] = ()
     metrics: Callable[[Sequence[Row]], BatchMetrics] = _no_metrics
-    stats: Callable[[Sequence[Row]], dict[str, float]] = _no_stats  # over all finished rows
+    # What a finished record puts in its shard's index (palign.stages.io): the few numbers the
+    # summary needs, so that summaries never read whole rows. ``index_columns`` names them.
+    index: Callable[[Row], dict[str, Any]] = _no_index
+    # Where under the stage's folder a row's result goes ("" for the folder itself; evaluate:
+    # <model>/<benchmark>).
+    subfolder: Callable[[Row], str] = lambda row: ""
+    index_columns: tuple[str, ...] = ()
+    # The summary statistics, from the index columns of all finished rows (column -> values).
+    stats: Callable[[Mapping[str, Sequence[Any]]], dict[str, float]] = _no_stats
+
+    def index_values(self, records: Sequence[Row]) -> dict[str, list[Any]]:
+        """The index columns for these finished records, one value per record."""
+        entries = [self.index(r) for r in records]
+        return {c: [e.get(c) for e in entries] for c in self.index_columns}
 
     def section(self, cfg: Config) -> Any:
         """The stage's own config section (``cfg.truncate`` for truncate, ...)."""

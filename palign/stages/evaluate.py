@@ -76,4 +76,5 @@ EVALUATE = Stage(
     process=lambda rows, engine, grader, section: (
         evaluate_rows(rows, engine, grader, section), 0),
     metrics=batch_metrics,
+    subfolder=lambda row: f"{row['model']}/{row['benchmark']}",
 )

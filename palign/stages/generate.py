@@ -5,13 +5,13 @@ Output row: the problem record with ``cot`` filled and ``cot_source`` ("data" or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from palign.config import GenerateSection
 from palign.engines.base import Engine, Sampling
 from palign.prompts import teacher_chat
-from palign.stages.definition import Row, Stage, field_tokens
+from palign.stages.definition import Stage, field_tokens
 from palign.stages.outcome import Outcome, rejected
 
 
@@ -57,9 +57,10 @@ def generate_rows(
     return [outcomes[i] for i in range(len(rows))]
 
 
-def summary_stats(rows: Sequence[Row]) -> dict[str, float]:
+def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
     """How many CoTs the teacher wrote (the others came with the data)."""
-    return {"teacher_written": sum(r.get("cot_source") == "teacher" for r in rows)} if rows else {}
+    sources = columns.get("cot_source") or ()
+    return {"teacher_written": sum(s == "teacher" for s in sources)} if sources else {}
 
 
 GENERATE = Stage(
@@ -68,7 +69,11 @@ GENERATE = Stage(
     needs_engine=lambda cfg: cfg.models.teacher is not None,
     process=lambda rows, engine, grader, section: (
         generate_rows(rows, (lambda: engine) if engine is not None else None, section), 0),
-    engine_for=lambda rows: any(not r.get("cot") for r in rows),  # rows with a CoT pass through
+    # Rows that came with a CoT pass through; the teacher is started only for the others.
+    engine_for=lambda columns: not all(columns.get("has_cot") or [False]),
+    input_columns=("has_cot",),
     metrics=field_tokens("teacher_tokens"),
+    index=lambda r: {"cot_source": r.get("cot_source")},
+    index_columns=("cot_source",),
     stats=summary_stats,
 )

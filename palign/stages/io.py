@@ -1,27 +1,38 @@
-"""Shards on disk: written atomically, read back by id, so a killed stage resumes exactly once.
+"""Shards on any storage (``palign.storage``): written whole, committed by an index, read back by
+id, so a killed or retried stage leaves every id exactly once.
 
-A stage folder holds ``part-*.jsonl`` (or ``.parquet``) shards of finished rows and a
-``rejects/`` folder of the same shape. A shard is written under a temporary name and renamed
-into place, so a reader sees a whole shard or none. The ids done are the ids of both folders,
-after ``release_rejects`` has taken the rejects a rerun retries (``run.retry_rejects``: by
-default those of kind ``system``) out of ``rejects/`` (into ``rejects_retried/``, for the
-record).
+A stage folder holds data shards (``part-<stem>.jsonl`` or ``.parquet``) and, for each
+committed one, its index ``_index/part-<stem>.jsonl.parquet``: the shard's ids in row order,
+plus the few columns summaries and resumes need (a reject's kind and reason, a truncated row's
+prefix ratio, ...). The index is written after its data shard, and only the index says a shard
+exists: a data shard without one (left by a killed write) is never read, and is removed when
+the folder is next written. Object stores have no rename; a whole-object write under a known
+name, committed by a second whole-object write, is what they do offer.
+
+Engine stages name each batch's shard after the stage's run token and a hash of the batch's
+ids; a batch whose index is already there (Ray retried a task whose write had finished) is not
+written again. ``rejects/`` is a folder of the same shape. The ids done are the ids of both
+indexes, after ``release_rejects`` has taken the rejects a rerun retries (``run.retry_rejects``:
+by default those of kind ``system``) out of ``rejects/`` (into ``rejects_retried/``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
-import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from palign import storage
 from palign.failures import ROW, SYSTEM
 
 log = logging.getLogger(__name__)
@@ -29,39 +40,216 @@ log = logging.getLogger(__name__)
 FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet"}
 REJECTS = "rejects"
 RETRIED = "rejects_retried"
+INDEX = "_index"
 DONE_MARKER = "_DONE"
+FILE = "_file"  # the column read_index adds: the data shard each id is in
+
+Columns = dict[str, Sequence[Any]]
 
 
-def shard_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
+# -- writing ----------------------------------------------------------------------------------
+
+def batch_stem(token: str, ids: Iterable[str]) -> str:
+    """A batch's shard name: the run's token and a hash of its ids, so a retried batch writes
+    the same names (and finds its own commit) while a later run never meets an earlier one's."""
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode("utf-8")).hexdigest()[:20]
+    return f"part-{token}-{digest}"
+
+
+def new_token() -> str:
+    """A token no earlier run of a stage has used (time-ordered)."""
+    return f"{time.time_ns():020d}{uuid.uuid4().hex[:6]}"
+
+
+def data_name(stem: str, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown shard format {fmt!r}")
+    return stem + FORMATS[fmt]
+
+
+def is_committed(folder: str | Path, stem: str, fmt: str) -> bool:
+    return storage.exists(storage.join(folder, INDEX, data_name(stem, fmt) + ".parquet"))
+
+
+def encode_rows(rows: Sequence[dict[str, Any]], fmt: str) -> bytes:
+    if fmt == "parquet":
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(list(rows)), sink)
+        return sink.getvalue()
+    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
+                   for r in rows).encode("utf-8")
+
+
+def write_shard(folder: str | Path, stem: str, rows: Sequence[dict[str, Any]], fmt: str = "jsonl",
+                columns: Columns | None = None) -> str:
+    """Write ``rows`` as shard ``stem`` of ``folder`` and commit it: the data first, then its
+    index (the ids, plus ``columns``, one value per row). An earlier shard of that name is
+    uncommitted before it is overwritten. Rows without ids are an error of the caller."""
+    name = data_name(stem, fmt)
+    index = storage.join(folder, INDEX, name + ".parquet")
+    storage.delete(index)
+    if rows:
+        storage.write_bytes(storage.join(folder, name), encode_rows(rows, fmt))
+    else:
+        storage.delete(storage.join(folder, name))
+    table = {"id": pa.array([str(r["id"]) for r in rows], pa.string())}
+    for key, values in (columns or {}).items():
+        if len(values) != len(rows):
+            raise ValueError(f"index column {key!r} has {len(values)} values for {len(rows)} rows")
+        table[key] = pa.array(list(values))
+    sink = io.BytesIO()
+    pq.write_table(pa.table(table), sink)
+    storage.write_bytes(index, sink.getvalue())
+    return storage.join(folder, name)
+
+
+def reject_columns(rejects: Sequence[dict[str, Any]]) -> Columns:
+    """The index columns of a rejects shard."""
+    return {"kind": [str(r.get("kind", ROW)) for r in rejects],
+            "reason": [str(r.get("reason")) for r in rejects]}
+
+
+class ShardWriter:
+    """Writes rows to ``folder`` in committed shards of at most ``shard_rows``, each under a
+    fresh name (rows whose shard name must be known in advance use ``write_shard``). A folder
+    named ``rejects`` gets the rejects' kind and reason in its index; ``index`` gives other
+    index columns for a chunk of rows (a stage's ``Stage.index_values``)."""
+
+    def __init__(self, folder: str | Path, fmt: str = "jsonl", shard_rows: int = 64,
+                 index: Callable[[Sequence[dict[str, Any]]], Columns] | None = None) -> None:
+        data_name("x", fmt)  # an unknown format fails here
+        self.index = index
+        self.folder = str(folder)
+        self.fmt = fmt
+        self.shard_rows = shard_rows
+        self.rows_written = 0
+        storage.make_dir(self.folder)
+        clean_uncommitted(self.folder)
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> list[str]:
+        rows = list(rows)
+        paths = []
+        for start in range(0, len(rows), self.shard_rows):
+            chunk = rows[start:start + self.shard_rows]
+            if self.index is not None:
+                columns: Columns | None = self.index(chunk)
+            elif storage.name(self.folder) in (REJECTS, RETRIED):
+                columns = reject_columns(chunk)
+            else:
+                columns = None
+            paths.append(write_shard(self.folder, f"part-{new_token()}", chunk, self.fmt,
+                                     columns))
+            self.rows_written += len(chunk)
+        return paths
+
+
+def clean_uncommitted(folder: str | Path) -> int:
+    """Remove data shards without an index and temporary files (what a killed write left).
+    Only while no one writes the folder: at the start of a stage, under the run's lock."""
+    committed = {n.removesuffix(".parquet") for n in storage.list_files(
+        storage.join(folder, INDEX), suffixes=(".parquet",))}
+    removed = 0
+    for name in storage.list_files(folder):
+        orphan = name.startswith("part-") and name.endswith(tuple(FORMATS.values())) \
+            and name not in committed
+        if orphan or name.startswith(".tmp-"):
+            storage.delete(storage.join(folder, name))
+            removed += 1
+    return removed
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+def shard_files(folder: str | Path) -> list[str]:
+    """The committed data shards of ``folder`` (their paths), in name order."""
+    names = storage.list_files(storage.join(folder, INDEX), prefix="part-",
+                               suffixes=(".parquet",))
+    return [storage.join(folder, n.removesuffix(".parquet")) for n in names]
+
+
+def _index_path(data_path: str) -> str:
+    folder, name = data_path.rsplit("/", 1) if storage.is_uri(data_path) \
+        else (str(Path(data_path).parent), Path(data_path).name)
+    return storage.join(folder, INDEX, name + ".parquet")
+
+
+def read_index(folder: str | Path, columns: Sequence[str] = ("id",),
+               threads: int = 16) -> pa.Table:
+    """The index of every committed shard of ``folder``: the requested columns (those a shard
+    lacks are null) and ``_file``, the data shard's name. Reads no data shard."""
+    names = storage.list_files(storage.join(folder, INDEX), prefix="part-",
+                               suffixes=(".parquet",))
+    fs, root = storage.resolve(storage.join(folder, INDEX))
+
+    def one(name: str) -> pa.Table:
+        with fs.open_input_file(f"{root}/{name}") as f:
+            table = pq.read_table(f)
+        cols = {c: (table[c] if c in table.column_names else pa.nulls(table.num_rows))
+                for c in columns}
+        cols[FILE] = pa.array([name.removesuffix(".parquet")] * table.num_rows, pa.string())
+        return pa.table(cols)
+
+    if not names:
+        return pa.table({**{c: pa.array([], pa.string()) for c in columns},
+                         FILE: pa.array([], pa.string())})
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names)))) as pool:
+        tables = list(pool.map(one, names))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def read_shard(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of one data shard, as written."""
+    path = str(path)
+    if path.endswith(".parquet"):
+        fs, p = storage.resolve(path)
+        with fs.open_input_file(p) as f:
+            return pq.read_table(f).to_pylist()
+    return [json.loads(line) for line in storage.iter_lines(path) if line.strip()]
+
+
+def read_committed(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of one committed shard that its index lists (a shard being rewritten may
+    briefly hold more; a batch whose rows all went elsewhere has an index and no data)."""
+    fs, p = storage.resolve(_index_path(str(path)))
+    with fs.open_input_file(p) as f:
+        ids = pq.read_table(f, columns=["id"])["id"].to_pylist()
+    if not ids:
         return []
-    return sorted(
-        p for p in folder.iterdir()
-        if p.name.startswith("part-") and p.suffix in (".jsonl", ".parquet")
-    )
+    rows = read_shard(path)
+    if len(ids) == len(rows):
+        return rows
+    keep = set(ids)
+    return [r for r in rows if str(r.get("id")) in keep]
 
 
-def read_shard(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".parquet":
-        return pq.read_table(path).to_pylist()
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_committed_ids(folder: str | Path, name: str) -> list[str]:
+    """The ids a committed shard's index lists ([] for a shard not committed)."""
+    fs, p = storage.resolve(storage.join(folder, INDEX, name + ".parquet"))
+    try:
+        with fs.open_input_file(p) as f:
+            return [str(i) for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
+    except FileNotFoundError:
+        return []
 
 
 def read_rows(folder: str | Path) -> Iterator[dict[str, Any]]:
-    """Every row of the finished shards in ``folder``, shard by shard."""
+    """Every row of the committed shards in ``folder``, shard by shard."""
     for path in shard_files(folder):
-        yield from read_shard(path)
+        yield from read_committed(path)
 
 
 def read_ids(folder: str | Path) -> set[str]:
-    return {str(row["id"]) for row in read_rows(folder)}
+    return set(read_index(folder)["id"].to_pylist())
 
 
 def reject_reasons(stage_dir: str | Path) -> list[str]:
-    """The reason of every reject a stage folder holds."""
-    return [str(r.get("reason")) for r in read_rows(Path(stage_dir) / REJECTS)]
+    """The reason of every reject a stage folder holds (from the rejects' index)."""
+    return [str(r) for r in read_index(storage.join(stage_dir, REJECTS),
+                                       ("reason",))["reason"].to_pylist()]
+
+
+def count_rows(folder: str | Path) -> int:
+    return read_index(folder).num_rows
 
 
 def retried(reject: dict[str, Any], retry: str) -> bool:
@@ -72,87 +260,59 @@ def retried(reject: dict[str, Any], retry: str) -> bool:
 def done_ids(stage_dir: str | Path) -> set[str]:
     """Ids a stage has finished: written as output or as rejects (call ``release_rejects``
     first to retry some of them)."""
-    stage_dir = Path(stage_dir)
-    return read_ids(stage_dir) | read_ids(stage_dir / REJECTS)
+    return read_ids(stage_dir) | read_ids(storage.join(stage_dir, REJECTS))
+
+
+def done_index(stage_dir: str | Path) -> pa.Array:
+    """The ids a stage has finished, as one Arrow array (from the two indexes only)."""
+    out = read_index(stage_dir)["id"]
+    rej = read_index(storage.join(stage_dir, REJECTS))["id"]
+    return pa.chunked_array([*out.chunks, *rej.chunks], pa.string()).combine_chunks()
 
 
 def release_rejects(stage_dir: str | Path, retry: str) -> int:
     """Move the rejects a rerun retries out of ``rejects/`` (to ``rejects_retried/``), shard by
-    shard, each shard rewritten atomically; returns how many were released."""
+    shard; returns how many were released. Per shard: the record first (a kill after it leaves
+    the reject done, never a row neither done nor pending), then the shard's index without
+    them (the commit), then its data."""
     if retry == "none":
         return 0
-    stage_dir = Path(stage_dir)
+    folder = storage.join(stage_dir, REJECTS)
     released = 0
-    for path in shard_files(stage_dir / REJECTS):
-        rows = read_shard(path)
+    index = read_index(folder, ("kind",))
+    if retry == "system":
+        files = sorted({f for f, k in zip(index[FILE].to_pylist(), index["kind"].to_pylist())
+                        if k == SYSTEM})
+    else:
+        files = sorted(set(index[FILE].to_pylist()))
+    for name in files:
+        path = storage.join(folder, name)
+        rows = read_committed(path)
         again = [r for r in rows if retried(r, retry)]
         if not again:
             continue
-        # The record first: a kill between the two steps leaves the reject in place (done),
-        # never a row that is neither done nor pending.
-        ShardWriter(stage_dir / RETRIED, "jsonl", max(1, len(again))).write(again)
+        write_shard(storage.join(stage_dir, RETRIED), f"part-{new_token()}", again, "jsonl",
+                    reject_columns(again))
         keep = [r for r in rows if not retried(r, retry)]
+        stem = name.rsplit(".", 1)[0]
         if keep:
-            replace_atomically(path, lambda tmp, keep=keep: _write_jsonl(tmp, keep))
+            write_shard(folder, stem, keep, "jsonl", reject_columns(keep))
         else:
-            path.unlink()
+            storage.delete(_index_path(path))
+            storage.delete(path)
         released += len(again)
     if released:
         log.info("%s: %d earlier rejects will be tried again (run.retry_rejects=%s)",
-                 stage_dir.name, released, retry)
+                 storage.name(stage_dir), released, retry)
     return released
 
 
-def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write one file through a temporary name beside it (``write(tmp)``), then rename it into
-    place, so a reader never sees half a file."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
+def replace_atomically(path: str | Path, data: bytes) -> None:
+    """Write one whole file (local or object store): a reader never sees half of it."""
+    storage.write_bytes(path, data)
 
 
-class ShardWriter:
-    """Writes rows to ``folder`` in shards of at most ``shard_rows``, each one atomically."""
-
-    def __init__(self, folder: str | Path, fmt: str = "jsonl", shard_rows: int = 64) -> None:
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown shard format {fmt!r}")
-        self.folder = Path(folder)
-        self.fmt = fmt
-        self.shard_rows = shard_rows
-        self.rows_written = 0
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".tmp-*"):  # left by a killed run; never counted as done
-            stale.unlink(missing_ok=True)
-
-    def write(self, rows: Iterable[dict[str, Any]]) -> list[Path]:
-        rows = list(rows)
-        paths = []
-        for start in range(0, len(rows), self.shard_rows):
-            paths.append(self._write_one(rows[start:start + self.shard_rows]))
-        return paths
-
-    def _write_one(self, rows: list[dict[str, Any]]) -> Path:
-        ext = FORMATS[self.fmt]
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}{ext}"
-        tmp = self.folder / f".tmp-{name}"
-        if self.fmt == "parquet":
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
-        else:
-            _write_jsonl(tmp, rows)
-        os.replace(tmp, self.folder / name)
-        self.rows_written += len(rows)
-        log.debug("wrote %s (%d rows)", self.folder / name, len(rows))
-        return self.folder / name
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
+# -- rejects ----------------------------------------------------------------------------------
 
 def reject_row(row_id: str, stage: str, reason: str, row: Any = None,
                kind: str = ROW) -> dict[str, Any]:

@@ -1,12 +1,15 @@
-"""Running stages: read the previous stage's output, skip ids already done, stream the rest
-through the stage's actor pool, and write shards as results arrive.
+"""Running stages as streaming Ray Data pipelines: read the previous stage's committed shards,
+skip the ids already done, run the rest through the stage's actor pool, whose workers write
+the results where the run's output lives.
 
 A stage's input is the output of the closest earlier stage the config lists; the first listed
-stage reads the ingested data (``<output_dir>/ingest/``, written once). The driver writes every
-shard, so the output folder only has to be visible to the driver.
+stage reads the ingested data (``<output_dir>/ingest/``, written once by parallel tasks,
+``palign.stages.source``). The driver only plans from indexes (``palign.stages.dataplane``),
+watches progress and adds up counts: no row passes through it, so ``run.output_dir`` may be a
+local folder, a shared mount or ``s3://``/``gs://`` (``palign.storage``).
 
 A stage ends in one of two ways: its summary, or :class:`~palign.failures.StageFailed` with a
-message for a person, after writing what it has. It fails when its engine keeps failing, when
+message for a person, after keeping what it wrote. It fails when its engine keeps failing, when
 its rejects pass ``<stage>.max_reject_share`` of its rows, or when no row came out of it. A
 whole run holds ``<output_dir>/_LOCK`` (``palign.runlock``): a second run on the same folder
 refuses to start.
@@ -14,34 +17,33 @@ refuses to start.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
-import shutil
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from palign import storage
 from palign.config import STAGES, Benchmark, Config, DataSection, EvalModel, FieldNames
 from palign.failures import StageFailed, describe, reject_share_error
-from palign.ingest import read_problems
+from palign.ingest import source_files
 from palign.resources import engine_pool_kwargs, engine_request
+from palign.stages.dataplane import Plan, dataset, plan
 from palign.stages.io import (
     DONE_MARKER,
     REJECTS,
-    ShardWriter,
-    done_ids,
-    read_rows,
+    clean_uncommitted,
+    count_rows,
+    done_index,
+    new_token,
+    read_index,
     reject_reasons,
-    reject_row,
     release_rejects,
 )
 from palign.stages.registry import REGISTRY
+from palign.stages.source import finish_ingest, ingest_block
 from palign.stages.worker import StageWorker
 
 log = logging.getLogger(__name__)
@@ -105,90 +107,108 @@ def init_ray(cfg: Config) -> None:
     ctx.enable_progress_bars = cfg.ray.progress_bars and sys.stdout.isatty()
 
 
-def ingest(cfg: Config) -> list[dict[str, Any]]:
-    """The source's usable rows; read once per output folder, rejects written once. Fails when
-    more than ``data.max_reject_share`` of the source is unusable."""
-    rows = _ingest_once(Path(cfg.run.output_dir) / "ingest", cfg.data, cfg.output.shard_rows)
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config as workers must see it: local paths made absolute (a worker's current folder
+    is not the driver's); URIs as they are."""
+    run = cfg.run.model_copy(update={"output_dir": storage.absolute(cfg.run.output_dir)})
+    data = cfg.data.model_copy(update={"path": storage.absolute(cfg.data.path)})
+    return cfg.model_copy(update={"run": run, "data": data})
+
+
+def ingest(cfg: Config) -> str:
+    """Ingest the source once per output folder (rejects written once); the ingest folder.
+    Fails when more than ``data.max_reject_share`` of the source is unusable."""
+    folder = storage.join(cfg.run.output_dir, "ingest")
+    _ingest_once(cfg, folder, cfg.data)
     summary = ingest_summary(cfg)
     if summary is not None:
         summary.check_rejects("data.max_reject_share", cfg.data.max_reject_share)
-    return rows
+    return folder
 
 
-def _ingest_once(folder: Path, data: DataSection, shard_rows: int) -> list[dict[str, Any]]:
-    if (folder / DONE_MARKER).exists():
-        return list(read_rows(folder))
-    shutil.rmtree(folder, ignore_errors=True)  # an unfinished ingest is simply redone
-    problems, rejects = read_problems(data)
-    ShardWriter(folder, "jsonl", shard_rows).write(problems)
-    ShardWriter(folder / REJECTS, "jsonl", shard_rows).write(
-        reject_row(r.id, "ingest", r.reason, r.row) for r in rejects
-    )
-    (folder / DONE_MARKER).write_text(json.dumps({"rows": len(problems),
-                                                  "rejects": len(rejects)}))
-    return problems
+def _ingest_once(cfg: Config, folder: str, data: DataSection) -> None:
+    """Validate the source into ``folder`` with one Ray Data task per source file, then settle
+    limits and repeated ids from the indexes (``palign.stages.source``). A finished ingest
+    (``_DONE``) is kept; an unfinished one is redone."""
+    if storage.exists(storage.join(folder, DONE_MARKER)):
+        return
+    storage.delete_dir(folder)
+    files = source_files(data)
+    if files:
+        import ray
+
+        init_ray(cfg)
+        items = [{"number": f.number, "path": f.path, "kind": f.kind} for f in files]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ingest_block, batch_size=None, batch_format="pyarrow",
+            fn_kwargs={"data": data.model_dump(mode="json"), "folder": folder,
+                       "shard_rows": cfg.output.shard_rows})
+        rows = rejects = 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows += sum(batch["rows"].to_pylist())
+            rejects += sum(batch["rejects"].to_pylist())
+        log.info("ingest: %d file(s) read: %d rows, %d rejects before limits and repeats",
+                 len(files), rows, rejects)
+    finish_ingest(folder, data)
 
 
-def stage_input(cfg: Config, stage: str) -> list[dict[str, Any]]:
+def stage_input(cfg: Config, stage: str) -> str:
+    """The folder a stage reads: the closest earlier listed stage's output, or the ingest."""
     earlier = [s for s in cfg.run.stages if STAGES.index(s) < STAGES.index(stage)]
     if not earlier:
         return ingest(cfg)
     prev = earlier[-1]
     folder = cfg.stage_dir(prev)
-    if not folder.is_dir():
+    if not storage.is_dir(folder):
         raise StageError(f"{stage} reads the output of {prev} ({folder}), which does not exist: "
                          f"run `palign {prev}` first")
-    return list(read_rows(folder))
+    return folder
+
+
+def _prepare(folder: str, retry: str) -> None:
+    """Before a stage writes ``folder``: drop what a killed write left, release the rejects a
+    rerun retries."""
+    clean_uncommitted(folder)
+    clean_uncommitted(storage.join(folder, REJECTS))
+    release_rejects(folder, retry)
 
 
 def run_stage(cfg: Config, stage: str) -> StageSummary:
     """Run one stage to completion (resuming where an earlier run stopped)."""
     start = time.time()
-    rows = stage_input(cfg, stage)
+    cfg = with_absolute_paths(cfg)
+    source = stage_input(cfg, stage)
     out_dir = cfg.stage_dir(stage)
-    release_rejects(out_dir, cfg.run.retry_rejects)
-    done = done_ids(out_dir)
-    pending = [r for r in rows if str(r["id"]) not in done]
-    summary = StageSummary(stage, rows_in=len(rows), skipped=len(rows) - len(pending),
-                           output_dir=str(out_dir))
-    log.info("%s: %d rows in, %d already done, %d to process", stage, len(rows),
-             summary.skipped, len(pending))
-    writer = ShardWriter(out_dir, cfg.output.format, cfg.output.shard_rows)
-    rejects = ShardWriter(out_dir / REJECTS, "jsonl", cfg.output.shard_rows)
-
-    def write(good: list[dict[str, Any]], bad: list[dict[str, Any]]) -> None:
-        writer.write(good)
-        rejects.write(bad)
-
-    if pending:
-        definition = REGISTRY[stage]
-        needs = definition.needs_engine(cfg) and definition.engine_for(pending)
+    _prepare(out_dir, cfg.run.retry_rejects)
+    definition = REGISTRY[stage]
+    work = plan(source, done_index(out_dir), columns=definition.input_columns)
+    summary = StageSummary(stage, rows_in=work.rows_in, skipped=work.skipped,
+                           output_dir=out_dir)
+    log.info("%s: %d rows in, %d already done, %d to process", stage, work.rows_in,
+             work.skipped, work.pending)
+    if work.pending:
+        needs = definition.needs_engine(cfg) and definition.engine_for(work.columns)
         model = definition.model(cfg) if needs else None
-        summary.processed, summary.engine_calls = _stream(cfg, stage, pending, write, model)
+        summary.processed, summary.engine_calls = _stream(cfg, stage, work, model)
     summary.wall_s = time.time() - start
     _fill_totals(summary, out_dir)
     summary.check_rejects(f"{stage}.max_reject_share", getattr(cfg, stage).max_reject_share)
     return summary
 
 
-def _stream(cfg: Config, stage: str, rows: list[dict[str, Any]],
-            write: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None],
-            model: str | None) -> tuple[int, int]:
-    """Send ``rows`` through the stage's actor pool (serving ``model``); ``write`` gets each
-    result batch's good records and rejects as they arrive. Returns (rows done, engine calls)."""
-    import ray
-
+def _stream(cfg: Config, stage: str, work: Plan, model: str | None) -> tuple[int, int]:
+    """Run the planned rows through the stage's actor pool (serving ``model``); the workers
+    write the results. Returns (rows done, engine calls)."""
     if model is not None:
         from palign.models import resolve_model
 
         # Materialise short-name models once here, not in every actor at once.
         resolve_model(model, cfg.models.cache_dir)
+    import ray
+
     init_ray(cfg)
     section = getattr(cfg, stage)
     engine = section.engine
-    items = [{"id": str(r["id"]), "record": json.dumps(r, ensure_ascii=False)} for r in rows]
-    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) /
-                                                                  engine.batch_size))
     _bound_actor_starts(engine.max_failures)
     ledger = start_ledger(section.max_row_attempts, engine.max_failures)
     done = calls = 0
@@ -196,10 +216,10 @@ def _stream(cfg: Config, stage: str, rows: list[dict[str, Any]],
     # palign.resources; its placement groups are removed when the stage ends.
     try:
         with engine_pool_kwargs(engine_request(stage, engine)) as pool:
-            ds = ds.map_batches(
+            ds = dataset(work.items).map_batches(
                 StageWorker,
                 fn_constructor_kwargs={"cfg_raw": cfg.model_dump(mode="json"), "stage": stage,
-                                       "model": model, "ledger": ledger},
+                                       "model": model, "ledger": ledger, "token": new_token()},
                 batch_size=engine.batch_size,
                 # A replica that dies (a machinery failure, an OOM kill, a lost node) is
                 # restarted and the batch it held is retried, so no row is lost: Ray Data gives
@@ -208,18 +228,15 @@ def _stream(cfg: Config, stage: str, rows: list[dict[str, Any]],
                 **pool,
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                good, bad = [], []
-                for ok, rec in zip(batch["ok"], batch["record"]):
-                    (good if ok else bad).append(json.loads(rec))
-                write(good, bad)
-                done += len(good) + len(bad)
+                n, good, bad = (int(sum(batch[k])) for k in ("rows", "ok", "rejected"))
+                done += n
                 calls += int(sum(batch["calls"]))
-                log.info("%s: +%d rows, +%d rejects (%d/%d)", stage, len(good), len(bad),
-                         done, len(rows))
+                log.info("%s: +%d rows, +%d rejects (%d/%d)", stage, good, bad, done,
+                         work.pending)
     except StageFailed:
         raise
     except Exception as err:  # noqa: BLE001 - Ray's wrapping of what failed the stage
-        raise _stage_failure(stage, err, done, len(rows)) from err
+        raise _stage_failure(stage, err, done, work.pending) from err
     finally:
         ray.kill(ledger)
     return done, calls
@@ -298,45 +315,34 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
     from palign.report import write_results
 
     start = time.time()
+    cfg = with_absolute_paths(cfg)
     root = cfg.stage_dir("evaluate")
-    summary = StageSummary("evaluate", output_dir=str(root))
-    benchmarks = {
-        b.name: _ingest_once(root / "_ingest" / b.name, _benchmark_source(b),
-                             cfg.output.shard_rows)
-        for b in cfg.evaluate.benchmarks
-    }
+    summary = StageSummary("evaluate", output_dir=root)
+    benchmarks = {}
+    for b in cfg.evaluate.benchmarks:
+        folder = storage.join(root, "_ingest", b.name)
+        _ingest_once(cfg, folder, _benchmark_source(b))
+        benchmarks[b.name] = folder
     paths = {m.label: eval_model_path(cfg, m) for m in cfg.evaluate.models}  # fail early
     for m in cfg.evaluate.models:
-        pending: list[dict[str, Any]] = []
-        writers: dict[str, tuple[ShardWriter, ShardWriter]] = {}
-        for name, rows in benchmarks.items():
-            out = root / m.label / name
-            release_rejects(out, cfg.run.retry_rejects)
-            done = done_ids(out)
-            todo = [r for r in rows if str(r["id"]) not in done]
-            summary.rows_in += len(rows)
-            summary.skipped += len(rows) - len(todo)
-            pending += [{**r, "benchmark": name, "model": m.label, "model_path": paths[m.label]}
-                        for r in todo]
-            writers[name] = (ShardWriter(out, cfg.output.format, cfg.output.shard_rows),
-                             ShardWriter(out / REJECTS, "jsonl", cfg.output.shard_rows))
-        log.info("evaluate %s (%s): %d problem(s) to do", m.label, paths[m.label], len(pending))
-        if not pending:
+        work = Plan()
+        for name, folder in benchmarks.items():
+            out = storage.join(root, m.label, name)
+            _prepare(out, cfg.run.retry_rejects)
+            work.add(plan(folder, done_index(out), extra={
+                "benchmark": name, "model": m.label, "model_path": paths[m.label]}))
+        summary.rows_in += work.rows_in
+        summary.skipped += work.skipped
+        log.info("evaluate %s (%s): %d problem(s) to do", m.label, paths[m.label], work.pending)
+        if not work.pending:
             continue
-
-        def write(good: list[dict[str, Any]], bad: list[dict[str, Any]],
-                  writers: dict[str, tuple[ShardWriter, ShardWriter]] = writers) -> None:
-            for name, (writer, rejects) in writers.items():
-                writer.write([r for r in good if r["benchmark"] == name])
-                rejects.write([r for r in bad if r["row"]["benchmark"] == name])
-
-        done, calls = _stream(cfg, "evaluate", pending, write, paths[m.label])
+        done, calls = _stream(cfg, "evaluate", work, paths[m.label])
         summary.processed += done
         summary.engine_calls += calls
     for m in cfg.evaluate.models:
         for name in benchmarks:
-            out = root / m.label / name
-            summary.rows_out += sum(1 for _ in read_rows(out))
+            out = storage.join(root, m.label, name)
+            summary.rows_out += count_rows(out)
             summary.reasons += reject_reasons(out)
     summary.rejected = len(summary.reasons)
     results = write_results(cfg.run.output_dir, cfg.run.name)
@@ -350,27 +356,30 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
 
 
 def _benchmark_source(b: Benchmark) -> DataSection:
-    return DataSection(path=b.path, format=b.format, split=b.split, limit=b.limit,
-                       fields=FieldNames(id=b.fields.id, question=b.fields.question,
-                                         answer=b.fields.answer, cot=None))
+    return DataSection(path=storage.absolute(b.path), format=b.format, split=b.split,
+                       limit=b.limit, fields=FieldNames(id=b.fields.id, question=b.fields.question,
+                                                        answer=b.fields.answer, cot=None))
 
 
-def _fill_totals(summary: StageSummary, out_dir: Path) -> None:
-    rows = list(read_rows(out_dir))
-    summary.rows_out = len(rows)
+def _fill_totals(summary: StageSummary, out_dir: str) -> None:
+    """Counts, reject reasons and statistics from the indexes (no row is read)."""
+    definition = REGISTRY[summary.stage]
+    index = read_index(out_dir, definition.index_columns)
+    summary.rows_out = index.num_rows
     summary.reasons = reject_reasons(out_dir)
     summary.rejected = len(summary.reasons)
-    summary.stats = REGISTRY[summary.stage].stats(rows)
+    summary.stats = definition.stats({c: index[c].to_pylist()
+                                      for c in definition.index_columns})
 
 
 def ingest_summary(cfg: Config) -> StageSummary | None:
-    folder = Path(cfg.run.output_dir) / "ingest"
-    if not folder.is_dir():
+    folder = storage.join(storage.absolute(cfg.run.output_dir), "ingest")
+    if not storage.exists(storage.join(folder, DONE_MARKER)):
         return None  # nothing read the run's data (an evaluate-only run)
-    out = sum(1 for _ in read_rows(folder))
+    out = count_rows(folder)
     reasons = reject_reasons(folder)
     return StageSummary("ingest", rows_in=out + len(reasons), rows_out=out,
-                        rejected=len(reasons), output_dir=str(folder), reasons=reasons)
+                        rejected=len(reasons), output_dir=folder, reasons=reasons)
 
 
 def run_train_stage(cfg: Config) -> StageSummary:
@@ -390,7 +399,7 @@ def run_train_stage(cfg: Config) -> StageSummary:
         rejected=res.rows_rejected, processed=res.rows_used, wall_s=res.wall_s,
         stats={"steps": res.steps, "final_loss": res.final_loss,
                "tokens_per_s": res.tokens_per_s, "packing_efficiency": res.packing_efficiency},
-        output_dir=str(cfg.stage_dir("train")), model_dir=str(res.model_dir),
+        output_dir=cfg.stage_dir("train"), model_dir=str(res.model_dir),
         reasons=reject_reasons(cfg.stage_dir("train")),
     )
     summary.check_rejects("train.max_reject_share", cfg.train.max_reject_share)

@@ -12,7 +12,7 @@ prefix_ratio, sufficient, probes [{k, verdict, score}], strategy, and the judge'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -135,19 +135,31 @@ def batch_metrics(records: Sequence[Row]) -> BatchMetrics:
                      if isinstance(r.get("prefix_ratio"), (float, int))))
 
 
-def summary_stats(rows: Sequence[Row]) -> dict[str, float]:
+def index_entry(record: Row) -> dict[str, Any]:
+    """What the index keeps of a truncated row: its ratios, probes, verdict and judge tokens."""
+    total = record.get("sentences_total") or 0
+    return {"prefix_ratio": record.get("prefix_ratio"),
+            "sentence_ratio": record.get("sentences_kept", 0) / total if total else None,
+            "probes": len(record.get("probes") or ()),
+            "sufficient": bool(record.get("sufficient")),
+            "judge_prompt_tokens": int(record.get("judge_prompt_tokens") or 0),
+            "judge_cached_tokens": int(record.get("judge_cached_tokens") or 0)}
+
+
+def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
     """Means over the finished rows: prefix and sentence ratios, probes per example, the share
     judged sufficient, and the share of judge prompt tokens served from the prefix cache."""
-    if not rows:
+    n = len(columns.get("prefix_ratio") or ())
+    if not n:
         return {}
-    n = len(rows)
-    ptok = sum(r.get("judge_prompt_tokens", 0) for r in rows)
-    ctok = sum(r.get("judge_cached_tokens", 0) for r in rows)
+    ptok = sum(columns["judge_prompt_tokens"])
+    ctok = sum(columns["judge_cached_tokens"])
+    sentence = [v for v in columns["sentence_ratio"] if v is not None]
     return {
-        "mean_prefix_ratio": sum(r["prefix_ratio"] for r in rows) / n,
-        "mean_sentence_ratio": sum(r["sentences_kept"] / r["sentences_total"] for r in rows) / n,
-        "probes_per_example": sum(len(r["probes"]) for r in rows) / n,
-        "sufficient_share": sum(bool(r["sufficient"]) for r in rows) / n,
+        "mean_prefix_ratio": sum(columns["prefix_ratio"]) / n,
+        "mean_sentence_ratio": sum(sentence) / len(sentence) if sentence else 0.0,
+        "probes_per_example": sum(columns["probes"]) / n,
+        "sufficient_share": sum(bool(v) for v in columns["sufficient"]) / n,
         "prompt_cache_share": ctok / ptok if ptok else 0.0,
     }
 
@@ -158,5 +170,8 @@ TRUNCATE = Stage(
     needs_engine=lambda cfg: cfg.truncate.strategy == "binary",
     process=lambda rows, engine, grader, section: truncate_rows(rows, engine, section),
     metrics=batch_metrics,
+    index=index_entry,
+    index_columns=("prefix_ratio", "sentence_ratio", "probes", "sufficient",
+                   "judge_prompt_tokens", "judge_cached_tokens"),
     stats=summary_stats,
 )

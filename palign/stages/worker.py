@@ -1,7 +1,11 @@
 """The Ray Data callable every stage runs on its actor pool: one engine per actor, built once.
 
 Rows travel as JSON text in a ``record`` column: stage records are nested and vary from row to
-row (a reject carries the raw input), which Arrow schemas handle badly.
+row (a reject carries the raw input), which Arrow schemas handle badly. The worker writes its
+batch's results itself, where the run's output lives (``palign.stages.io``: a shard named after
+the stage's run token and the batch's ids, rejects first, the output's index last as the
+batch's commit); only counts go back to the driver. A batch whose commit is already there (Ray
+retried a task whose write had finished) is not served again.
 
 Failures (``palign.failures``):
 
@@ -26,14 +30,25 @@ import os
 import time
 from typing import Any
 
-from palign import telemetry
+from palign import storage, telemetry
 from palign.attempts import AttemptLedger
 from palign.config import Config, EngineConfig
 from palign.engines.base import EngineSpec
 from palign.engines.guard import GuardedEngine
 from palign.failures import SYSTEM, MachineryError, StageFailed, describe, is_machinery
 from palign.logs import setup_actor_logging
-from palign.stages.io import reject_row
+from palign.stages.io import (
+    INDEX,
+    REJECTS,
+    batch_stem,
+    data_name,
+    is_committed,
+    new_token,
+    read_committed_ids,
+    reject_columns,
+    reject_row,
+    write_shard,
+)
 from palign.stages.outcome import Outcome, rejected
 from palign.stages.registry import REGISTRY
 
@@ -71,13 +86,15 @@ class StageWorker:
     ``AttemptLedger`` when run in-process)."""
 
     def __init__(self, cfg_raw: dict[str, Any], stage: str, model: str | None = None,
-                 ledger: Any = None) -> None:
+                 ledger: Any = None, token: str | None = None) -> None:
         setup_actor_logging(stage)
         self.cfg = Config.model_validate(cfg_raw)
         self.stage = stage
         self.definition = REGISTRY[stage]
         self.section = self.definition.section(self.cfg)
         self.model = model
+        self.out_dir = self.cfg.stage_dir(stage)
+        self.token = token or new_token()  # the stage run's; shard names derive from it
         self.ledger = ledger if ledger is not None else AttemptLedger(
             self.section.max_row_attempts, self.section.engine.max_failures)
         self.actor = _actor_id()
@@ -105,6 +122,16 @@ class StageWorker:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         rows = [json.loads(r) for r in batch["record"]]
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            groups.setdefault(self.definition.subfolder(row), []).append(row)
+        stems = {sub: batch_stem(self.token, [str(r["id"]) for r in group])
+                 for sub, group in groups.items()}
+        if all(is_committed(self._folder(sub), stems[sub], self.cfg.output.format)
+               for sub in groups):
+            log.info("%s: a batch of %d rows was written by an earlier attempt", self.stage,
+                     len(rows))
+            return self._committed_counts(stems, len(rows))
         start = time.monotonic()
         outcomes, calls = self._serve(rows)
         records = [o.record for o in outcomes if o.ok]
@@ -113,15 +140,35 @@ class StageWorker:
                               rejected=len(outcomes) - len(records),
                               seconds=time.monotonic() - start, tokens=metrics.tokens,
                               probes=metrics.probes, ratios=metrics.ratios)
-        out: dict[str, list[Any]] = {"id": [], "ok": [], "record": [], "calls": []}
-        for n, (row, o) in enumerate(zip(rows, outcomes)):
-            payload = o.record if o.ok else reject_row(row["id"], self.stage, o.reason, row,
-                                                       o.kind)
-            out["id"].append(str(row["id"]))
-            out["ok"].append(o.ok)
-            out["record"].append(json.dumps(payload, ensure_ascii=False, default=str))
-            out["calls"].append(calls if n == 0 else 0)
-        return out
+        by_id = {str(row["id"]): (row, o) for row, o in zip(rows, outcomes)}
+        for sub, group in groups.items():
+            good = [by_id[str(r["id"])][1].record for r in group if by_id[str(r["id"])][1].ok]
+            bad = [reject_row(r["id"], self.stage, o.reason, r, o.kind)
+                   for r in group if not (o := by_id[str(r["id"])][1]).ok]
+            self._write(sub, stems[sub], good, bad)
+        return {"rows": [len(rows)], "ok": [len(records)],
+                "rejected": [len(rows) - len(records)], "calls": [calls]}
+
+    def _folder(self, sub: str) -> str:
+        return storage.join(str(self.out_dir), sub) if sub else str(self.out_dir)
+
+    def _write(self, sub: str, stem: str, good: list[dict[str, Any]],
+               bad: list[dict[str, Any]]) -> None:
+        """The rejects first, then the output with its index: the batch's commit."""
+        folder = self._folder(sub)
+        if bad:
+            write_shard(storage.join(folder, REJECTS), stem, bad, "jsonl", reject_columns(bad))
+        else:
+            storage.delete(storage.join(folder, REJECTS, INDEX,
+                                        data_name(stem, "jsonl") + ".parquet"))
+        write_shard(folder, stem, good, self.cfg.output.format,
+                    self.definition.index_values(good))
+
+    def _committed_counts(self, stems: dict[str, str], n: int) -> dict[str, list[Any]]:
+        fmt = self.cfg.output.format
+        ok = sum(len(read_committed_ids(self._folder(sub), data_name(stem, fmt)))
+                 for sub, stem in stems.items())
+        return {"rows": [n], "ok": [ok], "rejected": [n - ok], "calls": [0]}
 
     def _serve(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
         """The batch's outcomes; after a crash with these rows in flight, row by row."""

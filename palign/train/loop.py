@@ -142,12 +142,12 @@ def run_name(cfg: Config) -> str:
 
 def storage_path(cfg: Config) -> Path:
     """Ray Train storage: ``train.storage_path``, default ``<output_dir>/train/ray`` (absolute)."""
-    root = cfg.train.storage_path or str(cfg.stage_dir("train") / "ray")
+    root = cfg.train.storage_path or str(Path(cfg.stage_dir("train")) / "ray")
     return Path(root).expanduser().absolute()
 
 
 def model_dir(cfg: Config) -> Path:
-    return (cfg.stage_dir("train") / "model").absolute()
+    return (Path(cfg.stage_dir("train")) / "model").absolute()
 
 
 def checkpoint_name(step: int) -> str:
@@ -222,7 +222,7 @@ def _pad_id(tokenizer: Any) -> int:
 
 def write_rejects(cfg: Config, rejected: Sequence[tuple[Rejected, dict[str, Any]]]) -> int:
     """Write rows rejected for training to ``<output_dir>/train/rejects/``, each id once."""
-    folder = cfg.stage_dir("train") / REJECTS
+    folder = Path(cfg.stage_dir("train")) / REJECTS
     done = read_ids(folder)
     new = [reject_row(r.id, "train", r.reason, row) for r, row in rejected if r.id not in done]
     if new:
@@ -497,8 +497,7 @@ def save_checkpoint(engine: Any, directory: Path, dist_info: DistInfo,
     dist.barrier()
     if dist_info.rank == 0:
         state = {k: v for k, v in client_state.items() if k != "losses"}
-        replace_atomically(directory / STATE_FILE,
-                           lambda tmp: tmp.write_text(json.dumps(state, indent=1)))
+        replace_atomically(directory / STATE_FILE, json.dumps(state, indent=1).encode())
 
 
 def load_checkpoint(engine: Any, directory: Path, dist_info: DistInfo) -> dict[str, Any]:
@@ -744,8 +743,8 @@ def _finish(cfg: Config, engine: Any, tokenizer: Any, dist_info: DistInfo,
         "model_dir": str(out),
     }
     if dist_info.rank == 0:
-        replace_atomically(cfg.stage_dir("train").absolute() / "summary.json",
-                           lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+        replace_atomically(Path(cfg.stage_dir("train")).absolute() / "summary.json",
+                           json.dumps(summary, indent=1).encode())
     return summary
 
 
