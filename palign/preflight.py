@@ -1,11 +1,11 @@
 """What a config's paths must be before any work starts; ``palign validate`` and every run check.
 
-The run's data, output and benchmarks may be local paths or ``s3://``/``gs://`` URIs
-(``palign.storage``). An unknown scheme fails here, naming the field, and so does a bucket
-that does not exist or cannot be reached. Two places still need a filesystem path and refuse a
-URI by name: the train stage (its checkpoints and export) and model folders. The data a run
-reads, the local model folders it serves and the benchmarks it evaluates must exist. Hub ids
-(``org/name``) cannot be checked without the hub and pass.
+The run's data, output, train storage, benchmarks and model folders may be local paths or
+``s3://``/``gs://`` URIs (``palign.storage``). An unknown scheme fails here, naming the field,
+and so does a bucket that does not exist or cannot be reached. ``models.cache_dir`` is each
+machine's own disk and refuses a URI by name. The data a run reads, the model folders it
+serves and the benchmarks it evaluates must exist. Hub ids (``org/name``) cannot be checked
+without the hub and pass.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 from palign import storage
 from palign.config import STAGES, Config, ConfigError
 
-# Fields that take a URI; the others need a path on the machine (or a hub id, for models).
-URI_FIELDS = ("run.output_dir", "data.path", "evaluate.benchmarks.")
+# Fields that take a URI; the others need a path on the machine.
+URI_FIELDS = ("run.output_dir", "data.path", "train.storage_path", "evaluate.benchmarks.",
+              "models.student", "models.teacher", "models.judge", "evaluate.models.")
 
 
 def check_paths(cfg: Config, stages: list[str] | None = None) -> None:
@@ -74,12 +75,8 @@ def _scheme_problem(field: str, value: str | None, stages: list[str]) -> str | N
     if not storage.is_uri(value):
         return None
     if not field.startswith(URI_FIELDS):
-        return (f"{field}: {value}: this field needs a path on the machine (on a cluster, "
-                "shared storage mounted on every node); object storage is for run.output_dir, "
-                "data.path and benchmark paths")
-    if field == "run.output_dir" and "train" in stages:
-        return (f"{field}: {value}: the train stage does not write to object storage yet; run "
-                "it with a shared path as output_dir (the other stages take the URI)")
+        return (f"{field}: {value}: this field needs a path on the machine (each node's own "
+                "disk)")
     return None
 
 
@@ -105,6 +102,10 @@ def _model_problem(field: str, name: str, cache_dir: str | None) -> str | None:
     from palign.models import REGISTRY
 
     if name in REGISTRY:
+        return None
+    if storage.is_uri(name):
+        if not storage.is_file(storage.join(name, "config.json")):
+            return f"{field}: {name} is not a Hugging Face model folder (no config.json)"
         return None
     path = Path(name).expanduser()
     if path.is_dir():

@@ -1,7 +1,9 @@
-"""The pipeline on object storage: data, output and benchmarks on ``s3://``, served by a real
-S3-compatible server (moto's) on 127.0.0.1, reached through pyarrow's S3 file system and the
-standard ``AWS_*`` environment. A run killed midway and rerun leaves every id exactly once;
-unknown schemes and buckets that are missing or unreachable fail before any work."""
+"""The pipeline on object storage: data, output, train checkpoints, the exported model and the
+benchmark on ``s3://``, served by a real S3-compatible server (moto's) on 127.0.0.1, reached
+through pyarrow's S3 file system and the standard ``AWS_*`` environment. A run killed midway
+and rerun leaves every id exactly once and an export that loads; a model folder on the bucket
+is staged once per machine; unknown schemes and buckets that are missing or unreachable fail
+before any work."""
 
 from __future__ import annotations
 
@@ -68,6 +70,33 @@ def test_storage_round_trip_and_listing(s3):
     assert not storage.exists(f"{base}/a/x.txt")
 
 
+def test_shards_on_the_bucket_commit_by_index_and_release_rejects(s3):
+    """No rename on object storage: a data object without its index (a killed write) is never
+    read and is cleaned; rejects released for a rerun leave the index first."""
+    from palign.stages.io import (
+        ShardWriter,
+        clean_uncommitted,
+        done_ids,
+        reject_row,
+        release_rejects,
+        write_shard,
+    )
+
+    out = f"s3://{BUCKET}/shards-{time.time_ns()}"
+    ShardWriter(out, "jsonl", shard_rows=2).write([{"id": str(i)} for i in range(3)])
+    storage.write_text(f"{out}/part-killed.jsonl", '{"id": "ghost"}\n')  # no index: not there
+    ShardWriter(f"{out}/rejects").write([reject_row("s1", "truncate", "crash", kind="system"),
+                                         reject_row("r1", "truncate", "too long")])
+    assert sorted(r["id"] for r in read_rows(out)) == ["0", "1", "2"]
+    assert done_ids(out) == {"0", "1", "2", "s1", "r1"}
+    assert clean_uncommitted(out) == 1 and not storage.exists(f"{out}/part-killed.jsonl")
+    assert release_rejects(out, "system") == 1
+    assert done_ids(out) == {"0", "1", "2", "r1"}
+    assert [r["id"] for r in read_rows(f"{out}/rejects_retried")] == ["s1"]
+    write_shard(out, "part-empty", [], "jsonl")  # a batch whose rows all went to rejects
+    assert sorted(r["id"] for r in read_rows(out)) == ["0", "1", "2"]
+
+
 def test_unknown_schemes_and_missing_or_unreachable_buckets_fail_before_any_work(
         s3, tmp_path, capsys, monkeypatch):
     def validate(output_dir: str) -> str:
@@ -93,14 +122,28 @@ def test_unknown_schemes_and_missing_or_unreachable_buckets_fail_before_any_work
     assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()  # never a local folder
 
 
+def test_a_model_folder_on_the_bucket_is_staged_once_per_machine(s3, tmp_path):
+    from palign.models import resolve_model
+
+    uri = f"s3://{BUCKET}/models/tiny-{time.time_ns()}"
+    storage.write_text(f"{uri}/config.json", "{}")
+    storage.write_text(f"{uri}/tokenizer/vocab.txt", "a\nb\n")
+    first = resolve_model(uri, str(tmp_path / "cache"))
+    assert Path(first, "tokenizer", "vocab.txt").read_text() == "a\nb\n"
+    storage.delete(f"{uri}/config.json")  # a second call must not fetch again
+    assert resolve_model(uri, str(tmp_path / "cache")) == first
+    assert list((tmp_path / "cache" / "staged").glob(".*tmp-*")) == []
+
+
 def ids(uri: str) -> Counter:
     return Counter(r["id"] for r in [*read_rows(uri), *read_rows(f"{uri}/rejects")])
 
 
 @pytest.mark.slow
 def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path):
-    """truncate, align and evaluate with data, output and benchmark on s3://: `palign run` is
-    killed after the first truncate batch is committed, then run again."""
+    """truncate, align, train and evaluate (the trained model, staged from the bucket) with
+    data, output, checkpoints and benchmark on s3://: `palign run` is killed after the first
+    truncate batch is committed, then run again."""
     good = [r for r in DEMO if r.get("cot")][:6]
     base = f"s3://{BUCKET}/run-{time.time_ns()}"
     upload(f"{base}/data/problems.jsonl", [*good, {"id": "bad-no-question", "answer": "1"}])
@@ -108,7 +151,8 @@ def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path
            [{"id": f"b{i}", "question": r["question"], "answer": r["answer"]}
             for i, r in enumerate(DEMO[10:12])])
     raw = {
-        "run": {"output_dir": f"{base}/out", "stages": ["truncate", "align", "evaluate"]},
+        "run": {"output_dir": f"{base}/out",
+                "stages": ["truncate", "align", "train", "evaluate"]},
         "ray": {"progress_bars": False},
         "data": {"path": f"{base}/data/problems.jsonl"},
         "models": {"student": "smollm2-135m"},
@@ -116,9 +160,11 @@ def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path
                    "batch_size": 2, "cpus_per_replica": 2, "cpu_kv_cache_gib": 1},
         "truncate": {"verdict": "score"},
         "align": {"sampling": {"max_tokens": 16}},
+        "train": {"num_workers": 1, "cpus_per_worker": 1, "seq_len": 1024, "max_steps": 1,
+                  "checkpoint_every": 1, "micro_batch_size": 1, "grad_accum": 1},
         "evaluate": {"n": 1, "sampling": {"max_tokens": 16},
                      "benchmarks": [{"name": "mini", "path": f"{base}/data/bench.jsonl"}],
-                     "models": [{"label": "student", "model": "student"}]},
+                     "models": [{"label": "trained", "model": "trained"}]},
         "output": {"shard_rows": 1},
     }
     path = tmp_path / "cfg.yaml"
@@ -144,11 +190,22 @@ def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path
     assert "taking over" in done.stderr  # the dead run's lock object
     row = re.search(r"^truncate\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s", done.stdout, re.M)
     assert row and int(row.group(4)) == sum(first.values())  # "resumed": not redone
-    for stage in ("ingest", "truncate", "align", "evaluate/student/mini"):
+    for stage in ("ingest", "truncate", "align", "evaluate/trained/mini"):
         counts = ids(f"{out}/{stage}")
         assert counts and all(n == 1 for n in counts.values()), (stage, counts)
     assert set(ids(f"{out}/truncate")) == {r["id"] for r in good}
-    assert set(ids(f"{out}/evaluate/student/mini")) == {"b0", "b1"}
+    assert set(ids(f"{out}/evaluate/trained/mini")) == {"b0", "b1"}
     results = json.loads(storage.read_text(f"{out}/evaluate/results.json"))
-    assert results["models"]["student"]["mini"]["n"] == 1
+    assert results["models"]["trained"]["mini"]["n"] == 1
+    # Ray Train kept its checkpoints on the bucket; the export is there and loads.
+    ckpts = storage.list_dirs(f"{out}/train/ray/palign-train")
+    assert any(c.startswith("checkpoint_") for c in ckpts), ckpts
+    summary = json.loads(storage.read_text(f"{out}/train/summary.json"))
+    assert summary["done"] and summary["model_dir"] == f"{out}/train/model"
+    from transformers import AutoModelForCausalLM
+
+    from palign.models import resolve_model
+
+    local = resolve_model(f"{out}/train/model", str(tmp_path / "cache"))
+    assert AutoModelForCausalLM.from_pretrained(local).config.model_type == "llama"
     assert not (tmp_path / "s3:").exists()  # nothing went to a local folder named after it

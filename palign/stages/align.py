@@ -69,12 +69,12 @@ def align_rows(
 
 def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
     """The share of targets whose answer matched the gold one, and the continuations' length."""
-    n = len(columns.get("answer_correct") or ())
+    n = len(columns.get("answer_correct", ()))
     if not n:
         return {}
     return {
         "answer_correct_share": sum(bool(v) for v in columns["answer_correct"]) / n,
-        "mean_continuation_tokens": sum(columns["continuation_tokens"]) / n,
+        "mean_continuation_tokens": float(sum(columns["continuation_tokens"])) / n,
     }
 
 

@@ -49,17 +49,21 @@ def plan(input_folder: str, done: pa.Array, extra: Mapping[str, Any] | None = No
     """The read items for the rows of ``input_folder`` whose ids are not in ``done``;
     ``extra`` fields are added to every record read (evaluate: the model and benchmark), and
     ``columns`` of the input's index are returned for the rows to do."""
+    # Arrow columns throughout: the driver's memory per row is its id's bytes, not Python
+    # objects (benchmarks/data_plane.py measures it).
     index = read_index(input_folder, ("id", *columns))
-    is_done = pc.is_in(index["id"], value_set=done) if len(done) else \
-        pa.array([False] * index.num_rows, pa.bool_())
+    is_done = pc.is_in(index["id"], value_set=done)
     todo = index.filter(pc.invert(is_done))
+    shards = pc.unique(todo[FILE]).to_pylist() if todo.num_rows else []
+    # The ids to skip, only in the shards that still have rows to do (a killed run's last
+    # shards); a shard done in full is not read at all.
     finished = index.filter(is_done)
+    partial = finished.filter(pc.is_in(finished[FILE], value_set=pa.array(shards, pa.string())))
     skip: dict[str, list[str]] = {}
-    for shard, row_id in zip(finished[FILE].to_pylist(), finished["id"].to_pylist()):
+    for shard, row_id in zip(partial[FILE].to_pylist(), partial["id"].to_pylist()):
         skip.setdefault(shard, []).append(row_id)
     items = [{"path": storage.join(input_folder, shard), "skip": skip.get(shard, []),
-              "extra": dict(extra or {})}
-             for shard in sorted(set(todo[FILE].to_pylist()))]
+              "extra": dict(extra or {})} for shard in sorted(shards)]
     return Plan(items=items, rows_in=index.num_rows, skipped=finished.num_rows,
                 pending=todo.num_rows, columns={c: todo[c].to_pylist() for c in columns})
 

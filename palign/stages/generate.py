@@ -59,8 +59,8 @@ def generate_rows(
 
 def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
     """How many CoTs the teacher wrote (the others came with the data)."""
-    sources = columns.get("cot_source") or ()
-    return {"teacher_written": sum(s == "teacher" for s in sources)} if sources else {}
+    sources = columns.get("cot_source", ())
+    return {"teacher_written": sum(s == "teacher" for s in sources)} if len(sources) else {}
 
 
 GENERATE = Stage(

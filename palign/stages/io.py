@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -183,15 +184,19 @@ def read_index(folder: str | Path, columns: Sequence[str] = ("id",),
 
     def one(name: str) -> pa.Table:
         with fs.open_input_file(f"{root}/{name}") as f:
-            table = pq.read_table(f)
+            shard = pq.ParquetFile(f)
+            table = shard.read(columns=[c for c in columns if c in shard.schema_arrow.names])
         cols = {c: (table[c] if c in table.column_names else pa.nulls(table.num_rows))
                 for c in columns}
-        cols[FILE] = pa.array([name.removesuffix(".parquet")] * table.num_rows, pa.string())
+        # One string per shard, not per row: the column is dictionary-encoded.
+        cols[FILE] = pa.DictionaryArray.from_arrays(
+            pa.array(np.zeros(table.num_rows, np.int32)),
+            pa.array([name.removesuffix(".parquet")], pa.string()))
         return pa.table(cols)
 
     if not names:
         return pa.table({**{c: pa.array([], pa.string()) for c in columns},
-                         FILE: pa.array([], pa.string())})
+                         FILE: pa.array([], pa.dictionary(pa.int32(), pa.string()))})
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names)))) as pool:
         tables = list(pool.map(one, names))
     return pa.concat_tables(tables, promote_options="permissive")

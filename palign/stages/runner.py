@@ -199,10 +199,11 @@ def run_stage(cfg: Config, stage: str) -> StageSummary:
 def _stream(cfg: Config, stage: str, work: Plan, model: str | None) -> tuple[int, int]:
     """Run the planned rows through the stage's actor pool (serving ``model``); the workers
     write the results. Returns (rows done, engine calls)."""
-    if model is not None:
+    if model is not None and not storage.is_uri(model):
         from palign.models import resolve_model
 
-        # Materialise short-name models once here, not in every actor at once.
+        # Materialise short-name models once here, not in every actor at once (a folder on
+        # object storage is staged by each node's actors instead: the driver needs no copy).
         resolve_model(model, cfg.models.cache_dir)
     import ray
 
@@ -300,10 +301,10 @@ def eval_model_path(cfg: Config, model: EvalModel) -> str:
         from palign.train.loop import model_dir
 
         path = model_dir(cfg)
-        if not (path / "config.json").is_file():
+        if not storage.is_file(storage.join(path, "config.json")):
             raise StageError(f"evaluate.models[{model.label}]: no trained model at {path}: run "
                              "the train stage first, or name a model folder")
-        return str(path)
+        return path
     if model.model == "student":
         return cfg.models.student
     return model.model
@@ -368,8 +369,18 @@ def _fill_totals(summary: StageSummary, out_dir: str) -> None:
     summary.rows_out = index.num_rows
     summary.reasons = reject_reasons(out_dir)
     summary.rejected = len(summary.reasons)
-    summary.stats = definition.stats({c: index[c].to_pylist()
-                                      for c in definition.index_columns})
+    summary.stats = definition.stats({c: _values(index[c]) for c in definition.index_columns})
+
+
+def _values(column: Any) -> Any:
+    """An index column for the statistics: a numpy array when numeric (8 bytes a row, not a
+    Python object; missing values as NaN), else a list."""
+    import pyarrow as pa
+
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or \
+            pa.types.is_boolean(column.type):
+        return column.to_numpy()
+    return column.to_pylist()
 
 
 def ingest_summary(cfg: Config) -> StageSummary | None:

@@ -149,18 +149,18 @@ def index_entry(record: Row) -> dict[str, Any]:
 def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
     """Means over the finished rows: prefix and sentence ratios, probes per example, the share
     judged sufficient, and the share of judge prompt tokens served from the prefix cache."""
-    n = len(columns.get("prefix_ratio") or ())
+    n = len(columns.get("prefix_ratio", ()))
     if not n:
         return {}
     ptok = sum(columns["judge_prompt_tokens"])
     ctok = sum(columns["judge_cached_tokens"])
-    sentence = [v for v in columns["sentence_ratio"] if v is not None]
+    sentence = [v for v in columns["sentence_ratio"] if v is not None and v == v]  # not NaN
     return {
-        "mean_prefix_ratio": sum(columns["prefix_ratio"]) / n,
-        "mean_sentence_ratio": sum(sentence) / len(sentence) if sentence else 0.0,
-        "probes_per_example": sum(columns["probes"]) / n,
+        "mean_prefix_ratio": float(sum(columns["prefix_ratio"])) / n,
+        "mean_sentence_ratio": float(sum(sentence)) / len(sentence) if sentence else 0.0,
+        "probes_per_example": float(sum(columns["probes"])) / n,
         "sufficient_share": sum(bool(v) for v in columns["sufficient"]) / n,
-        "prompt_cache_share": ctok / ptok if ptok else 0.0,
+        "prompt_cache_share": float(ctok / ptok) if ptok else 0.0,
     }
 
 

@@ -17,11 +17,14 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from palign import storage
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def gather_state_dict(module: torch.nn.Module, rank: int) -> dict[str, torch.Ten
 
 
 def export_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, rank: int,
-                 extra: dict[str, Any] | None = None) -> Path:
+                 extra: dict[str, Any] | None = None) -> str:
     """Gather ``model`` (a transformers causal LM, possibly ZeRO-3 partitioned) and write it.
 
     Every rank must call this; rank 0 writes ``out_dir`` atomically: ``model.safetensors``,
@@ -88,14 +91,22 @@ def export_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, ra
     """
     import torch.distributed as dist
 
-    out_dir = Path(out_dir).absolute()
+    target = storage.absolute(out_dir)
     state = gather_state_dict(model, rank)
     if rank == 0:
         assert state is not None
-        _write(model, tokenizer, state, out_dir, extra or {})
+        if storage.is_uri(target):
+            # Object storage: written here first, then uploaded with config.json last, so a
+            # reader that finds config.json finds the whole folder.
+            with tempfile.TemporaryDirectory(prefix="palign-export-") as work:
+                local = Path(work) / "model"
+                _write(model, tokenizer, state, local, extra or {})
+                storage.upload_dir(local, target, last=("config.json",))
+        else:
+            _write(model, tokenizer, state, Path(target), extra or {})
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    return out_dir
+    return target
 
 
 def _write(model: Any, tokenizer: Any, state: dict[str, torch.Tensor], out_dir: Path,

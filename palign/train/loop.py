@@ -94,7 +94,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from palign import telemetry
+from palign import storage, telemetry
 from palign.config import Config, TrainSection, parse_config
 from palign.engines.hf_engine import resolve_dtype as resolve_dtype_name
 from palign.logs import quiet_console
@@ -132,22 +132,28 @@ CHECKPOINT_PREFIX = "checkpoint_"
 
 
 def run_dir(cfg: Config) -> Path:
-    """``<storage_path>/<run.name>-train``: Ray Train's run folder, and torchrun's checkpoints."""
-    return storage_path(cfg) / run_name(cfg)
+    """``<storage_path>/<run.name>-train`` as a local path: torchrun's checkpoints (under Ray,
+    Ray Train keeps the run's folder on any storage)."""
+    root = storage_path(cfg)
+    if storage.is_uri(root):
+        raise ValueError(f"train.storage_path: {root}: torchrun checkpoints need a path on the "
+                         "machine; object storage works under Ray Train")
+    return Path(root) / run_name(cfg)
 
 
 def run_name(cfg: Config) -> str:
     return f"{cfg.run.name}-train"
 
 
-def storage_path(cfg: Config) -> Path:
-    """Ray Train storage: ``train.storage_path``, default ``<output_dir>/train/ray`` (absolute)."""
-    root = cfg.train.storage_path or str(Path(cfg.stage_dir("train")) / "ray")
-    return Path(root).expanduser().absolute()
+def storage_path(cfg: Config) -> str:
+    """Ray Train storage: ``train.storage_path``, default ``<output_dir>/train/ray``: an
+    absolute path or a URI (Ray Train writes checkpoints to object storage itself)."""
+    return storage.absolute(cfg.train.storage_path or storage.join(cfg.stage_dir("train"), "ray"))
 
 
-def model_dir(cfg: Config) -> Path:
-    return (Path(cfg.stage_dir("train")) / "model").absolute()
+def model_dir(cfg: Config) -> str:
+    """Where the trained model is exported: ``<output_dir>/train/model`` (a path or a URI)."""
+    return storage.join(storage.absolute(cfg.stage_dir("train")), "model")
 
 
 def checkpoint_name(step: int) -> str:
@@ -222,7 +228,7 @@ def _pad_id(tokenizer: Any) -> int:
 
 def write_rejects(cfg: Config, rejected: Sequence[tuple[Rejected, dict[str, Any]]]) -> int:
     """Write rows rejected for training to ``<output_dir>/train/rejects/``, each id once."""
-    folder = Path(cfg.stage_dir("train")) / REJECTS
+    folder = storage.join(cfg.stage_dir("train"), REJECTS)
     done = read_ids(folder)
     new = [reject_row(r.id, "train", r.reason, row) for r, row in rejected if r.id not in done]
     if new:
@@ -716,7 +722,7 @@ def _run_steps(cfg: Config, engine: Any, data: TrainData, plan: StepPlan, dist_i
         if dist_info.rank == 0:
             logger.info("run already complete (%d steps); exporting the model", total)
         out = model_dir(cfg)
-        if not (out / "config.json").is_file():
+        if not storage.is_file(storage.join(out, "config.json")):
             export_model(engine.module.model, tokenizer, out, dist_info.rank)
 
 
@@ -743,8 +749,8 @@ def _finish(cfg: Config, engine: Any, tokenizer: Any, dist_info: DistInfo,
         "model_dir": str(out),
     }
     if dist_info.rank == 0:
-        replace_atomically(Path(cfg.stage_dir("train")).absolute() / "summary.json",
-                           json.dumps(summary, indent=1).encode())
+        storage.write_text(storage.join(storage.absolute(cfg.stage_dir("train")), "summary.json"),
+                           json.dumps(summary, indent=1))
     return summary
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from palign import storage
 from palign.config import Config
 from palign.resources import train_request
 from palign.stages.io import shard_files
@@ -79,8 +80,8 @@ class TrainResult:
 def absolute_config(cfg: Config) -> dict[str, Any]:
     """``cfg`` as the JSON-able dict the workers get, with every local path made absolute."""
     raw = cfg.model_dump(mode="json")
-    raw["run"]["output_dir"] = str(Path(cfg.run.output_dir).expanduser().absolute())
-    raw["train"]["storage_path"] = str(storage_path(cfg))
+    raw["run"]["output_dir"] = storage.absolute(cfg.run.output_dir)
+    raw["train"]["storage_path"] = storage_path(cfg)
     if os.path.isdir(cfg.models.student):
         raw["models"]["student"] = str(Path(cfg.models.student).absolute())
     if cfg.models.cache_dir:
@@ -131,18 +132,20 @@ def run_train(cfg: Config) -> TrainResult:
     if not shard_files(align):
         raise TrainStageError(f"train reads the align stage's shards in {align}, and there are "
                               "none: run `palign align` first")
-    # Materialise a short-name student once here, not in every worker at once.
-    resolve_model(cfg.models.student, cfg.models.cache_dir)
+    # Materialise a short-name student once here, not in every worker at once (a folder on
+    # object storage is staged by each node's workers instead: the driver needs no copy).
+    if not storage.is_uri(cfg.models.student):
+        resolve_model(cfg.models.student, cfg.models.cache_dir)
     init_ray(cfg)
     store = storage_path(cfg)
-    store.mkdir(parents=True, exist_ok=True)
+    storage.make_dir(store)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=absolute_config(cfg),
         scaling_config=ScalingConfig(**train_request(tc).scaling_config_kwargs()),
         run_config=RunConfig(
             name=run_name(cfg),
-            storage_path=str(store),
+            storage_path=store,
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             worker_runtime_env={"env_vars": worker_env()},
