@@ -17,10 +17,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from palign import storage
-from palign.stages.io import FILE, INDEX, read_index, read_shard
+from palign.stages.io import FILE, read_index, read_shard, shard_index
 
 READ_COLUMNS = ("id", "record")
 
@@ -72,11 +71,7 @@ def read_records(path: str, skip: Sequence[str] = (),
                  extra: Mapping[str, Any] | None = None) -> tuple[list[str], list[str]]:
     """(ids, records as JSON text) of one committed shard, without the ``skip`` ids, each record
     with ``extra`` added. A JSONL shard's lines are handed on unparsed when nothing is added."""
-    name = storage.name(path)
-    index = storage.join(path[: -len(name)].rstrip("/\\"), INDEX, name + ".parquet")
-    fs, index_path = storage.resolve(index)
-    with fs.open_input_file(index_path) as f:
-        ids = [str(i) for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
+    ids = [str(i) for i in shard_index(path, ["id"])["id"].to_pylist()]
     if not ids:
         return [], []
     skipped = set(skip)

@@ -212,12 +212,17 @@ def read_shard(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in storage.iter_lines(path) if line.strip()]
 
 
+def shard_index(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """The index of the data shard at ``path`` (FileNotFoundError: not committed)."""
+    fs, p = storage.resolve(_index_path(str(path)))
+    with fs.open_input_file(p) as f:
+        return pq.read_table(f, columns=list(columns) if columns else None)
+
+
 def read_committed(path: str | Path) -> list[dict[str, Any]]:
     """The rows of one committed shard that its index lists (a shard being rewritten may
     briefly hold more; a batch whose rows all went elsewhere has an index and no data)."""
-    fs, p = storage.resolve(_index_path(str(path)))
-    with fs.open_input_file(p) as f:
-        ids = pq.read_table(f, columns=["id"])["id"].to_pylist()
+    ids = shard_index(path, ["id"])["id"].to_pylist()
     if not ids:
         return []
     rows = read_shard(path)
@@ -229,10 +234,8 @@ def read_committed(path: str | Path) -> list[dict[str, Any]]:
 
 def read_committed_ids(folder: str | Path, name: str) -> list[str]:
     """The ids a committed shard's index lists ([] for a shard not committed)."""
-    fs, p = storage.resolve(storage.join(folder, INDEX, name + ".parquet"))
     try:
-        with fs.open_input_file(p) as f:
-            return [str(i) for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
+        return [str(i) for i in shard_index(storage.join(folder, name), ["id"])["id"].to_pylist()]
     except FileNotFoundError:
         return []
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from palign import storage
 from palign.config import DataSection
@@ -26,12 +25,12 @@ from palign.ingest import Rejected, SourceFile, read_file, source_files, validat
 from palign.stages.io import (
     DONE_MARKER,
     FILE,
-    INDEX,
     REJECTS,
     read_committed,
     read_index,
     reject_columns,
     reject_row,
+    shard_index,
     write_shard,
 )
 
@@ -177,18 +176,12 @@ def _split_shard(where: str, shard: str, orders: set[int]
     number is in ``orders``."""
     path = storage.join(where, shard)
     rows = read_committed(path)
-    index = read_index_file(storage.join(where, INDEX, shard + ".parquet"))
+    index = shard_index(path)
     kept, gone = [], []
     for row, f, s, p in zip(rows, index["file"].to_pylist(), index["seq"].to_pylist(),
                             index["pos"].to_pylist()):
         (gone if (f << 32) + s in orders else kept).append((row, (f, s, p)))
     return kept, gone
-
-
-def read_index_file(path: str) -> pa.Table:
-    fs, p = storage.resolve(path)
-    with fs.open_input_file(p) as f:
-        return pq.read_table(f)
 
 
 def ingest_here(folder: str, data: DataSection, shard_rows: int) -> dict[str, int]:
