@@ -176,6 +176,7 @@ class TrainSection(_Strict):
     seq_len: int = Field(default=4096, ge=16)  # packing bin length (tokens)
     packing: bool = True  # False: one padded sequence per row (for comparison)
     overlong: Literal["reject", "truncate"] = "reject"  # rows over seq_len
+    pack_window: int = Field(default=1024, ge=1)  # rows packed together (whole align shards)
     micro_batch_size: int = Field(default=1, ge=1)  # packed sequences per worker per step
     grad_accum: int = Field(default=1, ge=1)
     epochs: int = Field(default=1, ge=1)

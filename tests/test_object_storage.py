@@ -146,7 +146,11 @@ def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path
     truncate batch is committed, then run again."""
     good = [r for r in DEMO if r.get("cot")][:6]
     base = f"s3://{BUCKET}/run-{time.time_ns()}"
-    upload(f"{base}/data/problems.jsonl", [*good, {"id": "bad-no-question", "answer": "1"}])
+    long_cot = " ".join(f"Step {i}: we add {i} and {i + 1} to get {2 * i + 1}." for i in range(700))
+    too_long = {"id": "bad-too-long-for-engine", "question": "Add them up.", "answer": "7",
+                "cot": long_cot}  # fits data.max_cot_chars, not the engine's context
+    upload(f"{base}/data/problems.jsonl",
+           [*good, {"id": "bad-no-question", "answer": "1"}, too_long])
     upload(f"{base}/data/bench.jsonl",
            [{"id": f"b{i}", "question": r["question"], "answer": r["answer"]}
             for i, r in enumerate(DEMO[10:12])])
@@ -179,10 +183,15 @@ def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path
     while time.time() < deadline and not storage.list_files(f"{out}/truncate/_index"):
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.5)
+    # A second run on the busy output refuses before any work, naming the holder.
+    second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use by another palign run: pid {proc.pid} on host" in second.stderr
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first = ids(f"{out}/truncate")
-    assert 0 < sum(first.values()) < len(good)  # killed midway
+    assert 0 < sum(first.values()) < len(good) + 1  # killed midway
 
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=900)
@@ -193,7 +202,11 @@ def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path
     for stage in ("ingest", "truncate", "align", "evaluate/trained/mini"):
         counts = ids(f"{out}/{stage}")
         assert counts and all(n == 1 for n in counts.values()), (stage, counts)
-    assert set(ids(f"{out}/truncate")) == {r["id"] for r in good}
+    assert set(ids(f"{out}/truncate")) == {r["id"] for r in good} | {too_long["id"]}
+    assert set(ids(f"{out}/align")) == {r["id"] for r in good}
+    reasons = {r["id"]: r["reason"] for r in read_rows(f"{out}/truncate/rejects")}
+    assert "prompt too long" in reasons[too_long["id"]]
+    assert Counter(r["id"] for r in read_rows(f"{out}/ingest/rejects"))["bad-no-question"] == 1
     assert set(ids(f"{out}/evaluate/trained/mini")) == {"b0", "b1"}
     results = json.loads(storage.read_text(f"{out}/evaluate/results.json"))
     assert results["models"]["trained"]["mini"]["n"] == 1

@@ -1,21 +1,13 @@
-"""truncate + align end to end on a real local Ray cluster, with SmolLM2 through both engines;
-rejects; and a run killed midway that resumes with every id exactly once (while it ran, a
-second run on the same folder refused to start)."""
+"""truncate + align end to end on a real local Ray cluster, with SmolLM2 through both engines,
+and their rejects. (A run killed midway and resumed is tests/test_object_storage.py's pipeline
+test, on s3://.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 
 from palign.config import parse_config
 from palign.engines import available_backends
@@ -102,46 +94,3 @@ def test_truncate_and_align_write_all_fields(tmp_path, ray_cluster, backend):
     assert summaries["align"].rows_out == len(good_ids)
     if backend == "vllm":  # probes of one example share their opening: the cache serves it
         assert summaries["truncate"].stats["prompt_cache_share"] > 0.2
-
-
-def ids_by_stage(out: Path, stage: str) -> Counter:
-    return Counter(r["id"] for r in [*read_rows(out / stage), *read_rows(out / stage / "rejects")])
-
-
-def test_killed_run_resumes_every_id_exactly_once(tmp_path):
-    """Kill `palign run` after the first truncate shard lands, rerun it, count ids."""
-    raw = make_config(tmp_path, "auto", good=6, engine={"batch_size": 2},
-                      output={"shard_rows": 1})
-    good_ids = raw.pop("_good_ids")
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "palign.cli", "run", str(path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((out / "truncate").glob("part-*")):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.5)
-    # A second run on the busy folder refuses before any work, naming the holder.
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert second.returncode == 2, second.stderr[-2000:]
-    assert f"is in use by another palign run: pid {proc.pid} on host" in second.stderr
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    first = ids_by_stage(out, "truncate")
-    assert 0 < sum(first.values()) < len(good_ids) + 1  # killed midway
-
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"taking over {out / '_LOCK'} from a run that is gone" in done.stderr
-    row = re.search(r"^truncate\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s", done.stdout, re.M)
-    assert row and int(row.group(4)) == sum(first.values())  # "resumed": not redone
-    for stage in ("truncate", "align"):
-        counts = ids_by_stage(out, stage)
-        assert all(n == 1 for n in counts.values()), counts
-    assert set(ids_by_stage(out, "truncate")) == set(good_ids) | {"bad-too-long-for-engine"}
-    assert set(ids_by_stage(out, "align")) == set(good_ids)
-    assert Counter(r["id"] for r in read_rows(out / "ingest/rejects"))["bad-no-question"] == 1

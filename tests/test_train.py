@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from palign.config import Config, parse_config
 from palign.prompts import training_target
 from palign.stages.io import REJECTS, ShardWriter, read_rows
-from palign.train.loop import ENV_FAIL_AT_STEP, StepPlan, load_train_data, lr_lambda
+from palign.train.loop import ENV_FAIL_AT_STEP, StepPlan, lr_lambda
+from palign.train.prepare import UnitReader, prepare
 from palign.train.trainer import run_train
 
 pytestmark = pytest.mark.slow
@@ -124,8 +125,8 @@ def test_zero3_learns_and_exports(zero2_run, tiny_model, tmp_path):
     # positions, while the two ranks' micro-batches hold different supervised counts, so a
     # chunk count that followed the labels would differ between the ranks and deadlock.
     cfg = make_config(tmp_path, tiny_model, "z3", zero_stage=3, loss_chunk_size=32)
-    data = load_train_data(cfg, AutoTokenizer.from_pretrained(tiny_model))
-    plan = StepPlan(len(data.units), 2, 1, 1, 5, STEPS, cfg.train.seed)
+    data = UnitReader(prepare(cfg, use_ray=False).folder)
+    plan = StepPlan(len(data), 2, 1, 1, 5, STEPS, cfg.train.seed)
     by_labels = [[math.ceil(sum(data.supervised[i] for i in plan.micro_batches(s, r)[0]) / 32)
                   for r in range(2)] for s in range(STEPS)]
     assert sum(a != b for a, b in by_labels) >= STEPS // 3, by_labels

@@ -14,13 +14,11 @@ What one worker does:
 1. Loads the tokenizer and the student (``models.student`` through ``palign.models.resolve_model``;
    dtype ``train.dtype``, where ``auto`` means bf16 on GPU and fp32 on CPU; attention
    implementation and gradient checkpointing from the config).
-2. Reads every aligned row (``<output_dir>/align/``, the align stage's shards), sorts them by id,
-   tokenises them (``example_from_row``; rows over ``seq_len`` are rejected or truncated as
-   ``train.overlong`` says) and packs them into rows of ``seq_len`` tokens (``packing: false``:
-   one right-padded example per sequence). Every rank builds the same list, so no data moves
-   between workers: the align folder must be readable by every worker (shared storage on a
-   cluster). Rank 0 writes the rejected rows to ``<output_dir>/train/rejects/`` once (ids already
-   there are not written again, so a resumed run adds nothing).
+2. Opens the prepared units (``palign.train.prepare``: the align stage's rows tokenised with
+   ``example_from_row``'s masks and packed into rows of ``seq_len`` tokens, or with ``packing:
+   false`` one right-padded example per unit, once, before the workers start; under torchrun
+   rank 0 prepares them in process). A rank holds the unit table (a few numbers per unit) and
+   reads the tokens of its own micro-batches' units only, by ranged reads, from any storage.
 3. Plans the steps (``StepPlan``): each epoch is a permutation of the units (packs or examples)
    drawn from ``(train.seed, epoch)``; one optimizer step takes ``world x micro_batch_size x
    grad_accum`` consecutive units of it, rank ``r``'s micro-batch ``m`` being the slice at
@@ -36,8 +34,9 @@ What one worker does:
    rows per call at most), which makes the same number of head calls on every rank whatever
    the labels, as ZeRO-3's parameter gathers need (see ``LossModule``).
 5. Loss normalisation: the loss of a step is the mean over every supervised token of the global
-   batch (all micro-batches of all ranks), as one large batch would give. Every rank knows every
-   unit, so each knows the step's global token count ``T`` without communication; a micro-batch
+   batch (all micro-batches of all ranks), as one large batch would give. The unit table holds
+   every unit's supervised count, so each rank knows the step's global token count ``T`` without
+   communication; a micro-batch
    back-propagates ``token_loss_sum * world * grad_accum / T``, which DeepSpeed divides by
    ``grad_accum`` (``engine.backward``) and averages over ranks (ZeRO's gradient reduction):
    the gradient is that of ``sum(all token losses) / T``. The reported ``loss`` is the same
@@ -75,7 +74,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -98,26 +96,9 @@ from palign import storage, telemetry
 from palign.config import Config, TrainSection, parse_config
 from palign.engines.hf_engine import resolve_dtype as resolve_dtype_name
 from palign.logs import quiet_console
-from palign.stages.io import (
-    REJECTS,
-    ShardWriter,
-    read_ids,
-    read_rows,
-    reject_row,
-    replace_atomically,
-)
-from palign.train.data import (
-    IGNORE_INDEX,
-    Example,
-    Pack,
-    Rejected,
-    collate_packs,
-    example_from_row,
-    pack,
-    packing_efficiency,
-    pad_batch,
-    token_loss_sum,
-)
+from palign.stages.io import replace_atomically
+from palign.train.data import Pack, collate_packs, pad_batch, token_loss_sum
+from palign.train.prepare import UnitReader, prepare
 
 logger = logging.getLogger("palign.train.loop")  # also when run as __main__
 
@@ -126,6 +107,7 @@ ENV_SHM_COMM = "PALIGN_DS_SHM_COMM"
 DS_TAG = "ds"  # DeepSpeed's checkpoint tag (sub-folder) inside each checkpoint directory
 STATE_FILE = "train_state.json"  # written by rank 0; marks a torchrun checkpoint complete
 CHECKPOINT_PREFIX = "checkpoint_"
+DATA_KEY = "_train_data"  # in the workers' config dict under Ray: the prepared units' folder
 
 
 # ------------------------------------------------------------------------------ paths
@@ -161,79 +143,6 @@ def checkpoint_name(step: int) -> str:
 
 
 # ------------------------------------------------------------------------------ data
-
-
-@dataclass
-class TrainData:
-    """What every rank trains on: the same units (packs or examples) in the same order."""
-
-    units: list[Pack] | list[Example]
-    supervised: list[int]  # supervised (loss) tokens per unit
-    real: list[int]  # non-padding input tokens per unit
-    rows_used: int
-    rejected: list[tuple[Rejected, dict[str, Any]]]
-    packing_efficiency: float
-    fingerprint: str
-
-
-def load_train_data(cfg: Config, tokenizer: Any) -> TrainData:
-    """Tokenise and pack the align stage's rows (sorted by id, so shard layout never matters).
-
-    For ``packing: false`` the ``packing_efficiency`` is the share of ``seq_len`` the rows fill
-    on average (what packing would recover).
-    """
-    tc = cfg.train
-    rows = sorted(read_rows(cfg.stage_dir("align")), key=lambda r: str(r.get("id")))
-    examples: list[Example] = []
-    rejected: list[tuple[Rejected, dict[str, Any]]] = []
-    for row in rows:
-        if not isinstance(row.get("question"), str) or not isinstance(row.get("target"), str):
-            rejected.append((Rejected(str(row.get("id")), "no question or target text"), row))
-            continue
-        result = example_from_row(tokenizer, row, tc.seq_len, tc.overlong)
-        if isinstance(result, Rejected):
-            rejected.append((result, row))
-        else:
-            examples.append(result)
-    if not examples:
-        raise ValueError(
-            f"no trainable rows in {cfg.stage_dir('align')} ({len(rows)} rows, "
-            f"{len(rejected)} rejected): run the align stage first"
-        )
-    units: list[Pack] | list[Example]
-    if tc.packing:
-        pad_id = _pad_id(tokenizer)
-        packs = pack(examples, tc.seq_len, pad_id)
-        units, eff = packs, packing_efficiency(packs)
-        real = [p.n_real for p in packs]
-    else:
-        units = examples
-        real = [len(ex) for ex in examples]
-        eff = sum(real) / (len(examples) * tc.seq_len)
-    supervised = [sum(1 for label in u.labels[1:] if label != IGNORE_INDEX) for u in units]
-    digest = hashlib.sha256()
-    for u in units:
-        digest.update(json.dumps([getattr(u, "ids", [getattr(u, "id", "")]), len(u.input_ids),
-                                  sum(u.input_ids)]).encode())
-    return TrainData(units, supervised, real, len(examples), rejected, eff,
-                     digest.hexdigest()[:16])
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for pid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if pid is not None:
-            return int(pid)
-    return 0
-
-
-def write_rejects(cfg: Config, rejected: Sequence[tuple[Rejected, dict[str, Any]]]) -> int:
-    """Write rows rejected for training to ``<output_dir>/train/rejects/``, each id once."""
-    folder = storage.join(cfg.stage_dir("train"), REJECTS)
-    done = read_ids(folder)
-    new = [reject_row(r.id, "train", r.reason, row) for r, row in rejected if r.id not in done]
-    if new:
-        ShardWriter(folder, "jsonl", cfg.output.shard_rows).write(new)
-    return len(new)
 
 
 @dataclass(frozen=True)
@@ -551,11 +460,12 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _collate(data: TrainData, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    units = [data.units[i] for i in idx]
+def _collate(data: UnitReader, idx: list[int]) -> dict[str, torch.Tensor]:
+    """This rank's micro-batch: only its own units are read."""
+    units = [data.unit(i) for i in idx]
     if isinstance(units[0], Pack):
         return collate_packs(units)  # type: ignore[arg-type]
-    return pad_batch(units, pad_id)  # type: ignore[arg-type]
+    return pad_batch(units, data.prepared.pad_id)  # type: ignore[arg-type]
 
 
 def _report(dist_info: DistInfo, metrics: dict[str, Any], ckpt_dir: Path | None,
@@ -609,22 +519,27 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
     """Train the student on the aligned rows; run by every worker (Ray Train or torchrun).
 
     ``cfg_raw`` is ``Config.model_dump(mode="json")``; paths in it should be absolute (Ray
-    workers do not share the driver's working directory; ``run_train`` makes them so).
+    workers do not share the driver's working directory; ``run_train`` makes them so). Under
+    Ray it also holds ``DATA_KEY``, the prepared units' folder (``palign.train.prepare``);
+    without it (torchrun) rank 0 prepares them in process first.
     """
+    cfg_raw = dict(cfg_raw)
+    data_folder = cfg_raw.pop(DATA_KEY, None)
     cfg = parse_config(cfg_raw)
     tc = cfg.train
     _setup_logging()
     dist_info = setup_distributed(tc)
     _seed_all(tc.seed)
     dtype = resolve_dtype(tc, dist_info.device)
+    if data_folder is None:
+        data_folder = _prepare_here(cfg, dist_info)
     tokenizer, model = load_student(cfg, dtype)
-    data = load_train_data(cfg, tokenizer)
+    data = UnitReader(data_folder)
     if dist_info.rank == 0:
-        written = write_rejects(cfg, data.rejected)
-        logger.info("train data: %d rows used, %d rejected (%d newly written), %d units, "
-                    "packing efficiency %.3f", data.rows_used, len(data.rejected), written,
-                    len(data.units), data.packing_efficiency)
-    plan = StepPlan(len(data.units), dist_info.world, tc.micro_batch_size, tc.grad_accum,
+        p = data.prepared
+        logger.info("train data: %d rows used, %d rejected, %d units, packing efficiency %.3f",
+                    p.rows_used, p.rows_rejected, p.n_units, p.packing_efficiency)
+    plan = StepPlan(len(data), dist_info.world, tc.micro_batch_size, tc.grad_accum,
                     tc.epochs, tc.max_steps, tc.seed)
     engine = build_engine(cfg, model, dist_info.world, plan.total_steps)
 
@@ -640,7 +555,7 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
             state = load_checkpoint(engine, ckpt_dir, dist_info)
             start = int(state["step"])
             progress.losses = [float(x) for x in state.get("losses", [])][:start]
-            if state.get("data_fingerprint") != data.fingerprint:
+            if state.get("data_fingerprint") != data.prepared.key:
                 logger.warning("the aligned data differ from those of checkpoint %s: the "
                                "resumed run will not reproduce an uninterrupted one", ckpt_dir)
             if dist_info.rank == 0:
@@ -648,7 +563,17 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
     _run_steps(cfg, engine, data, plan, dist_info, start, progress, tokenizer)
 
 
-def _run_steps(cfg: Config, engine: Any, data: TrainData, plan: StepPlan, dist_info: DistInfo,
+def _prepare_here(cfg: Config, dist_info: DistInfo) -> str:
+    """torchrun: rank 0 prepares the units in process (the others wait), every rank gets the
+    folder."""
+    import torch.distributed as dist
+
+    folder = [prepare(cfg, use_ray=False).folder if dist_info.rank == 0 else None]
+    dist.broadcast_object_list(folder, src=0)
+    return str(folder[0])
+
+
+def _run_steps(cfg: Config, engine: Any, data: UnitReader, plan: StepPlan, dist_info: DistInfo,
                start: int, progress: _Progress, tokenizer: Any) -> None:
     import torch.distributed as dist
 
@@ -656,10 +581,11 @@ def _run_steps(cfg: Config, engine: Any, data: TrainData, plan: StepPlan, dist_i
 
     tc = cfg.train
     total = plan.total_steps
-    pad_id = _pad_id(tokenizer)
     fail_at = int(os.environ.get(ENV_FAIL_AT_STEP, "0") or 0)
-    base = {"packing_efficiency": data.packing_efficiency, "rows_used": data.rows_used,
-            "rows_rejected": len(data.rejected), "total_steps": total, "resumed_from": start}
+    prepared = data.prepared
+    base = {"packing_efficiency": prepared.packing_efficiency, "rows_used": prepared.rows_used,
+            "rows_rejected": prepared.rows_rejected, "total_steps": total,
+            "resumed_from": start}
     if dist_info.rank == 0 and start == 0:
         logger.info("training %d steps (%d per epoch, %d units per step, world %d)", total,
                     plan.steps_per_epoch, plan.per_step, dist_info.world)
@@ -671,17 +597,17 @@ def _run_steps(cfg: Config, engine: Any, data: TrainData, plan: StepPlan, dist_i
             order_epoch, order = epoch, plan.order(epoch)
         t0 = time.perf_counter()
         step_units = plan.step_units(step, order)
-        global_tokens = sum(data.supervised[i] for i in step_units)
+        global_tokens = int(sum(data.supervised[i] for i in step_units))
         scale = dist_info.world * tc.grad_accum / max(1, global_tokens)
         lr = float(engine.get_lr()[0])
         local_loss = torch.zeros(2, dtype=torch.float64)
         for idx in plan.micro_batches(step, dist_info.rank, order):
-            batch = _to_device(_collate(data, idx, pad_id), dist_info.device)
+            batch = _to_device(_collate(data, idx), dist_info.device)
             loss_sum = engine(**batch)
             engine.backward(loss_sum * scale)
             engine.step()
             local_loss[0] += float(loss_sum.detach())
-            local_loss[1] += sum(data.real[i] for i in idx)
+            local_loss[1] += int(sum(data.real[i] for i in idx))
         dist.all_reduce(local_loss)
         seconds = time.perf_counter() - t0
         loss = float(local_loss[0]) / max(1, global_tokens)
@@ -701,7 +627,7 @@ def _run_steps(cfg: Config, engine: Any, data: TrainData, plan: StepPlan, dist_i
             client_state = {
                 "step": done, "epoch": epoch, "step_in_epoch": done - epoch * plan.steps_per_epoch,
                 "micro_batches_per_rank": done * tc.grad_accum, "world_size": dist_info.world,
-                "data_fingerprint": data.fingerprint, "losses": list(progress.losses),
+                "data_fingerprint": prepared.key, "losses": list(progress.losses),
             }
             local = _checkpoint_target(cfg, dist_info, done)
             save_checkpoint(engine, local, dist_info, client_state)

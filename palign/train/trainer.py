@@ -4,14 +4,15 @@
 running ``palign.train.loop.train_worker`` (see that module for the loop, the step plan, the loss
 normalisation and the checkpoint layout), and returns a ``TrainResult``.
 
-Data: no Ray Data. Every worker reads the align stage's shards from disk and builds the same
-packed units; a deterministic step plan (seeded permutation per epoch, fixed slice per rank and
-micro-batch) decides what each rank trains on. That makes a resumed run exact (the position is
-just the step number) at the cost of every worker tokenising all rows (cheap next to training).
-So ``<output_dir>/align/`` must be visible to every worker: on a cluster ``run.output_dir`` lives
-on shared storage (NFS, a FUSE-mounted bucket), and so do the model export
-(``<output_dir>/train/model/``, written by rank 0) and the rejects
-(``<output_dir>/train/rejects/``, written by rank 0, each id once, nothing added on resume).
+Data: before the workers start, ``palign.train.prepare`` tokenises and packs the align stage's
+rows once, in Ray Data tasks, into int32 token shards and a unit table under
+``<output_dir>/train/data/`` (reused while the align rows and settings stay the same), and the
+rows that cannot be trained on go to ``<output_dir>/train/rejects/``, each id once. A
+deterministic step plan (seeded permutation per epoch, fixed slice per rank and micro-batch)
+decides what each rank trains on, and each rank reads only its own units by ranged reads: the
+output folder can be a bucket (``s3://``, ``gs://``) or shared storage, and a resumed run is
+exact (the position is just the step number). Rank 0 writes the model export
+(``<output_dir>/train/model/``).
 
 Resume (Ray 2.60, Ray Train V2, the default there): checkpoints are reported with
 ``ray.train.report`` and land in ``<storage_path>/<run.name>-train/checkpoint_<step>/`` (the
@@ -46,7 +47,8 @@ from palign import storage
 from palign.config import Config
 from palign.resources import train_request
 from palign.stages.io import shard_files
-from palign.train.loop import model_dir, run_name, storage_path, train_worker
+from palign.train.loop import DATA_KEY, model_dir, run_name, storage_path, train_worker
+from palign.train.prepare import NoTrainableRows, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +139,15 @@ def run_train(cfg: Config) -> TrainResult:
     if not storage.is_uri(cfg.models.student):
         resolve_model(cfg.models.student, cfg.models.cache_dir)
     init_ray(cfg)
+    try:  # tokenised and packed once, by Ray Data tasks; each rank reads only its units
+        prepared = prepare(cfg)
+    except NoTrainableRows as err:
+        raise TrainStageError(str(err)) from err
     store = storage_path(cfg)
     storage.make_dir(store)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=absolute_config(cfg),
+        train_loop_config={**absolute_config(cfg), DATA_KEY: prepared.folder},
         scaling_config=ScalingConfig(**train_request(tc).scaling_config_kwargs()),
         run_config=RunConfig(
             name=run_name(cfg),
