@@ -33,8 +33,14 @@ def path_problems(cfg: Config, stages: list[str] | None = None) -> list[str]:
                 if (p := _scheme_problem(field, value, stages))]
     if problems:
         return problems
+    buckets: dict[tuple[str | None, str], str | None] = {}  # each bucket is asked once
     for field, value in _path_fields(cfg):
-        if value and field.startswith(URI_FIELDS) and (why := storage.bucket_problem(value)):
+        if not (value and field.startswith(URI_FIELDS) and storage.is_uri(value)):
+            continue
+        bucket = (storage.scheme(value), value.split("://", 1)[1].split("/", 1)[0])
+        if bucket not in buckets:
+            buckets[bucket] = storage.bucket_problem(value)
+        if (why := buckets[bucket]):
             problems.append(f"{field}: {value}: {why}")
     if problems:
         return problems

@@ -29,10 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 LAUNCHER_FILES = ("aws.yaml", "gcp.yaml")
-KUBERAY_FILES = ("raycluster.yaml", "rayjob.yaml", "pvc.yaml")
+KUBERAY_FILES = ("raycluster.yaml", "rayjob.yaml", "serviceaccount.yaml", "pvc.yaml")
+CLUSTER_CONFIGS = ROOT / "configs" / "arms" / "cluster"
 
 ENGINE, TRAIN = "engine-gpu", "train-8gpu"  # node type (launcher) = worker group (KubeRay) names
-SHARED = "/mnt/palign"  # where every file mounts the shared storage
+# The shared mount: an option every file keeps (commented out, or pvc.yaml), never the default.
+SHARED = "/mnt/palign"
 ENTRYPOINT = "python ray_jobs/pipeline.py --config configs/arms/cluster/palign.yaml"
 # palign with vLLM, at the locked versions.
 VLLM_INSTALL = re.compile(r"pip install -c \"\$HOME/palign/requirements/gpu\.lock\" "
@@ -52,6 +54,16 @@ def _ray_checked(cfg: dict) -> dict:
     prepared = prepare_config(copy.deepcopy(cfg))
     validate_config(prepared)
     return prepared
+
+
+def _job_env() -> dict[str, str]:
+    """The env vars every job gets (``ray job submit --runtime-env ray_jobs/runtime_env.yaml``)."""
+    return _load(ROOT / "ray_jobs" / "runtime_env.yaml")["env_vars"]
+
+
+def _active_text(path: Path) -> str:
+    """A YAML file without its comments (the options it only describes)."""
+    return "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
 
 
 def _dockerfile_base() -> str:
@@ -88,18 +100,35 @@ def test_launcher_config_layout(name):
     assert cfg["idle_timeout_minutes"] > 0
 
     # setup_commands are merged into both lists: every node installs palign with vLLM and
-    # points the model cache at the shared storage.
+    # keeps the model caches on its own disk, where the jobs' runtime env puts them too.
+    job_env = _job_env()
+    assert not job_env["PALIGN_CACHE_DIR"].startswith(SHARED)
     for key in ("head_setup_commands", "worker_setup_commands"):
         commands = "\n".join(cfg[key])
         assert VLLM_INSTALL.search(commands), key
-        assert f"PALIGN_CACHE_DIR={SHARED}/" in commands, key
+        for var in ("PALIGN_CACHE_DIR", "HF_HOME"):
+            assert f"{var}={job_env[var]}" in commands, (key, var)
         assert "RAY_AUTH_MODE=token" in commands, key
     cloud_sdk = {"aws": "boto3", "gcp": "google-api-python-client"}[cfg["provider"]["type"]]
     assert cloud_sdk in "\n".join(cfg["head_setup_commands"])  # the autoscaler needs it
 
     assert "." in cfg["file_mounts"].values()  # the repo, from where `ray up` runs
-    assert f"-v {SHARED}:{SHARED}" in cfg["docker"]["run_options"]
     assert cfg["docker"]["image"] == _dockerfile_base()
+
+    # The runs' data are on a bucket: no shared mount by default, and every worker has its own
+    # credentials for it (the head gets Ray's default instance profile / service account).
+    assert SHARED not in _active_text(CLUSTER / name), name
+    assert not any(SHARED in opt for opt in cfg["docker"]["run_options"])
+    assert f"# - -v {SHARED}:{SHARED}" in (CLUSTER / name).read_text()  # the option, documented
+    for node_type in (ENGINE, TRAIN):
+        node_config = types[node_type]["node_config"]
+        if cfg["provider"]["type"] == "aws":
+            assert node_config["IamInstanceProfile"].get("Name") or \
+                node_config["IamInstanceProfile"].get("Arn"), node_type
+        else:
+            (account,) = node_config["serviceAccounts"]
+            assert account["email"].endswith(".iam.gserviceaccount.com"), node_type
+            assert "https://www.googleapis.com/auth/cloud-platform" in account["scopes"]
 
 
 def _misspell_top_level(cfg: dict) -> str:
@@ -220,13 +249,15 @@ def kuberay_errors(doc: dict) -> list[str]:
     errors: list[str] = []
     kind = doc.get("kind")
     expected_api = {"RayCluster": "ray.io/v1", "RayJob": "ray.io/v1",
-                    "PersistentVolumeClaim": "v1"}
+                    "PersistentVolumeClaim": "v1", "ServiceAccount": "v1"}
     if kind not in expected_api:
         return [f"kind: unexpected {kind!r}"]
     if doc.get("apiVersion") != expected_api[kind]:
         errors.append(f"apiVersion: {doc.get('apiVersion')!r}, expected {expected_api[kind]!r}")
     if not (doc.get("metadata") or {}).get("name"):
         errors.append("metadata.name: required field missing")
+    if kind == "ServiceAccount":  # no spec
+        return errors
     spec = doc.get("spec")
     if not isinstance(spec, dict):
         return [*errors, "spec: required mapping missing"]
@@ -313,16 +344,28 @@ def _cluster_spec_layout(spec: dict) -> None:
         (container,) = group["template"]["spec"]["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
 
-    claim = _doc("pvc.yaml", "PersistentVolumeClaim")["metadata"]["name"]
+    # Every pod: the bucket's credentials from the palign ServiceAccount (or the optional
+    # Secret's keys), the model caches on a volume of the node's own disk (the paths the jobs'
+    # runtime env uses), and no shared volume by default.
+    account = _doc("serviceaccount.yaml", "ServiceAccount")["metadata"]["name"]
+    job_env = _job_env()
     images = set()
     for group_name, container in _containers(spec):
         images.add(container["image"])
-        env = {e["name"]: e.get("value") for e in container.get("env", [])}
-        assert env["PALIGN_CACHE_DIR"].startswith(f"{SHARED}/"), group_name
-        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         group = spec["headGroupSpec"] if group_name == "head" else groups[group_name]
-        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
-        assert volumes[mounts[SHARED]]["persistentVolumeClaim"]["claimName"] == claim
+        pod = group["template"]["spec"]
+        assert pod["serviceAccountName"] == account, group_name
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {k: env.get(k) for k in ("PALIGN_CACHE_DIR", "HF_HOME")} == {
+            k: job_env[k] for k in ("PALIGN_CACHE_DIR", "HF_HOME")}, group_name
+        secrets = [s["secretRef"] for s in container.get("envFrom", []) if "secretRef" in s]
+        assert all(s.get("optional") is True for s in secrets), group_name  # starts without it
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert not any("persistentVolumeClaim" in v for v in volumes.values()), group_name
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert SHARED not in mounts, group_name
+        (cache_mount,) = [p for p in mounts if env["PALIGN_CACHE_DIR"].startswith(p + "/")]
+        assert "emptyDir" in volumes[mounts[cache_mount]], group_name
     (image,) = images
     assert re.search(r"/palign:[\w.-]+$", image)
 
@@ -331,9 +374,21 @@ def test_raycluster_layout():
     _cluster_spec_layout(_doc("raycluster.yaml", "RayCluster")["spec"])
 
 
+def test_kuberay_shared_volume_is_an_option():
+    """pvc.yaml stays, and each pod template says where its volume and mount go (commented)."""
+    claim = _doc("pvc.yaml", "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        text = (KUBERAY / name).read_text()
+        assert SHARED not in _active_text(KUBERAY / name), name
+        assert text.count(f"claimName: {claim['metadata']['name']}") == 3, name  # 3 pod templates
+        assert text.count(f"# - {{name: shared, mountPath: {SHARED}}}") == 3, name
+
+
 def test_rayjob_layout():
     spec = _doc("rayjob.yaml", "RayJob")["spec"]
     assert spec["entrypoint"].split() == ENTRYPOINT.split()
+    assert (ROOT / ENTRYPOINT.split("--config ")[1]).is_file()
     # KubeRay pastes the entrypoint unquoted into the submitter's shell command.
     assert not re.search(r"[;&|<>`$]", spec["entrypoint"])
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
@@ -353,6 +408,31 @@ def test_rayjob_layout():
 
 
 # ------------------------------------------------------------------ the cluster run configs
+
+
+def test_cluster_run_configs_default_to_a_bucket():
+    """The cluster configs keep every run's data on one object-store bucket (no shared
+    filesystem needed), and the model cache on each node's own disk."""
+    from palign import storage
+    from palign.config import load_config
+
+    configs = sorted(CLUSTER_CONFIGS.glob("*.yaml"))
+    if not configs:
+        pytest.skip("no cluster run configs in this tree")
+    buckets = set()
+    for path in configs:
+        cfg = load_config(path)
+        assert storage.scheme(cfg.run.output_dir) in ("s3", "gs"), path.name
+        locations = [cfg.run.output_dir, cfg.data.path, cfg.train.storage_path,
+                     *[b.path for b in cfg.evaluate.benchmarks]]
+        for location in filter(None, locations):
+            assert storage.is_uri(location), (path.name, location)
+            buckets.add(location.split("/")[2])
+        cache = cfg.models.cache_dir
+        assert cache and not storage.is_uri(cache) and not cache.startswith(SHARED), path.name
+        assert cache == _job_env()["PALIGN_CACHE_DIR"], path.name  # the nodes' cache too
+        assert SHARED not in _active_text(path), path.name  # the mount: documented, not used
+    assert len(buckets) == 1, buckets  # one placeholder to replace
 
 
 def _k8s_cpus(quantity: str) -> float:

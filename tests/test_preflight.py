@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from palign import storage
 from palign.cli import main as palign_main
 from palign.config import ConfigError, parse_config
 from palign.preflight import check_paths, path_problems
@@ -75,11 +76,38 @@ def test_validate_command_reports_them(tmp_path, capsys):
     assert "data.path: " in capsys.readouterr().err
 
 
-def test_validate_can_skip_the_paths_for_a_cluster_config(capsys):
+def test_each_bucket_is_checked_once_and_named_for_every_field(tmp_path, monkeypatch):
+    asked = []
+
+    def bucket_problem(location):
+        asked.append(location)
+        return "cannot reach it: no network"
+
+    monkeypatch.setattr(storage, "bucket_problem", bucket_problem)
+    cfg = config(tmp_path, run={"output_dir": "s3://b1/run"}, data={"path": "s3://b1/data"},
+                 train={"storage_path": "gs://b1/ckpt"})
+    problems = path_problems(cfg)
+    assert asked == ["s3://b1/run", "gs://b1/ckpt"]  # one question per bucket (and scheme)
+    assert [p.split(":", 1)[0] for p in problems] == ["run.output_dir", "data.path",
+                                                      "train.storage_path"]
+    assert all(p.endswith("cannot reach it: no network") for p in problems)
+
+
+def test_validate_can_skip_the_paths_for_a_cluster_config(capsys, monkeypatch):
     from pathlib import Path
 
     cluster = Path(__file__).resolve().parents[1] / "configs/arms/cluster/palign.yaml"
-    assert palign_main(["validate", str(cluster)]) == 2  # /mnt/palign is the cluster's
-    assert "data.path: /mnt/palign/" in capsys.readouterr().err
+    # The cluster configs keep everything on a bucket (a placeholder, s3://YOUR-BUCKET); from
+    # here it cannot be reached, so validate fails, naming the field and the bucket. An
+    # endpoint where nothing listens makes that the same with or without a network.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    storage._filesystem.cache_clear()
+    try:
+        assert palign_main(["validate", str(cluster)]) == 2
+    finally:
+        storage._filesystem.cache_clear()
+    err = capsys.readouterr().err
+    assert "run.output_dir: s3://YOUR-BUCKET/palign/runs/arms/palign: cannot reach it" in err
+    assert "data.path: s3://YOUR-BUCKET/palign/runs/arms/shared/generate: " in err
     assert palign_main(["validate", "--skip-paths", str(cluster)]) == 0
     assert "config OK" in capsys.readouterr().out

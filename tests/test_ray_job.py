@@ -130,7 +130,7 @@ def head(tmp_path_factory, no_ray):
 
 def runtime_env() -> dict:
     """ray_jobs/runtime_env.yaml as shipped, with the env vars this machine needs (the file's
-    cache paths are the cluster's shared storage)."""
+    cache paths are the cluster nodes' own)."""
     env = yaml.safe_load((ROOT / "ray_jobs/runtime_env.yaml").read_text())
     env.pop("working_dir")  # given on the command line, as the README's line does
     env["env_vars"] = {k: v for k, v in os.environ.items()
