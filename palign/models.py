@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from palign import storage
 
 logger = logging.getLogger(__name__)
@@ -85,8 +87,7 @@ def stage_model(uri: str, cache_dir: str | None = None) -> str:
     """A local copy of the model folder at ``uri``, made once per machine: every engine actor
     and train worker on a node shares it instead of each downloading the model."""
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    dest = root / "staged" / f"{storage.name(uri)}-{key}"
+    dest = root / "staged" / f"{storage.name(uri)}-{_version_key(uri)}"
     if _is_complete(dest):
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +105,17 @@ def stage_model(uri: str, cache_dir: str | None = None) -> str:
                 raise
             logger.info("staged %s to %s in %.1f s", uri, dest, time.monotonic() - started)
     return str(dest)
+
+
+def _version_key(uri: str) -> str:
+    """The URI and its ``config.json``'s size and modification time (written last by every
+    export): a folder exported again to the same URI is staged again, not served stale."""
+    fs, path = storage.resolve(storage.join(uri, "config.json"))
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{uri}: no model folder there (no config.json)")
+    version = f"{uri.rstrip('/')}\n{info.size}\n{info.mtime_ns}"
+    return hashlib.sha256(version.encode()).hexdigest()[:16]
 
 
 def _is_complete(folder: Path) -> bool:

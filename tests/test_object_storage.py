@@ -130,9 +130,18 @@ def test_a_model_folder_on_the_bucket_is_staged_once_per_machine(s3, tmp_path):
     storage.write_text(f"{uri}/tokenizer/vocab.txt", "a\nb\n")
     first = resolve_model(uri, str(tmp_path / "cache"))
     assert Path(first, "tokenizer", "vocab.txt").read_text() == "a\nb\n"
-    storage.delete(f"{uri}/config.json")  # a second call must not fetch again
+    storage.delete(f"{uri}/tokenizer/vocab.txt")  # a second call must not fetch again
     assert resolve_model(uri, str(tmp_path / "cache")) == first
+    assert Path(first, "tokenizer", "vocab.txt").read_text() == "a\nb\n"
     assert list((tmp_path / "cache" / "staged").glob(".*tmp-*")) == []
+    # Exported again to the same URI (config.json is written last): staged again, not stale.
+    storage.write_text(f"{uri}/tokenizer/vocab.txt", "c\n")
+    storage.write_text(f"{uri}/config.json", '{"v": 2}')
+    second = resolve_model(uri, str(tmp_path / "cache"))
+    assert second != first and Path(second, "tokenizer", "vocab.txt").read_text() == "c\n"
+    storage.delete(f"{uri}/config.json")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(uri, str(tmp_path / "cache"))
 
 
 def ids(uri: str) -> Counter:

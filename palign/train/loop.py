@@ -17,11 +17,12 @@ What one worker does:
 2. Opens the prepared units (``palign.train.prepare``: the align stage's rows tokenised with
    ``example_from_row``'s masks and packed into rows of ``seq_len`` tokens, or with ``packing:
    false`` one right-padded example per unit, once, before the workers start; under torchrun
-   rank 0 prepares them in process). A rank holds the unit table (a few numbers per unit) and
-   reads the tokens of its own micro-batches' units only, by ranged reads, from any storage.
-3. Plans the steps (``StepPlan``): each epoch is a permutation of the units (packs or examples)
-   drawn from ``(train.seed, epoch)``; one optimizer step takes ``world x micro_batch_size x
-   grad_accum`` consecutive units of it, rank ``r``'s micro-batch ``m`` being the slice at
+   rank 0 prepares them in process). A rank reads only its own micro-batches' units and the
+   parts of the unit table that list them, by ranged reads, from any storage.
+3. Plans the steps (``palign.train.steps.StepPlan``): each epoch is a pseudo-random permutation
+   of the units (packs or examples) keyed by ``(train.seed, epoch)`` and computed position by
+   position; one optimizer step takes ``world x micro_batch_size x grad_accum`` consecutive
+   positions of it, rank ``r``'s micro-batch ``m`` being the slice at
    ``(m * world + r) * micro_batch_size``. The last step of an epoch is completed by repeating
    units from the start of that epoch's order, so every rank runs the same number of
    micro-batches and every unit is seen at least once per epoch (nothing is dropped).
@@ -34,13 +35,13 @@ What one worker does:
    rows per call at most), which makes the same number of head calls on every rank whatever
    the labels, as ZeRO-3's parameter gathers need (see ``LossModule``).
 5. Loss normalisation: the loss of a step is the mean over every supervised token of the global
-   batch (all micro-batches of all ranks), as one large batch would give. The unit table holds
-   every unit's supervised count, so each rank knows the step's global token count ``T`` without
-   communication; a micro-batch
+   batch (all micro-batches of all ranks), as one large batch would give. Each rank reads its
+   micro-batches of the step first and counts their supervised and real tokens; one all-reduce
+   of those two numbers gives the step's global token count ``T``. A micro-batch
    back-propagates ``token_loss_sum * world * grad_accum / T``, which DeepSpeed divides by
    ``grad_accum`` (``engine.backward``) and averages over ranks (ZeRO's gradient reduction):
    the gradient is that of ``sum(all token losses) / T``. The reported ``loss`` is the same
-   quantity (one all-reduce of two numbers per step).
+   quantity (a second all-reduce, of the loss sums).
 6. Every ``report_every`` steps reports loss, lr, grad_norm, tokens_per_s (real, non-padding input
    tokens of all ranks per second), epoch, step and packing_efficiency. Every
    ``checkpoint_every`` steps and at the end, every rank writes its DeepSpeed shards
@@ -97,8 +98,9 @@ from palign.config import Config, TrainSection, parse_config
 from palign.engines.hf_engine import resolve_dtype as resolve_dtype_name
 from palign.logs import quiet_console
 from palign.stages.io import replace_atomically
-from palign.train.data import Pack, collate_packs, pad_batch, token_loss_sum
+from palign.train.data import IGNORE_INDEX, Pack, collate_packs, pad_batch, token_loss_sum
 from palign.train.prepare import UnitReader, prepare
+from palign.train.steps import StepPlan
 
 logger = logging.getLogger("palign.train.loop")  # also when run as __main__
 
@@ -143,54 +145,6 @@ def checkpoint_name(step: int) -> str:
 
 
 # ------------------------------------------------------------------------------ data
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """Which units every rank's micro-batches hold at every optimizer step (pure arithmetic)."""
-
-    n_units: int
-    world: int
-    micro: int
-    accum: int
-    epochs: int
-    max_steps: int | None
-    seed: int
-
-    @property
-    def per_step(self) -> int:
-        return self.world * self.micro * self.accum
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.n_units / self.per_step))
-
-    @property
-    def total_steps(self) -> int:
-        total = self.epochs * self.steps_per_epoch
-        return min(total, self.max_steps) if self.max_steps else total
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
-    def order(self, epoch: int) -> list[int]:
-        """The epoch's unit order, extended by wrapping to a whole number of steps."""
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_units).tolist()
-        need = self.steps_per_epoch * self.per_step
-        return [perm[i % self.n_units] for i in range(need)]
-
-    def step_units(self, step: int, order: list[int] | None = None) -> list[int]:
-        """All units of 0-based ``step`` (every rank's micro-batches)."""
-        order = order if order is not None else self.order(self.epoch_of(step))
-        start = (step % self.steps_per_epoch) * self.per_step
-        return order[start:start + self.per_step]
-
-    def micro_batches(self, step: int, rank: int, order: list[int] | None = None
-                      ) -> list[list[int]]:
-        """Rank ``rank``'s ``accum`` micro-batches (lists of unit indices) at 0-based ``step``."""
-        units = self.step_units(step, order)
-        return [units[(m * self.world + rank) * self.micro:][: self.micro]
-                for m in range(self.accum)]
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Any:
@@ -460,12 +414,18 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _collate(data: UnitReader, idx: list[int]) -> dict[str, torch.Tensor]:
-    """This rank's micro-batch: only its own units are read."""
+def _collate(data: UnitReader, idx: list[int]) -> tuple[dict[str, torch.Tensor], int, int]:
+    """This rank's micro-batch (only its own units are read), its supervised (loss) tokens and
+    its real (non-padding) input tokens."""
     units = [data.unit(i) for i in idx]
     if isinstance(units[0], Pack):
-        return collate_packs(units)  # type: ignore[arg-type]
-    return pad_batch(units, data.prepared.pad_id)  # type: ignore[arg-type]
+        batch = collate_packs(units)  # type: ignore[arg-type]
+        real = sum(u.n_real for u in units)  # type: ignore[union-attr]
+    else:
+        batch = pad_batch(units, data.prepared.pad_id)  # type: ignore[arg-type]
+        real = sum(len(u) for u in units)
+    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return batch, supervised, real
 
 
 def _report(dist_info: DistInfo, metrics: dict[str, Any], ckpt_dir: Path | None,
@@ -589,37 +549,36 @@ def _run_steps(cfg: Config, engine: Any, data: UnitReader, plan: StepPlan, dist_
     if dist_info.rank == 0 and start == 0:
         logger.info("training %d steps (%d per epoch, %d units per step, world %d)", total,
                     plan.steps_per_epoch, plan.per_step, dist_info.world)
-    order_epoch, order = -1, []
     metrics: dict[str, Any] = {}
     for step in range(start, total):
         epoch = plan.epoch_of(step)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, plan.order(epoch)
         t0 = time.perf_counter()
-        step_units = plan.step_units(step, order)
-        global_tokens = int(sum(data.supervised[i] for i in step_units))
+        micro = [_collate(data, idx) for idx in plan.micro_batches(step, dist_info.rank)]
+        # The step's global supervised and real token counts: each rank knows only its own.
+        counts = torch.tensor([sum(m[1] for m in micro), sum(m[2] for m in micro)],
+                              dtype=torch.float64)
+        dist.all_reduce(counts)
+        global_tokens = int(counts[0])
         scale = dist_info.world * tc.grad_accum / max(1, global_tokens)
         lr = float(engine.get_lr()[0])
-        local_loss = torch.zeros(2, dtype=torch.float64)
-        for idx in plan.micro_batches(step, dist_info.rank, order):
-            batch = _to_device(_collate(data, idx), dist_info.device)
-            loss_sum = engine(**batch)
+        local_loss = torch.zeros(1, dtype=torch.float64)
+        for batch, _, _ in micro:
+            loss_sum = engine(**_to_device(batch, dist_info.device))
             engine.backward(loss_sum * scale)
             engine.step()
             local_loss[0] += float(loss_sum.detach())
-            local_loss[1] += int(sum(data.real[i] for i in idx))
         dist.all_reduce(local_loss)
         seconds = time.perf_counter() - t0
         loss = float(local_loss[0]) / max(1, global_tokens)
         done = step + 1
         progress.losses.append(loss)
-        progress.tokens += int(local_loss[1])
+        progress.tokens += int(counts[1])
         progress.seconds += seconds
         grad_norm = engine.get_global_grad_norm()
         metrics = {
             **base, "step": done, "epoch": epoch, "loss": loss, "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": float(local_loss[1]) / seconds if seconds > 0 else 0.0,
+            "tokens_per_s": float(counts[1]) / seconds if seconds > 0 else 0.0,
         }
         is_last = done == total
         ckpt_now = is_last or done % tc.checkpoint_every == 0

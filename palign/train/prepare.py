@@ -26,9 +26,10 @@ format's version. The same align data and settings find the finished preparation
 (a resumed training run trains on exactly the units it started with); new ones prepare anew
 in a new folder, after removing the old one and its rejects.
 
-A rank needs only ``units.parquet`` (about 20 bytes a unit, read once) and, for each of its
-micro-batches, one ranged read per unit (``UnitReader``): its memory holds the units of the
-micro-batch in hand, whatever the corpus size.
+A rank reads, for each unit of its micro-batches, the unit table's row group that lists it
+(1024 units, 16 KiB; a few are cached) and the unit itself, each by a ranged read
+(``UnitReader``); the step plan is computed position by position (``palign.train.steps``). So a
+rank's memory holds the micro-batches in hand, whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ DATA = "data"
 WINDOWS = "windows"
 PLAN = "plan.json"
 UNITS = "units.parquet"
+UNIT_GROUP = 1024  # units per row group of units.parquet
 
 
 class NoTrainableRows(ValueError):
@@ -96,6 +98,7 @@ class Prepared:
     rows_used: int
     rows_rejected: int
     real_tokens: int
+    unit_bytes: int  # the window files' total size
     seq_len: int
     packing: bool
     pad_id: int
@@ -216,12 +219,13 @@ def _commit(s: Settings, stems: list[str]) -> Prepared:
     if rows_used == 0:
         raise NoTrainableRows(f"no trainable rows: all {rejected} aligned rows were rejected "
                               f"(see {s.rejects})")
-    sink = io.BytesIO()
-    pq.write_table(units.replace_schema_metadata({"windows": json.dumps(stems)}), sink)
+    sink = io.BytesIO()  # small row groups: a rank reads the part of the table it needs
+    pq.write_table(units.replace_schema_metadata({"windows": json.dumps(stems)}), sink,
+                   row_group_size=UNIT_GROUP)
     storage.write_bytes(storage.join(s.folder, UNITS), sink.getvalue())
     prepared = Prepared(s.folder, storage.name(s.folder), units.num_rows, rows_used, rejected,
-                        int(pc.sum(units["real"]).as_py()), s.seq_len, s.packing,
-                        meta[0]["pad_id"])
+                        int(pc.sum(units["real"]).as_py()), int(pc.sum(units["size"]).as_py()) * 4,
+                        s.seq_len, s.packing, meta[0]["pad_id"])
     storage.write_text(storage.join(s.folder, PLAN), json.dumps(asdict(prepared), indent=1))
     logger.info("train data: %d rows in %d units (%d rejected), packing efficiency %.3f",
                 rows_used, prepared.n_units, rejected, prepared.packing_efficiency)
@@ -329,23 +333,36 @@ def prepare_window(s: Settings, stem: str, paths: Sequence[str]) -> dict[str, in
 # -- a rank's side ----------------------------------------------------------------------------
 
 class UnitReader:
-    """Reads single units of a preparation by ranged reads of its window files."""
+    """Reads single units of a preparation: the unit table by row groups (a few cached), the
+    units by ranged reads of their window files. Holds no per-unit state for the whole corpus."""
 
-    def __init__(self, folder: str, max_open: int = 8) -> None:
+    def __init__(self, folder: str, max_open: int = 8, max_groups: int = 4) -> None:
         self.prepared = load_prepared(folder)
-        table = _read_parquet(storage.join(folder, UNITS))
-        self.windows: list[str] = json.loads(table.schema.metadata[b"windows"])
-        self.window = table["window"].to_numpy()
-        self.offset = table["offset"].to_numpy()
-        self.size = table["size"].to_numpy()
-        self.real = table["real"].to_numpy()
-        self.supervised = table["supervised"].to_numpy()
         self.folder = folder
+        fs, p = storage.resolve(storage.join(folder, UNITS))
+        self._table_file = fs.open_input_file(p)
+        self._table = pq.ParquetFile(self._table_file)
+        self.windows: list[str] = json.loads(self._table.schema_arrow.metadata[b"windows"])
+        self._group_rows = self._table.metadata.row_group(0).num_rows
+        self._groups: dict[int, dict[str, np.ndarray]] = {}
+        self._max_groups = max_groups
         self._open: dict[int, Any] = {}
         self._max_open = max_open
 
     def __len__(self) -> int:
-        return len(self.size)
+        return self.prepared.n_units
+
+    def _row(self, u: int) -> tuple[int, int, int]:
+        """(window, byte offset, size in int32s) of unit ``u``."""
+        g, i = divmod(u, self._group_rows)
+        cols = self._groups.pop(g, None)
+        if cols is None:
+            t = self._table.read_row_group(g, columns=["window", "offset", "size"])
+            cols = {c: t[c].to_numpy() for c in t.column_names}
+            if len(self._groups) >= self._max_groups:
+                self._groups.pop(next(iter(self._groups)))
+        self._groups[g] = cols  # most recently used last
+        return int(cols["window"][i]), int(cols["offset"][i]), int(cols["size"][i])
 
     def _file(self, w: int) -> Any:
         f = self._open.pop(w, None)
@@ -354,15 +371,14 @@ class UnitReader:
                                                  self.windows[w] + ".bin"))
             f = fs.open_input_file(p)
             if len(self._open) >= self._max_open:
-                oldest = next(iter(self._open))
-                self._open.pop(oldest).close()
+                self._open.pop(next(iter(self._open))).close()
         self._open[w] = f  # most recently used last
         return f
 
     def arrays(self, u: int) -> np.ndarray:
-        raw = self._file(int(self.window[u])).read_at(int(self.size[u]) * 4,
-                                                       int(self.offset[u]))
-        return np.frombuffer(raw, np.int32)
+        """Unit ``u`` as stored: int32 [n_seq, seq_lens..., input_ids..., labels...]."""
+        w, offset, size = self._row(u)
+        return np.frombuffer(self._file(w).read_at(size * 4, offset), np.int32)
 
     def unit(self, u: int) -> Pack | Example:
         """Unit ``u`` as the loop collates it: a ``Pack`` padded to ``seq_len``, or (no
@@ -386,3 +402,4 @@ class UnitReader:
         for f in self._open.values():
             f.close()
         self._open.clear()
+        self._table_file.close()

@@ -1,0 +1,106 @@
+"""The step plan: which units every rank's micro-batches hold at every optimizer step.
+
+Pure arithmetic in constant memory. An epoch's order is a pseudo-random permutation of the units,
+computed one position at a time (``permute``): a 4-round Feistel network keyed by ``(seed,
+epoch)`` over the smallest power-of-four domain that holds the units, walked until it lands
+inside. So no rank holds a list of every unit, and any position of any epoch is known at once
+(a resumed run needs nothing but the step number).
+
+One optimizer step takes ``world x micro x accum`` consecutive positions of the epoch's order;
+rank ``r``'s micro-batch ``m`` is the slice at ``(m * world + r) * micro``. The last step of an
+epoch is completed by wrapping to the start of that epoch's order, so every rank runs the same
+number of micro-batches and every unit is seen at least once per epoch (nothing is dropped).
+``max_steps`` caps the total.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+_ROUNDS = 4
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """A 64-bit finaliser (splitmix64's): every input bit reaches every output bit."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _keys(seed: int, epoch: int) -> list[np.uint64]:
+    rng = np.random.default_rng([seed, epoch])
+    return [np.uint64(k) for k in rng.integers(0, 2**63, size=_ROUNDS, dtype=np.int64)]
+
+
+def permute(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+    """The units at ``positions`` (each in ``0..n-1``) of epoch ``epoch``'s order: a bijection of
+    ``0..n-1`` for each ``(seed, epoch)``."""
+    if n <= 0:
+        raise ValueError("no units to order")
+    bits = max(2, math.ceil(math.log2(n)) if n > 1 else 2)
+    half = (bits + 1) // 2
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    keys = _keys(seed, epoch)
+    with np.errstate(over="ignore"):
+        x = np.asarray(positions, np.uint64).copy()
+        walking = np.ones(x.shape, bool)
+        while walking.any():  # cycle walking: the domain is at most 4n, so a few rounds
+            v = x[walking]
+            left, right = v >> shift, v & mask
+            for key in keys:
+                left, right = right, left ^ (_mix(right ^ key) & mask)
+            x[walking] = (left << shift) | right
+            walking = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which units every rank's micro-batches hold at every optimizer step."""
+
+    n_units: int
+    world: int
+    micro: int
+    accum: int
+    epochs: int
+    max_steps: int | None
+    seed: int
+
+    @property
+    def per_step(self) -> int:
+        return self.world * self.micro * self.accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.n_units / self.per_step))
+
+    @property
+    def total_steps(self) -> int:
+        total = self.epochs * self.steps_per_epoch
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def _units(self, step: int, offsets: np.ndarray) -> list[int]:
+        start = (step % self.steps_per_epoch) * self.per_step
+        positions = (start + offsets) % self.n_units
+        return permute(positions, self.n_units, self.seed, self.epoch_of(step)).tolist()
+
+    def step_units(self, step: int) -> list[int]:
+        """All units of 0-based ``step`` (every rank's micro-batches)."""
+        return self._units(step, np.arange(self.per_step))
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Rank ``rank``'s ``accum`` micro-batches (lists of unit indices) at 0-based ``step``:
+        computed for this rank alone."""
+        return [self._units(step, (m * self.world + rank) * self.micro + np.arange(self.micro))
+                for m in range(self.accum)]
