@@ -112,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     if args.command == "validate":
-        from palign.preflight import check_paths
+        from palign.preflight import check_engine_kwargs, check_paths
         from palign.resources import format_resource_plan, plan_resources
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         try:
+            check_engine_kwargs(cfg)
             if not args.skip_paths:
                 check_paths(cfg)
             plan = plan_resources(cfg)

@@ -121,6 +121,10 @@ class EngineConfig(_Strict):
     # Failures of the engine in a row before the stage fails: starts of an actor (a model that
     # does not load) and health checks after a crash, each counted per actor.
     max_failures: int = Field(default=3, ge=1)
+    # Any other vLLM engine argument, passed through as is (kv_cache_dtype,
+    # max_num_batched_tokens, pipeline_parallel_size, load_format, ...); checked by name
+    # against vLLM's own EngineArgs before any work (palign.preflight).
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class _Rejects(_Strict):
@@ -295,6 +299,9 @@ def _merge_engine(raw: dict[str, Any]) -> dict[str, Any]:
         engine = {**base, **own}
         if replicas:
             engine["replicas"] = replicas
+        kwargs = [k for k in (base.get("engine_kwargs"), own.get("engine_kwargs")) if k]
+        if kwargs and all(isinstance(k, dict) for k in kwargs):  # merged key by key too
+            engine["engine_kwargs"] = {key: v for k in kwargs for key, v in k.items()}
         merged[stage] = {**section, "engine": engine}
     return merged
 

@@ -27,6 +27,21 @@ def check_paths(cfg: Config, stages: list[str] | None = None) -> None:
         raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
 
 
+def check_engine_kwargs(cfg: Config, stages: list[str] | None = None) -> None:
+    """Raise ConfigError when a stage's ``engine.engine_kwargs`` names something that is not a
+    vLLM engine argument, or one palign sets itself (``palign.engines.engine_args``)."""
+    from palign.engines.engine_args import kwargs_problems
+
+    problems = []
+    for stage in stages or cfg.run.stages:
+        engine = getattr(getattr(cfg, stage, None), "engine", None)
+        if engine is not None:
+            problems += kwargs_problems(f"{stage}.engine.engine_kwargs", engine.engine_kwargs,
+                                        engine.backend)
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+
+
 def path_problems(cfg: Config, stages: list[str] | None = None) -> list[str]:
     stages = list(stages or cfg.run.stages)
     problems = [p for field, value in _path_fields(cfg)

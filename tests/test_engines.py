@@ -56,10 +56,13 @@ def hf(model_path: str) -> Iterator[Engine]:
     engine.close()
 
 
+PASSED_THROUGH = {"max_num_batched_tokens": 3072}  # engine.engine_kwargs, checked below
+
+
 @pytest.fixture(scope="module")
 def vllm(model_path: str) -> Iterator[Engine]:
     assert HAS_VLLM, "vLLM is not installed: the suite needs it (make setup installs it)"
-    engine = build_engine(_spec(model_path, "vllm"))
+    engine = build_engine(replace(_spec(model_path, "vllm"), engine_kwargs=PASSED_THROUGH))
     yield engine
     engine.close()
 
@@ -67,6 +70,11 @@ def vllm(model_path: str) -> Iterator[Engine]:
 @pytest.fixture(params=["transformers", "vllm"])
 def engine(request: pytest.FixtureRequest) -> Engine:
     return request.getfixturevalue("hf" if request.param == "transformers" else "vllm")
+
+
+def test_engine_kwargs_reach_vllm(vllm: Engine) -> None:
+    config = vllm.llm.llm_engine.vllm_config  # type: ignore[attr-defined]
+    assert config.scheduler_config.max_num_batched_tokens == 3072
 
 
 def test_backends_listed() -> None:

@@ -71,6 +71,7 @@ class EngineSpec:
     max_num_seqs: int = 64
     seed: int = 0
     executor_backend: str | None = None  # vLLM distributed_executor_backend (None: its default)
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # more vLLM engine arguments
 
 
 # Helpers both backends share, so that they feed the model identical token ids and reject the

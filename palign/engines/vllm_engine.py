@@ -123,6 +123,9 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(spec.cpu_kv_cache_gib * _GIB)
         else:
             kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+        # engine.engine_kwargs: checked by name before any work, and never one set above
+        # (palign.engines.engine_args.RESERVED).
+        kwargs.update(spec.engine_kwargs)
         self.llm: Any = LLM(**kwargs)
         self.start_seconds = time.monotonic() - started
         logger.info(

@@ -423,11 +423,12 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None) -> list[StageSumm
     Before any work: the config's paths are checked (``palign.preflight``), the cluster plan is
     made, and the output folder is locked for this run (``RunLocked`` if another run holds it).
     """
-    from palign.preflight import check_paths
+    from palign.preflight import check_engine_kwargs, check_paths
     from palign.resources import plan_resources
     from palign.runlock import RunLock
 
     stages = stages or list(cfg.run.stages)
+    check_engine_kwargs(cfg, stages)  # a misspelt vLLM engine argument fails here
     check_paths(cfg, stages)  # a missing data file or model folder fails here
     plan_resources(cfg)  # a config the cluster cannot place fails here, before any work
     runners = {"train": run_train_stage, "evaluate": run_evaluate_stage}

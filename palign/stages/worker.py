@@ -75,6 +75,7 @@ def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0,
         seed=seed,
         # The pool's plan says how a replica runs its ranks ("ray" inside its placement group)
         executor_backend=engine_request(stage, engine).executor_backend,
+        engine_kwargs=dict(engine.engine_kwargs),
     )
 
 
