@@ -166,16 +166,17 @@ def prepare(cfg: Config, use_ray: bool = True) -> Prepared:
     rejects = storage.join(storage.absolute(cfg.stage_dir("train")), REJECTS)
     if storage.is_file(storage.join(folder, PLAN)):
         return load_prepared(folder)
-    stale = [d for d in storage.list_dirs(root) if d != key]
-    if stale:  # other align data or settings: their units and rejects are not this run's
-        logger.info("train data: the align rows or settings changed; preparing anew")
-        for old in stale:
-            storage.delete_dir(storage.join(root, old))
-        storage.delete_dir(rejects)
     settings = Settings(cfg.models.student, cfg.models.cache_dir, tc.seq_len, tc.overlong,
                         tc.packing, folder, rejects)
     done = {n.removesuffix(".parquet") for n in storage.list_files(
         storage.join(folder, WINDOWS), suffixes=(".parquet",))}
+    if not done:  # a fresh start: the rejects and any other preparation are not this one's
+        stale = [d for d in storage.list_dirs(root) if d != key]
+        if stale:
+            logger.info("train data: the align rows or settings changed; preparing anew")
+        for old in stale:
+            storage.delete_dir(storage.join(root, old))
+        storage.delete_dir(rejects)
     todo = [(stem, paths) for stem, paths in windows if stem not in done]
     logger.info("train data: %d windows (%d already prepared), in %s", len(windows),
                 len(windows) - len(todo), folder)
