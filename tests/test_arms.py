@@ -1,8 +1,9 @@
 """The paper's comparison at demo scale, shrunk: the shared run (CoTs and the "before" row) and
-the three arms (full CoT, fixed ratio 0.25, P-ALIGN) from configs/arms/demo run truncate,
-align, train and evaluate on a real local Ray with SmolLM2 as judge and student; each writes its
-results table, and `palign compare` puts them side by side. Also: benchmark rejects (a broken
-row at ingest, a prompt over the context length at the engine) and evaluate's resume."""
+two arms (fixed ratio 0.25, P-ALIGN; the full-CoT arm's config is loaded, not run) from
+configs/arms/demo run truncate, align, train and evaluate on a real local Ray with SmolLM2 as
+judge and student; each writes its results table, and `palign compare` puts them side by side.
+Also: benchmark rejects (a broken row at ingest, a prompt over the context length at the engine)
+and evaluate's resume."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from palign.stages.runner import run_pipeline
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("full_cot", "fixed_ratio", "palign")
+# full_cot runs the same stages with truncate's `full` strategy (kept whole, tested in
+# test_truncate_rows and benchmarks/data_plane.py); here its config is checked, not run, to keep
+# `make test` within its 30 minutes.
+ARMS = ("fixed_ratio", "palign")
 PROBLEMS, N = 3, 2
 
 
@@ -62,6 +66,8 @@ def test_demo_arms_train_evaluate_and_compare(tmp_path, ray_cluster, capsys):
     run_pipeline(shared)
     assert len(list(read_rows(tmp_path / "shared/generate"))) == 4
 
+    full_cot = load_config(ROOT / "configs/arms/demo/full_cot.yaml", overrides(tmp_path, "f"))
+    assert full_cot.truncate.strategy == "full" and full_cot.run.name == "full_cot"
     for arm in ARMS:
         cfg = load_config(ROOT / f"configs/arms/demo/{arm}.yaml", overrides(tmp_path, arm))
         summaries = {s.stage: s for s in run_pipeline(cfg)}
@@ -69,9 +75,7 @@ def test_demo_arms_train_evaluate_and_compare(tmp_path, ray_cluster, capsys):
         out = tmp_path / arm
         ratios = [r["prefix_ratio"] for r in read_rows(out / "truncate")]
         assert len(ratios) == 4
-        if arm == "full_cot":
-            assert all(r == 1.0 for r in ratios)
-        elif arm == "fixed_ratio":
+        if arm == "fixed_ratio":
             assert all(r < 0.5 for r in ratios)
         rows = list(read_rows(out / "evaluate/trained/demo-eval"))
         assert sorted(r["id"] for r in rows) == ["eval-001", "eval-002", "eval-003"]
@@ -112,4 +116,4 @@ def test_demo_arms_train_evaluate_and_compare(tmp_path, ray_cluster, capsys):
     pass1 = {(r["arm"], r["model"]): r["pass@1"] for r in merged["rows"]}
     expected = json.loads((tmp_path / "palign/evaluate/results.json").read_text())
     assert pass1[("palign", "trained")] == expected["models"]["trained"]["demo-eval"]["pass@1"]
-    assert ("shared", "base") in pass1 and len(pass1) == 4
+    assert ("shared", "base") in pass1 and len(pass1) == 3
