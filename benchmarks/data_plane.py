@@ -134,6 +134,7 @@ def one(rows: int, work: Path) -> dict:
     resume = time.time() - t0
     assert first.rows_out == rows and again.skipped == rows and again.processed == 0
     driver_peak = peak_rss_mib()  # the stages' driver, before the train data path
+    arrow_peak = pa.default_memory_pool().max_memory() / 2**20  # Arrow's share of it
     from palign.train.prepare import prepare
 
     t0 = time.time()
@@ -151,7 +152,8 @@ def one(rows: int, work: Path) -> dict:
             "train_prep_s": prep, "train_prep_rows_per_s": rows / prep,
             "train_prep_resume_s": prep_resume, "train_units": prepared.n_units,
             "packing_efficiency": prepared.packing_efficiency,
-            "driver_peak_rss_mib": driver_peak, "driver_peak_rss_with_prep_mib": peak_rss_mib(),
+            "driver_peak_rss_mib": driver_peak, "driver_arrow_pool_peak_mib": arrow_peak,
+            "driver_peak_rss_with_prep_mib": peak_rss_mib(),
             **json.loads(line[len("RESULT "):])}
 
 

@@ -410,7 +410,7 @@ def run_train_stage(cfg: Config) -> StageSummary:
         rejected=res.rows_rejected, processed=res.rows_used, wall_s=res.wall_s,
         stats={"steps": res.steps, "final_loss": res.final_loss,
                "tokens_per_s": res.tokens_per_s, "packing_efficiency": res.packing_efficiency},
-        output_dir=cfg.stage_dir("train"), model_dir=str(res.model_dir),
+        output_dir=storage.absolute(cfg.stage_dir("train")), model_dir=str(res.model_dir),
         reasons=reject_reasons(cfg.stage_dir("train")),
     )
     summary.check_rejects("train.max_reject_share", cfg.train.max_reject_share)
