@@ -40,6 +40,7 @@ import io
 import json
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -211,7 +212,9 @@ def _prepare_block(batch: pa.Table, settings: dict[str, Any]) -> pa.Table:
 def _commit(s: Settings, stems: list[str]) -> Prepared:
     """Concatenate the windows' unit tables in window order into ``units.parquet``, then write
     ``plan.json`` (the commit)."""
-    tables = [_read_parquet(storage.join(s.folder, WINDOWS, stem + ".parquet")) for stem in stems]
+    paths = [storage.join(s.folder, WINDOWS, stem + ".parquet") for stem in stems]
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
+        tables = list(pool.map(_read_parquet, paths))  # one small object per window
     meta = [json.loads(t.schema.metadata[b"palign"]) for t in tables]
     units = pa.concat_tables([t.replace_schema_metadata(None).append_column(
         "window", pa.array(np.full(t.num_rows, i, np.int32))) for i, t in enumerate(tables)])
