@@ -19,7 +19,7 @@ arms: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check palign tests benchmarks
-	$(PY) -m pytest -q -rs --durations=15
+	$(PY) -m pytest -q -rfEs --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
