@@ -118,6 +118,9 @@ class EngineConfig(_Strict):
     enforce_eager: bool | None = None  # None: eager on CPU, compiled on GPU
     cpu_kv_cache_gib: float = Field(default=2.0, gt=0)
     max_num_seqs: int = Field(default=64, ge=1)
+    # Requests one replica's engine holds at once, from all its batches in flight (Ray Data
+    # gives a replica ceil(max_in_flight / batch_size) batches at a time); more wait, in order.
+    max_in_flight: int = Field(default=64, ge=1)
     # Failures of the engine in a row before the stage fails: starts of an actor (a model that
     # does not load) and health checks after a crash, each counted per actor.
     max_failures: int = Field(default=3, ge=1)
@@ -156,6 +159,9 @@ class TruncateSection(_Rejects):
     verdict: Literal["generate", "score"] = "score"  # parse generated text, or compare labels
     threshold: float = Field(default=0.5, gt=0, lt=1)  # score: P(ENOUGH) needed for ENOUGH
     judge_max_tokens: int = Field(default=16, ge=1)  # generate: tokens per verdict
+    # per_row: each row's search runs on its own, probe after probe (keeps its prefix cached);
+    # lockstep: a batch's searches advance in rounds, one engine call per round.
+    search: Literal["per_row", "lockstep"] = "per_row"
 
 
 class AlignSection(_Rejects):

@@ -381,16 +381,22 @@ class PlacementGroupFactory:
         return removed
 
 
-def map_batches_resource_kwargs(request: EngineRequest) -> dict[str, Any]:
+def map_batches_resource_kwargs(request: EngineRequest,
+                                batches_per_replica: int = 1) -> dict[str, Any]:
     """``Dataset.map_batches`` keyword arguments for ``request``'s actor pool: ``compute`` (an
-    ``ActorPoolStrategy`` of min..max replicas), ``num_cpus``, ``num_gpus`` and, with tensor
-    parallelism, ``ray_remote_args_fn`` (a ``PlacementGroupFactory``; prefer
-    ``engine_pool_kwargs``, which also removes its placement groups)."""
+    ``ActorPoolStrategy`` of min..max replicas, each running ``batches_per_replica`` batches at
+    once on threads), ``num_cpus``, ``num_gpus`` and, with tensor parallelism,
+    ``ray_remote_args_fn`` (a ``PlacementGroupFactory``; prefer ``engine_pool_kwargs``, which
+    also removes its placement groups)."""
     import ray
 
+    concurrent: dict[str, Any] = {}
+    if batches_per_replica > 1:
+        concurrent = {"max_concurrent_calls_per_actor": batches_per_replica,
+                      "enable_true_multi_threading": True}
     kwargs: dict[str, Any] = {
         "compute": ray.data.ActorPoolStrategy(min_size=request.min_replicas,
-                                              max_size=request.max_replicas),
+                                              max_size=request.max_replicas, **concurrent),
         "num_cpus": request.num_cpus,
         "num_gpus": request.num_gpus,
     }
@@ -401,10 +407,11 @@ def map_batches_resource_kwargs(request: EngineRequest) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def engine_pool_kwargs(request: EngineRequest) -> Iterator[dict[str, Any]]:
+def engine_pool_kwargs(request: EngineRequest,
+                       batches_per_replica: int = 1) -> Iterator[dict[str, Any]]:
     """``map_batches_resource_kwargs`` for the duration of a stage; on exit the placement groups
     made for its replicas are removed (consume the dataset inside the ``with``)."""
-    kwargs = map_batches_resource_kwargs(request)
+    kwargs = map_batches_resource_kwargs(request, batches_per_replica)
     try:
         yield kwargs
     finally:
@@ -412,3 +419,9 @@ def engine_pool_kwargs(request: EngineRequest) -> Iterator[dict[str, Any]]:
         if isinstance(factory, PlacementGroupFactory):
             factory.remove_all()
 
+
+
+def batches_per_replica(max_in_flight: int, batch_size: int) -> int:
+    """Ray Data batches one engine replica runs at once: enough to keep ``max_in_flight``
+    requests in the engine when each batch's rows are one request each."""
+    return max(1, -(-max_in_flight // batch_size))

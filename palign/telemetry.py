@@ -12,6 +12,10 @@ What to call, and where (``stage`` is the stage name; it becomes the ``stage`` l
 - ``judge_probes(stage, n)``                       truncate: judge verdicts asked for
 - ``prefix_ratios(stage, values)``                 truncate: each row's kept share of its CoT
 - ``engine_tokens(stage, tokens, seconds)``        tokens an engine call processed, and its time
+- ``engine_requests(stage, in_flight, prompt_tokens, cached_tokens)``  an actor's engine:
+  requests in flight now, prompt tokens answered and how many came from its prefix cache
+- ``prefill_ratios(stage, values)``                truncate: each row's computed judge prompt
+  tokens over its longest judge prompt
 - ``train_step(loss, tokens_per_s)``               train, rank 0, per reported step
 - ``stage_batch(stage, rows_in, rows_out, rejected, seconds, tokens, probes, ratios)``  all of
   the above that apply, for one actor batch
@@ -27,6 +31,10 @@ Exported names, measured with Ray 2.60 (its default OpenTelemetry exporter; see
     ray_palign_prefix_ratio_bucket{stage,le}   histogram (also _sum, _count), le 0.1 .. 1.0
     ray_palign_engine_tokens_total{stage}      counter (rate() of it: tokens/s of the pool)
     ray_palign_engine_tokens_per_s{stage}      gauge, per actor (the last batch's rate)
+    ray_palign_engine_requests_in_flight{stage}  gauge, per actor
+    ray_palign_engine_prompt_tokens_total{stage}  counter
+    ray_palign_engine_cached_tokens_total{stage}  counter (over the above: prefix-cache hit share)
+    ray_palign_prefill_ratio_bucket{stage,le}  histogram (also _sum, _count), le 1 .. 8
     ray_palign_train_loss{stage="train"}       gauge
     ray_palign_train_tokens_per_s{stage="train"}  gauge
 
@@ -54,6 +62,7 @@ log = logging.getLogger(__name__)
 PREFIX = "palign_"  # our names; Ray adds "ray_" on export
 TRAIN_STAGE = "train"
 PREFIX_RATIO_BOUNDARIES = [round(0.1 * i, 1) for i in range(1, 11)]  # 0.1 .. 1.0
+PREFILL_RATIO_BOUNDARIES = [1.0, 1.1, 1.3, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0]
 ENV_DISABLE = "PALIGN_METRICS"  # "0": record nothing even under Ray
 
 # Every Prometheus series name the metrics above export (what the Grafana dashboard may use).
@@ -67,6 +76,12 @@ EXPORTED_NAMES = (
     "ray_palign_prefix_ratio_count",
     "ray_palign_engine_tokens_total",
     "ray_palign_engine_tokens_per_s",
+    "ray_palign_engine_requests_in_flight",
+    "ray_palign_engine_prompt_tokens_total",
+    "ray_palign_engine_cached_tokens_total",
+    "ray_palign_prefill_ratio_bucket",
+    "ray_palign_prefill_ratio_sum",
+    "ray_palign_prefill_ratio_count",
     "ray_palign_train_loss",
     "ray_palign_train_tokens_per_s",
 )
@@ -80,6 +95,10 @@ class _Metrics:
     prefix_ratio: Any
     engine_tokens: Any
     engine_tokens_per_s: Any
+    requests_in_flight: Any
+    prompt_tokens: Any
+    cached_tokens: Any
+    prefill_ratio: Any
     train_loss: Any
     train_tokens_per_s: Any
 
@@ -123,6 +142,13 @@ def _build() -> _Metrics:
                                boundaries=PREFIX_RATIO_BOUNDARIES, tag_keys=tags),
         engine_tokens=counter("engine_tokens", "Tokens engines processed"),
         engine_tokens_per_s=gauge("engine_tokens_per_s", "Engine tokens/s of the last batch"),
+        requests_in_flight=gauge("engine_requests_in_flight", "Requests an actor's engine holds"),
+        prompt_tokens=counter("engine_prompt_tokens", "Prompt tokens engines answered"),
+        cached_tokens=counter("engine_cached_tokens",
+                              "Prompt tokens served from engines' prefix caches"),
+        prefill_ratio=Histogram(PREFIX + "prefill_ratio",
+                                "Judge prompt tokens computed per row over its longest prompt",
+                                boundaries=PREFILL_RATIO_BOUNDARIES, tag_keys=tags),
         train_loss=gauge("train_loss", "Training loss of the last reported step"),
         train_tokens_per_s=gauge("train_tokens_per_s", "Training tokens/s, all workers"),
     )
@@ -196,6 +222,25 @@ def engine_tokens(m: _Metrics, stage: str, tokens: int, seconds: float) -> None:
 
 
 @_safe
+def engine_requests(m: _Metrics, stage: str, in_flight: int, prompt_tokens: int,
+                    cached_tokens: int) -> None:
+    """An actor's engine: its requests in flight now, and prompt tokens answered since the
+    last call, with how many of them its prefix cache served."""
+    m.requests_in_flight.set(float(in_flight), tags={"stage": stage})
+    _inc(m.prompt_tokens, prompt_tokens, stage)
+    _inc(m.cached_tokens, cached_tokens, stage)
+
+
+@_safe
+def prefill_ratios(m: _Metrics, stage: str, values: Iterable[float | None]) -> None:
+    """Observe each truncated row's judge prefill ratio (1.0: every probe after the first was
+    served from the prefix cache up to where it grew)."""
+    for value in values:
+        if value is not None and math.isfinite(value):
+            m.prefill_ratio.observe(float(value), tags={"stage": stage})
+
+
+@_safe
 def train_step(m: _Metrics, loss: float | None, tokens_per_s: float | None) -> None:
     """The loss and tokens/s of a reported training step (call on rank 0 only)."""
     tags = {"stage": TRAIN_STAGE}
@@ -208,7 +253,7 @@ def train_step(m: _Metrics, loss: float | None, tokens_per_s: float | None) -> N
 @_safe
 def stage_batch(m: _Metrics, stage: str, rows_in: int, rows_out: int, rejected: int,
                 seconds: float, tokens: int = 0, probes: int = 0,
-                ratios: Iterable[float] = ()) -> None:
+                ratios: Iterable[float] = (), prefill: Iterable[float] = ()) -> None:
     """Everything one actor batch says: rows in, out and rejected, the engine tokens its
     finished records account for (in ``seconds``), and any judge probes and prefix ratios.
     What a stage's records hold is its own definition's business
@@ -221,3 +266,6 @@ def stage_batch(m: _Metrics, stage: str, rows_in: int, rows_out: int, rejected: 
         prefix_ratios(stage, ratios)
     if tokens:
         engine_tokens(stage, tokens, seconds)
+    prefill = list(prefill)
+    if prefill:
+        prefill_ratios(stage, prefill)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import json
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from palign.config import TruncateSection
 from palign.engines import EngineSpec, Sampling, available_backends, build_engine
 from palign.engines.base import Engine, label_first_tokens
+from palign.engines.guard import GuardedEngine
+from palign.engines.server import EngineServer
 from palign.models import resolve_model
+from palign.stages.truncate import truncate_rows
 
 pytestmark = pytest.mark.slow
 
@@ -180,3 +188,94 @@ def test_seeded_sampling_survives_chunked_prefill(engine: Engine) -> None:
     assert [c.error for c in out] == [None] * 8
     assert all(c.completion_tokens > 0 for c in out)
     assert sum(c.prompt_tokens for c in out) > 4096  # vLLM's default step budget here
+
+
+# -- the engine server: many callers, one engine (palign.engines.server) ----------------------
+
+
+@pytest.fixture
+def server(engine: Engine) -> Iterator[EngineServer]:
+    srv = EngineServer(engine, max_in_flight=4)
+    yield srv
+    srv.stop()  # the module's engine stays open for the other tests
+
+
+def test_server_answers_as_the_engine_does(engine: Engine, server: EngineServer) -> None:
+    greedy = Sampling(max_tokens=16)
+    direct = [c.text for c in engine.generate([chat(q) for q in QUESTIONS], greedy)]
+    assert [c.text for c in server.generate([chat(q) for q in QUESTIONS], greedy)] == direct
+    judged = [judge_chat(q, "Let me think.") for q in QUESTIONS]
+    want = engine.score_labels(judged, LABELS)
+    got = server.score_labels(judged, LABELS)
+    for w, g in zip(want, got):
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+        assert g.prompt_tokens == w.prompt_tokens
+
+
+def test_server_serves_threads_and_coroutines_together(engine: Engine,
+                                                       server: EngineServer) -> None:
+    """Two threads' batches and a dozen coroutines' single requests, all in flight together
+    (never more than max_in_flight in the engine); each caller gets its own answers."""
+    greedy = Sampling(max_tokens=12)
+    want = {q: c.text for q, c in zip(QUESTIONS, engine.generate([chat(q) for q in QUESTIONS],
+                                                                 greedy))}
+    got: dict[int, list[str]] = {}
+
+    def batch(n: int) -> None:
+        got[n] = [c.text for c in server.generate([chat(q) for q in QUESTIONS], greedy)]
+
+    async def singles() -> list[str]:
+        outs = await asyncio.gather(*(server.agenerate(chat(q), greedy)
+                                      for q in QUESTIONS * 3))
+        return [c.text for c in outs]
+
+    threads = [threading.Thread(target=batch, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    single = asyncio.run(singles())
+    for t in threads:
+        t.join()
+    assert got[0] == got[1] == [want[q] for q in QUESTIONS]
+    assert single == [want[q] for q in QUESTIONS * 3]
+    stats = server.stats()
+    assert 1 < stats["peak_in_flight"] <= 4 and stats["in_flight"] == 0
+    assert stats["prompt_tokens"] > 0
+
+
+def test_server_too_long_prompt_fails_alone(server: EngineServer) -> None:
+    out = server.generate([chat("word " * 2000), chat("What is 2+3?")], Sampling(max_tokens=8))
+    assert out[0].error and "max_model_len" in out[0].error
+    assert out[1].error is None and out[1].text
+
+
+def test_server_engine_that_raises_fails_every_waiter(vllm: Engine) -> None:
+    """vLLM refuses max_tokens=0 by raising: that is the engine failing, not the row, so the
+    request (and any later one) raises instead of coming back as a row error."""
+    srv = EngineServer(vllm, max_in_flight=4)
+    try:
+        with pytest.raises(Exception, match="max_tokens"):
+            srv.generate([chat("Hi")], Sampling(max_tokens=0))
+        with pytest.raises(RuntimeError, match="has failed"):
+            srv.generate([chat("Hi")], Sampling(max_tokens=4))
+    finally:
+        srv.stop()
+    assert vllm.generate([chat("Hi")], Sampling(max_tokens=2))[0].error is None
+
+
+def test_per_row_search_chooses_the_lockstep_prefixes(engine: Engine) -> None:
+    """The same rows searched probe by probe through the server (each row its own coroutine)
+    and in lockstep rounds on the engine itself: the same probes, verdicts and prefixes."""
+    rows = [r for r in map(json.loads, Path("data/demo/problems.jsonl").open()) if r.get("cot")]
+    rows = rows[:4]
+    cfg = TruncateSection(verdict="score")
+    lockstep, _ = truncate_rows(rows, engine, cfg.model_copy(update={"search": "lockstep"}))
+    srv = EngineServer(engine, max_in_flight=4)
+    try:
+        per_row, _ = truncate_rows(rows, GuardedEngine(srv), cfg)
+    finally:
+        srv.stop()
+    for a, b in zip(lockstep, per_row):
+        assert [p["k"] for p in a.record["probes"]] == [p["k"] for p in b.record["probes"]]
+        assert [p["score"] for p in b.record["probes"]] == pytest.approx(
+            [p["score"] for p in a.record["probes"]], abs=1e-4)
+        assert a.record["prefix"] == b.record["prefix"]

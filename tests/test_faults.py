@@ -63,14 +63,19 @@ def test_engine_killed_mid_batch_loses_no_row_and_rejects_none(tmp_path, ray_clu
     killed: list[int] = []
 
     def kill_mid_batch() -> None:
-        # The first batch's shard lands, so the next batch is in flight: kill its actor.
+        # Once a first batch's shard has landed, and the actor's log shows more batches begun
+        # than have landed (rows in flight right now), kill that actor.
         deadline = time.time() + 300
-        while time.time() < deadline and not list(out.glob("part-*")):
-            time.sleep(0.2)
-        fresh = sorted(set(actor_logs("truncate")) - before)
-        if fresh:
-            os.kill(fresh[-1], signal.SIGKILL)
-            killed.append(fresh[-1])
+        while time.time() < deadline:
+            fresh = sorted(set(actor_logs("truncate")) - before)
+            landed = len(list(out.glob("part-*")))
+            if fresh and landed:
+                begun = actor_logs("truncate")[fresh[-1]].read_text().count("in flight: ")
+                if begun > landed:
+                    os.kill(fresh[-1], signal.SIGKILL)
+                    killed.append(fresh[-1])
+                    return
+            time.sleep(0.05)
 
     killer = threading.Thread(target=kill_mid_batch, daemon=True)
     killer.start()

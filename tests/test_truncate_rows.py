@@ -1,13 +1,19 @@
-"""The truncate stage's scheduler without Ray: many searches, one engine call per round.
+"""The truncate stage's schedulers without Ray: lockstep (many searches, one engine call per
+round) and per row (each search its own coroutine, through an EngineServer).
 
 The judge here is a scripted stand-in (it calls a prefix sufficient once it holds the sentence
 "KEY."), so the expected prefix is known exactly; the real engines run in test_pipeline.py.
 """
 
 import math
+import threading
+
+import pytest
 
 from palign.config import TruncateSection
 from palign.engines.base import Completion, LabelScores
+from palign.engines.guard import GuardedEngine
+from palign.engines.server import EngineServer
 from palign.search import max_probes
 from palign.segment import sentence_ends
 from palign.stages.truncate import truncate_rows
@@ -33,6 +39,9 @@ class ScriptedJudge:
         self.calls.append(len(chats))
         return [Completion("ENOUGH" if self._enough(c) else "not enough, sorry")
                 for c in chats]
+
+    def close(self):
+        pass
 
 
 def make_rows():
@@ -85,3 +94,73 @@ def test_rows_without_cot_are_rejected_others_go_on():
     outcomes, _ = truncate_rows(rows, ScriptedJudge(), TruncateSection())
     assert [o.ok for o in outcomes] == [True, True, False]
     assert "no CoT" in outcomes[2].reason
+
+
+@pytest.mark.parametrize("verdict", ["score", "generate"])
+def test_per_row_search_takes_the_lockstep_probes(verdict):
+    """Each row's coroutine asks the same probes in the same order as the rounds did, so the
+    same prefixes come out; the engine saw the probes as they came, not round by round."""
+    rows = make_rows()
+    cfg = TruncateSection(verdict=verdict)
+    lockstep, rounds = truncate_rows(rows, ScriptedJudge(), cfg.model_copy(
+        update={"search": "lockstep"}))
+    judge = ScriptedJudge()
+    server = EngineServer(judge, max_in_flight=3)
+    try:
+        per_row, probes = truncate_rows(rows, GuardedEngine(server), cfg)
+        stats = server.stats()
+    finally:
+        server.close()
+    assert [o.record for o in per_row] == [o.record for o in lockstep]
+    assert probes == sum(len(o.record["probes"]) for o in per_row) == sum(judge.calls)
+    assert max(judge.calls) <= 3 and stats["peak_in_flight"] <= 3  # engine.max_in_flight
+    assert rounds < len(judge.calls)
+    if verdict == "score":  # the scripted scores say 100 prompt tokens a probe
+        assert all(o.record["judge_longest_prompt_tokens"] == 100 for o in per_row)
+
+
+def test_per_row_search_fails_every_row_when_the_engine_raises():
+    """A judge that raises is the machinery's failure: it reaches the caller (the worker turns
+    it into a retried actor), no row becomes a reject, and the server refuses later work."""
+
+    class Breaks(ScriptedJudge):
+        def score_labels(self, chats, labels):
+            if len(self.calls) >= 2:
+                raise RuntimeError("device lost")
+            return super().score_labels(chats, labels)
+
+    server = EngineServer(Breaks(), max_in_flight=2)
+    try:
+        with pytest.raises(Exception, match="device lost"):
+            truncate_rows(make_rows(), GuardedEngine(server), TruncateSection())
+        with pytest.raises(RuntimeError, match="has failed"):
+            server.submit("score", [[{"role": "user", "content": "x"}]], ("A", "B"))
+    finally:
+        server.close()
+
+
+def test_server_answers_many_threads_at_once():
+    """Batches from several threads share one server; each gets its own answers back."""
+    judge = ScriptedJudge()
+    server = EngineServer(judge, max_in_flight=64)
+    results = {}
+
+    def batch(n):
+        rows = make_rows()
+        for r in rows:
+            r["id"] = f"{r['id']}-{n}"
+        results[n] = truncate_rows(rows, GuardedEngine(server), TruncateSection())
+
+    try:
+        threads = [threading.Thread(target=batch, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.close()
+    expected, _ = truncate_rows(make_rows(), ScriptedJudge(), TruncateSection())
+    for n in range(4):
+        outcomes, _ = results[n]
+        assert [o.record["sentences_kept"] for o in outcomes] == \
+            [o.record["sentences_kept"] for o in expected]

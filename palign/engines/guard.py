@@ -43,6 +43,34 @@ class GuardedEngine:
     def score_labels(self, chats: list[Chat], labels: list[str]) -> list[LabelScores]:
         return self._call(self.inner.score_labels, chats, labels)
 
+    async def agenerate(self, chat: Chat, sampling: Sampling) -> Completion:
+        """One request, awaited (the inner engine must be an ``EngineServer``)."""
+        _exit_if_asked([chat])
+        try:
+            return await self.inner.agenerate(chat, sampling)
+        except MachineryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever the engine raises is its own fault
+            raise EngineFailure(f"{self.name} engine: {describe(err)}") from err
+
+    async def ascore_labels(self, chat: Chat, labels: list[str]) -> LabelScores:
+        _exit_if_asked([chat])
+        try:
+            return await self.inner.ascore_labels(chat, labels)
+        except MachineryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever the engine raises is its own fault
+            raise EngineFailure(f"{self.name} engine: {describe(err)}") from err
+
+    @property
+    def concurrent(self) -> bool:
+        """True when requests may be awaited one by one (``agenerate``, ``ascore_labels``)."""
+        return callable(getattr(self.inner, "ascore_labels", None))
+
+    def stats(self) -> dict[str, int]:
+        stats = getattr(self.inner, "stats", None)
+        return stats() if callable(stats) else {}
+
     def health_check(self) -> None:
         """One token for a trivial prompt; raises EngineFailure if the engine cannot serve it."""
         out = self.generate([HEALTH_CHAT], Sampling(max_tokens=1))

@@ -7,6 +7,7 @@ vLLM as token ids, so both backends see identical inputs.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import time
@@ -127,6 +128,9 @@ class VLLMEngine:
         # (palign.engines.engine_args.RESERVED).
         kwargs.update(spec.engine_kwargs)
         self.llm: Any = LLM(**kwargs)
+        self._request_ids = itertools.count()
+        self._open: dict[str, tuple[str, Any, Any]] = {}  # request id -> (kind, arg, result)
+        self._label_ids: dict[tuple[str, ...], list[int]] = {}
         self.start_seconds = time.monotonic() - started
         logger.info(
             "vllm engine: %s on %s (%s, eager=%s, threads=%d) in %.1f s",
@@ -160,8 +164,6 @@ class VLLMEngine:
         return self.llm.generate(prompts, params, use_tqdm=False)
 
     def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
-        from vllm import SamplingParams
-
         if self.on_cpu and sampling.seed is not None:
             torch.manual_seed(sampling.seed)  # the in-process engine samples from this RNG
         results = [Completion() for _ in chats]
@@ -171,29 +173,37 @@ class VLLMEngine:
                 row.finish_reason = "error"
         if not fitting:
             return results
-        params = [
-            SamplingParams(
-                temperature=sampling.temperature,
-                top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
-                repetition_penalty=sampling.repetition_penalty,
-                max_tokens=sampling.max_tokens,
-                # One seed per row: the call is reproducible, yet duplicated prompts (pass@k)
-                # still draw different samples. Not on CPU: there, a seeded request whose
-                # prefill is split across steps crashes vLLM 0.32 ("CPU Generator does not use
-                # offset"), so sampling follows the engine's own seed (spec.seed) instead.
-                seed=None if sampling.seed is None or self.on_cpu else sampling.seed + i,
-                stop=list(sampling.stop) or None,
-            )
-            for i, _ in fitting
-        ]
+        params = [self._sampling_params(sampling, i) for i, _ in fitting]
         for (i, _), out in zip(fitting, self._run(fitting, params)):
-            best = out.outputs[0]
-            row = results[i]
-            row.text = best.text
-            row.completion_tokens = len(best.token_ids)
-            row.finish_reason = best.finish_reason or ""
-            row.cached_tokens = out.num_cached_tokens or 0
+            _fill_completion(results[i], out)
         return results
+
+    def _sampling_params(self, sampling: Sampling, index: int) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+            repetition_penalty=sampling.repetition_penalty,
+            max_tokens=sampling.max_tokens,
+            # One seed per row: the call is reproducible, yet duplicated prompts (pass@k)
+            # still draw different samples. Not on CPU: there, a seeded request whose
+            # prefill is split across steps crashes vLLM 0.32 ("CPU Generator does not use
+            # offset"), so sampling follows the engine's own seed (spec.seed) instead.
+            seed=None if sampling.seed is None or self.on_cpu else sampling.seed + index,
+            stop=list(sampling.stop) or None,
+        )
+
+    def _score_params(self, labels: tuple[str, ...]) -> tuple[Any, list[int]]:
+        from vllm import SamplingParams
+
+        firsts = self._label_ids.get(labels)
+        if firsts is None:
+            firsts = self._label_ids[labels] = label_first_tokens(self.tokenizer, list(labels))
+        params = SamplingParams(
+            temperature=0.0, max_tokens=1, logprob_token_ids=firsts, detokenize=False
+        )
+        return params, firsts
 
     def score_labels(self, chats: list[Chat], labels: list[str]) -> list[LabelScores]:
         """Each label's first-token log-probability, from one engine step per prompt.
@@ -203,26 +213,68 @@ class VLLMEngine:
         label's exact value comes back whatever its rank; a top-k ``logprobs=`` request would
         miss labels outside the top k, and ``allowed_token_ids`` only masks what is sampled.
         """
-        from vllm import SamplingParams
-
-        firsts = label_first_tokens(self.tokenizer, labels)
         results = [LabelScores() for _ in chats]
         fitting = self._prompts(chats, 1, results)
         if not fitting:
             return results
-        params = SamplingParams(
-            temperature=0.0, max_tokens=1, logprob_token_ids=firsts, detokenize=False
-        )
+        params, firsts = self._score_params(tuple(labels))
         for (i, _), out in zip(fitting, self._run(fitting, [params] * len(fitting))):
-            step = out.outputs[0].logprobs[0]  # token id -> Logprob at the first answer slot
-            missing = [label for label, t in zip(labels, firsts) if t not in step]
-            if missing:
-                raise RuntimeError(f"vLLM returned no log-probability for labels {missing}")
-            results[i].logprobs = {label: step[t].logprob for label, t in zip(labels, firsts)}
-            results[i].cached_tokens = out.num_cached_tokens or 0
+            _fill_scores(results[i], out, labels, firsts)
         return results
 
+    # -- continuous batching: palign.engines.server drives these from one thread ----------
+
+    def open_request(self, kind: str, chat: Chat, arg: Any, index: int = 0
+                     ) -> tuple[Completion | LabelScores, str | None]:
+        """Queue one request in the running engine. Returns its result object and request id;
+        the id is None when the row cannot be served (its ``error`` says why)."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        result: Completion | LabelScores
+        if kind == "score":
+            result = LabelScores()
+            params, _ = self._score_params(arg)
+            new_tokens = 1
+        else:
+            result = Completion()
+            params = self._sampling_params(arg, index)
+            new_tokens = arg.max_tokens
+        ids = prompt_token_ids(self.tokenizer, chat)
+        result.prompt_tokens = len(ids)
+        error = too_long_error(len(ids), new_tokens, self.spec.max_model_len)
+        if error:
+            result.error = error
+            if isinstance(result, Completion):
+                result.finish_reason = "error"
+            return result, None
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # one output, when it is done
+        prompt: Any = TokensPrompt(prompt_token_ids=ids)
+        render = getattr(self.llm, "_preprocess_cmpl_one", None)  # what LLM.generate does
+        if callable(render):
+            prompt = render(prompt)
+        # Outputs carry the id given here (vLLM makes its own internal one unique).
+        request_id = str(next(self._request_ids))
+        self.llm.llm_engine.add_request(request_id, prompt, params)
+        self._open[request_id] = (kind, arg, result)
+        return result, request_id
+
+    def step_requests(self) -> list[tuple[str, Completion | LabelScores]]:
+        """One engine step; the requests it finished, with their results filled in."""
+        done: list[tuple[str, Completion | LabelScores]] = []
+        for out in self.llm.llm_engine.step():
+            if not out.finished:
+                continue
+            kind, arg, result = self._open.pop(out.request_id)
+            if kind == "score":
+                _fill_scores(result, out, list(arg), self._label_ids[arg])
+            else:
+                _fill_completion(result, out)
+            done.append((out.request_id, result))
+        return done
+
     def close(self) -> None:
+        self._open.clear()
         llm, self.llm = self.llm, None
         if llm is not None:
             engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
@@ -233,3 +285,20 @@ class VLLMEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _fill_completion(row: Completion, out: Any) -> None:
+    best = out.outputs[0]
+    row.text = best.text
+    row.completion_tokens = len(best.token_ids)
+    row.finish_reason = best.finish_reason or ""
+    row.cached_tokens = out.num_cached_tokens or 0
+
+
+def _fill_scores(row: LabelScores, out: Any, labels: list[str], firsts: list[int]) -> None:
+    step = out.outputs[0].logprobs[0]  # token id -> Logprob at the first answer slot
+    missing = [label for label, t in zip(labels, firsts) if t not in step]
+    if missing:
+        raise RuntimeError(f"vLLM returned no log-probability for labels {missing}")
+    row.logprobs = {label: step[t].logprob for label, t in zip(labels, firsts)}
+    row.cached_tokens = out.num_cached_tokens or 0

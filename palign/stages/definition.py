@@ -29,6 +29,7 @@ class BatchMetrics:
     tokens: int = 0  # engine tokens the records account for
     probes: int = 0  # judge verdicts asked for
     ratios: tuple[float, ...] = ()  # the share of each CoT kept as prefix
+    prefill: tuple[float, ...] = ()  # judge prompt tokens computed over the longest, per row
 
 
 def _no_metrics(records: Sequence[Row]) -> BatchMetrics:

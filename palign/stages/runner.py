@@ -29,7 +29,7 @@ from palign import storage
 from palign.config import STAGES, Benchmark, Config, DataSection, EvalModel, FieldNames
 from palign.failures import StageFailed, describe, reject_share_error
 from palign.ingest import source_files
-from palign.resources import engine_pool_kwargs, engine_request
+from palign.resources import batches_per_replica, engine_pool_kwargs, engine_request
 from palign.stages.dataplane import Plan, dataset, plan
 from palign.stages.io import (
     DONE_MARKER,
@@ -62,6 +62,9 @@ class StageSummary:
     skipped: int = 0  # done by an earlier run, not redone
     processed: int = 0  # sent through the actor pool by this run
     engine_calls: int = 0
+    # This run's engine work: prompt tokens answered, how many its prefix caches served, and
+    # the most requests one replica's engine held at once.
+    engine: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
     output_dir: str = ""
@@ -189,16 +192,29 @@ def run_stage(cfg: Config, stage: str) -> StageSummary:
     if work.pending:
         needs = definition.needs_engine(cfg) and definition.engine_for(work.columns)
         model = definition.model(cfg) if needs else None
-        summary.processed, summary.engine_calls = _stream(cfg, stage, work, model)
+        summary.processed, summary.engine_calls, summary.engine = _stream(cfg, stage, work,
+                                                                          model)
     summary.wall_s = time.time() - start
     _fill_totals(summary, out_dir)
+    summary.stats.update(engine_stats(summary.engine))
     summary.check_rejects(f"{stage}.max_reject_share", getattr(cfg, stage).max_reject_share)
     return summary
 
 
-def _stream(cfg: Config, stage: str, work: Plan, model: str | None) -> tuple[int, int]:
+def engine_stats(engine: dict[str, int]) -> dict[str, float]:
+    """The summary's view of ``StageSummary.engine``: the prefix-cache hit share of the prompt
+    tokens and the peak of requests in flight in one engine (nothing when no engine ran)."""
+    if not engine.get("prompt_tokens"):
+        return {}
+    return {"engine_prefix_cache_share": engine["cached_tokens"] / engine["prompt_tokens"],
+            "engine_peak_in_flight": float(engine["peak_in_flight"])}
+
+
+def _stream(cfg: Config, stage: str, work: Plan,
+            model: str | None) -> tuple[int, int, dict[str, int]]:
     """Run the planned rows through the stage's actor pool (serving ``model``); the workers
-    write the results. Returns (rows done, engine calls)."""
+    write the results. Returns (rows done, engine calls, engine tallies: see
+    ``StageSummary.engine``)."""
     if model is not None and not storage.is_uri(model):
         from palign.models import resolve_model
 
@@ -213,10 +229,12 @@ def _stream(cfg: Config, stage: str, work: Plan, model: str | None) -> tuple[int
     _bound_actor_starts(engine.max_failures)
     ledger = start_ledger(section.max_row_attempts, engine.max_failures)
     done = calls = 0
+    tally = {"prompt_tokens": 0, "cached_tokens": 0, "peak_in_flight": 0}
     # The pool's resources (GPUs, a placement group per tensor-parallel replica) come from
     # palign.resources; its placement groups are removed when the stage ends.
     try:
-        with engine_pool_kwargs(engine_request(stage, engine)) as pool:
+        per_replica = batches_per_replica(engine.max_in_flight, engine.batch_size)
+        with engine_pool_kwargs(engine_request(stage, engine), per_replica) as pool:
             ds = dataset(work.items).map_batches(
                 StageWorker,
                 fn_constructor_kwargs={"cfg_raw": cfg.model_dump(mode="json"), "stage": stage,
@@ -232,6 +250,10 @@ def _stream(cfg: Config, stage: str, work: Plan, model: str | None) -> tuple[int
                 n, good, bad = (int(sum(batch[k])) for k in ("rows", "ok", "rejected"))
                 done += n
                 calls += int(sum(batch["calls"]))
+                tally["prompt_tokens"] += int(sum(batch["prompt_tokens"]))
+                tally["cached_tokens"] += int(sum(batch["cached_tokens"]))
+                tally["peak_in_flight"] = max(tally["peak_in_flight"],
+                                              int(max(batch["peak_in_flight"], default=0)))
                 log.info("%s: +%d rows, +%d rejects (%d/%d)", stage, good, bad, done,
                          work.pending)
     except StageFailed:
@@ -240,7 +262,7 @@ def _stream(cfg: Config, stage: str, work: Plan, model: str | None) -> tuple[int
         raise _stage_failure(stage, err, done, work.pending) from err
     finally:
         ray.kill(ledger)
-    return done, calls
+    return done, calls, tally
 
 
 def start_ledger(max_row_attempts: int, max_failures: int) -> Any:
@@ -337,9 +359,12 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
         log.info("evaluate %s (%s): %d problem(s) to do", m.label, paths[m.label], work.pending)
         if not work.pending:
             continue
-        done, calls = _stream(cfg, "evaluate", work, paths[m.label])
+        done, calls, tally = _stream(cfg, "evaluate", work, paths[m.label])
         summary.processed += done
         summary.engine_calls += calls
+        for key, value in tally.items():
+            summary.engine[key] = (max if key == "peak_in_flight" else sum)(
+                (summary.engine.get(key, 0), value))
     for m in cfg.evaluate.models:
         for name in benchmarks:
             out = storage.join(root, m.label, name)
@@ -351,6 +376,7 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
         for bench, metrics in per_bench.items():
             summary.stats[f"{label}.{bench}.pass@1"] = metrics["pass@1"]
     summary.report = str(results.results_md)
+    summary.stats.update(engine_stats(summary.engine))
     summary.wall_s = time.time() - start
     summary.check_rejects("evaluate.max_reject_share", cfg.evaluate.max_reject_share)
     return summary

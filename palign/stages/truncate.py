@@ -1,23 +1,36 @@
 """truncate: the adaptive prefix search, many examples at once, the student as judge.
 
-All searches of a batch advance together: each round gathers every pending probe and judges
-them in ONE engine call, so the number of engine calls per batch is the longest search's probe
-count (about log2 of the sentence count), never the number of examples.
+Two ways to drive the searches of a batch (``truncate.search``):
+
+- ``per_row`` (default): each row's search is its own coroutine. Its probe k+1 goes to the engine
+  the moment verdict k comes back, so one row's probes follow each other and its question and
+  CoT stay in the engine's prefix cache between them; rows finish independently, and the engine
+  (shared by the actor's batches in flight, ``palign.engines.server``) is kept full by the other
+  batches' rows meanwhile.
+- ``lockstep``: all searches of a batch advance in rounds; each round gathers every pending
+  probe and judges them in ONE engine call (engine calls per batch = the longest search's probe
+  count). Every round revisits every row, so with a KV cache smaller than the batch's CoTs the
+  cache has evicted a row's prefix by its next probe. Kept for comparison (the benchmarks).
+
+Both take the same probes in the same order per row (the search state machine is the same), so
+with a deterministic engine they choose the same prefixes.
 
 Output row: the input record plus prefix, prefix_offset, sentences_kept, sentences_total,
 prefix_ratio, sufficient, probes [{k, verdict, score}], strategy, and the judge's prompt tokens
-(judge_prompt_tokens) and how many of them the engine's prefix cache served
-(judge_cached_tokens).
+(judge_prompt_tokens) how many of them the engine's prefix cache served
+(judge_cached_tokens), and the longest single judge prompt (judge_longest_prompt_tokens): prompt
+minus cached tokens over it is the prefill work the row cost, relative to its prompt.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
 from palign.config import TruncateSection
-from palign.engines.base import Engine, Sampling
+from palign.engines.base import Completion, Engine, LabelScores, Sampling
 from palign.prompts import judge_chat
 from palign.search import PrefixSearch, make_search
 from palign.segment import prefix, sentence_ends
@@ -39,38 +52,95 @@ class _InFlight:
         self.search = search
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        self.longest_prompt = 0
         self.error: str | None = None
 
     def pending(self) -> int | None:
         return None if self.error else self.search.next_probe()
 
+    def chat(self, k: int) -> list[dict[str, str]]:
+        return judge_chat(self.row["question"], prefix(self.row["cot"], self.ends, k))
 
-def judge_round(
-    engine: Engine, chats: list[list[dict[str, str]]], cfg: TruncateSection
-) -> list[tuple[str, float | None, int, int, str | None]]:
+    def take(self, k: int, judged: Judged) -> None:
+        verdict, score, ptok, ctok, err = judged
+        self.prompt_tokens += ptok
+        self.cached_tokens += ctok
+        self.longest_prompt = max(self.longest_prompt, ptok)
+        if err:
+            self.error = f"judge at k={k}: {err}"
+        else:
+            self.search.record(k, verdict, score)
+
+
+Judged = tuple[str, float | None, int, int, str | None]  # verdict, score, ptok, cached, error
+
+
+def _from_scores(s: LabelScores, cfg: TruncateSection) -> Judged:
+    if s.error:
+        return (NOT_ENOUGH, None, s.prompt_tokens, s.cached_tokens, s.error)
+    p = enough_probability(s.logprobs[LABELS[0]], s.logprobs[LABELS[1]])
+    return (verdict_from_score(p, cfg.threshold), p, s.prompt_tokens, s.cached_tokens, None)
+
+
+def _from_text(c: Completion) -> Judged:
+    return (parse_verdict(c.text), None, c.prompt_tokens, c.cached_tokens, c.error)
+
+
+def _judge_sampling(cfg: TruncateSection) -> Sampling:
+    return Sampling(max_tokens=cfg.judge_max_tokens, temperature=0.0)
+
+
+def judge_round(engine: Engine, chats: list[list[dict[str, str]]],
+                cfg: TruncateSection) -> list[Judged]:
     """One batched engine call: (verdict, score, prompt tokens, cached tokens, error) each."""
     if cfg.verdict == "score":
-        scores = engine.score_labels(chats, list(LABELS))
-        out = []
-        for s in scores:
-            if s.error:
-                out.append((NOT_ENOUGH, None, s.prompt_tokens, s.cached_tokens, s.error))
-                continue
-            p = enough_probability(s.logprobs[LABELS[0]], s.logprobs[LABELS[1]])
-            out.append((verdict_from_score(p, cfg.threshold), p, s.prompt_tokens,
-                        s.cached_tokens, None))
-        return out
-    sampling = Sampling(max_tokens=cfg.judge_max_tokens, temperature=0.0)
-    return [
-        (parse_verdict(c.text), None, c.prompt_tokens, c.cached_tokens, c.error)
-        for c in engine.generate(chats, sampling)
-    ]
+        return [_from_scores(s, cfg) for s in engine.score_labels(chats, list(LABELS))]
+    return [_from_text(c) for c in engine.generate(chats, _judge_sampling(cfg))]
+
+
+async def judge_one(engine: Any, chat: list[dict[str, str]], cfg: TruncateSection) -> Judged:
+    """One probe, awaited: the engine answers it as soon as it is done."""
+    if cfg.verdict == "score":
+        return _from_scores(await engine.ascore_labels(chat, list(LABELS)), cfg)
+    return _from_text(await engine.agenerate(chat, _judge_sampling(cfg)))
+
+
+async def _search_row(engine: Any, f: _InFlight, cfg: TruncateSection) -> int:
+    """One row's whole search, probe after probe; returns its probes."""
+    probes = 0
+    while (k := f.pending()) is not None:
+        f.take(k, await judge_one(engine, f.chat(k), cfg))
+        probes += 1
+    return probes
+
+
+async def _search_rows(engine: Any, flights: list[_InFlight], cfg: TruncateSection) -> int:
+    # Every row at once: the engine server bounds what is in flight (engine.max_in_flight).
+    # A machinery failure of one probe ends them all (the worker hands it to Ray).
+    return sum(await asyncio.gather(*(_search_row(engine, f, cfg) for f in flights)))
+
+
+def _lockstep(flights: dict[int, _InFlight], engine: Engine | None,
+              cfg: TruncateSection) -> int:
+    calls = 0
+    while True:
+        wave = [(i, f.pending()) for i, f in flights.items()]
+        wave = [(i, k) for i, k in wave if k is not None]
+        if not wave:
+            return calls
+        if engine is None:
+            raise RuntimeError(f"strategy {cfg.strategy!r} needs a judge engine")
+        chats = [flights[i].chat(k) for i, k in wave]
+        calls += 1
+        for (i, k), judged in zip(wave, judge_round(engine, chats, cfg)):
+            flights[i].take(k, judged)
 
 
 def truncate_rows(
     rows: list[dict[str, Any]], engine: Engine | None, cfg: TruncateSection
 ) -> tuple[list[Outcome], int]:
-    """Search every row's prefix; returns the outcomes and the number of engine calls made."""
+    """Search every row's prefix; returns the outcomes and the number of engine calls made
+    (per row: one per probe)."""
     outcomes: dict[int, Outcome] = {}
     flights: dict[int, _InFlight] = {}
     for i, row in enumerate(rows):
@@ -81,27 +151,13 @@ def truncate_rows(
         ends = sentence_ends(cot)
         flights[i] = _InFlight(row, ends, make_search(cfg.strategy, len(ends), cfg.ratio))
 
-    calls = 0
-    while True:
-        wave = [(i, f.pending()) for i, f in flights.items()]
-        wave = [(i, k) for i, k in wave if k is not None]
-        if not wave:
-            break
-        if engine is None:
-            raise RuntimeError(f"strategy {cfg.strategy!r} needs a judge engine")
-        chats = []
-        for i, k in wave:
-            f = flights[i]
-            chats.append(judge_chat(f.row["question"], prefix(f.row["cot"], f.ends, k)))
-        calls += 1
-        for (i, k), (verdict, score, ptok, ctok, err) in zip(wave, judge_round(engine, chats, cfg)):
-            f = flights[i]
-            f.prompt_tokens += ptok
-            f.cached_tokens += ctok
-            if err:
-                f.error = f"judge at k={k}: {err}"
-            else:
-                f.search.record(k, verdict, score)
+    probing = [f for f in flights.values() if f.pending() is not None]
+    if probing and engine is None:
+        raise RuntimeError(f"strategy {cfg.strategy!r} needs a judge engine")
+    if cfg.search == "per_row" and probing and getattr(engine, "concurrent", False):
+        calls = asyncio.run(_search_rows(engine, probing, cfg))
+    else:
+        calls = _lockstep(flights, engine, cfg)
 
     for i, f in flights.items():
         if f.error:
@@ -122,6 +178,7 @@ def truncate_rows(
             "strategy": cfg.strategy,
             "judge_prompt_tokens": f.prompt_tokens,
             "judge_cached_tokens": f.cached_tokens,
+            "judge_longest_prompt_tokens": f.longest_prompt,
         })
     return [outcomes[i] for i in range(len(rows))], calls
 
@@ -132,7 +189,8 @@ def batch_metrics(records: Sequence[Row]) -> BatchMetrics:
         tokens=sum(int(r.get("judge_prompt_tokens") or 0) for r in records),
         probes=sum(len(r.get("probes") or ()) for r in records),
         ratios=tuple(float(r["prefix_ratio"]) for r in records
-                     if isinstance(r.get("prefix_ratio"), (float, int))))
+                     if isinstance(r.get("prefix_ratio"), (float, int))),
+        prefill=tuple(v for r in records if (v := prefill_ratio(r)) is not None))
 
 
 def index_entry(record: Row) -> dict[str, Any]:
@@ -143,7 +201,19 @@ def index_entry(record: Row) -> dict[str, Any]:
             "probes": len(record.get("probes") or ()),
             "sufficient": bool(record.get("sufficient")),
             "judge_prompt_tokens": int(record.get("judge_prompt_tokens") or 0),
-            "judge_cached_tokens": int(record.get("judge_cached_tokens") or 0)}
+            "judge_cached_tokens": int(record.get("judge_cached_tokens") or 0),
+            "prefill_ratio": prefill_ratio(record)}
+
+
+def prefill_ratio(record: Row) -> float | None:
+    """Judge prompt tokens the engine computed (not served from its prefix cache), over the
+    row's longest judge prompt: 1.0 when every probe found the earlier ones' tokens cached."""
+    longest = int(record.get("judge_longest_prompt_tokens") or 0)
+    if not longest:
+        return None
+    computed = int(record.get("judge_prompt_tokens") or 0) - int(
+        record.get("judge_cached_tokens") or 0)
+    return computed / longest
 
 
 def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
@@ -155,12 +225,14 @@ def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
     ptok = sum(columns["judge_prompt_tokens"])
     ctok = sum(columns["judge_cached_tokens"])
     sentence = [v for v in columns["sentence_ratio"] if v is not None and v == v]  # not NaN
+    prefill = [v for v in columns.get("prefill_ratio", ()) if v is not None and v == v]
     return {
         "mean_prefix_ratio": float(sum(columns["prefix_ratio"])) / n,
         "mean_sentence_ratio": float(sum(sentence)) / len(sentence) if sentence else 0.0,
         "probes_per_example": float(sum(columns["probes"])) / n,
         "sufficient_share": sum(bool(v) for v in columns["sufficient"]) / n,
         "prompt_cache_share": float(ctok / ptok) if ptok else 0.0,
+        "prefill_per_row": float(sum(prefill)) / len(prefill) if prefill else 0.0,
     }
 
 
@@ -172,6 +244,6 @@ TRUNCATE = Stage(
     metrics=batch_metrics,
     index=index_entry,
     index_columns=("prefix_ratio", "sentence_ratio", "probes", "sufficient",
-                   "judge_prompt_tokens", "judge_cached_tokens"),
+                   "judge_prompt_tokens", "judge_cached_tokens", "prefill_ratio"),
     stats=summary_stats,
 )

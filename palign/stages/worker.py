@@ -20,14 +20,23 @@ Failures (``palign.failures``):
   health, and serves those rows one by one; a row that was in flight for ``max_row_attempts``
   crashes is rejected with kind ``system``. An engine that fails its health check
   ``engine.max_failures`` times in a row fails the stage.
+
+Batches in flight: Ray Data hands a replica ``ceil(engine.max_in_flight / engine.batch_size)``
+batches at a time (one thread each); they share the actor's engine through an
+``EngineServer`` (``palign.engines.server``), so one batch's slowest row never idles the engine.
+A batch that had rows in flight when the actor died is served alone (the others wait), so a
+second crash names its one row, not whatever else was in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from palign import storage, telemetry
@@ -99,18 +108,22 @@ class StageWorker:
         self.ledger = ledger if ledger is not None else AttemptLedger(
             self.section.max_row_attempts, self.section.engine.max_failures)
         self.actor = _actor_id()
+        self.gate = _Gate()
+        self._reported = {"prompt_tokens": 0, "cached_tokens": 0}
+        self._report_lock = threading.Lock()
         self.engine: GuardedEngine | None = self._build_engine() if model else None
         self.grader: Any = self._start_grader() if self.definition.grades else None
 
     def _build_engine(self) -> GuardedEngine:
         from palign.engines import build_engine
+        from palign.engines.server import EngineServer
         from palign.models import resolve_model
 
         path = resolve_model(self.model, self.cfg.models.cache_dir)
         engine = build_engine(engine_spec(self.section.engine, path, self.cfg.run.seed,
                                           self.stage))
         log.info("%s: engine %s ready for %s", self.stage, engine.name, self.model)
-        return GuardedEngine(engine)
+        return GuardedEngine(EngineServer(engine, self.section.engine.max_in_flight))
 
     def _start_grader(self) -> Any:
         from palign.grading import Grader
@@ -140,7 +153,9 @@ class StageWorker:
         telemetry.stage_batch(self.stage, rows_in=len(rows), rows_out=len(records),
                               rejected=len(outcomes) - len(records),
                               seconds=time.monotonic() - start, tokens=metrics.tokens,
-                              probes=metrics.probes, ratios=metrics.ratios)
+                              probes=metrics.probes, ratios=metrics.ratios,
+                              prefill=metrics.prefill)
+        engine = self._engine_report()
         by_id = {str(row["id"]): (row, o) for row, o in zip(rows, outcomes)}
         for sub, group in groups.items():
             good = [by_id[str(r["id"])][1].record for r in group if by_id[str(r["id"])][1].ok]
@@ -148,7 +163,22 @@ class StageWorker:
                    for r in group if not (o := by_id[str(r["id"])][1]).ok]
             self._write(sub, stems[sub], good, bad)
         return {"rows": [len(rows)], "ok": [len(records)],
-                "rejected": [len(rows) - len(records)], "calls": [calls]}
+                "rejected": [len(rows) - len(records)], "calls": [calls], **engine}
+
+    def _engine_report(self) -> dict[str, list[int]]:
+        """The engine's prompt and cached tokens since the last report (batches in flight
+        share one engine: each token is reported once), its requests in flight now and at
+        most; recorded as metrics and returned to the driver for the stage's summary."""
+        stats = self.engine.stats() if self.engine is not None else {}
+        with self._report_lock:
+            delta = {k: stats.get(k, 0) - self._reported[k] for k in self._reported}
+            self._reported = {k: stats.get(k, 0) for k in self._reported}
+        telemetry.engine_requests(self.stage, in_flight=stats.get("in_flight", 0),
+                                  prompt_tokens=delta["prompt_tokens"],
+                                  cached_tokens=delta["cached_tokens"])
+        return {"prompt_tokens": [delta["prompt_tokens"]],
+                "cached_tokens": [delta["cached_tokens"]],
+                "peak_in_flight": [stats.get("peak_in_flight", 0)]}
 
     def _folder(self, sub: str) -> str:
         return storage.join(str(self.out_dir), sub) if sub else str(self.out_dir)
@@ -169,14 +199,22 @@ class StageWorker:
         fmt = self.cfg.output.format
         ok = sum(len(read_committed_ids(self._folder(sub), data_name(stem, fmt)))
                  for sub, stem in stems.items())
-        return {"rows": [n], "ok": [ok], "rejected": [n - ok], "calls": [0]}
+        return {"rows": [n], "ok": [ok], "rejected": [n - ok], "calls": [0],
+                "prompt_tokens": [0], "cached_tokens": [0], "peak_in_flight": [0]}
 
     def _serve(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
         """The batch's outcomes; after a crash with these rows in flight, row by row."""
         ids = [str(r["id"]) for r in rows]
         crashes = self._ledger("crashed", ids)
         if not crashes:
-            return self._attempt(rows)
+            with self.gate.shared():
+                return self._attempt(rows)
+        with self.gate.exclusive():
+            return self._serve_suspects(rows, crashes)
+
+    def _serve_suspects(self, rows: list[dict[str, Any]],
+                        crashes: dict[str, int]) -> tuple[list[Outcome], int]:
+        ids = [str(r["id"]) for r in rows]
         log.warning("%s: %d of %d rows were in flight when an earlier attempt died; checking "
                     "the engine, then serving them one by one", self.stage, len(crashes),
                     len(rows))
@@ -200,6 +238,8 @@ class StageWorker:
     def _attempt(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
         ids = [str(r["id"]) for r in rows]
         self._ledger("begin", ids)
+        log.info("%s: %d row(s) in flight: %s", self.stage, len(ids),
+                 ids[0] if len(ids) == 1 else f"{ids[0]} .. {ids[-1]}")
         try:
             result = self._isolating(rows)
         except MachineryError as err:
@@ -281,6 +321,46 @@ class StageWorker:
         grader = getattr(self, "grader", None)
         if grader is not None:
             grader.close()
+
+
+class _Gate:
+    """Batches run side by side (``shared``); a batch whose rows were in flight when the actor
+    died runs alone (``exclusive``), so that a crash it causes again implicates only its row
+    in flight. Waiting exclusive batches go first."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cv:
+            while self._exclusive or self._waiting:
+                self._cv.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._shared -= 1
+                self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cv:
+            self._waiting += 1
+            while self._exclusive or self._shared:
+                self._cv.wait()
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._exclusive = False
+                self._cv.notify_all()
 
 
 def _actor_id() -> str:

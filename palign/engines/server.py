@@ -1,0 +1,226 @@
+"""One engine, many callers: requests in flight from many threads and coroutines at once.
+
+A stage actor runs several Ray Data batches at the same time (one thread each), and the
+truncate stage runs one coroutine per row. They all share the actor's engine through an
+:class:`EngineServer`, which owns the engine and drives it from a single thread:
+
+- **Continuous backends** (vLLM): each request is added to the engine the moment it arrives, and
+  the thread steps the engine while anything is unfinished. A finished request is answered at
+  once, so a caller's next request (a row's next probe, the next batch's rows) joins the running
+  batch instead of waiting for the slowest request of a batch.
+- **Batch backends** (transformers): whatever is queued when the engine is free is run together,
+  greedy and label-score requests merged into one call per kind; a call with seeded sampling
+  runs alone, exactly as it was submitted, so its samples do not depend on what else was queued.
+
+``max_in_flight`` bounds the requests handed to the engine at once; more wait in the server's
+queue, in arrival order. Anything the engine raises fails every request in flight and every
+later one with that exception: the server is dead and the actor must be replaced (the stage
+worker turns it into a machinery failure).
+
+Why not vLLM's ``AsyncLLM``: it always runs the engine core in a child process
+(``make_async_mp_client``). On vLLM's CPU build that is about 30 s more per engine start, a
+process outside the Ray actor's CPU accounting, and a shared-memory segment left behind per
+engine; stepping ``LLMEngine`` from one thread schedules requests the same way (they join the
+running batch as they arrive) and works in process. On GPU, ``LLMEngine`` still runs its core in
+a background process by default, so engine steps overlap with our Python there too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from palign.engines.base import Chat, Completion, LabelScores, Sampling
+
+log = logging.getLogger(__name__)
+
+GENERATE = "generate"
+SCORE = "score"
+
+
+@dataclass
+class Request:
+    kind: str  # GENERATE or SCORE
+    chat: Chat
+    arg: Any  # Sampling for GENERATE, the labels (a tuple) for SCORE
+    index: int  # position in the call that submitted it (seeds: sampling.seed + index)
+    future: Future
+    unit: int  # the submitting call's number (batch backends keep seeded calls whole)
+
+
+class EngineServer:
+    """Serves an :class:`~palign.engines.base.Engine` to many threads and coroutines."""
+
+    def __init__(self, engine: Any, max_in_flight: int = 64) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.inner = engine
+        self.name = engine.name
+        self.max_in_flight = max_in_flight
+        self.continuous = callable(getattr(engine, "open_request", None))
+        self._queue: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._units = 0
+        self._held: dict[int, Request] = {}  # taken from the queue, not yet answered
+        self._in_flight = 0  # len(self._held)
+        self._peak = 0
+        self._prompt_tokens = 0  # over every answered request
+        self._cached_tokens = 0
+        self._dead: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"palign-{self.name}-server",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- what callers use ---------------------------------------------------------------
+
+    def submit(self, kind: str, chats: list[Chat], arg: Any) -> list[Future]:
+        """Queue one request per chat; each future holds a Completion or a LabelScores."""
+        with self._cv:
+            if self._dead is not None:
+                raise RuntimeError(f"the {self.name} engine has failed: {self._dead!r}") \
+                    from self._dead
+            if self._closing:
+                raise RuntimeError(f"the {self.name} engine is closed")
+            self._units += 1
+            requests = [Request(kind, chat, arg, i, Future(), self._units)
+                        for i, chat in enumerate(chats)]
+            self._queue.extend(requests)
+            self._cv.notify_all()
+        return [r.future for r in requests]
+
+    def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
+        return [f.result() for f in self.submit(GENERATE, chats, sampling)]
+
+    def score_labels(self, chats: list[Chat], labels: list[str]) -> list[LabelScores]:
+        return [f.result() for f in self.submit(SCORE, chats, tuple(labels))]
+
+    async def agenerate(self, chat: Chat, sampling: Sampling) -> Completion:
+        """One generation, awaited by a coroutine."""
+        (future,) = self.submit(GENERATE, [chat], sampling)
+        return await asyncio.wrap_future(future)
+
+    async def ascore_labels(self, chat: Chat, labels: list[str]) -> LabelScores:
+        (future,) = self.submit(SCORE, [chat], tuple(labels))
+        return await asyncio.wrap_future(future)
+
+    def stats(self) -> dict[str, int]:
+        """Requests handed to the engine now and at most so far, those waiting, and the prompt
+        tokens of every answered request and how many of them the prefix cache served."""
+        with self._cv:
+            return {"in_flight": self._in_flight, "peak_in_flight": self._peak,
+                    "queued": len(self._queue), "prompt_tokens": self._prompt_tokens,
+                    "cached_tokens": self._cached_tokens}
+
+    def stop(self) -> None:
+        """Finish what is in flight and end the server's thread; the engine stays open."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        self._thread.join(timeout=60)
+
+    def close(self) -> None:
+        self.stop()
+        self.inner.close()
+
+    # -- the engine's thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            if self.continuous:
+                self._run_continuous()
+            else:
+                self._run_batches()
+        except BaseException as err:  # noqa: BLE001 - every waiter must hear of it
+            log.error("%s engine server: the engine raised; failing every request",
+                      self.name, exc_info=True)
+            self._fail_all(err)
+
+    def _take(self, room: int, busy: bool, whole: bool = False) -> list[Request] | None:
+        """Up to ``room`` queued requests (``whole``: and the rest of the last one's call);
+        waits for some unless ``busy``. None: closing and nothing left."""
+        with self._cv:
+            while not self._queue and not busy:
+                if self._closing:
+                    return None
+                self._cv.wait()
+            taken = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            while whole and taken and self._queue and self._queue[0].unit == taken[-1].unit:
+                taken.append(self._queue.popleft())
+            self._held.update((id(r), r) for r in taken)
+            self._in_flight += len(taken)
+            self._peak = max(self._peak, self._in_flight)
+            return taken
+
+    def _answer(self, req: Request, result: Any) -> None:
+        with self._cv:
+            self._held.pop(id(req), None)
+            self._in_flight -= 1
+            self._prompt_tokens += result.prompt_tokens
+            self._cached_tokens += result.cached_tokens
+        req.future.set_result(result)
+
+    def _run_continuous(self) -> None:
+        engine = self.inner
+        open_: dict[str, Request] = {}
+        while True:
+            taken = self._take(self.max_in_flight - len(open_), busy=bool(open_))
+            if taken is None:
+                return
+            for req in taken:
+                result, request_id = engine.open_request(req.kind, req.chat, req.arg, req.index)
+                if request_id is None:  # the row cannot be served (too long): answered now
+                    self._answer(req, result)
+                else:
+                    open_[request_id] = req
+            if open_:
+                for request_id, result in engine.step_requests():
+                    self._answer(open_.pop(request_id), result)
+
+    def _run_batches(self) -> None:
+        engine = self.inner
+        while True:
+            taken = self._take(self.max_in_flight, busy=False, whole=True)
+            if taken is None:
+                return
+            for group in _groups(taken):
+                first = group[0]
+                chats = [r.chat for r in group]
+                if first.kind == SCORE:
+                    results = engine.score_labels(chats, list(first.arg))
+                else:
+                    results = engine.generate(chats, first.arg)
+                for req, result in zip(group, results):
+                    self._answer(req, result)
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self._cv:
+            self._dead = err
+            waiting = list(self._held.values()) + list(self._queue)
+            self._held.clear()
+            self._queue.clear()
+            self._in_flight = 0
+        for req in waiting:
+            if not req.future.done():
+                req.future.set_exception(err)
+
+
+def _groups(requests: list[Request]) -> list[list[Request]]:
+    """Batch backends: merge what gives the same answers merged (label scores with the same
+    labels; greedy or unseeded generation with the same settings); a seeded sampled call stays
+    the call it was, in its order, so it draws the samples it would have drawn alone."""
+    groups: dict[Any, list[Request]] = {}
+    for req in requests:
+        if req.kind == SCORE:
+            key: Any = (SCORE, req.arg)
+        elif req.arg.temperature == 0 or req.arg.seed is None:
+            key = (GENERATE, req.arg)
+        else:
+            key = (GENERATE, req.arg, req.unit)
+        groups.setdefault(key, []).append(req)
+    return list(groups.values())
