@@ -92,5 +92,13 @@ def test_truncate_and_align_write_all_fields(tmp_path, ray_cluster, backend):
     assert "prompt too long" in truncate_rejects["bad-too-long-for-engine"]
     assert summaries["truncate"].rows_out == len(good_ids)
     assert summaries["align"].rows_out == len(good_ids)
+    # The rows' searches ran side by side in the engine (one batch of 4 rows here).
+    assert summaries["truncate"].stats["engine_peak_in_flight"] > 1
+    assert summaries["truncate"].engine["prompt_tokens"] > 0
     if backend == "vllm":  # probes of one example share their opening: the cache serves it
-        assert summaries["truncate"].stats["prompt_cache_share"] > 0.2
+        stats = summaries["truncate"].stats
+        assert stats["prompt_cache_share"] > 0.2
+        assert stats["engine_prefix_cache_share"] > 0.2
+        # Each row's probes followed each other: its question and CoT opening stayed cached,
+        # so the judge computed about one longest prompt per row (plus the first probe's).
+        assert 1.0 <= stats["prefill_per_row"] < 2.0

@@ -106,12 +106,14 @@ def test_functions_record_with_the_stage_tag(fake_metrics: telemetry._Metrics) -
 def test_stage_batch_records_what_the_stage_counted(fake_metrics: telemetry._Metrics) -> None:
     m = fake_metrics
     records = [
-        {"id": "a", "prefix_ratio": 0.4, "probes": [{}, {}, {}], "judge_prompt_tokens": 300},
+        {"id": "a", "prefix_ratio": 0.4, "probes": [{}, {}, {}], "judge_prompt_tokens": 300,
+         "judge_cached_tokens": 180, "judge_longest_prompt_tokens": 120},
         {"id": "b", "prefix_ratio": 1, "probes": [{}], "judge_prompt_tokens": 100},
     ]
     counted = REGISTRY["truncate"].metrics(records)  # the stage's own definition
     telemetry.stage_batch("truncate", rows_in=3, rows_out=2, rejected=1, seconds=4.0,
-                          tokens=counted.tokens, probes=counted.probes, ratios=counted.ratios)
+                          tokens=counted.tokens, probes=counted.probes, ratios=counted.ratios,
+                          prefill=counted.prefill)
     tag = {"stage": "truncate"}
     assert m.rows_in.calls == [("inc", 3.0, tag)]
     assert m.rows_out.calls == [("inc", 2.0, tag)]
@@ -120,6 +122,8 @@ def test_stage_batch_records_what_the_stage_counted(fake_metrics: telemetry._Met
     assert [c[1] for c in m.prefix_ratio.calls] == [0.4, 1.0]
     assert m.engine_tokens.calls == [("inc", 400.0, tag)]
     assert m.engine_tokens_per_s.calls == [("set", 100.0, tag)]
+    # (300 - 180) computed over a longest prompt of 120: one prompt's worth; b has no longest.
+    assert m.prefill_ratio.calls == [("observe", 1.0, tag)]
 
 
 def test_each_stage_counts_its_own_tokens() -> None:
@@ -187,6 +191,8 @@ def _record_all(stage: str) -> int:
     t.judge_probes(stage, 7)
     t.prefix_ratios(stage, [0.35, 0.8])
     t.engine_tokens(stage, 120, 1.5)
+    t.engine_requests(stage, in_flight=3, prompt_tokens=400, cached_tokens=250)
+    t.prefill_ratios(stage, [1.1, 2.5])
     t.train_step(0.75, 42.0)
     return os.getpid()
 

@@ -67,9 +67,9 @@ class GuardedEngine:
         """True when requests may be awaited one by one (``agenerate``, ``ascore_labels``)."""
         return callable(getattr(self.inner, "ascore_labels", None))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self, window: bool = False) -> dict[str, int]:
         stats = getattr(self.inner, "stats", None)
-        return stats() if callable(stats) else {}
+        return stats(window) if callable(stats) else {}
 
     def health_check(self) -> None:
         """One token for a trivial prompt; raises EngineFailure if the engine cannot serve it."""

@@ -69,6 +69,7 @@ class EngineServer:
         self._held: dict[int, Request] = {}  # taken from the queue, not yet answered
         self._in_flight = 0  # len(self._held)
         self._peak = 0
+        self._window_peak = 0  # the peak since the last stats(window=True)
         self._prompt_tokens = 0  # over every answered request
         self._cached_tokens = 0
         self._dead: BaseException | None = None
@@ -109,11 +110,16 @@ class EngineServer:
         (future,) = self.submit(SCORE, [chat], tuple(labels))
         return await asyncio.wrap_future(future)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self, window: bool = False) -> dict[str, int]:
         """Requests handed to the engine now and at most so far, those waiting, and the prompt
-        tokens of every answered request and how many of them the prefix cache served."""
+        tokens of every request served (not refused) and how many the prefix cache served.
+        ``window``: also the most in flight since the last such call (``window_peak``)."""
         with self._cv:
-            return {"in_flight": self._in_flight, "peak_in_flight": self._peak,
+            extra = {}
+            if window:
+                extra["window_peak"] = self._window_peak
+                self._window_peak = self._in_flight
+            return {**extra, "in_flight": self._in_flight, "peak_in_flight": self._peak,
                     "queued": len(self._queue), "prompt_tokens": self._prompt_tokens,
                     "cached_tokens": self._cached_tokens}
 
@@ -155,14 +161,16 @@ class EngineServer:
             self._held.update((id(r), r) for r in taken)
             self._in_flight += len(taken)
             self._peak = max(self._peak, self._in_flight)
+            self._window_peak = max(self._window_peak, self._in_flight)
             return taken
 
     def _answer(self, req: Request, result: Any) -> None:
         with self._cv:
             self._held.pop(id(req), None)
             self._in_flight -= 1
-            self._prompt_tokens += result.prompt_tokens
-            self._cached_tokens += result.cached_tokens
+            if not result.error:  # a refused prompt was never computed
+                self._prompt_tokens += result.prompt_tokens
+                self._cached_tokens += result.cached_tokens
         req.future.set_result(result)
 
     def _run_continuous(self) -> None:

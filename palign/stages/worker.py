@@ -167,13 +167,16 @@ class StageWorker:
 
     def _engine_report(self) -> dict[str, list[int]]:
         """The engine's prompt and cached tokens since the last report (batches in flight
-        share one engine: each token is reported once), its requests in flight now and at
-        most; recorded as metrics and returned to the driver for the stage's summary."""
-        stats = self.engine.stats() if self.engine is not None else {}
+        share one engine: each token is reported once) and its requests in flight (the most
+        since the last report, and the most ever); recorded as metrics and returned to the
+        driver for the stage's summary."""
         with self._report_lock:
+            stats = self.engine.stats(window=True) if self.engine is not None else {}
             delta = {k: stats.get(k, 0) - self._reported[k] for k in self._reported}
             self._reported = {k: stats.get(k, 0) for k in self._reported}
-        telemetry.engine_requests(self.stage, in_flight=stats.get("in_flight", 0),
+        # The gauge shows the most requests in flight since the last report (a batch's end
+        # alone would often catch a quiet moment).
+        telemetry.engine_requests(self.stage, in_flight=stats.get("window_peak", 0),
                                   prompt_tokens=delta["prompt_tokens"],
                                   cached_tokens=delta["cached_tokens"])
         return {"prompt_tokens": [delta["prompt_tokens"]],
