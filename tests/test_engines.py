@@ -279,3 +279,22 @@ def test_per_row_search_chooses_the_lockstep_prefixes(engine: Engine) -> None:
         assert [p["score"] for p in b.record["probes"]] == pytest.approx(
             [p["score"] for p in a.record["probes"]], abs=1e-4)
         assert a.record["prefix"] == b.record["prefix"]
+
+
+def test_per_row_search_admits_rows_within_the_kv_budget(vllm: Engine) -> None:
+    """With a KV budget that holds about two rows' longest prompts, rows wait to be admitted:
+    the tokens reserved never pass the budget, and the prefixes are those of lockstep."""
+    rows = [r for r in map(json.loads, Path("data/demo/problems.jsonl").open()) if r.get("cot")]
+    rows = rows[:5]
+    cfg = TruncateSection(verdict="score")
+    lockstep, _ = truncate_rows(rows, vllm, cfg.model_copy(update={"search": "lockstep"}))
+    srv = EngineServer(vllm, max_in_flight=8)
+    assert srv.kv_budget and srv.kv_budget > 10_000  # vLLM's KV cache, 1 GiB here
+    srv.kv_budget = 2_000
+    try:
+        per_row, _ = truncate_rows(rows, GuardedEngine(srv), cfg)
+        stats = srv.stats()
+    finally:
+        srv.stop()
+    assert 0 < stats["peak_reserved"] <= 2_000
+    assert [o.record["prefix"] for o in per_row] == [o.record["prefix"] for o in lockstep]

@@ -62,6 +62,18 @@ class GuardedEngine:
         except Exception as err:  # noqa: BLE001 - whatever the engine raises is its own fault
             raise EngineFailure(f"{self.name} engine: {describe(err)}") from err
 
+    async def admit(self, chat: Chat) -> int:
+        """Reserve a row's longest prompt against the engine's KV cache (see EngineServer)."""
+        try:
+            return await self.inner.admit(chat)
+        except MachineryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever the engine raises is its own fault
+            raise EngineFailure(f"{self.name} engine: {describe(err)}") from err
+
+    def release(self, tokens: int) -> None:
+        self.inner.release(tokens)
+
     @property
     def concurrent(self) -> bool:
         """True when requests may be awaited one by one (``agenerate``, ``ascore_labels``)."""

@@ -13,9 +13,15 @@ truncate stage runs one coroutine per row. They all share the actor's engine thr
   runs alone, exactly as it was submitted, so its samples do not depend on what else was queued.
 
 ``max_in_flight`` bounds the requests handed to the engine at once; more wait in the server's
-queue, in arrival order. Anything the engine raises fails every request in flight and every
-later one with that exception: the server is dead and the actor must be replaced (the stage
-worker turns it into a machinery failure).
+queue, in arrival order. A caller that will send a row's requests one after another (the
+per-row judge search) can first ``admit`` the row: it reserves the row's longest prompt in
+tokens against the engine's KV cache (vLLM reports its size), and waits while the rows already
+admitted fill it. Rows admitted together then fit in the cache together, so least-recently-used
+eviction does not drop a row's prefix between its requests.
+
+Anything the engine raises fails every request in flight and every later one with that
+exception: the server is dead and the actor must be replaced (the stage worker turns it into a
+machinery failure).
 
 Why not vLLM's ``AsyncLLM``: it always runs the engine core in a child process
 (``make_async_mp_client``). On vLLM's CPU build that is about 30 s more per engine start, a
@@ -41,6 +47,8 @@ log = logging.getLogger(__name__)
 
 GENERATE = "generate"
 SCORE = "score"
+COUNT = "count"  # a prompt's token count (the engine's tokenizer, on the engine's thread)
+KV_SHARE = 0.9  # of the engine's KV cache that row reservations may take (see reserve)
 
 
 @dataclass
@@ -73,6 +81,12 @@ class EngineServer:
         self._prompt_tokens = 0  # over every answered request
         self._cached_tokens = 0
         self._dead: BaseException | None = None
+        kv = getattr(engine, "kv_cache_tokens", None)
+        kv_tokens = kv() if callable(kv) else None
+        self.kv_budget: int | None = int(kv_tokens * KV_SHARE) if kv_tokens else None
+        self._reserved = 0
+        self._peak_reserved = 0
+        self._waiting_rows: collections.deque[tuple[int, Future]] = collections.deque()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"palign-{self.name}-server",
                                         daemon=True)
@@ -110,6 +124,41 @@ class EngineServer:
         (future,) = self.submit(SCORE, [chat], tuple(labels))
         return await asyncio.wrap_future(future)
 
+    async def admit(self, chat: Chat) -> int:
+        """Reserve ``chat``'s tokens (a row's longest prompt) against the KV cache, waiting
+        while other admitted rows hold it; returns what to ``release`` (0: no budget here)."""
+        if self.kv_budget is None:
+            return 0
+        (counted,) = self.submit(COUNT, [chat], None)
+        tokens = min(await asyncio.wrap_future(counted), self.kv_budget)
+        with self._cv:
+            if self._dead is not None:
+                raise RuntimeError(f"the {self.name} engine has failed: {self._dead!r}")
+            granted: Future = Future()
+            if not self._waiting_rows and self._reserved + tokens <= self.kv_budget:
+                self._reserved += tokens
+                self._peak_reserved = max(self._peak_reserved, self._reserved)
+                granted.set_result(tokens)
+            else:
+                self._waiting_rows.append((tokens, granted))
+        return await asyncio.wrap_future(granted)
+
+    def release(self, tokens: int) -> None:
+        """Give back what ``admit`` reserved; admits waiting rows, first come first served."""
+        if not tokens:
+            return
+        granted: list[tuple[int, Future]] = []
+        with self._cv:
+            self._reserved -= tokens
+            while self._waiting_rows and (
+                    self._reserved + self._waiting_rows[0][0] <= (self.kv_budget or 0)):
+                n, future = self._waiting_rows.popleft()
+                self._reserved += n
+                self._peak_reserved = max(self._peak_reserved, self._reserved)
+                granted.append((n, future))
+        for n, future in granted:
+            future.set_result(n)
+
     def stats(self, window: bool = False) -> dict[str, int]:
         """Requests handed to the engine now and at most so far, those waiting, and the prompt
         tokens of every request served (not refused) and how many the prefix cache served.
@@ -120,7 +169,8 @@ class EngineServer:
                 extra["window_peak"] = self._window_peak
                 self._window_peak = self._in_flight
             return {**extra, "in_flight": self._in_flight, "peak_in_flight": self._peak,
-                    "queued": len(self._queue), "prompt_tokens": self._prompt_tokens,
+                    "queued": len(self._queue), "peak_reserved": self._peak_reserved,
+                    "prompt_tokens": self._prompt_tokens,
                     "cached_tokens": self._cached_tokens}
 
     def stop(self) -> None:
@@ -168,7 +218,7 @@ class EngineServer:
         with self._cv:
             self._held.pop(id(req), None)
             self._in_flight -= 1
-            if not result.error:  # a refused prompt was never computed
+            if req.kind != COUNT and not result.error:  # a refused prompt was never computed
                 self._prompt_tokens += result.prompt_tokens
                 self._cached_tokens += result.cached_tokens
         req.future.set_result(result)
@@ -181,6 +231,9 @@ class EngineServer:
             if taken is None:
                 return
             for req in taken:
+                if req.kind == COUNT:
+                    self._answer(req, engine.count_tokens(req.chat))
+                    continue
                 result, request_id = engine.open_request(req.kind, req.chat, req.arg, req.index)
                 if request_id is None:  # the row cannot be served (too long): answered now
                     self._answer(req, result)
@@ -196,7 +249,9 @@ class EngineServer:
             taken = self._take(self.max_in_flight, busy=False, whole=True)
             if taken is None:
                 return
-            for group in _groups(taken):
+            for req in [r for r in taken if r.kind == COUNT]:
+                self._answer(req, engine.count_tokens(req.chat))
+            for group in _groups([r for r in taken if r.kind != COUNT]):
                 first = group[0]
                 chats = [r.chat for r in group]
                 if first.kind == SCORE:
@@ -209,13 +264,15 @@ class EngineServer:
     def _fail_all(self, err: BaseException) -> None:
         with self._cv:
             self._dead = err
-            waiting = list(self._held.values()) + list(self._queue)
+            waiting = [r.future for r in self._held.values()] + [r.future for r in self._queue]
+            waiting += [future for _, future in self._waiting_rows]
             self._held.clear()
             self._queue.clear()
+            self._waiting_rows.clear()
             self._in_flight = 0
-        for req in waiting:
-            if not req.future.done():
-                req.future.set_exception(err)
+        for future in waiting:
+            if not future.done():
+                future.set_exception(err)
 
 
 def _groups(requests: list[Request]) -> list[list[Request]]:

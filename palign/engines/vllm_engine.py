@@ -259,6 +259,16 @@ class VLLMEngine:
         self._open[request_id] = (kind, arg, result)
         return result, request_id
 
+    def count_tokens(self, chat: Chat) -> int:
+        """The prompt tokens ``chat`` would take (as ``open_request`` renders it)."""
+        return len(prompt_token_ids(self.tokenizer, chat))
+
+    def kv_cache_tokens(self) -> int | None:
+        """Tokens the engine's KV cache holds (blocks x block size), as vLLM sized it."""
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        blocks = getattr(cache, "num_gpu_blocks", None)
+        return int(blocks) * int(cache.block_size) if blocks else None
+
     def step_requests(self) -> list[tuple[str, Completion | LabelScores]]:
         """One engine step; the requests it finished, with their results filled in."""
         done: list[tuple[str, Completion | LabelScores]] = []

@@ -106,11 +106,17 @@ async def judge_one(engine: Any, chat: list[dict[str, str]], cfg: TruncateSectio
 
 
 async def _search_row(engine: Any, f: _InFlight, cfg: TruncateSection) -> int:
-    """One row's whole search, probe after probe; returns its probes."""
+    """One row's whole search, probe after probe; returns its probes. The row is first
+    admitted with its longest judge prompt (the whole CoT) reserved in the engine's KV cache,
+    so that the rows searching together fit in it and keep their prefixes cached."""
+    reserved = await engine.admit(f.chat(f.search.total))
     probes = 0
-    while (k := f.pending()) is not None:
-        f.take(k, await judge_one(engine, f.chat(k), cfg))
-        probes += 1
+    try:
+        while (k := f.pending()) is not None:
+            f.take(k, await judge_one(engine, f.chat(k), cfg))
+            probes += 1
+    finally:
+        engine.release(reserved)
     return probes
 
 
