@@ -28,7 +28,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check palign tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/judge_throughput.py
+	$(PY) benchmarks/judge_throughput.py --cache
+	$(PY) benchmarks/align_overlap.py
 
 clean:
 	rm -rf runs

@@ -15,8 +15,9 @@ prompt. Engines are built before any clock starts (cold start counted for neithe
      request in flight); the transformers backend.
 3. **Chosen prefixes**: palign's own search (score and generate verdicts) against the published
    loop's choice, row by row.
-4. **Cache behaviour** (``--cache``): a KV cache smaller than the rows' CoTs
-   (``--small-kv-gib``), palign's own search per row against lockstep, both through the same
+4. **Cache behaviour** (``--cache``): long rows (``--cache-join`` demo CoTs each, R1-like
+   lengths) and a KV cache that holds only a few of them (``--small-kv-gib``); palign's own
+   search per row (rows admitted against the KV cache) against lockstep, through the same
    server with the same ``max_in_flight``; reports judge prompt tokens computed per row over
    the row's longest judge prompt. Written to its own JSON.
 
@@ -238,38 +239,51 @@ def throughput(rows: list[dict], model: str, args: argparse.Namespace) -> dict:
     }
 
 
+def long_rows(rows: list[dict], n: int, join: int) -> list[dict]:
+    """``n`` rows whose CoTs are ``join`` demo CoTs one after another (R1-like lengths for the
+    cache measure; the judge's verdicts are not what is measured here)."""
+    out = []
+    for i in range(n):
+        parts = [rows[(i + j) % len(rows)] for j in range(join)]
+        out.append({"id": f"long-{i}", "question": parts[0]["question"],
+                    "answer": parts[0]["answer"],
+                    "cot": "\n\n".join(p["cot"] for p in parts)})
+    return out
+
+
 def cache_behaviour(rows: list[dict], model: str, args: argparse.Namespace) -> dict:
+    rows = long_rows(rows, args.cache_rows, args.cache_join)
     engine = build_engine(spec(model, "vllm", cpu_kv_cache_gib=args.small_kv_gib,
-                               max_model_len=2048))
-    kv_tokens = None
-    try:
-        cache = engine.llm.llm_engine.vllm_config.cache_config
-        kv_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size)
-    except Exception:  # noqa: BLE001 - reported when found
-        pass
+                               max_model_len=8192))
+    longest = [engine.count_tokens(judge_chat(r["question"], r["cot"])) for r in rows]
+    kv_tokens = engine.kv_cache_tokens()
+    block = engine.llm.llm_engine.vllm_config.cache_config.block_size
     results = {}
     try:
         for search in ("lockstep", "per_row"):
             reset_cache(engine)
-            server = EngineServer(engine, max_in_flight=args.cache_in_flight)
+            server = EngineServer(engine, max_in_flight=args.max_in_flight)
             results[search] = own_search(server, rows, "score", search)
+            results[search]["peak_reserved_tokens"] = server.stats()["peak_reserved"]
             server.stop()
             results[search].pop("kept")
             print(f"cache, {search}: prefill per row {results[search]['prefill_per_row_mean']:.2f}"
                   f" (max {results[search]['prefill_per_row_max']:.2f})", flush=True)
     finally:
         engine.close()
-    cot_tokens = sum(len(r["cot"]) for r in rows) / 4  # rough: about 4 characters a token
     return {
         "benchmark": "judge_cache",
         "machine": machine(),
         "load": args.load,
         "model": "SmolLM2-135M-Instruct (fp32)",
         "rows": len(rows),
+        "row_cots": f"{args.cache_join} demo CoTs joined per row",
+        "longest_judge_prompt_tokens": {"mean": statistics.mean(longest), "max": max(longest),
+                                        "sum": sum(longest)},
         "kv_cache_gib": args.small_kv_gib,
         "kv_cache_tokens": kv_tokens,
-        "rows_cot_tokens_estimate": int(cot_tokens),
-        "max_in_flight": args.cache_in_flight,
+        "kv_block_tokens": block,
+        "max_in_flight": args.max_in_flight,
         "measure": "judge prompt tokens computed (prompt minus prefix-cache hits) per row, "
                    "over the row's longest judge prompt",
         "results": results,
@@ -285,8 +299,9 @@ def main() -> None:
     ap.add_argument("--max-in-flight", type=int, default=64)
     ap.add_argument("--cache", action="store_true", help="also the small-KV cache benchmark")
     ap.add_argument("--only-cache", action="store_true")
-    ap.add_argument("--small-kv-gib", type=float, default=0.2)
-    ap.add_argument("--cache-in-flight", type=int, default=3)
+    ap.add_argument("--small-kv-gib", type=float, default=0.5)
+    ap.add_argument("--cache-rows", type=int, default=12)
+    ap.add_argument("--cache-join", type=int, default=6)
     ap.add_argument("--load", default="nothing else running")
     ap.add_argument("--out", default=str(RESULTS / "judge_throughput_cpu.json"))
     ap.add_argument("--cache-out", default=str(RESULTS / "judge_cache_cpu.json"))
