@@ -121,6 +121,9 @@ class EngineConfig(_Strict):
     # Requests one replica's engine holds at once, from all its batches in flight (Ray Data
     # gives a replica ceil(max_in_flight / batch_size) batches at a time); more wait, in order.
     max_in_flight: int = Field(default=64, ge=1)
+    # How palign drives vLLM: step (LLMEngine stepped from one thread, in process) or
+    # async_llm (vLLM's AsyncLLM; its engine core always runs in a child process).
+    vllm_driver: Literal["step", "async_llm"] = "step"
     # Failures of the engine in a row before the stage fails: starts of an actor (a model that
     # does not load) and health checks after a crash, each counted per actor.
     max_failures: int = Field(default=3, ge=1)

@@ -298,3 +298,29 @@ def test_per_row_search_admits_rows_within_the_kv_budget(vllm: Engine) -> None:
         srv.stop()
     assert 0 < stats["peak_reserved"] <= 2_000
     assert [o.record["prefix"] for o in per_row] == [o.record["prefix"] for o in lockstep]
+
+
+def test_async_llm_driver_answers_as_the_step_driver(vllm: Engine, model_path: str) -> None:
+    """engine.vllm_driver: async_llm serves through vLLM's AsyncLLM (engine core in a child
+    process): same greedy texts, label scores and chosen prefixes as the default driver, and a
+    too-long prompt still fails alone."""
+    spec = replace(_spec(model_path, "vllm"), vllm_driver="async_llm")
+    engine = build_engine(spec)
+    srv = EngineServer(engine, max_in_flight=8)
+    try:
+        assert srv.coroutines and srv.kv_budget
+        greedy = Sampling(max_tokens=12)
+        chats = [chat(q) for q in QUESTIONS]
+        assert [c.text for c in srv.generate(chats, greedy)] == \
+            [c.text for c in vllm.generate(chats, greedy)]
+        out = srv.generate([chat("word " * 2000)], greedy)
+        assert out[0].error and "max_model_len" in out[0].error
+        rows = [r for r in map(json.loads, Path("data/demo/problems.jsonl").open())
+                if r.get("cot")][:3]
+        cfg = TruncateSection(verdict="score")
+        lockstep, _ = truncate_rows(rows, vllm, cfg.model_copy(update={"search": "lockstep"}))
+        per_row, _ = truncate_rows(rows, GuardedEngine(srv), cfg)
+        assert [o.record["prefix"] for o in per_row] == [o.record["prefix"] for o in lockstep]
+        assert srv.stats()["peak_in_flight"] > 1
+    finally:
+        srv.close()

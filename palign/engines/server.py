@@ -23,12 +23,12 @@ Anything the engine raises fails every request in flight and every later one wit
 exception: the server is dead and the actor must be replaced (the stage worker turns it into a
 machinery failure).
 
-Why not vLLM's ``AsyncLLM``: it always runs the engine core in a child process
-(``make_async_mp_client``). On vLLM's CPU build that is about 30 s more per engine start, a
-process outside the Ray actor's CPU accounting, and a shared-memory segment left behind per
-engine; stepping ``LLMEngine`` from one thread schedules requests the same way (they join the
-running batch as they arrive) and works in process. On GPU, ``LLMEngine`` still runs its core in
-a background process by default, so engine steps overlap with our Python there too.
+Two vLLM drivers (``engine.vllm_driver``). ``step`` (default) steps ``LLMEngine`` from the
+server's thread, in process: requests join the running batch as they arrive. ``async_llm``
+runs vLLM's ``AsyncLLM`` on an event loop in the server's thread, a task per request; vLLM
+always puts that engine's core in a child process (``make_async_mp_client``), which on the CPU
+build costs about 30 s more per start and sits outside the Ray actor's CPU accounting, while
+on a GPU it overlaps the engine's steps with our Python. Both schedule requests the same way.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ class EngineServer:
         self.name = engine.name
         self.max_in_flight = max_in_flight
         self.continuous = callable(getattr(engine, "open_request", None))
+        self.coroutines = callable(getattr(engine, "serve", None))  # vLLM's AsyncLLM
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._units = 0
@@ -107,7 +110,13 @@ class EngineServer:
                         for i, chat in enumerate(chats)]
             self._queue.extend(requests)
             self._cv.notify_all()
+        self._poke()
         return [r.future for r in requests]
+
+    def _poke(self) -> None:
+        """Wake the event loop of the coroutine driver (the others wait on the condition)."""
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
         return [f.result() for f in self.submit(GENERATE, chats, sampling)]
@@ -178,6 +187,7 @@ class EngineServer:
         with self._cv:
             self._closing = True
             self._cv.notify_all()
+        self._poke()
         self._thread.join(timeout=60)
 
     def close(self) -> None:
@@ -188,7 +198,9 @@ class EngineServer:
 
     def _run(self) -> None:
         try:
-            if self.continuous:
+            if self.coroutines:
+                self._run_coroutines()
+            elif self.continuous:
                 self._run_continuous()
             else:
                 self._run_batches()
@@ -242,6 +254,53 @@ class EngineServer:
             if open_:
                 for request_id, result in engine.step_requests():
                     self._answer(open_.pop(request_id), result)
+
+    def _run_coroutines(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._pump())
+        finally:
+            loop.close()
+
+    async def _pump(self) -> None:
+        """Start a task per request as room allows; the engine's own loop batches them."""
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task] = set()
+        failure: list[BaseException] = []
+
+        async def one(req: Request) -> None:
+            try:
+                if req.kind == COUNT:
+                    result: Any = self.inner.count_tokens(req.chat)
+                else:
+                    result = await self.inner.serve(req.kind, req.chat, req.arg, req.index)
+            except BaseException as err:  # noqa: BLE001 - the engine failed: fail them all
+                failure.append(err)
+            else:
+                self._answer(req, result)
+
+        def finished(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            wake.set()
+
+        wake = self._wake
+        while True:
+            wake.clear()  # before looking: a submit or a finished task after this wakes us
+            if failure:
+                raise failure[0]
+            with self._cv:
+                done = self._closing and not self._queue and not tasks
+            if done:
+                return
+            taken = self._take(self.max_in_flight - len(tasks), busy=True) or []
+            for req in taken:
+                task = asyncio.create_task(one(req))
+                tasks.add(task)
+                task.add_done_callback(finished)
+            if not taken or len(tasks) >= self.max_in_flight:
+                await wake.wait()
 
     def _run_batches(self) -> None:
         engine = self.inner

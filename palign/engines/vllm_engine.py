@@ -89,7 +89,6 @@ class VLLMEngine:
         if not on_gpu:
             prepare_cpu_environment(spec)
         from transformers import AutoTokenizer
-        from vllm import LLM
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
@@ -127,7 +126,8 @@ class VLLMEngine:
         # engine.engine_kwargs: checked by name before any work, and never one set above
         # (palign.engines.engine_args.RESERVED).
         kwargs.update(spec.engine_kwargs)
-        self.llm: Any = LLM(**kwargs)
+        self.llm: Any = None
+        self._start(kwargs)
         self._request_ids = itertools.count()
         self._open: dict[str, tuple[str, Any, Any]] = {}  # request id -> (kind, arg, result)
         self._label_ids: dict[tuple[str, ...], list[int]] = {}
@@ -141,6 +141,11 @@ class VLLMEngine:
             torch.get_num_threads(),
             self.start_seconds,
         )
+
+    def _start(self, kwargs: dict[str, Any]) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(**kwargs)
 
     def _prompts(
         self, chats: list[Chat], new_tokens: int, rows: list[Any]
@@ -228,6 +233,20 @@ class VLLMEngine:
                      ) -> tuple[Completion | LabelScores, str | None]:
         """Queue one request in the running engine. Returns its result object and request id;
         the id is None when the row cannot be served (its ``error`` says why)."""
+        result, prompt, params = self._prepare(kind, chat, arg, index)
+        if prompt is None:
+            return result, None
+        render = getattr(self.llm, "_preprocess_cmpl_one", None)  # what LLM.generate does
+        if callable(render):
+            prompt = render(prompt)
+        # Outputs carry the id given here (vLLM makes its own internal one unique).
+        request_id = str(next(self._request_ids))
+        self.llm.llm_engine.add_request(request_id, prompt, params)
+        self._open[request_id] = (kind, arg, result)
+        return result, request_id
+
+    def _prepare(self, kind: str, chat: Chat, arg: Any, index: int) -> tuple[Any, Any, Any]:
+        """(result, prompt, params) of one request; prompt None: refused (result.error set)."""
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -247,17 +266,18 @@ class VLLMEngine:
             result.error = error
             if isinstance(result, Completion):
                 result.finish_reason = "error"
-            return result, None
+            return result, None, None
         params.output_kind = RequestOutputKind.FINAL_ONLY  # one output, when it is done
-        prompt: Any = TokensPrompt(prompt_token_ids=ids)
-        render = getattr(self.llm, "_preprocess_cmpl_one", None)  # what LLM.generate does
-        if callable(render):
-            prompt = render(prompt)
-        # Outputs carry the id given here (vLLM makes its own internal one unique).
-        request_id = str(next(self._request_ids))
-        self.llm.llm_engine.add_request(request_id, prompt, params)
-        self._open[request_id] = (kind, arg, result)
-        return result, request_id
+        return result, TokensPrompt(prompt_token_ids=ids), params
+
+    def _fill(self, kind: str, arg: Any, result: Any, out: Any) -> None:
+        if kind == "score":
+            _fill_scores(result, out, list(arg), self._label_ids[arg])
+        else:
+            _fill_completion(result, out)
+
+    def _vllm_config(self) -> Any:
+        return self.llm.llm_engine.vllm_config
 
     def count_tokens(self, chat: Chat) -> int:
         """The prompt tokens ``chat`` would take (as ``open_request`` renders it)."""
@@ -265,7 +285,7 @@ class VLLMEngine:
 
     def kv_cache_tokens(self) -> int | None:
         """Tokens the engine's KV cache holds (blocks x block size), as vLLM sized it."""
-        cache = self.llm.llm_engine.vllm_config.cache_config
+        cache = self._vllm_config().cache_config
         blocks = getattr(cache, "num_gpu_blocks", None)
         return int(blocks) * int(cache.block_size) if blocks else None
 
@@ -276,10 +296,7 @@ class VLLMEngine:
             if not out.finished:
                 continue
             kind, arg, result = self._open.pop(out.request_id)
-            if kind == "score":
-                _fill_scores(result, out, list(arg), self._label_ids[arg])
-            else:
-                _fill_completion(result, out)
+            self._fill(kind, arg, result, out)
             done.append((out.request_id, result))
         return done
 
@@ -295,6 +312,46 @@ class VLLMEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class AsyncVLLMEngine(VLLMEngine):
+    """The vLLM backend on ``AsyncLLM`` (``engine.vllm_driver: async_llm``): requests are
+    coroutines (``serve``) on the engine server's event loop. vLLM always runs this engine's
+    core in a child process; the default driver (``step``) runs it in process instead."""
+
+    def _start(self, kwargs: dict[str, Any]) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.aengine: Any = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+    def _vllm_config(self) -> Any:
+        return self.aengine.vllm_config
+
+    async def serve(self, kind: str, chat: Chat, arg: Any, index: int = 0
+                    ) -> Completion | LabelScores:
+        """One request, awaited until vLLM finishes it."""
+        result, prompt, params = self._prepare(kind, chat, arg, index)
+        if prompt is None:
+            return result
+        final = None
+        async for out in self.aengine.generate(prompt, params, str(next(self._request_ids))):
+            final = out
+        if final is None or not final.finished:
+            raise RuntimeError("vLLM's AsyncLLM ended a request without a final output")
+        self._fill(kind, arg, result, final)
+        return result
+
+    def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
+        raise RuntimeError("the async_llm driver serves through palign.engines.server only")
+
+    score_labels = generate  # type: ignore[assignment]
+
+    def close(self) -> None:
+        engine, self.aengine = getattr(self, "aengine", None), None
+        if engine is not None:
+            engine.shutdown()
+        gc.collect()
 
 
 def _fill_completion(row: Completion, out: Any) -> None:

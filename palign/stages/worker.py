@@ -85,6 +85,7 @@ def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0,
         # The pool's plan says how a replica runs its ranks ("ray" inside its placement group)
         executor_backend=engine_request(stage, engine).executor_backend,
         engine_kwargs=dict(engine.engine_kwargs),
+        vllm_driver=engine.vllm_driver,
     )
 
 
