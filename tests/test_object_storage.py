@@ -174,7 +174,9 @@ def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path
         "models": {"student": "smollm2-135m", "teacher": "smollm2-135m"},
         "generate": {"sampling": {"max_tokens": 24}},
         "engine": {"backend": "vllm", "dtype": "float32", "max_model_len": 2048,
-                   "batch_size": 2, "cpus_per_replica": 2, "cpu_kv_cache_gib": 1},
+                   "batch_size": 2, "cpus_per_replica": 2, "cpu_kv_cache_gib": 1,
+                   # one batch at a time per actor: a kill after the first commit lands midway
+                   "max_in_flight": 2},
         "truncate": {"verdict": "score"},
         "align": {"sampling": {"max_tokens": 16}},
         "train": {"num_workers": 1, "cpus_per_worker": 1, "seq_len": 1024, "max_steps": 1,

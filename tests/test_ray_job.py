@@ -153,7 +153,9 @@ def write_config(tmp: Path, n_rows: int, extra_rows: tuple = (), **over) -> Path
         "data": {"path": str(tmp / "data.jsonl")},
         "models": {"student": "smollm2-135m"},
         "engine": {"backend": "auto", "dtype": "float32", "max_model_len": 2048,
-                   "batch_size": 2, "cpus_per_replica": 1, "cpu_kv_cache_gib": 1},
+                   "batch_size": 2, "cpus_per_replica": 1, "cpu_kv_cache_gib": 1,
+                   # one batch at a time per actor: a kill after the first commit lands midway
+                   "max_in_flight": 2},
         "truncate": {"verdict": "score"},
         "align": {"sampling": {"max_tokens": 32}},
         "output": {"shard_rows": 1},
