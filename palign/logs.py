@@ -25,16 +25,10 @@ def setup_driver_logging() -> None:
     logging.basicConfig(level=logging.INFO, format=DRIVER_FORMAT)
 
 
-FILE_ONLY = {"palign_file_only": True}  # logging ``extra=``: the actor's log file, no console
-
-
 class _ConsoleFilter(logging.Filter):
-    """palign's records from INFO up (except those marked FILE_ONLY, one per batch: a big run
-    would flood the driver's console); any other library's from ERROR up."""
+    """palign's records from INFO up; any other library's from ERROR up."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "palign_file_only", False):
-            return False
         if record.name == "palign" or record.name.startswith("palign."):
             return record.levelno >= logging.INFO
         return record.levelno >= logging.ERROR

@@ -45,7 +45,7 @@ from palign.config import Config, EngineConfig
 from palign.engines.base import EngineSpec
 from palign.engines.guard import GuardedEngine
 from palign.failures import SYSTEM, MachineryError, StageFailed, describe, is_machinery
-from palign.logs import FILE_ONLY, setup_actor_logging
+from palign.logs import setup_actor_logging
 from palign.stages.io import (
     INDEX,
     REJECTS,
@@ -243,7 +243,7 @@ class StageWorker:
         ids = [str(r["id"]) for r in rows]
         self._ledger("begin", ids)
         log.info("%s: %d row(s) in flight: %s", self.stage, len(ids),
-                 ids[0] if len(ids) == 1 else f"{ids[0]} .. {ids[-1]}", extra=FILE_ONLY)
+                 ids[0] if len(ids) == 1 else f"{ids[0]} .. {ids[-1]}")
         try:
             result = self._isolating(rows)
         except MachineryError as err:
