@@ -13,9 +13,10 @@ The fault tests use it to make a poison row; nothing else sets it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from palign.engines.base import Chat, Completion, Engine, LabelScores, Sampling
@@ -46,30 +47,18 @@ class GuardedEngine:
     async def agenerate(self, chat: Chat, sampling: Sampling) -> Completion:
         """One request, awaited (the inner engine must be an ``EngineServer``)."""
         _exit_if_asked([chat])
-        try:
+        with self._engine_faults():
             return await self.inner.agenerate(chat, sampling)
-        except MachineryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - whatever the engine raises is its own fault
-            raise EngineFailure(f"{self.name} engine: {describe(err)}") from err
 
     async def ascore_labels(self, chat: Chat, labels: list[str]) -> LabelScores:
         _exit_if_asked([chat])
-        try:
+        with self._engine_faults():
             return await self.inner.ascore_labels(chat, labels)
-        except MachineryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - whatever the engine raises is its own fault
-            raise EngineFailure(f"{self.name} engine: {describe(err)}") from err
 
     async def admit(self, chat: Chat) -> int:
         """Reserve a row's longest prompt against the engine's KV cache (see EngineServer)."""
-        try:
+        with self._engine_faults():
             return await self.inner.admit(chat)
-        except MachineryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - whatever the engine raises is its own fault
-            raise EngineFailure(f"{self.name} engine: {describe(err)}") from err
 
     def release(self, tokens: int) -> None:
         self.inner.release(tokens)
@@ -97,8 +86,14 @@ class GuardedEngine:
 
     def _call(self, fn: Callable[..., T], chats: list[Chat], arg: Any) -> T:
         _exit_if_asked(chats)
-        try:
+        with self._engine_faults():
             return fn(chats, arg)
+
+    @contextlib.contextmanager
+    def _engine_faults(self) -> Iterator[None]:
+        """Whatever the engine raises becomes an EngineFailure (a machinery failure)."""
+        try:
+            yield
         except MachineryError:
             raise
         except Exception as err:  # noqa: BLE001 - whatever the engine raises is its own fault
