@@ -64,7 +64,7 @@ def rank_probe(folder: str) -> dict:
     """Rank 0 of 2 (micro-batch 1): every micro-batch of one epoch read and collated; the
     process's peak RSS over its RSS before the data path was opened."""
     sys.path.insert(0, str(ROOT))
-    from palign.train.loop import _collate  # the loop's imports, before the baseline
+    from palign.train.loop import collate  # the loop's imports, before the baseline
     from palign.train.prepare import UnitReader
     from palign.train.steps import StepPlan
 
@@ -81,7 +81,7 @@ def rank_probe(folder: str) -> dict:
     nbytes = 0
     for step in range(plan.total_steps):
         for idx in plan.micro_batches(step, 0):
-            batch, _, _ = _collate(reader, idx)
+            batch = collate([reader.unit(i) for i in idx], reader.prepared.pad_id).batch
             units += len(idx)
             nbytes += sum(reader._row(i)[2] * 4 for i in idx)  # (window, offset, size)
             del batch

@@ -9,10 +9,11 @@ turned into examples by ``palign.train.data.example_from_row`` and then
 (b) padded: ``pad_batch`` over micro-batches of consecutive examples (a seeded shuffle) grown
     while ``rows x longest <= seq_len``, so one step has a token budget like a pack's.
 
-The training step is palign's own: ``setup_distributed`` (one gloo process, DeepSpeed comm),
-``load_student``, ``build_engine`` (DeepSpeed ZeRO-2, torch AdamW client optimizer, fp32) and
-the loop's arithmetic (``engine(**batch)`` = ``LossModule`` -> ``token_loss_sum``, backward of
-``loss_sum / supervised tokens``, ``engine.step()``), one micro-batch per optimizer step.
+The training step is palign's own: ``backend.start`` (one gloo process, DeepSpeed comm),
+``model.load_student`` (``--attention``, default auto), ``engine.deepspeed_engine`` (DeepSpeed
+ZeRO-2, torch AdamW client optimizer, fp32) and ``loop.train_step``, one micro-batch per
+optimizer step. ``--attention-sweep`` instead runs ``train_attention.py`` (attention variants
+by bin length: tokens/s and peak memory).
 Warm-up steps (on the smallest padded micro-batch) are followed by packed and padded steps
 interleaved, so both see the same load from whatever else runs on the machine; the timed phase
 stops early once ``--budget-s`` is spent (at least one step of each).
@@ -64,6 +65,7 @@ from palign.train.data import (  # noqa: E402
     packing_efficiency,
     pad_batch,
 )
+from palign.train.loop import MicroBatch, train_step  # noqa: E402
 
 DEMO_ALIGN = ROOT / "runs" / "demo" / "align"
 STUDENT = "smollm2-135m"
@@ -167,7 +169,7 @@ def make_config(args: argparse.Namespace, total_steps: int) -> Config:
         "train": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": args.threads,
                   "zero_stage": 2, "dtype": "float32", "seq_len": args.seq_len,
                   "micro_batch_size": 1, "grad_accum": 1, "max_steps": total_steps,
-                  "attn_implementation": "sdpa", "loss_chunk_size": args.loss_chunk_size},
+                  "attention": args.attention, "loss_chunk_size": args.loss_chunk_size},
     })
 
 
@@ -184,12 +186,10 @@ def batch_counts(batch: dict[str, torch.Tensor], real: int | None = None) -> dic
     return {"slots": slots, "real": real, "supervised": supervised}
 
 
-def run_step(engine: Any, batch: dict[str, torch.Tensor], n_supervised: int) -> float:
-    """One optimizer step exactly as the loop makes it (world 1, no accumulation)."""
-    loss_sum = engine(**batch)
-    engine.backward(loss_sum / max(1, n_supervised))
-    engine.step()
-    return float(loss_sum.detach()) / max(1, n_supervised)
+def run_step(engine: Any, batch: dict[str, torch.Tensor], counts: dict[str, int]) -> float:
+    """One optimizer step: the loop's own ``train_step`` (world 1, no accumulation)."""
+    micro = MicroBatch(batch, counts["supervised"], counts["real"])
+    return train_step(engine, [micro], 1, 1, torch.device("cpu")).loss
 
 
 def summarise(mode: str, steps: list[dict[str, Any]], peak_rss: int,
@@ -223,25 +223,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="stop the timed phase after the step pair that passes this many s")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--loss-chunk-size", type=int, default=1024)
+    ap.add_argument("--attention", default="auto", help="train.attention for both modes")
+    ap.add_argument("--attention-sweep", action="store_true",
+                    help="instead: attention variants by bin length (train_attention.py; the "
+                         "arguments after this flag go to it)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--synthetic", action="store_true", help="ignore the demo's aligned rows")
     ap.add_argument("--synthetic-rows", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_throughput_cpu.json"))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--attention-sweep" in argv:
+        import train_attention
+
+        return train_attention.main(argv[argv.index("--attention-sweep") + 1:])
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
 
     from palign.models import resolve_model
-    from palign.train.loop import build_engine, load_student, setup_distributed
+    from palign.train.backend import start
+    from palign.train.engine import deepspeed_engine
+    from palign.train.model import load_student
 
     machine = machine_info()
     total_steps = args.warmup + 2 * args.steps
     cfg = make_config(args, total_steps)
-    dist_info = setup_distributed(cfg.train)  # gloo; torch threads = cpus_per_worker
+    backend = start(cfg.train)  # gloo; torch threads = cpus_per_worker
     t0 = time.perf_counter()
-    tokenizer, model = load_student(cfg, torch.float32)
+    tokenizer, model = load_student(cfg, torch.float32, backend.device)
     load_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
@@ -269,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pack_real = [p.n_real for p in packs]
 
     t0 = time.perf_counter()
-    engine = build_engine(cfg, model, dist_info.world, total_steps)
+    engine = deepspeed_engine(cfg, model, backend.world, total_steps)
     engine_s = time.perf_counter() - t0
 
     smallest = min(groups, key=lambda g: len(g) * max(len(e) for e in g))
@@ -279,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             batch = pad_batch(smallest, pad_id)
-            run_step(engine, batch, batch_counts(batch)["supervised"])
+            run_step(engine, batch, batch_counts(batch))
         warm_s = time.perf_counter() - t0
         timed_start = time.perf_counter()
         for i in range(args.steps):
@@ -293,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     batch = pad_batch(groups[i % len(groups)], pad_id)
                     counts = batch_counts(batch)
                 t = time.perf_counter()
-                loss = run_step(engine, batch, counts["supervised"])
+                loss = run_step(engine, batch, counts)
                 dt = time.perf_counter() - t
                 results[mode].append({**counts, "seconds": dt, "loss": loss,
                                       "rows": int(batch["input_ids"].shape[0])})
@@ -326,9 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "length_median": statistics.median(lengths), "length_max": lengths[-1],
                  "length_mean": sum(lengths) / len(lengths), "seq_len": args.seq_len},
         "model": {"name": STUDENT, "path": resolve_model(STUDENT), "params": n_params,
-                  "dtype": "float32", "attn_implementation": "sdpa", "load_s": load_s},
+                  "dtype": "float32", "attention": args.attention, "load_s": load_s},
         "engine": {
-            "what": "palign.train.loop: setup_distributed (1 process, gloo) + build_engine "
+            "what": "palign.train: backend.start (1 process, gloo) + engine.deepspeed_engine "
                     "(DeepSpeed ZeRO-2, torch AdamW client optimizer, fp32, grad clip "
                     f"{cfg.train.grad_clip}); loss = LossModule -> token_loss_sum "
                     f"(chunk {args.loss_chunk_size}); one micro-batch per optimizer step",

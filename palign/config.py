@@ -200,7 +200,17 @@ class TrainSection(_Strict):
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     gradient_checkpointing: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    # How packed rows are attended without one document seeing another (palign.train.attention):
+    # auto = flash_varlen on a GPU with flash-attn, else documents (per-document SDPA, no S x S
+    # mask); flex = FlexAttention with a document block mask (GPU: no backward on CPU); dense =
+    # transformers' sdpa with its dense block-diagonal mask (memory quadratic in seq_len).
+    attention: Literal["auto", "documents", "flash_varlen", "flex", "dense"] = "auto"
+    # torch AdamW's fused implementation (one kernel for all parameters); auto: on wherever
+    # torch has it (CUDA and CPU in torch 2.13)
+    fused_optimizer: bool | Literal["auto"] = "auto"
+    # Merged over the DeepSpeed config palign generates (mappings merged key by key), for any
+    # DeepSpeed setting without a field here, e.g. {"zero_optimization": {"overlap_comm": true}}
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
     loss_chunk_size: int | None = Field(default=1024, ge=1)  # None: plain full logits
     report_every: int = Field(default=1, ge=1)  # steps between ray.train.report metrics
     checkpoint_every: int = Field(default=50, ge=1)  # steps between DeepSpeed checkpoints
@@ -209,6 +219,13 @@ class TrainSection(_Strict):
     storage_path: str | None = None  # Ray Train storage; default <output_dir>/train/ray
     seed: int = 0
     max_reject_share: float = Field(default=0.5, ge=0, le=1)  # rows not trained on (overlong)
+
+    @model_validator(mode="after")
+    def _attention_fits_the_device(self) -> TrainSection:
+        if not self.use_gpu and self.attention in ("flash_varlen", "flex"):
+            raise ValueError(f"train.attention: {self.attention} needs a GPU (train.use_gpu: "
+                             "true); on CPU use documents (or auto)")
+        return self
 
 
 class BenchmarkFields(_Strict):

@@ -132,3 +132,10 @@ def test_failure_settings_are_checked_by_name():
 def test_align_extract_defaults_to_strict():
     assert parse_config(MINIMAL).align.extract == "strict"
     assert parse_config({**MINIMAL, "align": {"extract": "flexible"}}).align.extract == "flexible"
+
+
+def test_gpu_only_attention_is_refused_on_cpu_by_name():
+    msg = errors_of({**MINIMAL, "train": {"attention": "flex"}})
+    assert "train.attention: flex needs a GPU" in msg
+    assert parse_config({**MINIMAL, "train": {"attention": "flex", "use_gpu": True}})
+    assert parse_config(MINIMAL).train.attention == "auto"

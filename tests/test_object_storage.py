@@ -122,6 +122,25 @@ def test_unknown_schemes_and_missing_or_unreachable_buckets_fail_before_any_work
     assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()  # never a local folder
 
 
+def test_a_rank_restoring_from_the_bucket_fetches_only_its_own_shards(s3, tmp_path):
+    from palign.train.checkpoints import RemoteResume, rank_files
+
+    uri = f"s3://{BUCKET}/ckpt-{time.time_ns()}/checkpoint_00000010"
+    shared = ["train_state.json", "ds/mp_rank_00_model_states.pt"]
+    per_rank = {r: [f"rng/rank_{r}.pt", f"ds/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"]
+                for r in range(12)}  # rank 1 must not take rank 10's or 11's
+    for rel in shared + [f for files in per_rank.values() for f in files]:
+        storage.write_text(f"{uri}/{rel}", '{"world_size": 12, "step": 10}')
+    fs, path = storage.resolve(uri)
+    resume = RemoteResume(fs, path, tmp_path / "rank1")
+    assert resume.state == {"world_size": 12, "step": 10}  # read before any fetch
+    folder = resume.fetch(rank_files(1))
+    got = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert got == sorted(shared + per_rank[1])
+    everything = RemoteResume(fs, path, tmp_path / "all").fetch(None)  # elastic: the whole
+    assert len([p for p in everything.rglob("*") if p.is_file()]) == 2 + 2 * 12
+
+
 def test_a_model_folder_on_the_bucket_is_staged_once_per_machine(s3, tmp_path):
     from palign.models import resolve_model
 

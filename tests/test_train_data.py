@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from palign.models import resolve_model
 from palign.prompts import student_question, training_target
+from palign.train import attention
 from palign.train.data import (
     IGNORE_INDEX,
     Example,
@@ -173,11 +174,11 @@ def test_pack_rejects_an_example_longer_than_seq_len():
 LENGTHS = [5, 17, 29, 38, 47, 60]  # six sequences, 196 tokens, into rows of 128
 
 
-def tiny_model(attn: str) -> LlamaForCausalLM:
+def tiny_model(attn: str, max_positions: int = 256) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         attn_implementation=attn, initializer_range=0.2,
     )  # fmt: skip
     # initializer_range 0.2 (not 0.02): a model that depends on its context clearly enough for
@@ -194,9 +195,10 @@ def mean_loss_and_grad_norm(model, batches) -> tuple[float, float, int]:
     return loss.item(), norm.item(), sum(counts)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "documents"])
 def test_packed_equals_padded_and_the_control_fails(attn):
-    model = tiny_model(attn)
+    model = tiny_model(attention.implementation(attn, torch.device("cpu"))
+                       if attn == "documents" else attn)
     examples = synthetic(LENGTHS, seed=1)
     packs = pack(examples, 128)
     assert len(packs) == 2 and sum(len(p.ids) > 1 for p in packs) == 2
@@ -215,6 +217,50 @@ def test_packed_equals_padded_and_the_control_fails(attn):
     # Negative control: one running position range and no mask lets the sequences see each other.
     leaky = dict(packed, position_ids=torch.arange(128).expand(len(packs), -1))
     assert abs(mean_loss_and_grad_norm(model, [leaky])[0] - loss_pd) > 1e-2
+
+
+LONG_BIN = 32768  # one packed row of 4 documents of 8192 tokens
+# What the packed forward and backward may add to the process (measured: about 450 MiB, the
+# activations, linear in the bin), below what transformers' dense mask alone would take.
+MEMORY_CAP = 768 * 2**20
+
+
+def _long_row_run(attn: str) -> tuple[float, float, int, int]:
+    """In a fresh process: the mean loss and gradient norm of the long packed row (``documents``)
+    or of its documents as a padded batch (``sdpa``), and the peak RSS the forward and backward
+    added over the RSS before them."""
+    import resource
+
+    name = attention.implementation(attn, torch.device("cpu")) if attn == "documents" else attn
+    model = tiny_model(name, max_positions=LONG_BIN)
+    examples = synthetic([LONG_BIN // 4] * 4, seed=5)
+    for e in examples:  # a few supervised tokens per document: the attention is what is measured
+        e.labels[:] = [IGNORE_INDEX] * (len(e) - 64) + e.labels[-64:]
+    if attn == "documents":
+        packs = pack(examples, LONG_BIN)
+        assert len(packs) == 1 and len(packs[0].seq_lens) == 4
+        batch = collate_packs(packs)
+    else:
+        batch = pad_batch(examples, pad_id=0)
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * 4096
+    loss, norm, n = mean_loss_and_grad_norm(model, [batch])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return loss, norm, n, peak - before
+
+
+def test_documents_attention_equals_padded_at_a_bin_a_dense_mask_would_not_fit():
+    import multiprocessing
+
+    # transformers' dense mask for this row alone: LONG_BIN^2 booleans (1 GiB), over the cap
+    assert LONG_BIN * LONG_BIN > MEMORY_CAP
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        loss_pk, norm_pk, n_pk, added = pool.apply(_long_row_run, ("documents",))
+        loss_pd, norm_pd, n_pd, _ = pool.apply(_long_row_run, ("sdpa",))
+    assert n_pk == n_pd == 4 * 64
+    assert added < MEMORY_CAP, f"the packed row added {added / 2**20:.0f} MiB"
+    assert abs(loss_pk - loss_pd) < LOSS_ATOL
+    assert abs(norm_pk - norm_pd) <= GRAD_RTOL * norm_pd
 
 
 def test_pack_boundary_never_supervises_across_sequences():

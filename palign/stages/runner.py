@@ -320,7 +320,7 @@ def _last_error_line(err: BaseException) -> str:
 def eval_model_path(cfg: Config, model: EvalModel) -> str:
     """Where the model under test is: the train export, the configured student, or as given."""
     if model.model == "trained":
-        from palign.train.loop import model_dir
+        from palign.train.paths import model_dir
 
         path = model_dir(cfg)
         if not storage.is_file(storage.join(path, "config.json")):

@@ -1,8 +1,9 @@
 """The train stage's driver: student SFT on the aligned rows with Ray Train + DeepSpeed ZeRO.
 
-``run_train(cfg)`` starts a Ray Train ``TorchTrainer`` of ``train.num_workers`` workers, each
-running ``palign.train.loop.train_worker`` (see that module for the loop, the step plan, the loss
-normalisation and the checkpoint layout), and returns a ``TrainResult``.
+``run_train(cfg)`` starts a Ray Train ``TorchTrainer`` of ``train.num_workers`` workers
+(``palign.train.ray_backend.fit``), each running ``palign.train.loop.train_worker`` (see that
+module for the loop's parts, the step plan, the loss normalisation and the checkpoints), and
+returns a ``TrainResult``.
 
 Data: before the workers start, ``palign.train.prepare`` tokenises and packs the align stage's
 rows once, in Ray Data tasks, into int32 token shards and a unit table under
@@ -45,9 +46,8 @@ from typing import Any
 
 from palign import storage
 from palign.config import Config
-from palign.resources import train_request
 from palign.stages.io import shard_files
-from palign.train.loop import DATA_KEY, model_dir, run_name, storage_path, train_worker
+from palign.train.paths import DATA_KEY, model_dir, run_name, storage_path
 from palign.train.prepare import NoTrainableRows, prepare
 
 logger = logging.getLogger(__name__)
@@ -116,15 +116,6 @@ def run_train(cfg: Config) -> TrainResult:
     aligned shards, and Ray's ``TrainingFailedError`` when the workers fail more than
     ``train.max_failures`` times (the checkpoints stay; run again to resume).
     """
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.torch import TorchTrainer
-
     from palign.models import resolve_model
     from palign.stages.runner import init_ray
 
@@ -143,26 +134,12 @@ def run_train(cfg: Config) -> TrainResult:
         prepared = prepare(cfg)
     except NoTrainableRows as err:
         raise TrainStageError(str(err)) from err
-    store = storage_path(cfg)
-    storage.make_dir(store)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={**absolute_config(cfg), DATA_KEY: prepared.folder},
-        scaling_config=ScalingConfig(**train_request(tc).scaling_config_kwargs()),
-        run_config=RunConfig(
-            name=run_name(cfg),
-            storage_path=store,
-            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
-            worker_runtime_env={"env_vars": worker_env()},
-            # Ray Train's per-rank INFO lines (each report, each checkpoint) stay in its log
-            # files under the session's logs/train/; the console shows rank 0's step line.
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-    )
+    from palign.train import ray_backend
+
     logger.info("train: %d workers (%s), ZeRO-%d, storage %s/%s", tc.num_workers,
-                "GPU" if tc.use_gpu else "CPU", tc.zero_stage, store, run_name(cfg))
-    result = trainer.fit()
+                "GPU" if tc.use_gpu else "CPU", tc.zero_stage, storage_path(cfg), run_name(cfg))
+    result = ray_backend.fit(cfg, {**absolute_config(cfg), DATA_KEY: prepared.folder},
+                             worker_env())
     metrics: dict[str, Any] = dict(result.metrics or {})
     losses = [float(x) for x in metrics.get("losses", [])]
     out = TrainResult(

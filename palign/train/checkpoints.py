@@ -1,0 +1,229 @@
+"""A training checkpoint: every rank's DeepSpeed shards, its RNG states and the run's position.
+
+Layout of one checkpoint folder (``checkpoint_<step:08d>/``; under Ray Train each rank writes
+its files into a local folder and Ray merges them on the run's storage):
+
+- ``ds/``: ``engine.save_checkpoint`` with tag ``ds``: model, optimizer and scheduler state,
+  ZeRO shards per rank (ZeRO-3 parameters stay sharded), and ``client_state``: step, epoch,
+  position in the epoch, world size, the data's fingerprint and the loss history;
+- ``rng/rank_<r>.pt``: rank ``r``'s python, numpy and torch (and CUDA) RNG states;
+- ``train_state.json``: the client state without the losses, written by rank 0 after a barrier,
+  so a folder that has it is complete.
+
+Restoring (``Resume``): the state file is read first. With the world size it was written by,
+each rank fetches only its own files (``rank_files``: the state, its RNG, the rank-independent
+``mp_rank_*`` model states and its own ``zero_pp_rank_<r>_*`` shards), so a restore from object
+storage moves each rank's share, not the whole checkpoint per rank. With another world size
+(elastic resume), one process per node fetches the whole checkpoint and converts it to a
+DeepSpeed *universal* checkpoint (``deepspeed.checkpoint.ds_to_universal``: one file per
+parameter and optimizer moment, independent of the partitioning), and every rank of the node
+loads its new partition from it (``checkpoint.load_universal``). The global batch (workers x
+micro-batch x accumulation) must stay the same, so that a step is the same step: going from 2
+workers to 1, double ``train.grad_accum``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import random
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from palign.config import TrainSection
+from palign.stages.io import replace_atomically
+from palign.train.paths import DS_TAG, STATE_FILE
+
+# What DeepSpeed's universal-checkpoint converter asks the client to have saved.
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+
+logger = logging.getLogger("palign.train.checkpoints")
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine: Any, directory: Path, rank: int, client_state: dict[str, Any]) -> None:
+    """Every rank writes its DeepSpeed shards and RNG state into ``directory``."""
+    import torch.distributed as dist
+
+    directory.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={**client_state,
+                                                                     **UNIVERSAL_INFO})
+    (directory / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), directory / "rng" / f"rank_{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        state = {k: v for k, v in client_state.items() if k != "losses"}
+        replace_atomically(directory / STATE_FILE, json.dumps(state, indent=1).encode())
+
+
+def written_state(directory: Path) -> dict[str, Any]:
+    """What rank 0 wrote last into a checkpoint (``train_state.json``)."""
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def load(engine: Any, directory: Path, rank: int) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG; return the client state."""
+    load_path, client_state = engine.load_checkpoint(
+        str(directory), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+    rng_file = directory / "rng" / f"rank_{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:  # a rank the writing run did not have (elastic resume): its seeded state stays
+        logger.info("no RNG state for rank %d in %s", rank, directory)
+    return dict(client_state)
+
+
+# ------------------------------------------------------------------------------ restoring
+
+
+class Resume(ABC):
+    """A checkpoint to resume from: its state at once, its files when fetched."""
+
+    def __init__(self, name: str, state: dict[str, Any]) -> None:
+        self.name, self.state = name, state
+
+    @abstractmethod
+    def fetch(self, wanted: Callable[[str], bool] | None = None) -> Path:
+        """A local folder holding the checkpoint's files that ``wanted`` accepts (relative
+        paths; None: all of them)."""
+
+
+class LocalResume(Resume):
+    """A checkpoint on this machine's file system (local or shared): used in place."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path), json.loads((path / STATE_FILE).read_text()))
+        self.path = path
+
+    def fetch(self, wanted: Callable[[str], bool] | None = None) -> Path:
+        return self.path
+
+
+class RemoteResume(Resume):
+    """A checkpoint on a pyarrow file system (object storage): files are copied on demand into
+    ``workdir``."""
+
+    def __init__(self, fs: Any, path: str, workdir: Path) -> None:
+        import pyarrow.fs as pafs
+
+        self.fs, self.path, self.workdir = fs, path.rstrip("/"), workdir
+        infos = fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
+        self.files = [i.path[len(self.path) + 1:] for i in infos if i.type == pafs.FileType.File]
+        with fs.open_input_stream(f"{self.path}/{STATE_FILE}") as f:
+            super().__init__(self.path, json.loads(f.read()))
+
+    def fetch(self, wanted: Callable[[str], bool] | None = None) -> Path:
+        for rel in self.files:
+            target = self.workdir / rel
+            if (wanted is None or wanted(rel)) and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with self.fs.open_input_stream(f"{self.path}/{rel}") as src, \
+                        open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 16 * 2**20)
+        return self.workdir
+
+
+def rank_files(rank: int) -> Callable[[str], bool]:
+    """The files of a checkpoint that rank ``rank`` needs when the world size is unchanged."""
+
+    def wanted(rel: str) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        if rel in (STATE_FILE, f"rng/rank_{rank}.pt"):
+            return True
+        return rel.startswith(f"{DS_TAG}/") and (name.startswith("mp_rank_")
+                                                 or f"zero_pp_rank_{rank}_" in name)
+
+    return wanted
+
+
+def check_global_batch(state: dict[str, Any], tc: TrainSection, world: int) -> None:
+    """A resumed run must take the same units per step as the run that wrote the checkpoint."""
+    old_world = int(state["world_size"])
+    old = old_world * int(state.get("micro_batch_size", tc.micro_batch_size)) * int(
+        state.get("grad_accum", tc.grad_accum))
+    new = world * tc.micro_batch_size * tc.grad_accum
+    if old != new:
+        raise ValueError(
+            f"train.grad_accum: the checkpoint was written with a global batch of {old} units "
+            f"per step ({old_world} workers x micro_batch_size x grad_accum), this run has "
+            f"{new} ({world} x {tc.micro_batch_size} x {tc.grad_accum}); to resume on {world} "
+            f"workers set grad_accum so that the product stays {old}")
+
+
+def restore(engine: Any, resume: Resume, rank: int, local_rank: int, world: int
+            ) -> dict[str, Any]:
+    """Load ``resume`` into ``engine`` (built with ``load_universal`` exactly when the world
+    size changed); the client state."""
+    import torch.distributed as dist
+
+    if int(resume.state["world_size"]) == world:
+        return load(engine, resume.fetch(rank_files(rank)), rank)
+    key = hashlib.sha256(resume.name.encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"palign-universal-{key}"
+    if local_rank == 0:  # one conversion per node
+        shutil.rmtree(folder, ignore_errors=True)
+        to_universal(resume.fetch(None), folder)
+    dist.barrier()
+    try:
+        return load(engine, folder, rank)
+    finally:
+        dist.barrier()
+        if local_rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def to_universal(source: Path, target: Path) -> None:
+    """Convert the checkpoint in ``source`` into a universal one in ``target`` (same layout:
+    ``ds/`` then the state and RNG files)."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    args = argparse.Namespace(input_folder=str(source / DS_TAG),
+                              output_folder=str(target / DS_TAG), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    chatter = io.StringIO()  # the converter prints its progress
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        convert(args)
+    shutil.copy(source / STATE_FILE, target / STATE_FILE)
+    if (source / "rng").is_dir():
+        shutil.copytree(source / "rng", target / "rng")
+    logger.info("converted checkpoint %s to a universal one for a new world size", source)

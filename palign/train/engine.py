@@ -1,0 +1,105 @@
+"""The DeepSpeed engine: ZeRO config, the optimizer and the learning-rate schedule.
+
+``deepspeed_engine(cfg, model, world, total_steps)`` wraps ``LossModule(model)`` with
+``deepspeed.initialize``: ZeRO stage ``train.zero_stage``; bf16 mixed precision with fp32
+master weights exactly when the model is loaded in bf16; a torch ``AdamW`` as client optimizer
+(betas (0.9, 0.95), eps 1e-8, no weight decay on norms and biases), fused when
+``train.fused_optimizer`` says so (``auto``: wherever torch has a fused kernel for the device);
+a ``LambdaLR`` with linear warm-up then cosine decay to ``lr * min_lr_ratio``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from palign.config import Config, TrainSection
+from palign.train.model import LossModule
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Any:
+    """Linear warm-up over ``ceil(warmup_ratio * total)`` steps, then cosine to ``min_lr_ratio``.
+
+    The factor for optimizer step ``i`` (0-based) is ``f(i)``.
+    """
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def f(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        progress = min(1.0, (i - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def deepspeed_config(tc: TrainSection, world: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config the engine is built with (batch sizes, clipping, ZeRO, precision),
+    with ``train.deepspeed`` merged over it."""
+    zero: dict[str, Any] = {"stage": tc.zero_stage}
+    return merged({
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "train_batch_size": tc.micro_batch_size * tc.grad_accum * world,
+        "gradient_clipping": tc.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # a client torch optimizer with ZeRO
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }, tc.deepspeed)
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``: mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: none on norms and biases."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def fused_supported(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for ``device``'s type."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return device.type in _get_fused_kernels_supported_devices()
+
+
+def optimizer(tc: TrainSection, module: torch.nn.Module, device: torch.device) -> Any:
+    fused = fused_supported(device) if tc.fused_optimizer == "auto" else tc.fused_optimizer
+    return torch.optim.AdamW(param_groups(module, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
+                             eps=1e-8, fused=bool(fused) or None)
+
+
+def deepspeed_engine(cfg: Config, model: torch.nn.Module, world: int, total_steps: int,
+                     load_universal: bool = False) -> Any:
+    """``deepspeed.initialize`` on ``LossModule(model)`` with the optimizer and schedule;
+    ``load_universal``: the checkpoint it will load is a universal one (elastic resume)."""
+    import deepspeed
+
+    tc = cfg.train
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    module = LossModule(model, tc.loss_chunk_size, tc.micro_batch_size * tc.seq_len)
+    opt = optimizer(tc, module, next(model.parameters()).device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(total_steps, tc.warmup_ratio, tc.min_lr_ratio))
+    config = deepspeed_config(tc, world, bf16)
+    if load_universal:
+        config = merged(config, {"checkpoint": {"load_universal": True}})
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=scheduler,
+                                           config=config)
+    return engine

@@ -1,0 +1,69 @@
+"""The student as training sees it: its dtype, its attention, and the module DeepSpeed wraps.
+
+``load_student`` loads ``models.student`` (``palign.models.resolve_model``) in ``train.dtype``
+(``auto``: bf16 on a GPU that has it, fp32 otherwise) with the attention ``train.attention``
+picks (``palign.train.attention``), gradient checkpointing per config. ``LossModule`` is what
+DeepSpeed wraps: its forward is the summed token loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from palign.config import Config, TrainSection
+from palign.engines.hf_engine import resolve_dtype as resolve_dtype_name
+from palign.train import attention
+from palign.train.data import token_loss_sum
+
+
+def resolve_dtype(tc: TrainSection, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on a GPU that supports it, fp32 otherwise."""
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return resolve_dtype_name(tc.dtype, on_gpu=bf16_gpu)
+
+
+def load_student(cfg: Config, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    """Tokenizer and model of ``models.student`` (resolved to a local folder or a hub id)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from palign.models import resolve_model
+
+    path = resolve_model(cfg.models.student, cfg.models.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attention.implementation(cfg.train.attention,
+                                                                        device)
+    )
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return tokenizer, model
+
+
+class LossModule(torch.nn.Module):
+    """What DeepSpeed wraps: the causal LM, whose forward returns the summed token loss.
+
+    Calling the loss through ``engine(...)`` keeps DeepSpeed's forward bookkeeping (ZeRO-3
+    parameter fetching, backward hooks) while ``token_loss_sum`` gets the bare model it needs for
+    its chunked path. Packed batches are run with ``use_cache=False`` by ``token_loss_sum``.
+
+    Under ZeRO-3 every call of the LM head gathers its sharded weight with a collective, so all
+    ranks must call it equally often, although their micro-batches hold different numbers of
+    supervised tokens (and, unpacked, different widths). ``positions`` (``micro_batch x
+    seq_len``, the same on every rank) fixes ``token_loss_sum``'s chunk count at
+    ``ceil(positions / chunk_size)`` head calls forward and as many in the backward
+    recomputation, on every rank, with at most ``chunk_size`` rows of fp32 logits at a time.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int | None,
+                 positions: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.positions = positions
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        loss_sum, _ = token_loss_sum(self.model, batch, self.chunk_size, self.positions)
+        return loss_sum
