@@ -211,6 +211,16 @@ class TrainSection(_Strict):
     # Merged over the DeepSpeed config palign generates (mappings merged key by key), for any
     # DeepSpeed setting without a field here, e.g. {"zero_optimization": {"overlap_comm": true}}
     deepspeed: dict[str, Any] = Field(default_factory=dict)
+    # async: Ray Train uploads a checkpoint in the background while the next steps run (the
+    # local copy is removed once uploaded); sync: the step that saves waits for the upload
+    checkpoint_upload: Literal["async", "sync"] = "async"
+    # ZeRO-Offload: keep the optimizer state (and its step) in CPU memory; with ZeRO-3 also the
+    # parameters. Frees GPU memory for longer rows at the cost of host traffic.
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+    # DeepSpeed Ulysses sequence parallelism: each packed row is split across this many workers
+    # (consecutive ranks), which exchange attention heads; num_workers / this = data-parallel size
+    sequence_parallel_size: int = Field(default=1, ge=1)
     loss_chunk_size: int | None = Field(default=1024, ge=1)  # None: plain full logits
     report_every: int = Field(default=1, ge=1)  # steps between ray.train.report metrics
     checkpoint_every: int = Field(default=50, ge=1)  # steps between DeepSpeed checkpoints
@@ -225,6 +235,18 @@ class TrainSection(_Strict):
         if not self.use_gpu and self.attention in ("flash_varlen", "flex"):
             raise ValueError(f"train.attention: {self.attention} needs a GPU (train.use_gpu: "
                              "true); on CPU use documents (or auto)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("train.offload_params needs zero_stage: 3 (ZeRO-2 keeps every "
+                             "parameter on each GPU); use offload_optimizer")
+        sp = self.sequence_parallel_size
+        if sp > 1:
+            if self.num_workers % sp or self.seq_len % sp:
+                raise ValueError(f"train.sequence_parallel_size: {sp} must divide num_workers "
+                                 f"({self.num_workers}) and seq_len ({self.seq_len})")
+            if not self.packing or self.attention in ("dense", "flex"):
+                raise ValueError("train.sequence_parallel_size > 1 needs packing: true and "
+                                 "attention auto, documents or flash_varlen (the dense mask "
+                                 "cannot be split)")
         return self
 
 

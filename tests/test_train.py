@@ -39,6 +39,7 @@ STEPS = 30
 RESUME_ATOL = 1e-5  # fp32 on CPU, same world size and threads: measured difference 0.0
 ZERO3_ATOL = 1e-4  # ZeRO-3 vs ZeRO-2 losses over 30 steps (other reduction order): measured 1e-6
 ACCUM_ATOL = 1e-5  # 1 process x grad_accum 2 vs 2 workers, 30 steps: measured 7e-7
+SP_RTOL = 1e-4  # rows split over 2 processes vs whole, losses and grad norms, relative
 ROOT = Path(__file__).resolve().parents[1]
 LONG_ID = "row-overlong"
 
@@ -158,7 +159,9 @@ def test_failed_runs_resume_elastically_and_retried_with_the_same_losses(
     fails after step 20; the rerun on 2 workers resumes after 20 the same way, fails after step
     27, and Ray retries its worker group (``max_failures``), which resumes after 25 and
     finishes. The loss curve is the uninterrupted 2-worker run's throughout."""
-    cfg = make_config(tmp_path, tiny_model, "elastic", checkpoint_every=5, keep_checkpoints=2)
+    # sync uploads: each injected failure comes right after a checkpoint, which must be there
+    cfg = make_config(tmp_path, tiny_model, "elastic", checkpoint_every=5, keep_checkpoints=2,
+                      checkpoint_upload="sync")
     monkeypatch.setenv(ENV_FAIL_AT_STEP, "10")
     with pytest.raises(Exception, match="injected failure"):
         run_train(cfg)
@@ -190,6 +193,9 @@ def test_resume_with_another_global_batch_fails_naming_the_field(tiny_model, tmp
                                          "has 1"):
         check_global_batch(state, cfg.train, 1)
     check_global_batch(state, with_train(cfg, grad_accum=2).train, 1)  # 1 x 1 x 2: fine
+    split = {"world_size": 2, "sequence_parallel_size": 2, "micro_batch_size": 1, "grad_accum": 1}
+    with pytest.raises(ValueError, match="train.sequence_parallel_size: .* resumes only with"):
+        check_global_batch(split, cfg.train, 1)
 
 
 def test_torchrun_one_process_accumulating_matches_two_workers(zero2_run, tiny_model, tmp_path):
@@ -218,3 +224,38 @@ def test_torchrun_one_process_accumulating_matches_two_workers(zero2_run, tiny_m
     diffs = [abs(a - b) for a, b in zip(summary["losses"], zero2_run[1].losses)]
     assert len(diffs) == STEPS and max(diffs) <= ACCUM_ATOL, diffs
     assert AutoModelForCausalLM.from_pretrained(summary["model_dir"]) is not None
+
+
+def torchrun_losses(cfg: Config, tmp: Path, procs: int) -> tuple[list[float], list[float]]:
+    """A torchrun run of ``cfg`` in ``procs`` processes (no Ray): its losses and grad norms."""
+    import re
+
+    folder = tmp / f"run{procs}"
+    folder.mkdir()
+    config_file = folder / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         str(procs), "-m", "palign.train.loop", str(config_file)],
+        env={**os.environ, "PYTHONPATH": pythonpath}, cwd=folder, capture_output=True,
+        text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    steps = re.findall(r"train step \d+/\d+: loss ([\d.]+), lr [^,]+, grad norm ([\d.e+-]+)",
+                       run.stderr + run.stdout)
+    return [float(a) for a, _ in steps], [float(b) for _, b in steps]
+
+
+def test_sequence_parallel_rows_split_over_two_workers_train_as_on_one(tiny_model, tmp_path):
+    """Ulysses sequence parallelism on gloo: each packed row split over 2 processes (one
+    data-parallel group) gives the losses and gradient norms of 1 process holding whole rows."""
+    (tmp_path / "split").mkdir()
+    (tmp_path / "whole").mkdir()
+    split = torchrun_losses(make_config(tmp_path / "split", tiny_model, "sp", num_workers=2,
+                                        sequence_parallel_size=2, max_steps=6, report_every=1),
+                            tmp_path, 2)
+    whole = torchrun_losses(make_config(tmp_path / "whole", tiny_model, "sp", num_workers=1,
+                                        max_steps=6, report_every=1), tmp_path, 1)
+    assert len(split[0]) == len(whole[0]) == 6
+    for a, b in zip(split[0] + split[1], whole[0] + whole[1]):
+        assert abs(a - b) <= SP_RTOL * abs(b), (split, whole)

@@ -174,17 +174,28 @@ def rank_files(rank: int) -> Callable[[str], bool]:
 
 
 def check_global_batch(state: dict[str, Any], tc: TrainSection, world: int) -> None:
-    """A resumed run must take the same units per step as the run that wrote the checkpoint."""
-    old_world = int(state["world_size"])
-    old = old_world * int(state.get("micro_batch_size", tc.micro_batch_size)) * int(
+    """A resumed run must take the same units per step as the run that wrote the checkpoint,
+    and a sequence-parallel checkpoint resumes only on the layout that wrote it (DeepSpeed's
+    universal conversion does not take it)."""
+    old_sp = int(state.get("sequence_parallel_size", 1))
+    if (old_sp > 1 or tc.sequence_parallel_size > 1) and (
+            old_sp != tc.sequence_parallel_size or int(state["world_size"]) != world):
+        raise ValueError(
+            f"train.sequence_parallel_size: the checkpoint was written by {state['world_size']} "
+            f"workers with sequence_parallel_size {old_sp}; this run has {world} with "
+            f"{tc.sequence_parallel_size}: a sequence-parallel run resumes only with the same "
+            "num_workers and sequence_parallel_size")
+    old_dp = int(state["world_size"]) // int(state.get("sequence_parallel_size", 1))
+    old = old_dp * int(state.get("micro_batch_size", tc.micro_batch_size)) * int(
         state.get("grad_accum", tc.grad_accum))
-    new = world * tc.micro_batch_size * tc.grad_accum
+    dp = world // tc.sequence_parallel_size
+    new = dp * tc.micro_batch_size * tc.grad_accum
     if old != new:
         raise ValueError(
             f"train.grad_accum: the checkpoint was written with a global batch of {old} units "
-            f"per step ({old_world} workers x micro_batch_size x grad_accum), this run has "
-            f"{new} ({world} x {tc.micro_batch_size} x {tc.grad_accum}); to resume on {world} "
-            f"workers set grad_accum so that the product stays {old}")
+            f"per step ({old_dp} data-parallel workers x micro_batch_size x grad_accum), this "
+            f"run has {new} ({dp} x {tc.micro_batch_size} x {tc.grad_accum}); to resume on "
+            f"{world} workers set grad_accum so that the product stays {old}")
 
 
 def restore(engine: Any, resume: Resume, rank: int, local_rank: int, world: int

@@ -270,19 +270,25 @@ def token_loss_sum(
     the default, this batch's ``batch x (seq - 1)``, is the same on every rank only when the
     batches have one shape (packed ones do, right-padded ones need not).
     """
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    targets = batch["labels"][:, 1:]
+    # "shift_labels": the targets already shifted (a sequence-parallel shard of a row: its last
+    # position's target is the first token of the next shard), every position predicts one
+    shifted = "shift_labels" in batch
+    inputs = {key: value for key, value in batch.items()
+              if key not in ("labels", "shift_labels")}
+    targets = batch["shift_labels"] if shifted else batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     n_tokens = int(keep.sum())
     wanted = targets[keep]
     if chunk_size is None or not _plain_lm_head(model):
-        logits = model(**inputs, use_cache=False).logits[:, :-1][keep]
+        logits = model(**inputs, use_cache=False).logits
+        logits = (logits if shifted else logits[:, :-1])[keep]
         return F.cross_entropy(logits.float(), wanted, reduction="sum"), n_tokens
     positions = targets.numel() if positions is None else positions
     if positions < n_tokens:
         raise ValueError(f"positions={positions} is below the {n_tokens} supervised tokens")
     n_chunks = max(1, math.ceil(positions / chunk_size))  # each chunk <= chunk_size rows
-    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    hidden = (hidden if shifted else hidden[:, :-1])[keep]
     ce = functools.partial(_chunk_ce, model.get_output_embeddings())
     total = hidden.float().sum() * 0.0  # keeps the graph (and grads) when nothing is supervised
     for h, t in zip(hidden.tensor_split(n_chunks), wanted.tensor_split(n_chunks)):

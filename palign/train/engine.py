@@ -39,10 +39,21 @@ def deepspeed_config(tc: TrainSection, world: int, bf16: bool) -> dict[str, Any]
     """The DeepSpeed config the engine is built with (batch sizes, clipping, ZeRO, precision),
     with ``train.deepspeed`` merged over it."""
     zero: dict[str, Any] = {"stage": tc.zero_stage}
+    offload: dict[str, Any] = {}
+    if tc.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": tc.use_gpu}
+    if tc.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": tc.use_gpu}
+    if tc.offload_optimizer or tc.offload_params:
+        # the client optimizer (torch AdamW) steps on the CPU copy: no DeepSpeed CPU Adam to build
+        offload["zero_force_ds_cpu_optimizer"] = False
+    sp = tc.sequence_parallel_size
     return merged({
         "train_micro_batch_size_per_gpu": tc.micro_batch_size,
         "gradient_accumulation_steps": tc.grad_accum,
-        "train_batch_size": tc.micro_batch_size * tc.grad_accum * world,
+        "train_batch_size": tc.micro_batch_size * tc.grad_accum * (world // sp),
+        **({"sequence_parallel_size": sp} if sp > 1 else {}),
+        **offload,
         "gradient_clipping": tc.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
@@ -86,14 +97,17 @@ def optimizer(tc: TrainSection, module: torch.nn.Module, device: torch.device) -
 
 
 def deepspeed_engine(cfg: Config, model: torch.nn.Module, world: int, total_steps: int,
-                     load_universal: bool = False) -> Any:
+                     load_universal: bool = False, mpu: Any = None) -> Any:
     """``deepspeed.initialize`` on ``LossModule(model)`` with the optimizer and schedule;
-    ``load_universal``: the checkpoint it will load is a universal one (elastic resume)."""
+    ``load_universal``: the checkpoint it will load is a universal one (elastic resume);
+    ``mpu``: the sequence-parallel groups (``palign.train.model.sequence_parallel``)."""
     import deepspeed
 
     tc = cfg.train
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    module = LossModule(model, tc.loss_chunk_size, tc.micro_batch_size * tc.seq_len)
+    # the positions a rank's micro-batch holds: a row, or its share of it under sequence parallelism
+    positions = tc.micro_batch_size * tc.seq_len // tc.sequence_parallel_size
+    module = LossModule(model, tc.loss_chunk_size, positions)
     opt = optimizer(tc, module, next(model.parameters()).device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(total_steps, tc.warmup_ratio, tc.min_lr_ratio))
@@ -101,5 +115,5 @@ def deepspeed_engine(cfg: Config, model: torch.nn.Module, world: int, total_step
     if load_universal:
         config = merged(config, {"checkpoint": {"load_universal": True}})
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=scheduler,
-                                           config=config)
+                                           config=config, mpu=mpu)
     return engine

@@ -32,8 +32,9 @@ What one worker does:
    of the global batch (all micro-batches of all ranks), as one large batch would give. Each
    rank reads its micro-batches of the step first and counts their supervised and real tokens;
    one all-reduce of those two numbers gives the step's global token count ``T``. A micro-batch
-   back-propagates ``token_loss_sum * world * grad_accum / T``, which DeepSpeed divides by
-   ``grad_accum`` and averages over ranks: the gradient is that of ``sum(all token losses) /
+   back-propagates ``token_loss_sum * dp_world * grad_accum / T``, which DeepSpeed divides by
+   ``grad_accum`` and averages over the ``dp_world`` data-parallel ranks (under sequence
+   parallelism the slices of a row add up): the gradient is that of ``sum(all token losses) /
    T``. The reported ``loss`` is the same quantity (a second all-reduce, of the loss sums).
 6. Every ``report_every`` steps publishes loss, lr, grad_norm, tokens_per_s (real, non-padding
    input tokens of all ranks per second), epoch, step and packing_efficiency. Every
@@ -75,7 +76,7 @@ from palign.train import checkpoints
 from palign.train.backend import Backend, start
 from palign.train.data import IGNORE_INDEX, Pack, collate_packs, pad_batch
 from palign.train.engine import deepspeed_engine
-from palign.train.model import load_student, resolve_dtype
+from palign.train.model import load_student, resolve_dtype, sequence_parallel
 from palign.train.paths import DATA_KEY, model_dir
 from palign.train.prepare import UnitReader, prepare
 from palign.train.steps import StepPlan
@@ -118,17 +119,36 @@ def collate(units: Sequence[Any], pad_id: int) -> MicroBatch:
     return MicroBatch(batch, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), real)
 
 
-def train_step(engine: Any, micro: Sequence[MicroBatch], world: int, grad_accum: int,
+def sequence_shard(m: MicroBatch, sp: int, sp_rank: int) -> MicroBatch:
+    """Rank ``sp_rank``'s slice of a packed micro-batch under sequence parallelism: an equal
+    share of every row's positions, with the targets shifted before slicing (a slice's last
+    position predicts the next slice's first token). Its real tokens count on the group's
+    first rank only, so that sums over ranks count each once."""
+    labels = m.batch["labels"]
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    width = labels.shape[1] // sp
+    cut = slice(sp_rank * width, (sp_rank + 1) * width)
+    batch = {"input_ids": m.batch["input_ids"][:, cut].contiguous(),
+             "position_ids": m.batch["position_ids"][:, cut].contiguous(),
+             "shift_labels": shifted[:, cut].contiguous()}
+    return MicroBatch(batch, int((batch["shift_labels"] != IGNORE_INDEX).sum()),
+                      m.real if sp_rank == 0 else 0)
+
+
+def train_step(engine: Any, micro: Sequence[MicroBatch], dp_world: int, grad_accum: int,
                device: torch.device) -> StepResult:
     """One optimizer step over this rank's ``grad_accum`` micro-batches (every rank calls it
-    with its own): the loss normalised by the global batch's supervised tokens."""
+    with its own): the loss normalised by the global batch's supervised tokens. ``dp_world``:
+    the data-parallel size, over which DeepSpeed averages gradients (the ranks of a
+    sequence-parallel group hold slices of the same rows: their gradients add up)."""
     import torch.distributed as dist
 
     counts = torch.tensor([sum(m.supervised for m in micro), sum(m.real for m in micro)],
                           dtype=torch.float64)
     dist.all_reduce(counts)
     global_tokens = int(counts[0])
-    scale = world * grad_accum / max(1, global_tokens)
+    scale = dp_world * grad_accum / max(1, global_tokens)
     lr = float(engine.get_lr()[0])
     local_loss = torch.zeros(1, dtype=torch.float64)
     for m in micro:
@@ -158,14 +178,20 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
     checkpoints.seed_all(tc.seed)
     if data_folder is None:
         data_folder = _prepare_here(cfg, backend)
-    tokenizer, model = load_student(cfg, resolve_dtype(tc, backend.device), backend.device)
+    tokenizer, model = load_student(cfg, resolve_dtype(tc, backend.device), backend.device,
+                                    backend.world)
+    mpu = sequence_parallel(tc, model)
     data = UnitReader(data_folder)
     if backend.rank == 0:
         p = data.prepared
         logger.info("train data: %d rows used, %d rejected, %d units, packing efficiency %.3f",
                     p.rows_used, p.rows_rejected, p.n_units, p.packing_efficiency)
-    plan = StepPlan(len(data), backend.world, tc.micro_batch_size, tc.grad_accum,
-                    tc.epochs, tc.max_steps, tc.seed)
+    # data-parallel size: the ranks of a sequence-parallel group share their micro-batches
+    plan = StepPlan(len(data), backend.world // tc.sequence_parallel_size, tc.micro_batch_size,
+                    tc.grad_accum, tc.epochs, tc.max_steps, tc.seed)
+    if backend.rank == 0 and tc.sequence_parallel_size > 1:
+        logger.info("sequence parallel: %d groups of %d ranks, each row split %d ways",
+                    plan.world, tc.sequence_parallel_size, tc.sequence_parallel_size)
 
     progress = _Progress()
     start_step = 0
@@ -174,7 +200,7 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
         if resume is not None:
             checkpoints.check_global_batch(resume.state, tc, backend.world)
         engine = deepspeed_engine(cfg, model, backend.world, plan.total_steps,
-                                  load_universal=elastic)
+                                  load_universal=elastic, mpu=mpu)
         if resume is not None:
             state = checkpoints.restore(engine, resume, backend.rank, backend.local_rank,
                                         backend.world)
@@ -220,9 +246,12 @@ def _run_steps(cfg: Config, engine: Any, data: UnitReader, plan: StepPlan, backe
     for step in range(start_step, total):
         epoch = plan.epoch_of(step)
         t0 = time.perf_counter()
+        sp = tc.sequence_parallel_size
         micro = [collate([data.unit(i) for i in idx], prepared.pad_id)
-                 for idx in plan.micro_batches(step, backend.rank)]
-        result = train_step(engine, micro, backend.world, tc.grad_accum, backend.device)
+                 for idx in plan.micro_batches(step, backend.rank // sp)]
+        if sp > 1:
+            micro = [sequence_shard(m, sp, backend.rank % sp) for m in micro]
+        result = train_step(engine, micro, backend.world // sp, tc.grad_accum, backend.device)
         seconds = time.perf_counter() - t0
         done = step + 1
         progress.losses.append(result.loss)
@@ -240,6 +269,7 @@ def _run_steps(cfg: Config, engine: Any, data: UnitReader, plan: StepPlan, backe
                 "step": done, "epoch": epoch, "step_in_epoch": done - epoch * plan.steps_per_epoch,
                 "micro_batches_per_rank": done * tc.grad_accum, "world_size": backend.world,
                 "micro_batch_size": tc.micro_batch_size, "grad_accum": tc.grad_accum,
+                "sequence_parallel_size": tc.sequence_parallel_size,
                 "data_fingerprint": prepared.key, "losses": list(progress.losses),
             }
             local = backend.checkpoint_dir(cfg, done)

@@ -24,22 +24,50 @@ def resolve_dtype(tc: TrainSection, device: torch.device) -> torch.dtype:
     return resolve_dtype_name(tc.dtype, on_gpu=bf16_gpu)
 
 
-def load_student(cfg: Config, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
-    """Tokenizer and model of ``models.student`` (resolved to a local folder or a hub id)."""
+def load_student(cfg: Config, dtype: torch.dtype, device: torch.device,
+                 world: int = 1) -> tuple[Any, Any]:
+    """Tokenizer and model of ``models.student`` (resolved to a local folder or a hub id).
+
+    Under ZeRO-3 the model is built already partitioned (``deepspeed.zero.Init``, through
+    transformers' ``HfDeepSpeedConfig`` with the config the engine will get): no rank ever holds
+    the whole model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from palign.models import resolve_model
+    from palign.train.engine import deepspeed_config
 
+    tc = cfg.train
     path = resolve_model(cfg.models.student, cfg.models.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    partitioned = None
+    if tc.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        partitioned = HfDeepSpeedConfig(deepspeed_config(tc, world, dtype == torch.bfloat16))
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attention.implementation(cfg.train.attention,
-                                                                        device)
+        path, dtype=dtype, attn_implementation=attention.implementation(tc.attention, device)
     )
+    # transformers holds the DeepSpeed config by a weak reference: it lives with the model
+    model._palign_zero3_config = partitioned
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return tokenizer, model
+
+
+def sequence_parallel(tc: TrainSection, model: Any) -> Any:
+    """With ``train.sequence_parallel_size`` > 1: DeepSpeed's Ulysses attention wrapped around the
+    model's own (each rank holds a slice of every row; before attention the ranks of a group
+    exchange slices for heads, so each attends over whole rows with some of the heads, and
+    back); the sequence-parallel groups (``mpu``) for ``deepspeed.initialize``. None at 1."""
+    if tc.sequence_parallel_size == 1:
+        return None
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    return UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model, core_attn_implementation=model.config._attn_implementation,
+        sequence_parallel_size=tc.sequence_parallel_size, micro_batch_size=tc.micro_batch_size,
+        seq_length=tc.seq_len, seq_length_is_variable=False)
 
 
 class LossModule(torch.nn.Module):

@@ -7,10 +7,13 @@
 - Worker: ``RayBackend``: rank, world and device from ``ray.train.get_context()``; each rank
   writes its checkpoint shards into a fresh local folder that ``ray.train.report`` publishes as
   one checkpoint (Ray merges the ranks' files into ``checkpoint_<step>/`` on the run's storage,
-  which may be object storage), then removes; on start ``ray.train.get_checkpoint()`` (the run's
-  latest, after a worker-group restart or when the same run is started again) is the one to
-  resume from: used in place on a local or shared file system, else each rank copies only the
-  files it needs from the storage (``palign.train.checkpoints.RemoteResume``). Each step's loss
+  which may be object storage), uploading in the background while training goes on
+  (``train.checkpoint_upload: async``, Ray Train's asynchronous upload; the end of the run
+  waits for it) and removing the local copy once uploaded; on start
+  ``ray.train.get_checkpoint()`` (the run's latest, after a worker-group restart or when the
+  same run is started again) is the one to resume from: used in place on a local or shared
+  file system, else each rank copies only the files it needs from the storage
+  (``palign.train.checkpoints.RemoteResume``). Each step's loss
   and throughput also go to the Prometheus gauges of ``palign.telemetry`` (rank 0).
 """
 
@@ -59,14 +62,25 @@ class RayBackend(Backend):
 
     def publish(self, cfg: Config, metrics: dict[str, Any], ckpt_dir: Path | None,
                 step: int) -> None:
+        from ray.train import CheckpointUploadMode
+
         if self.rank == 0:  # Prometheus gauges through Ray's metrics agent
             telemetry.train_step(metrics.get("loss"), metrics.get("tokens_per_s"))
-        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=checkpoint_name(step) if ckpt_dir else None)
+        if ckpt_dir is None:
+            ray.train.report(metrics)
+            return
+        upload = cfg.train.checkpoint_upload
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
+            checkpoint_dir_name=checkpoint_name(step),
+            checkpoint_upload_mode=(CheckpointUploadMode.ASYNC if upload == "async"
+                                    else CheckpointUploadMode.SYNC),
+            delete_local_checkpoint_after_upload=True)
+        self._handed_over = ckpt_dir  # Ray removes the local copy once it is uploaded
 
     def after_checkpoint(self, cfg: Config, ckpt_dir: Path) -> None:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if getattr(self, "_handed_over", None) != ckpt_dir:  # publishing failed
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def ray_train_backend(tc: TrainSection) -> RayBackend | None:
