@@ -9,7 +9,7 @@ import time
 
 import yaml
 
-from palign.config import STAGES, ConfigError, load_config
+from palign.config import STAGES, ConfigError, format_explain, load_config
 from palign.failures import MachineryError, StageFailed
 from palign.grade_file import EXTRACT_CHOICES
 from palign.logs import setup_driver_logging
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--skip-paths", action="store_true",
                            help="do not check that data, models and benchmarks exist (for a "
                                 "cluster's config, from a machine without its storage)")
+            p.add_argument("--explain", action="store_true",
+                           help="instead of the YAML, print every field on a line of its own: "
+                                "its dotted path, value, default and description")
     fetch = sub.add_parser("fetch-model", help="materialise a short-name model in the cache")
     fetch.add_argument("name")
     grade = sub.add_parser("grade", help="grade a JSONL of generations: pass@1 and pass@k")
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         from palign.preflight import check_engine_kwargs, check_paths
         from palign.resources import format_resource_plan, plan_resources
 
-        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        if not args.explain:
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         try:
             check_engine_kwargs(cfg)
             if not args.skip_paths:
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(err, file=sys.stderr)
             return 2
+        if args.explain:
+            print(format_explain(cfg) + "\n")
         print(format_resource_plan(plan))
         print("config OK")
         return 0

@@ -1,9 +1,24 @@
+import inspect
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from palign.config import ConfigError, load_config, parse_config
+from palign import config as config_module
+from palign.cli import main as palign_main
+from palign.config import (
+    REQUIRED,
+    Config,
+    ConfigError,
+    EngineConfig,
+    TrainSection,
+    config_models,
+    explain,
+    load_config,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"data": {"path": "x.jsonl"}, "models": {"student": "smollm2-135m"}}
@@ -139,3 +154,84 @@ def test_gpu_only_attention_is_refused_on_cpu_by_name():
     assert "train.attention: flex needs a GPU" in msg
     assert parse_config({**MINIMAL, "train": {"attention": "flex", "use_gpu": True}})
     assert parse_config(MINIMAL).train.attention == "auto"
+
+
+def all_config_models() -> list[type[BaseModel]]:
+    """Every model reachable from Config, and any other model the config module defines."""
+    defined = [c for c in vars(config_module).values() if inspect.isclass(c)
+               and issubclass(c, BaseModel) and c.__module__ == config_module.__name__]
+    models = config_models()
+    return models + [c for c in defined if c not in models]
+
+
+def test_every_config_field_has_a_description():
+    models = all_config_models()
+    assert Config in models and TrainSection in models and len(models) >= 15
+    missing = [f"{m.__name__}.{name}" for m in models for name, field in m.model_fields.items()
+               if not (field.description or "").strip()]
+    assert not missing, f"fields without Field(description=...): {missing}"
+
+
+def test_explain_lists_every_field_with_value_and_the_default_where_it_sits():
+    cfg = load_config(ROOT / "configs" / "arms" / "demo" / "shared.yaml")
+    rows = {row.path: row for row in explain(cfg)}
+    seq_len = rows["train.seq_len"]
+    assert seq_len.value == cfg.train.seq_len and seq_len.default == 4096
+    assert seq_len.description == TrainSection.model_fields["seq_len"].description
+    assert rows["data.path"].default is REQUIRED
+    assert rows["train"].section and not rows["train.seq_len"].section
+    # the default of the default generate.sampling, not of SamplingConfig
+    assert rows["generate.sampling.repetition_penalty"].default == 1.0
+    assert rows["align.sampling.repetition_penalty"].default == 1.05
+    assert rows["evaluate.benchmarks[].name"].value == [b.name for b in cfg.evaluate.benchmarks]
+    assert rows["evaluate.benchmarks[].fields.id"].default == "id"
+    assert rows["evaluate.models"].default == [{"label": "trained", "model": "trained"}]
+    leaves = {path for path, row in rows.items() if not row.section}
+    assert {"engine.replicas.min", "truncate.engine.max_failures", "output.shard_rows"} <= leaves
+    assert all(row.description for row in rows.values())
+
+
+def test_validate_explain_prints_each_field_with_its_description(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the demo's data path is relative to the repository
+    assert palign_main(["validate", "--explain", "configs/demo.yaml"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split(" ", 1)[0]: line for line in out.splitlines() if line.strip()}
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    for path, value, field in (
+        ("train.seq_len", cfg.train.seq_len, TrainSection.model_fields["seq_len"]),
+        ("truncate.engine.batch_size", cfg.truncate.engine.batch_size,
+         EngineConfig.model_fields["batch_size"]),
+    ):
+        assert lines[path].startswith(f"{path} = {value} (default: {field.default}) -- ")
+        assert lines[path].endswith(field.description)
+    assert "config OK" in out
+
+
+def readme_table_fields() -> dict[str, list[str]]:
+    """The README config table: each section's row, and the field names it gives in backticks
+    outside parentheses (inside them are values and examples)."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        m = re.match(r"^\| `(\w+)` \| (.*) \|$", line)
+        if not m:
+            continue
+        depth, names = 0, []
+        for part in re.split(r"(`[^`]*`|[()])", m.group(2)):
+            if part == "(":
+                depth += 1
+            elif part == ")":
+                depth -= 1
+            elif part.startswith("`") and depth == 0:
+                names.append(part.strip("`"))
+        rows[m.group(1)] = names
+    return rows
+
+
+def test_readme_config_table_names_only_fields_that_exist():
+    rows = readme_table_fields()
+    assert "| `train` |" in (ROOT / "README.md").read_text()
+    assert set(rows) == set(Config.model_fields), "one README row per config section"
+    wrong = [f"{section}.{name}" for section, names in rows.items() for name in names
+             if name not in Config.model_fields[section].annotation.model_fields]
+    assert not wrong, f"README.md names fields that do not exist: {wrong}"
+    assert "seq_len" in rows["train"] and "max_in_flight" in rows["engine"]

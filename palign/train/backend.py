@@ -3,8 +3,8 @@
 One interface, two small implementations: ``palign.train.ray_backend.RayBackend`` (a Ray Train
 worker; the only training module that imports Ray, with the driver side in the same file) and
 ``TorchrunBackend`` here (``torchrun``, no Ray: checkpoints are folders on a shared path and
-metrics are log lines). ``start(tc)`` picks the one this process is in, sets up
-``torch.distributed`` and DeepSpeed's comm, and returns it. The step loop
+metrics are log lines). ``start(tc, backend)`` sets up ``torch.distributed`` and DeepSpeed's
+comm for it (torchrun's when none is given) and returns it. The step loop
 (``palign.train.loop``) only talks to a ``Backend``.
 
 DeepSpeed on CPU: the only C++ op DeepSpeed would build here is its shared-memory comm op,
@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import shutil
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,16 +106,13 @@ def prune_local(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def start(tc: TrainSection) -> Backend:
-    """This process's backend, with torch.distributed and DeepSpeed's comm set up."""
+def start(tc: TrainSection, backend: Backend | None = None) -> Backend:
+    """Set up torch.distributed and DeepSpeed's comm for ``backend`` (a Ray Train worker's,
+    ``palign.train.ray_backend.ray_train_backend``), or for torchrun's environment when None;
+    return it."""
     import deepspeed
     import torch.distributed as dist
 
-    backend: Backend | None = None
-    if sys.modules.get("ray") is not None:  # a Ray Train worker has imported Ray already
-        from palign.train.ray_backend import ray_train_backend
-
-        backend = ray_train_backend(tc)
     if backend is None:
         rank = int(os.environ.get("RANK", 0))
         local = int(os.environ.get("LOCAL_RANK", 0))

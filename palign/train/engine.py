@@ -1,6 +1,7 @@
-"""The DeepSpeed engine: ZeRO config, the optimizer and the learning-rate schedule.
+"""The DeepSpeed engine: the module it wraps, ZeRO config, the optimizer and the schedule.
 
-``deepspeed_engine(cfg, model, world, total_steps)`` wraps ``LossModule(model)`` with
+``deepspeed_engine(cfg, model, world, total_steps)`` wraps ``LossModule(model)`` (its forward
+is the summed token loss) with
 ``deepspeed.initialize``: ZeRO stage ``train.zero_stage``; bf16 mixed precision with fp32
 master weights exactly when the model is loaded in bf16; a torch ``AdamW`` as client optimizer
 (betas (0.9, 0.95), eps 1e-8, no weight decay on norms and biases), fused when
@@ -16,7 +17,34 @@ from typing import Any
 import torch
 
 from palign.config import Config, TrainSection
-from palign.train.model import LossModule
+from palign.train.data import token_loss_sum
+
+
+class LossModule(torch.nn.Module):
+    """What DeepSpeed wraps: the causal LM, whose forward returns the summed token loss.
+
+    Calling the loss through ``engine(...)`` keeps DeepSpeed's forward bookkeeping (ZeRO-3
+    parameter fetching, backward hooks) while ``token_loss_sum`` gets the bare model it needs for
+    its chunked path. Packed batches are run with ``use_cache=False`` by ``token_loss_sum``.
+
+    Under ZeRO-3 every call of the LM head gathers its sharded weight with a collective, so all
+    ranks must call it equally often, although their micro-batches hold different numbers of
+    supervised tokens (and, unpacked, different widths). ``positions`` (``micro_batch x
+    seq_len``, the same on every rank) fixes ``token_loss_sum``'s chunk count at
+    ``ceil(positions / chunk_size)`` head calls forward and as many in the backward
+    recomputation, on every rank, with at most ``chunk_size`` rows of fp32 logits at a time.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int | None,
+                 positions: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.positions = positions
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        loss_sum, _ = token_loss_sum(self.model, batch, self.chunk_size, self.positions)
+        return loss_sum
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Any:

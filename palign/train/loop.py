@@ -174,7 +174,12 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
     cfg = parse_config(cfg_raw)
     tc = cfg.train
     _setup_logging()
-    backend = start(tc)
+    if data_folder is not None:  # the Ray trainer put the prepared data there: a Ray Train worker
+        from palign.train.ray_backend import ray_train_backend
+
+        backend = start(tc, ray_train_backend(tc))
+    else:
+        backend = start(tc)
     checkpoints.seed_all(tc.seed)
     if data_folder is None:
         data_folder = _prepare_here(cfg, backend)

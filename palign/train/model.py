@@ -2,8 +2,8 @@
 
 ``load_student`` loads ``models.student`` (``palign.models.resolve_model``) in ``train.dtype``
 (``auto``: bf16 on a GPU that has it, fp32 otherwise) with the attention ``train.attention``
-picks (``palign.train.attention``), gradient checkpointing per config. ``LossModule`` is what
-DeepSpeed wraps: its forward is the summed token loss.
+picks (``palign.train.attention``), gradient checkpointing per config, and, with
+``train.sequence_parallel_size`` > 1, the Ulysses wrapping around its attention.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 from palign.config import Config, TrainSection
 from palign.engines.hf_engine import resolve_dtype as resolve_dtype_name
 from palign.train import attention
-from palign.train.data import token_loss_sum
 
 
 def resolve_dtype(tc: TrainSection, device: torch.device) -> torch.dtype:
@@ -68,30 +67,3 @@ def sequence_parallel(tc: TrainSection, model: Any) -> Any:
         model_name_or_path=model, core_attn_implementation=model.config._attn_implementation,
         sequence_parallel_size=tc.sequence_parallel_size, micro_batch_size=tc.micro_batch_size,
         seq_length=tc.seq_len, seq_length_is_variable=False)
-
-
-class LossModule(torch.nn.Module):
-    """What DeepSpeed wraps: the causal LM, whose forward returns the summed token loss.
-
-    Calling the loss through ``engine(...)`` keeps DeepSpeed's forward bookkeeping (ZeRO-3
-    parameter fetching, backward hooks) while ``token_loss_sum`` gets the bare model it needs for
-    its chunked path. Packed batches are run with ``use_cache=False`` by ``token_loss_sum``.
-
-    Under ZeRO-3 every call of the LM head gathers its sharded weight with a collective, so all
-    ranks must call it equally often, although their micro-batches hold different numbers of
-    supervised tokens (and, unpacked, different widths). ``positions`` (``micro_batch x
-    seq_len``, the same on every rank) fixes ``token_loss_sum``'s chunk count at
-    ``ceil(positions / chunk_size)`` head calls forward and as many in the backward
-    recomputation, on every rank, with at most ``chunk_size`` rows of fp32 logits at a time.
-    """
-
-    def __init__(self, model: torch.nn.Module, chunk_size: int | None,
-                 positions: int | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-        self.positions = positions
-
-    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        loss_sum, _ = token_loss_sum(self.model, batch, self.chunk_size, self.positions)
-        return loss_sum

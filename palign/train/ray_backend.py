@@ -1,6 +1,6 @@
 """The Ray side of training, both ends of it: the only part of the loop that imports Ray.
 
-- Driver: ``fit(cfg, worker_config, env)`` runs ``palign.train.loop.train_worker`` in a Ray Train
+- Driver: ``fit(cfg, train_fn, ...)`` runs ``palign.train.loop.train_worker`` in a Ray Train
   ``TorchTrainer`` of ``train.num_workers`` workers (resources from ``palign.resources``),
   storage ``<storage_path>/<run.name>-train``, keeping ``train.keep_checkpoints`` checkpoints and
   restarting the worker group up to ``train.max_failures`` times.
@@ -83,14 +83,9 @@ class RayBackend(Backend):
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
-def ray_train_backend(tc: TrainSection) -> RayBackend | None:
-    """This process as a Ray Train worker, or None when it is not one."""
-    try:
-        ctx = ray.train.get_context()
-    except RuntimeError:  # not inside a Ray Train worker
-        return None
-    if ctx is None:
-        return None
+def ray_train_backend(tc: TrainSection) -> RayBackend:
+    """This process as a Ray Train worker (``ray.train.get_context()``)."""
+    ctx = ray.train.get_context()
     device = torch.device("cpu")
     if tc.use_gpu:
         from ray.train.torch import get_device
@@ -99,21 +94,21 @@ def ray_train_backend(tc: TrainSection) -> RayBackend | None:
     return RayBackend(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), device)
 
 
-def fit(cfg: Config, worker_config: dict[str, Any], env: dict[str, str]) -> Any:
-    """Run the training workers under Ray Train; Ray's ``Result``."""
+def fit(cfg: Config, train_fn: Any, worker_config: dict[str, Any], env: dict[str, str]) -> Any:
+    """Run ``train_fn(worker_config)`` in the training workers under Ray Train (the trainer
+    passes ``palign.train.loop.train_worker``); Ray's ``Result``."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from palign import storage
     from palign.resources import train_request
-    from palign.train.loop import train_worker
     from palign.train.paths import run_name, storage_path
 
     tc = cfg.train
     store = storage_path(cfg)
     storage.make_dir(store)
     trainer = TorchTrainer(
-        train_worker,
+        train_fn,
         train_loop_config=worker_config,
         scaling_config=ScalingConfig(**train_request(tc).scaling_config_kwargs()),
         run_config=RunConfig(

@@ -135,11 +135,12 @@ def run_train(cfg: Config) -> TrainResult:
     except NoTrainableRows as err:
         raise TrainStageError(str(err)) from err
     from palign.train import ray_backend
+    from palign.train.loop import train_worker
 
     logger.info("train: %d workers (%s), ZeRO-%d, storage %s/%s", tc.num_workers,
                 "GPU" if tc.use_gpu else "CPU", tc.zero_stage, storage_path(cfg), run_name(cfg))
-    result = ray_backend.fit(cfg, {**absolute_config(cfg), DATA_KEY: prepared.folder},
-                             worker_env())
+    result = ray_backend.fit(cfg, train_worker,
+                             {**absolute_config(cfg), DATA_KEY: prepared.folder}, worker_env())
     metrics: dict[str, Any] = dict(result.metrics or {})
     losses = [float(x) for x in metrics.get("losses", [])]
     out = TrainResult(
