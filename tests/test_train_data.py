@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import re
@@ -229,8 +230,6 @@ def _long_row_run(attn: str) -> tuple[float, float, int, int]:
     """In a fresh process: the mean loss and gradient norm of the long packed row (``documents``)
     or of its documents as a padded batch (``sdpa``), and the peak RSS the forward and backward
     added over the RSS before them."""
-    import resource
-
     name = attention.implementation(attn, torch.device("cpu")) if attn == "documents" else attn
     model = tiny_model(name, max_positions=LONG_BIN)
     examples = synthetic([LONG_BIN // 4] * 4, seed=5)
@@ -242,11 +241,18 @@ def _long_row_run(attn: str) -> tuple[float, float, int, int]:
         batch = collate_packs(packs)
     else:
         batch = pad_batch(examples, pad_id=0)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * 4096
+    # The peak of this address space (VmHWM; getrusage's ru_maxrss would carry over the forking
+    # parent's peak), reset to the current RSS first where the kernel allows it.
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     loss, norm, n = mean_loss_and_grad_norm(model, [batch])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return loss, norm, n, peak - before
+    return loss, norm, n, (_status_kib("VmHWM") - before) * 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def test_documents_attention_equals_padded_at_a_bin_a_dense_mask_would_not_fit():
