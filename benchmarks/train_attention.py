@@ -16,7 +16,14 @@ For each bin length (``--bins``, default 1024, 4096, 8192 tokens) and each atten
   timed ones; reports real tokens/s and the peak RSS during the timed steps (sampled every
   5 ms) over the RSS before them: the memory a step needs beyond the model and its optimizer.
 
-Prints a table and writes JSON (default ``benchmarks/results/train_attention_cpu.json``).
+A second table isolates the attention (``--probe-bins``, default 1024 to 16384): a 2-layer
+Llama (hidden 256, 8 heads, 4 KV heads, vocabulary 1024, random init, fp32) runs the forward and
+backward of ``palign.train.data.token_loss_sum`` on one packed row of documents of about 1000
+tokens, without gradient checkpointing, in a child process per row; the peak is the address
+space's high-water mark (VmHWM, reset before the step) over the RSS before it. There the rest
+of the model is small, so what grows with the bin is the attention's own memory.
+
+Prints the tables and writes JSON (default ``benchmarks/results/train_attention_cpu.json``).
 """
 
 from __future__ import annotations
@@ -141,6 +148,48 @@ def child(attention: str, bin_len: int, args: argparse.Namespace) -> dict[str, A
             "rss_before_steps_mib": base / MIB}
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def probe(attention: str, bin_len: int, threads: int) -> dict[str, Any]:
+    """The attention-bound shape's forward and backward on one row of ``bin_len`` tokens."""
+    import contextlib
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from palign.train import attention as attn
+    from palign.train.data import IGNORE_INDEX, token_loss_sum
+
+    torch.set_num_threads(threads)
+    name = attn.implementation(attention, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=bin_len,
+        attn_implementation=name)).float().train()
+    doc = 1000
+    position_ids = torch.cat([torch.arange(min(doc, bin_len - i))
+                              for i in range(0, bin_len, doc)]).unsqueeze(0)
+    ids = torch.randint(0, 1024, (1, bin_len), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, ::2] = IGNORE_INDEX
+    batch = {"input_ids": ids, "labels": labels, "position_ids": position_ids}
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    t = time.perf_counter()
+    loss, _ = token_loss_sum(model, batch, 1024)
+    loss.backward()
+    seconds = time.perf_counter() - t
+    return {"attention": attention, "bin": bin_len, "seconds": seconds,
+            "tokens_per_s": bin_len / seconds,
+            "peak_over_start_mib": (_status_kib("VmHWM") - before) / 1024,
+            "documents_per_row": int((position_ids == 0).sum())}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bins", default="1024,4096,8192")
@@ -151,30 +200,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_attention_cpu.json"))
+    ap.add_argument("--probe-bins", default="1024,4096,8192,16384")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # "attention,bin": one row, JSON out
+    ap.add_argument("--probe", help=argparse.SUPPRESS)  # "attention,bin": one probe row
     args = ap.parse_args(argv)
     if args.child:
         attention, bin_len = args.child.split(",")
         print("RESULT " + json.dumps(child(attention, int(bin_len), args)), flush=True)
         return 0
+    if args.probe:
+        attention, bin_len = args.probe.split(",")
+        print("RESULT " + json.dumps(probe(attention, int(bin_len), args.threads)), flush=True)
+        return 0
     from host import host_info
 
-    rows = []
-    for bin_len in [int(b) for b in args.bins.split(",")]:
-        for attention in args.attentions.split(","):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child",
-                   f"{attention},{bin_len}", "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--median-len", str(args.median_len), "--threads",
-                   str(args.threads), "--seed", str(args.seed)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                rows.append({"attention": attention, "bin": bin_len,
-                             "error": f"exit {proc.returncode}: {' | '.join(tail)}"})
-            else:
-                rows.append(json.loads(lines[-1][len("RESULT "):]))
-            print(json.dumps(rows[-1]), flush=True)
+    def run(flag: str, attention: str, bin_len: int) -> dict[str, Any]:
+        cmd = [sys.executable, str(Path(__file__).resolve()), flag, f"{attention},{bin_len}",
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--median-len",
+               str(args.median_len), "--threads", str(args.threads), "--seed", str(args.seed)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            row = {"attention": attention, "bin": bin_len,
+                   "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+        else:
+            row = json.loads(lines[-1][len("RESULT "):])
+        print(json.dumps(row), flush=True)
+        return row
+
+    probes = [run("--probe", attention, int(b)) for b in args.probe_bins.split(",") if b
+              for attention in args.attentions.split(",")]
+    rows = [run("--child", attention, int(b)) for b in args.bins.split(",") if b
+            for attention in args.attentions.split(",")]
     report = {
         "benchmark": "train_attention",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -183,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "one packed row per step; documents log-normal, median "
                 f"{args.median_len} tokens; {args.warmup} warm-up + {args.steps} timed steps",
         "rows": rows,
+        "attention_probe": {
+            "what": "2-layer Llama (hidden 256, 8 heads, 4 KV heads, vocab 1024), forward and "
+                    "backward of token_loss_sum on one packed row of ~1000-token documents, no "
+                    "gradient checkpointing; peak = VmHWM (reset first) over the RSS before",
+            "rows": probes},
     }
     print(f"\n{'attention':10s} {'bin':>6s} {'docs/row':>8s} {'tokens/s':>9s} "
           f"{'peak MiB':>9s}")
@@ -193,6 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         docs = sum(r["documents_per_row"]) / max(1, len(r["documents_per_row"]))
         print(f"{r['attention']:10s} {r['bin']:6d} {docs:8.1f} {r['real_tokens_per_s']:9.1f} "
               f"{r['peak_rss_over_start_mib']:9.0f}")
+    print(f"\nattention only: {'attention':10s} {'bin':>6s} {'docs':>5s} {'tokens/s':>9s} "
+          f"{'peak MiB':>9s}")
+    for r in probes:
+        if "error" in r:
+            print(f"{r['attention']:10s} {r['bin']:6d}  {r['error']}")
+            continue
+        print(f"{'':16s}{r['attention']:10s} {r['bin']:6d} {r['documents_per_row']:5d} "
+              f"{r['tokens_per_s']:9.0f} {r['peak_over_start_mib']:9.0f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

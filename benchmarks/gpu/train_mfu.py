@@ -427,30 +427,32 @@ def driver_main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     work = Path(tempfile.mkdtemp(prefix="palign-mfu-"))
-    for shape in shapes:
-        for mode in modes:
-            left = args.deadline_s - (time.perf_counter() - start)
-            if left < 20:
-                rows.append({"shape": shape, "mode": mode, "layout": args.layout,
-                             "status": "skipped", "error": "--deadline-s reached"})
-                continue
-            result = work / f"{shape}-{mode}.json"
-            print(f"== {shape} {mode} ({args.layout})", flush=True)
-            t0 = time.perf_counter()
-            try:
-                proc = subprocess.run(child_command(args, shape, mode, result),
-                                      timeout=min(args.child_timeout_s, left))
-                rc: int | str = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            if result.is_file():
-                row = json.loads(result.read_text())
-            else:
-                row = {"shape": shape, "mode": mode, "layout": args.layout,
-                       "status": "timeout" if rc == "timeout" else "error",
-                       "error": f"child ended ({rc}) without a result"}
-            row["child_wall_s"] = time.perf_counter() - t0
-            rows.append(row)
+    plan = [(shape, mode) for shape in shapes for mode in modes]
+    plan += [(shape, "palign-long") for shape in filter(None, args.long_shapes.split(","))
+             if (shape, "palign-long") not in plan]
+    for shape, mode in plan:
+        left = args.deadline_s - (time.perf_counter() - start)
+        if left < 20:
+            rows.append({"shape": shape, "mode": mode, "layout": args.layout,
+                         "status": "skipped", "error": "--deadline-s reached"})
+            continue
+        result = work / f"{shape}-{mode}.json"
+        print(f"== {shape} {mode} ({args.layout})", flush=True)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(child_command(args, shape, mode, result),
+                                  timeout=min(args.child_timeout_s, left))
+            rc: int | str = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        if result.is_file():
+            row = json.loads(result.read_text())
+        else:
+            row = {"shape": shape, "mode": mode, "layout": args.layout,
+                   "status": "timeout" if rc == "timeout" else "error",
+                   "error": f"child ended ({rc}) without a result"}
+        row["child_wall_s"] = time.perf_counter() - t0
+        rows.append(row)
     report = {
         "benchmark": "train_mfu",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -539,6 +541,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--loss-chunk-size", type=int, default=1024)
     ap.add_argument("--long-seq", type=int, default=None,
                     help="palign-long's one sequence (32768; smoke 2048)")
+    ap.add_argument("--long-shapes", default=None,
+                    help="shapes that also get a palign-long row after the others (1.5b; "
+                         "smoke: none, its modes include it)")
     ap.add_argument("--peak-tflops", type=float, default=790.0)
     ap.add_argument("--deadline-s", type=float, default=480.0,
                     help="start no new row after this many seconds")
@@ -554,9 +559,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     big = {"shapes": "0.5b,1.5b", "modes": "palign,plain", "seq_len": 4096, "micro_batch": 4,
-           "warmup": 3, "steps": 15, "long_seq": 32768}
+           "warmup": 3, "steps": 15, "long_seq": 32768, "long_shapes": "1.5b"}
     small = {"shapes": "tiny", "modes": ",".join(MODES), "seq_len": 512, "micro_batch": 2,
-             "warmup": 1, "steps": 2, "long_seq": 2048}
+             "warmup": 1, "steps": 2, "long_seq": 2048, "long_shapes": ""}
     for key, value in (small if args.smoke else big).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

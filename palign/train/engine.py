@@ -1,12 +1,13 @@
 """The DeepSpeed engine: the module it wraps, ZeRO config, the optimizer and the schedule.
 
 ``deepspeed_engine(cfg, model, world, total_steps)`` wraps ``LossModule(model)`` (its forward
-is the summed token loss) with
-``deepspeed.initialize``: ZeRO stage ``train.zero_stage``; bf16 mixed precision with fp32
-master weights exactly when the model is loaded in bf16; a torch ``AdamW`` as client optimizer
-(betas (0.9, 0.95), eps 1e-8, no weight decay on norms and biases), fused when
+is the summed token loss) with ``deepspeed.initialize``: ZeRO stage ``train.zero_stage``, with
+optimizer (and ZeRO-3 parameter) offload per config; bf16 mixed precision with fp32 master
+weights exactly when the model is loaded in bf16; a torch ``AdamW`` as client optimizer (betas
+(0.9, 0.95), eps 1e-8, no weight decay on norms and biases), fused when
 ``train.fused_optimizer`` says so (``auto``: wherever torch has a fused kernel for the device);
-a ``LambdaLR`` with linear warm-up then cosine decay to ``lr * min_lr_ratio``.
+a ``LambdaLR`` with linear warm-up then cosine decay to ``lr * min_lr_ratio``;
+``train.deepspeed`` merged over the result.
 """
 
 from __future__ import annotations

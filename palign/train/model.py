@@ -1,4 +1,4 @@
-"""The student as training sees it: its dtype, its attention, and the module DeepSpeed wraps.
+"""The student as training sees it: its dtype, its attention, its partitioning.
 
 ``load_student`` loads ``models.student`` (``palign.models.resolve_model``) in ``train.dtype``
 (``auto``: bf16 on a GPU that has it, fp32 otherwise) with the attention ``train.attention``
