@@ -19,6 +19,7 @@ arms: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check palign tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -rfEs --durations=15
 
 test-fast: $(STAMP)
@@ -26,6 +27,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check palign tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: $(STAMP)
 	$(PY) benchmarks/judge_throughput.py --cache

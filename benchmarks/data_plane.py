@@ -51,7 +51,7 @@ def peak_rss_mib(field: str = "VmHWM") -> float:
 def write_align(folder: Path, rows: int) -> None:
     """Synthetic align-stage shards (id, question, target), 1024 rows each, a chunk at a time."""
     from palign.prompts import training_target
-    from palign.stages.io import write_shard
+    from palign.shards import write_shard
 
     for start in range(0, rows, 1024):
         chunk = [{"id": f"r{i}", "question": f"What is {i} + {i}?",

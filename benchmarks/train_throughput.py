@@ -54,7 +54,7 @@ import torch  # noqa: E402
 from host import host_info  # noqa: E402
 
 from palign.config import Config, parse_config  # noqa: E402
-from palign.stages.io import read_rows  # noqa: E402
+from palign.shards import read_rows  # noqa: E402
 from palign.train.data import (  # noqa: E402
     IGNORE_INDEX,
     Example,

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "validate":
         from palign.preflight import check_engine_kwargs, check_paths
-        from palign.resources import format_resource_plan, plan_resources
+        from palign.stages.resources import format_resource_plan, plan_resources
 
         if not args.explain:
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         print("config OK")
         return 0
 
+    from palign.pipeline import run_pipeline
     from palign.runlock import RunLocked
-    from palign.stages.runner import StageError, format_summary, run_pipeline
+    from palign.stages.runner import StageError, format_summary
 
     start = time.time()
     stages = None if args.command == "run" else [args.command]

@@ -526,6 +526,13 @@ class Config(_Strict):
 
         return storage.join(self.run.output_dir, stage)
 
+    def trained_model_dir(self) -> str:
+        """Where train exports the student: ``<output_dir>/train/model``, absolute (a path or a
+        URI); what evaluate's ``trained`` model is."""
+        from palign import storage
+
+        return storage.join(storage.absolute(self.stage_dir("train")), "model")
+
 
 def _merge_engine(raw: dict[str, Any]) -> dict[str, Any]:
     """Give each stage the top-level engine settings, overridden by its own."""

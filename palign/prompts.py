@@ -6,7 +6,8 @@ earlier sentences) and what changes last, so an engine's prefix cache can serve 
 
 from __future__ import annotations
 
-from palign.engines.base import Chat
+# A chat: a list of {"role", "content"} messages (what the engines take)
+Chat = list[dict[str, str]]
 
 BEGIN_DRAFT = "<Begin_of_Draft>"
 END_DRAFT = "<End_of_Draft>"

@@ -28,7 +28,7 @@ from palign import storage
 from palign.grading import FLEXIBLE, STATUS_ERROR, STATUS_TIMEOUT
 from palign.metrics import grade_figures
 from palign.prompts import BEGIN_DRAFT, END_DRAFT
-from palign.stages.io import REJECTS, read_index, read_rows
+from palign.shards import REJECTS, read_index, read_rows
 
 log = logging.getLogger(__name__)
 

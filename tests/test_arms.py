@@ -15,8 +15,8 @@ import pytest
 
 from palign.cli import main as palign_main
 from palign.config import load_config
-from palign.stages.io import read_rows
-from palign.stages.runner import run_pipeline
+from palign.pipeline import run_pipeline
+from palign.shards import read_rows
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -468,7 +468,7 @@ def test_cluster_run_configs_fit_the_nodes():
     if not configs:
         pytest.skip("no cluster run configs in this tree")
     from palign.config import load_config
-    from palign.resources import plan_resources
+    from palign.stages.resources import plan_resources
 
     for deployment, nodes in _node_sizes().items():
         engine, train = nodes[ENGINE], nodes[TRAIN]

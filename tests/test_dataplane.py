@@ -10,7 +10,7 @@ import tracemalloc
 import pytest
 
 from palign.config import parse_config
-from palign.stages.io import read_index
+from palign.shards import read_index
 from palign.stages.runner import run_stage
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,8 @@ from conftest import POISON
 from palign.cli import main as palign_main
 from palign.config import parse_config
 from palign.logs import actor_log_dir
-from palign.stages.io import ShardWriter, read_rows, reject_row
-from palign.stages.runner import run_pipeline
+from palign.pipeline import run_pipeline
+from palign.shards import ShardWriter, read_rows, reject_row
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -117,7 +117,7 @@ def encode_line(row: dict, how: str) -> bytes:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(ROW, MANGLE), max_size=12), st.booleans())
 def test_fuzzed_jsonl_never_crashes_and_accounts_for_every_line(tmp_path_factory, rows, blank):
-    from palign.stages.io import read_rows
+    from palign.shards import read_rows
     from palign.stages.source import ingest_here
 
     tmp = tmp_path_factory.mktemp("fuzz")
@@ -147,7 +147,7 @@ def test_fuzzed_jsonl_never_crashes_and_accounts_for_every_line(tmp_path_factory
 def test_sharded_ingest_settles_limits_and_repeats_across_files(tmp_path):
     """Each file is read by its own task; the limit (in file order) and ids repeated across
     files are settled afterwards from the indexes alone, as one reading in order would."""
-    from palign.stages.io import read_index, read_rows
+    from palign.shards import read_index, read_rows
     from palign.stages.source import ingest_here
 
     src = tmp_path / "src"

@@ -1,4 +1,4 @@
-from palign.stages.io import (
+from palign.shards import (
     ShardWriter,
     done_ids,
     read_rows,

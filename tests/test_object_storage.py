@@ -22,7 +22,7 @@ import yaml
 
 from palign import storage
 from palign.cli import main as palign_main
-from palign.stages.io import read_rows
+from palign.shards import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [json.loads(line) for line in (ROOT / "data/demo/problems.jsonl").read_text().splitlines()]
@@ -73,7 +73,7 @@ def test_storage_round_trip_and_listing(s3):
 def test_shards_on_the_bucket_commit_by_index_and_release_rejects(s3):
     """No rename on object storage: a data object without its index (a killed write) is never
     read and is cleaned; rejects released for a rerun leave the index first."""
-    from palign.stages.io import (
+    from palign.shards import (
         ShardWriter,
         clean_uncommitted,
         done_ids,

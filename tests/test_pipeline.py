@@ -11,8 +11,8 @@ import pytest
 
 from palign.config import parse_config
 from palign.engines import available_backends
-from palign.stages.io import read_rows
-from palign.stages.runner import run_pipeline
+from palign.pipeline import run_pipeline
+from palign.shards import read_rows
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

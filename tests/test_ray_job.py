@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from palign.stages.io import read_rows
+from palign.shards import read_rows
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import pytest
 from palign.cli import main
 from palign.prompts import BEGIN_DRAFT, END_DRAFT
 from palign.report import benchmark_metrics, compare, write_results
-from palign.stages.io import ShardWriter, reject_row
+from palign.shards import ShardWriter, reject_row
 from palign.stages.registry import REGISTRY
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

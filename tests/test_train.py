@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from palign.config import Config, parse_config
 from palign.prompts import training_target
-from palign.stages.io import REJECTS, ShardWriter, read_rows
+from palign.shards import REJECTS, ShardWriter, read_rows
 from palign.train.checkpoints import check_global_batch
 from palign.train.engine import lr_lambda
 from palign.train.loop import ENV_FAIL_AT_STEP

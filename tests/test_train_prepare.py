@@ -17,7 +17,7 @@ from palign import storage
 from palign.config import Config, parse_config
 from palign.models import resolve_model
 from palign.prompts import training_target
-from palign.stages.io import REJECTS, ShardWriter, read_rows
+from palign.shards import REJECTS, ShardWriter, read_rows
 from palign.train.data import collate_packs, example_from_row, pack, pad_batch
 from palign.train.prepare import (
     PLAN,

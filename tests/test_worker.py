@@ -12,7 +12,7 @@ import pytest
 
 from palign.config import parse_config
 from palign.failures import MachineryError
-from palign.stages.io import read_rows
+from palign.shards import read_rows
 from palign.stages.worker import StageWorker
 
 pytestmark = pytest.mark.slow

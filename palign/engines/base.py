@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-Chat = list[dict[str, str]]
+from palign.prompts import Chat
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from palign import storage
-from palign.stages.io import FILE, read_index, read_shard, shard_index
+from palign.shards import FILE, read_index, read_shard, shard_index
 
 READ_COLUMNS = ("id", "record")
 

@@ -60,7 +60,7 @@ class Stage:
     engine_for: Callable[[Mapping[str, Sequence[Any]]], bool] = _every_row
     input_columns: tuple[str, ...] = ()
     metrics: Callable[[Sequence[Row]], BatchMetrics] = _no_metrics
-    # What a finished record puts in its shard's index (palign.stages.io): the few numbers the
+    # What a finished record puts in its shard's index (palign.shards): the few numbers the
     # summary needs, so that summaries never read whole rows. ``index_columns`` names them.
     index: Callable[[Row], dict[str, Any]] = _no_index
     # Where under the stage's folder a row's result goes ("" for the folder itself; evaluate:

@@ -29,9 +29,7 @@ from palign import storage
 from palign.config import STAGES, Benchmark, Config, DataSection, EvalModel, FieldNames
 from palign.failures import StageFailed, describe, reject_share_error
 from palign.ingest import source_files
-from palign.resources import batches_per_replica, engine_pool_kwargs, engine_request
-from palign.stages.dataplane import Plan, dataset, plan
-from palign.stages.io import (
+from palign.shards import (
     DONE_MARKER,
     REJECTS,
     clean_uncommitted,
@@ -42,7 +40,9 @@ from palign.stages.io import (
     reject_reasons,
     release_rejects,
 )
+from palign.stages.dataplane import Plan, dataset, plan
 from palign.stages.registry import REGISTRY
+from palign.stages.resources import batches_per_replica, engine_pool_kwargs, engine_request
 from palign.stages.source import finish_ingest, ingest_block
 from palign.stages.worker import StageWorker
 
@@ -231,7 +231,7 @@ def _stream(cfg: Config, stage: str, work: Plan,
     done = calls = 0
     tally = {"prompt_tokens": 0, "cached_tokens": 0, "peak_in_flight": 0}
     # The pool's resources (GPUs, a placement group per tensor-parallel replica) come from
-    # palign.resources; its placement groups are removed when the stage ends.
+    # palign.stages.resources; its placement groups are removed when the stage ends.
     try:
         per_replica = batches_per_replica(engine.max_in_flight, engine.batch_size)
         with engine_pool_kwargs(engine_request(stage, engine), per_replica) as pool:
@@ -320,9 +320,7 @@ def _last_error_line(err: BaseException) -> str:
 def eval_model_path(cfg: Config, model: EvalModel) -> str:
     """Where the model under test is: the train export, the configured student, or as given."""
     if model.model == "trained":
-        from palign.train.paths import model_dir
-
-        path = model_dir(cfg)
+        path = cfg.trained_model_dir()
         if not storage.is_file(storage.join(path, "config.json")):
             raise StageError(f"evaluate.models[{model.label}]: no trained model at {path}: run "
                              "the train stage first, or name a model folder")
@@ -417,51 +415,6 @@ def ingest_summary(cfg: Config) -> StageSummary | None:
     reasons = reject_reasons(folder)
     return StageSummary("ingest", rows_in=out + len(reasons), rows_out=out,
                         rejected=len(reasons), output_dir=folder, reasons=reasons)
-
-
-def run_train_stage(cfg: Config) -> StageSummary:
-    """Student SFT on Ray Train + DeepSpeed; resumes from its latest checkpoint."""
-    from palign.train.trainer import run_train
-
-    init_ray(cfg)
-    try:
-        res = run_train(cfg)
-    except StageError:
-        raise
-    except Exception as err:  # noqa: BLE001 - Ray Train's wrapping of what failed the workers
-        raise StageFailed(f"train failed (its checkpoints stay; run again to resume): "
-                          f"{_last_error_line(err)}") from err
-    summary = StageSummary(
-        "train", rows_in=res.rows_used + res.rows_rejected, rows_out=res.rows_used,
-        rejected=res.rows_rejected, processed=res.rows_used, wall_s=res.wall_s,
-        stats={"steps": res.steps, "final_loss": res.final_loss,
-               "tokens_per_s": res.tokens_per_s, "packing_efficiency": res.packing_efficiency},
-        output_dir=storage.absolute(cfg.stage_dir("train")), model_dir=str(res.model_dir),
-        reasons=reject_reasons(cfg.stage_dir("train")),
-    )
-    summary.check_rejects("train.max_reject_share", cfg.train.max_reject_share)
-    return summary
-
-
-def run_pipeline(cfg: Config, stages: list[str] | None = None) -> list[StageSummary]:
-    """Run the given stages (default: the config's) in order; the ingest summary comes first.
-
-    Before any work: the config's paths are checked (``palign.preflight``), the cluster plan is
-    made, and the output folder is locked for this run (``RunLocked`` if another run holds it).
-    """
-    from palign.preflight import check_engine_kwargs, check_paths
-    from palign.resources import plan_resources
-    from palign.runlock import RunLock
-
-    stages = stages or list(cfg.run.stages)
-    check_engine_kwargs(cfg, stages)  # a misspelt vLLM engine argument fails here
-    check_paths(cfg, stages)  # a missing data file or model folder fails here
-    plan_resources(cfg)  # a config the cluster cannot place fails here, before any work
-    runners = {"train": run_train_stage, "evaluate": run_evaluate_stage}
-    with RunLock(cfg.run.output_dir, stale_s=cfg.run.lock_stale_s):
-        summaries = [runners[s](cfg) if s in runners else run_stage(cfg, s) for s in stages]
-    first = ingest_summary(cfg)
-    return [first, *summaries] if first else summaries
 
 
 def format_summary(summaries: list[StageSummary], total_s: float) -> str:

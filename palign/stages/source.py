@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from palign import storage
 from palign.config import DataSection
 from palign.ingest import Rejected, SourceFile, read_file, source_files, validate_row
-from palign.stages.io import (
+from palign.shards import (
     DONE_MARKER,
     FILE,
     REJECTS,

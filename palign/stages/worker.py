@@ -2,7 +2,7 @@
 
 Rows travel as JSON text in a ``record`` column: stage records are nested and vary from row to
 row (a reject carries the raw input), which Arrow schemas handle badly. The worker writes its
-batch's results itself, where the run's output lives (``palign.stages.io``: a shard named after
+batch's results itself, where the run's output lives (``palign.shards``: a shard named after
 the stage's run token and the batch's ids, rejects first, the output's index last as the
 batch's commit); only counts go back to the driver. A batch whose commit is already there (Ray
 retried a task whose write had finished) is not served again.
@@ -46,7 +46,7 @@ from palign.engines.base import EngineSpec
 from palign.engines.guard import GuardedEngine
 from palign.failures import SYSTEM, MachineryError, StageFailed, describe, is_machinery
 from palign.logs import setup_actor_logging
-from palign.stages.io import (
+from palign.shards import (
     INDEX,
     REJECTS,
     batch_stem,
@@ -68,7 +68,7 @@ MACHINERY_EXIT_CODE = 75  # the actor's exit status after a machinery fault (Ray
 
 def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0,
                 stage: str = "engine") -> EngineSpec:
-    from palign.resources import engine_request
+    from palign.stages.resources import engine_request
 
     return EngineSpec(
         model=model_path,

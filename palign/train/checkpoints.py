@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from palign.config import TrainSection
-from palign.stages.io import replace_atomically
+from palign.shards import replace_atomically
 from palign.train.paths import DS_TAG, STATE_FILE
 
 # What DeepSpeed's universal-checkpoint converter asks the client to have saved.

@@ -77,7 +77,7 @@ from palign.train.backend import Backend, start
 from palign.train.data import IGNORE_INDEX, Pack, collate_packs, pad_batch
 from palign.train.engine import deepspeed_engine
 from palign.train.model import load_student, resolve_dtype, sequence_parallel
-from palign.train.paths import DATA_KEY, model_dir
+from palign.train.paths import DATA_KEY
 from palign.train.prepare import UnitReader, prepare
 from palign.train.steps import StepPlan
 
@@ -294,7 +294,7 @@ def _run_steps(cfg: Config, engine: Any, data: UnitReader, plan: StepPlan, backe
     if start_step >= total:  # a finished run started again: only make sure of the export
         if backend.rank == 0:
             logger.info("run already complete (%d steps); exporting the model", total)
-        out = model_dir(cfg)
+        out = cfg.trained_model_dir()
         if not storage.is_file(storage.join(out, "config.json")):
             export_model(engine.module.model, tokenizer, out, backend.rank)
 
@@ -311,7 +311,7 @@ def _finish(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
             progress: _Progress) -> dict[str, Any]:
     from palign.train.export import export_model
 
-    out = model_dir(cfg)
+    out = cfg.trained_model_dir()
     export_model(engine.module.model, tokenizer, out, backend.rank,
                  extra={"train": cfg.train.model_dump(mode="json"),
                         "steps": len(progress.losses),

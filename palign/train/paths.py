@@ -4,7 +4,7 @@
   ``<output_dir>/train/ray`` (a path or a URI);
 - ``run_name(cfg)``: ``<run.name>-train``, the run's folder under it, where the checkpoints
   ``checkpoint_<step:08d>/`` go (Ray Train's and torchrun's alike);
-- ``model_dir(cfg)``: the exported model, ``<output_dir>/train/model``.
+- the exported model: ``cfg.trained_model_dir()``, ``<output_dir>/train/model``.
 """
 
 from __future__ import annotations
@@ -38,11 +38,6 @@ def run_dir(cfg: Config) -> Path:
         raise ValueError(f"train.storage_path: {root}: torchrun checkpoints need a path on the "
                          "machine; object storage works under Ray Train")
     return Path(root) / run_name(cfg)
-
-
-def model_dir(cfg: Config) -> str:
-    """Where the trained model is exported: ``<output_dir>/train/model`` (a path or a URI)."""
-    return storage.join(storage.absolute(cfg.stage_dir("train")), "model")
 
 
 def checkpoint_name(step: int) -> str:

@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 from palign import storage
 from palign.config import Config
-from palign.stages.io import (
+from palign.shards import (
     FILE,
     REJECTS,
     read_committed,

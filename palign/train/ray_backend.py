@@ -1,7 +1,7 @@
 """The Ray side of training, both ends of it: the only part of the loop that imports Ray.
 
 - Driver: ``fit(cfg, train_fn, ...)`` runs ``palign.train.loop.train_worker`` in a Ray Train
-  ``TorchTrainer`` of ``train.num_workers`` workers (resources from ``palign.resources``),
+  ``TorchTrainer`` of ``train.num_workers`` workers (resources from ``palign.stages.resources``),
   storage ``<storage_path>/<run.name>-train``, keeping ``train.keep_checkpoints`` checkpoints and
   restarting the worker group up to ``train.max_failures`` times.
 - Worker: ``RayBackend``: rank, world and device from ``ray.train.get_context()``; each rank
@@ -101,7 +101,7 @@ def fit(cfg: Config, train_fn: Any, worker_config: dict[str, Any], env: dict[str
     from ray.train.torch import TorchTrainer
 
     from palign import storage
-    from palign.resources import train_request
+    from palign.stages.resources import train_request
     from palign.train.paths import run_name, storage_path
 
     tc = cfg.train

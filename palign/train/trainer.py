@@ -46,8 +46,8 @@ from typing import Any
 
 from palign import storage
 from palign.config import Config
-from palign.stages.io import shard_files
-from palign.train.paths import DATA_KEY, model_dir, run_name, storage_path
+from palign.shards import shard_files
+from palign.train.paths import DATA_KEY, run_name, storage_path
 from palign.train.prepare import NoTrainableRows, prepare
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def run_train(cfg: Config) -> TrainResult:
         rows_used=int(metrics.get("rows_used", 0)),
         rows_rejected=int(metrics.get("rows_rejected", 0)),
         checkpoint_dir=result.checkpoint.path if result.checkpoint else None,
-        model_dir=str(metrics.get("model_dir") or model_dir(cfg)),
+        model_dir=str(metrics.get("model_dir") or cfg.trained_model_dir()),
         wall_s=time.time() - started,
         resumed_from=int(metrics.get("resumed_from", 0)),
     )
