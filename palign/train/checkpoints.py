@@ -44,9 +44,6 @@ from palign.config import TrainSection
 from palign.shards import replace_atomically
 from palign.train.paths import DS_TAG, STATE_FILE
 
-# What DeepSpeed's universal-checkpoint converter asks the client to have saved.
-UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
-
 logger = logging.getLogger("palign.train.checkpoints")
 
 
@@ -80,8 +77,7 @@ def save(engine: Any, directory: Path, rank: int, client_state: dict[str, Any]) 
     import torch.distributed as dist
 
     directory.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={**client_state,
-                                                                     **UNIVERSAL_INFO})
+    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state=client_state)
     (directory / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), directory / "rng" / f"rank_{rank}.pt")
     dist.barrier()
@@ -227,6 +223,8 @@ def to_universal(source: Path, target: Path) -> None:
 
     from deepspeed.checkpoint.ds_to_universal import main as convert
 
+    # inject_missing_state: the converter adds the universal-checkpoint version it wants from
+    # the client's saved state (palign saves none)
     args = argparse.Namespace(input_folder=str(source / DS_TAG),
                               output_folder=str(target / DS_TAG), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,

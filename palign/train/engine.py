@@ -68,28 +68,28 @@ def deepspeed_config(tc: TrainSection, world: int, bf16: bool) -> dict[str, Any]
     """The DeepSpeed config the engine is built with (batch sizes, clipping, ZeRO, precision),
     with ``train.deepspeed`` merged over it."""
     zero: dict[str, Any] = {"stage": tc.zero_stage}
-    offload: dict[str, Any] = {}
-    if tc.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": tc.use_gpu}
-    if tc.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": tc.use_gpu}
-    if tc.offload_optimizer or tc.offload_params:
-        # the client optimizer (torch AdamW) steps on the CPU copy: no DeepSpeed CPU Adam to build
-        offload["zero_force_ds_cpu_optimizer"] = False
     sp = tc.sequence_parallel_size
-    return merged({
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tc.micro_batch_size,
         "gradient_accumulation_steps": tc.grad_accum,
         "train_batch_size": tc.micro_batch_size * tc.grad_accum * (world // sp),
-        **({"sequence_parallel_size": sp} if sp > 1 else {}),
-        **offload,
         "gradient_clipping": tc.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,  # a client torch optimizer with ZeRO
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-    }, tc.deepspeed)
+    }
+    if sp > 1:
+        config["sequence_parallel_size"] = sp
+    if tc.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": tc.use_gpu}
+    if tc.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": tc.use_gpu}
+    if tc.offload_optimizer or tc.offload_params:
+        # the client optimizer (torch AdamW) steps on the CPU copy: no DeepSpeed CPU Adam to build
+        config["zero_force_ds_cpu_optimizer"] = False
+    return merged(config, tc.deepspeed)
 
 
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

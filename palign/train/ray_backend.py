@@ -39,6 +39,7 @@ from palign.train.paths import checkpoint_name
 class RayBackend(Backend):
     name = "ray"
     under_ray = True
+    _handed_over: Path | None = None  # the checkpoint folder last handed to Ray to upload
 
     @contextlib.contextmanager
     def resume(self, cfg: Config) -> Iterator[Resume | None]:
@@ -79,7 +80,7 @@ class RayBackend(Backend):
         self._handed_over = ckpt_dir  # Ray removes the local copy once it is uploaded
 
     def after_checkpoint(self, cfg: Config, ckpt_dir: Path) -> None:
-        if getattr(self, "_handed_over", None) != ckpt_dir:  # publishing failed
+        if self._handed_over != ckpt_dir:  # publishing failed
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
