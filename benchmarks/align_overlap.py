@@ -30,9 +30,10 @@ from pathlib import Path
 
 from host import host_info
 
+from palign.core.logs import setup_driver_logging
 from palign.engines import EngineSpec, Sampling, build_engine
+from palign.engines.models import resolve_model
 from palign.engines.server import EngineServer
-from palign.models import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -86,7 +87,7 @@ def main() -> None:
     ap.add_argument("--load", default="nothing else running")
     ap.add_argument("--out", default=str(RESULTS / "align_overlap_cpu.json"))
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    setup_driver_logging(logging.WARNING)
 
     model = resolve_model("smollm2-135m")
     rows = chats(args.rows, args.long_every)

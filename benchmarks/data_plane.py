@@ -50,8 +50,8 @@ def peak_rss_mib(field: str = "VmHWM") -> float:
 
 def write_align(folder: Path, rows: int) -> None:
     """Synthetic align-stage shards (id, question, target), 1024 rows each, a chunk at a time."""
-    from palign.prompts import training_target
-    from palign.shards import write_shard
+    from palign.core.prompts import training_target
+    from palign.core.shards import write_shard
 
     for start in range(0, rows, 1024):
         chunk = [{"id": f"r{i}", "question": f"What is {i} + {i}?",
@@ -95,8 +95,8 @@ def rank_probe(folder: str) -> dict:
 def one(rows: int, work: Path) -> dict:
     """One size, in this process: write the source, run ingest + truncate, then resume."""
     sys.path.insert(0, str(ROOT))
-    from palign.config import parse_config
-    from palign.stages.runner import run_stage
+    from palign.core.config import parse_config
+    from palign.runtime.runner import run_stage
 
     data = work / "data.jsonl"
     with data.open("w") as f:
@@ -121,7 +121,7 @@ def one(rows: int, work: Path) -> dict:
         "models": {"student": "smollm2-135m"}, "truncate": {"strategy": "full"},
         "engine": {"batch_size": 256, "cpus_per_replica": 1, "replicas": {"min": 2, "max": 2}},
         "output": {"shard_rows": 1024}, "train": {"seq_len": SEQ_LEN}})
-    from palign.stages.runner import init_ray
+    from palign.runtime.runner import init_ray
 
     t0 = time.time()
     init_ray(cfg)
@@ -169,7 +169,9 @@ def main() -> None:
         print("RESULT " + json.dumps(rank_probe(args.rank_probe)), flush=True)
         return
     if args.one:
-        logging.basicConfig(level=logging.WARNING)
+        from palign.core.logs import setup_driver_logging
+
+        setup_driver_logging(logging.WARNING)
         print("RESULT " + json.dumps(one(args.one, args.work)), flush=True)
         return
     results = []

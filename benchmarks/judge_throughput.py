@@ -39,16 +39,17 @@ from typing import Any
 
 from host import host_info
 
-from palign.config import TruncateSection
+from palign.core.config import TruncateSection
+from palign.core.logs import setup_driver_logging
+from palign.core.prompts import judge_chat
+from palign.core.search import BinarySearch
+from palign.core.segment import prefix, sentence_ends
+from palign.core.verdict import parse_verdict
 from palign.engines import EngineSpec, Sampling, build_engine
 from palign.engines.guard import GuardedEngine
+from palign.engines.models import resolve_model
 from palign.engines.server import EngineServer
-from palign.models import resolve_model
-from palign.prompts import judge_chat
-from palign.search import BinarySearch
-from palign.segment import prefix, sentence_ends
 from palign.stages.truncate import judge_one, prefill_ratio, truncate_rows
-from palign.verdict import parse_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "demo" / "problems.jsonl"
@@ -306,7 +307,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "judge_throughput_cpu.json"))
     ap.add_argument("--cache-out", default=str(RESULTS / "judge_cache_cpu.json"))
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    setup_driver_logging(logging.WARNING)
 
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     rows = [r for r in rows if r.get("cot")][: args.rows]

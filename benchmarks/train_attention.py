@@ -101,7 +101,7 @@ def documents(bin_len: int, n_rows: int, median: int, seed: int, vocab: int) -> 
 def child(attention: str, bin_len: int, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from palign.config import parse_config
+    from palign.core.config import parse_config
     from palign.train.backend import start
     from palign.train.engine import deepspeed_engine
     from palign.train.loop import collate, train_step

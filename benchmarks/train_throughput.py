@@ -1,7 +1,7 @@
 """Student SFT throughput on this CPU: packed against padded micro-batches, same model, same loss.
 
-The student is SmolLM2-135M (``palign.models.resolve_model("smollm2-135m")``, fp32, sdpa), the
-examples are the demo's aligned rows (``runs/demo/align/``) when they exist, else 64 synthetic
+The student is SmolLM2-135M (``palign.engines.models.resolve_model("smollm2-135m")``, fp32, sdpa),
+the examples are the demo's aligned rows (``runs/demo/align/``) when they exist, else 64 synthetic
 rows whose targets run from 100 to 1500 tokens (log-uniform); the output says which. Both are
 turned into examples by ``palign.train.data.example_from_row`` and then
 
@@ -53,8 +53,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere, without installi
 import torch  # noqa: E402
 from host import host_info  # noqa: E402
 
-from palign.config import Config, parse_config  # noqa: E402
-from palign.shards import read_rows  # noqa: E402
+from palign.core.config import Config, parse_config  # noqa: E402
+from palign.core.logs import setup_driver_logging  # noqa: E402
+from palign.core.shards import read_rows  # noqa: E402
 from palign.train.data import (  # noqa: E402
     IGNORE_INDEX,
     Example,
@@ -238,11 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return train_attention.main(argv[argv.index("--attention-sweep") + 1:])
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_driver_logging(logging.WARNING)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
 
-    from palign.models import resolve_model
+    from palign.engines.models import resolve_model
     from palign.train.backend import start
     from palign.train.engine import deepspeed_engine
     from palign.train.model import load_student

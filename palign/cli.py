@@ -9,10 +9,10 @@ import time
 
 import yaml
 
-from palign.config import STAGES, ConfigError, format_explain, load_config
-from palign.failures import MachineryError, StageFailed
-from palign.grade_file import EXTRACT_CHOICES
-from palign.logs import setup_driver_logging
+from palign.core.config import STAGES, ConfigError, format_explain, load_config
+from palign.core.failures import MachineryError, StageFailed
+from palign.core.grade_file import EXTRACT_CHOICES
+from palign.core.logs import setup_driver_logging
 
 
 def _overrides(pairs: list[str]) -> dict[str, object]:
@@ -29,7 +29,7 @@ def _compare(paths: list[str], json_out: str | None) -> int:
     import json
     from pathlib import Path
 
-    from palign.report import format_comparison, load_arms, merge_arms
+    from palign.core.report import format_comparison, load_arms, merge_arms
 
     try:
         arms = load_arms(paths)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_driver_logging()
 
     if args.command == "fetch-model":
-        from palign.models import resolve_model
+        from palign.engines.models import resolve_model
 
         print(resolve_model(args.name))
         return 0
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         import json
         from pathlib import Path
 
-        from palign.grade_file import format_report, grade_file
+        from palign.core.grade_file import format_report, grade_file
 
         try:
             report = grade_file(args.file, args.answer_field, args.output_field, args.timeout,
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "validate":
         from palign.preflight import check_engine_kwargs, check_paths
-        from palign.stages.resources import format_resource_plan, plan_resources
+        from palign.runtime.resources import format_resource_plan, plan_resources
 
         if not args.explain:
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         print("config OK")
         return 0
 
+    from palign.core.runlock import RunLocked
     from palign.pipeline import run_pipeline
-    from palign.runlock import RunLocked
-    from palign.stages.runner import StageError, format_summary
+    from palign.runtime.runner import StageError, format_summary
 
     start = time.time()
     stages = None if args.command == "run" else [args.command]

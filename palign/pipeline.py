@@ -2,17 +2,17 @@
 
 ``run_pipeline`` checks the config's paths and engine arguments and plans the cluster before any
 work, locks the output folder, then runs every stage: the row stages and evaluate on Ray Data
-actor pools (``palign.stages.runner``), train on Ray Train (``palign.train.trainer``). It sits
+actor pools (``palign.runtime.runner``), train on Ray Train (``palign.train.trainer``). It sits
 above both, so that neither the stages nor training imports the other's driver.
 """
 
 from __future__ import annotations
 
-from palign import storage
-from palign.config import Config
-from palign.failures import StageFailed
-from palign.shards import reject_reasons
-from palign.stages.runner import (
+from palign.core import storage
+from palign.core.config import Config
+from palign.core.failures import StageFailed
+from palign.core.shards import reject_reasons
+from palign.runtime.runner import (
     StageError,
     StageSummary,
     _last_error_line,
@@ -53,9 +53,9 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None) -> list[StageSumm
     Before any work: the config's paths are checked (``palign.preflight``), the cluster plan is
     made, and the output folder is locked for this run (``RunLocked`` if another run holds it).
     """
+    from palign.core.runlock import RunLock
     from palign.preflight import check_engine_kwargs, check_paths
-    from palign.runlock import RunLock
-    from palign.stages.resources import plan_resources
+    from palign.runtime.resources import plan_resources
 
     stages = stages or list(cfg.run.stages)
     check_engine_kwargs(cfg, stages)  # a misspelt vLLM engine argument fails here

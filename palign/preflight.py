@@ -1,7 +1,7 @@
 """What a config's paths must be before any work starts; ``palign validate`` and every run check.
 
 The run's data, output, train storage, benchmarks and model folders may be local paths or
-``s3://``/``gs://`` URIs (``palign.storage``). An unknown scheme fails here, naming the field,
+``s3://``/``gs://`` URIs (``palign.core.storage``). An unknown scheme fails here, naming the field,
 and so does a bucket that does not exist or cannot be reached. ``models.cache_dir`` is each
 machine's own disk and refuses a URI by name. The data a run reads, the model folders it
 serves and the benchmarks it evaluates must exist. Hub ids (``org/name``) cannot be checked
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from palign import storage
-from palign.config import STAGES, Config, ConfigError
+from palign.core import storage
+from palign.core.config import STAGES, Config, ConfigError
 
 # Fields that take a URI; the others need a path on the machine.
 URI_FIELDS = ("run.output_dir", "data.path", "train.storage_path", "evaluate.benchmarks.",
@@ -120,7 +120,7 @@ def _models(cfg: Config, stages: list[str]) -> list[tuple[str, str]]:
 
 
 def _model_problem(field: str, name: str, cache_dir: str | None) -> str | None:
-    from palign.models import REGISTRY
+    from palign.engines.models import REGISTRY
 
     if name in REGISTRY:
         return None

@@ -3,9 +3,9 @@ grades are known (the real engines run in test_pipeline.py)."""
 
 import pytest
 
-from palign.config import AlignSection
+from palign.core.config import AlignSection
+from palign.core.grading import Grader
 from palign.engines.base import Completion
-from palign.grading import Grader
 from palign.stages.align import align_rows
 
 

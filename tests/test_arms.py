@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from palign.cli import main as palign_main
-from palign.config import load_config
+from palign.core.config import load_config
+from palign.core.shards import read_rows
 from palign.pipeline import run_pipeline
-from palign.shards import read_rows
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -413,8 +413,8 @@ def test_rayjob_layout():
 def test_cluster_run_configs_default_to_a_bucket():
     """The cluster configs keep every run's data on one object-store bucket (no shared
     filesystem needed), and the model cache on each node's own disk."""
-    from palign import storage
-    from palign.config import load_config
+    from palign.core import storage
+    from palign.core.config import load_config
 
     configs = sorted(CLUSTER_CONFIGS.glob("*.yaml"))
     if not configs:
@@ -467,8 +467,8 @@ def test_cluster_run_configs_fit_the_nodes():
     configs = sorted((ROOT / "configs" / "arms" / "cluster").glob("*.yaml"))
     if not configs:
         pytest.skip("no cluster run configs in this tree")
-    from palign.config import load_config
-    from palign.stages.resources import plan_resources
+    from palign.core.config import load_config
+    from palign.runtime.resources import plan_resources
 
     for deployment, nodes in _node_sizes().items():
         engine, train = nodes[ENGINE], nodes[TRAIN]

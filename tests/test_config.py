@@ -6,9 +6,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from palign import config as config_module
 from palign.cli import main as palign_main
-from palign.config import (
+from palign.core import config as config_module
+from palign.core.config import (
     REQUIRED,
     Config,
     ConfigError,

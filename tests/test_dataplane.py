@@ -9,9 +9,9 @@ import tracemalloc
 
 import pytest
 
-from palign.config import parse_config
-from palign.shards import read_index
-from palign.stages.runner import run_stage
+from palign.core.config import parse_config
+from palign.core.shards import read_index
+from palign.runtime.runner import run_stage
 
 pytestmark = pytest.mark.slow
 COT = " ".join(f"Step {i}: {i} plus {i} is {2 * i}." for i in range(800))  # about 20 KB

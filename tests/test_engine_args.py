@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from palign.cli import main as palign_main
-from palign.config import ConfigError, parse_config
+from palign.core.config import ConfigError, parse_config
 from palign.preflight import check_engine_kwargs
 
 

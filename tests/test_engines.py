@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from palign.config import TruncateSection
+from palign.core.config import TruncateSection
 from palign.engines import EngineSpec, Sampling, available_backends, build_engine
 from palign.engines.base import Engine, label_first_tokens
 from palign.engines.guard import GuardedEngine
+from palign.engines.models import resolve_model
 from palign.engines.server import EngineServer
-from palign.models import resolve_model
 from palign.stages.truncate import truncate_rows
 
 pytestmark = pytest.mark.slow
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-LABELS = ["ENOUGH", "NOT_ENOUGH"]  # the judge's pair (palign.verdict.LABELS)
+LABELS = ["ENOUGH", "NOT_ENOUGH"]  # the judge's pair (palign.core.verdict.LABELS)
 MAX_LEN = 1024
 
 QUESTIONS = [

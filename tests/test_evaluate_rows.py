@@ -4,9 +4,9 @@ run in test_arms.py)."""
 
 import pytest
 
-from palign.config import EvaluateSection
+from palign.core.config import EvaluateSection
+from palign.core.grading import Grader
 from palign.engines.base import Completion
-from palign.grading import Grader
 from palign.stages.evaluate import evaluate_rows
 
 

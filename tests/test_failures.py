@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from palign.attempts import AttemptLedger
-from palign.failures import (
+from palign.core.attempts import AttemptLedger
+from palign.core.failures import (
     EngineFailure,
     GraderUnavailable,
     MachineryError,

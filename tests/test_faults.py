@@ -18,10 +18,10 @@ import pytest
 from conftest import POISON
 
 from palign.cli import main as palign_main
-from palign.config import parse_config
-from palign.logs import actor_log_dir
+from palign.core.config import parse_config
+from palign.core.shards import ShardWriter, read_rows, reject_row
 from palign.pipeline import run_pipeline
-from palign.shards import ShardWriter, read_rows, reject_row
+from palign.runtime.worker import actor_log_dir
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def ids(folder: Path) -> Counter:
 
 
 def actor_logs(stage: str) -> dict[int, Path]:
-    """The engine actors' log files of this Ray session (palign.logs), by process id."""
+    """The engine actors' log files of this Ray session (``actor_log_dir``), by process id."""
     return {int(p.stem.rsplit("-", 1)[1]): p
             for p in actor_log_dir().glob(f"palign-{stage}-*.log")}
 

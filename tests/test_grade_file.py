@@ -3,7 +3,7 @@ import json
 import pytest
 
 from palign.cli import main
-from palign.grade_file import grade_file
+from palign.core.grade_file import grade_file
 
 
 def test_palign_grade_reports_pass_at_k(tmp_path, capsys):

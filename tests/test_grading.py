@@ -1,5 +1,5 @@
-"""Tests for palign.grading: boxed-answer extraction and math-verify grading in a worker, in the
-strict (last box) and flexible (math-verify's own extraction) modes."""
+"""Tests for palign.core.grading: boxed-answer extraction and math-verify grading in a worker, in
+the strict (last box) and flexible (math-verify's own extraction) modes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from palign.grading import Grade, Grader, last_boxed
+from palign.core.grading import Grade, Grader, last_boxed
 
 # --------------------------------------------------------------------------- last_boxed
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from palign.config import DataSection
-from palign.ingest import question_id, read_problems
+from palign.core.config import DataSection
+from palign.core.ingest import question_id, read_problems
 
 GOOD = [
     {"id": "a", "question": "What is 1+1?", "answer": "2", "cot": "One plus one. It is 2."},
@@ -117,8 +117,8 @@ def encode_line(row: dict, how: str) -> bytes:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(ROW, MANGLE), max_size=12), st.booleans())
 def test_fuzzed_jsonl_never_crashes_and_accounts_for_every_line(tmp_path_factory, rows, blank):
-    from palign.shards import read_rows
-    from palign.stages.source import ingest_here
+    from palign.core.shards import read_rows
+    from palign.runtime.source import ingest_here
 
     tmp = tmp_path_factory.mktemp("fuzz")
     lines = [encode_line(row, how) for row, how in rows] + ([b"", b"  "] if blank else [])
@@ -147,8 +147,8 @@ def test_fuzzed_jsonl_never_crashes_and_accounts_for_every_line(tmp_path_factory
 def test_sharded_ingest_settles_limits_and_repeats_across_files(tmp_path):
     """Each file is read by its own task; the limit (in file order) and ids repeated across
     files are settled afterwards from the indexes alone, as one reading in order would."""
-    from palign.shards import read_index, read_rows
-    from palign.stages.source import ingest_here
+    from palign.core.shards import read_index, read_rows
+    from palign.runtime.source import ingest_here
 
     src = tmp_path / "src"
     src.mkdir()

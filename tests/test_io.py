@@ -1,4 +1,4 @@
-from palign.shards import (
+from palign.core.shards import (
     ShardWriter,
     done_ids,
     read_rows,

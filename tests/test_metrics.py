@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from palign.metrics import pass_at_k, pass_at_ks
+from palign.core.metrics import pass_at_k, pass_at_ks
 
 
 def brute_force(samples: list[bool], k: int) -> float:

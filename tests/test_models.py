@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from palign import models
-from palign.models import resolve_model
+from palign.engines import models
+from palign.engines.models import resolve_model
 
 
 @pytest.mark.slow

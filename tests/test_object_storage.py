@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from palign import storage
 from palign.cli import main as palign_main
-from palign.shards import read_rows
+from palign.core import storage
+from palign.core.shards import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [json.loads(line) for line in (ROOT / "data/demo/problems.jsonl").read_text().splitlines()]
@@ -73,7 +73,7 @@ def test_storage_round_trip_and_listing(s3):
 def test_shards_on_the_bucket_commit_by_index_and_release_rejects(s3):
     """No rename on object storage: a data object without its index (a killed write) is never
     read and is cleaned; rejects released for a rerun leave the index first."""
-    from palign.shards import (
+    from palign.core.shards import (
         ShardWriter,
         clean_uncommitted,
         done_ids,
@@ -142,7 +142,7 @@ def test_a_rank_restoring_from_the_bucket_fetches_only_its_own_shards(s3, tmp_pa
 
 
 def test_a_model_folder_on_the_bucket_is_staged_once_per_machine(s3, tmp_path):
-    from palign.models import resolve_model
+    from palign.engines.models import resolve_model
 
     uri = f"s3://{BUCKET}/models/tiny-{time.time_ns()}"
     storage.write_text(f"{uri}/config.json", "{}")
@@ -262,7 +262,7 @@ def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path
     assert summary["done"] and summary["model_dir"] == f"{out}/train/model"
     from transformers import AutoModelForCausalLM
 
-    from palign.models import resolve_model
+    from palign.engines.models import resolve_model
 
     local = resolve_model(f"{out}/train/model", str(tmp_path / "cache"))
     assert AutoModelForCausalLM.from_pretrained(local).config.model_type == "llama"

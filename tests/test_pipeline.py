@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from palign.config import parse_config
+from palign.core.config import parse_config
+from palign.core.shards import read_rows
 from palign.engines import available_backends
 from palign.pipeline import run_pipeline
-from palign.shards import read_rows
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from palign import storage
 from palign.cli import main as palign_main
-from palign.config import ConfigError, parse_config
+from palign.core import storage
+from palign.core.config import ConfigError, parse_config
 from palign.preflight import check_paths, path_problems
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from palign.shards import read_rows
+from palign.core.shards import read_rows
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def metric_values(text: str, name: str) -> dict[str, float]:
 
 @pytest.mark.timeout(600)
 def test_submitted_pipeline_succeeds_and_reports_metrics(head, tmp_path):
-    from palign.telemetry import EXPORTED_NAMES
+    from palign.runtime.telemetry import EXPORTED_NAMES
 
     cfg = write_config(tmp_path, 3, extra_rows=(TOO_LONG,))
     job = head.submit(cfg, runtime_env())

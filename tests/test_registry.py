@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from palign.config import ENGINE_STAGES, STAGES, parse_config
+from palign.core.config import ENGINE_STAGES, STAGES, parse_config
 from palign.stages.registry import REGISTRY
 
 MINIMAL = {"data": {"path": "x.jsonl"}, "models": {"student": "student-m", "teacher": "t-m"}}

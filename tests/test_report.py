@@ -3,9 +3,9 @@ import json
 import pytest
 
 from palign.cli import main
-from palign.prompts import BEGIN_DRAFT, END_DRAFT
-from palign.report import benchmark_metrics, compare, write_results
-from palign.shards import ShardWriter, reject_row
+from palign.core.prompts import BEGIN_DRAFT, END_DRAFT
+from palign.core.report import benchmark_metrics, compare, write_results
+from palign.core.shards import ShardWriter, reject_row
 from palign.stages.registry import REGISTRY
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from palign.runlock import LOCK_NAME, RunLock, RunLocked
+from palign.core.runlock import LOCK_NAME, RunLock, RunLocked
 
 
 def test_second_holder_refuses_naming_the_first(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from palign.search import BinarySearch, FixedRatioSearch, FullSearch, make_search, max_probes
+from palign.core.search import BinarySearch, FixedRatioSearch, FullSearch, make_search, max_probes
 
 
 def run(search, judge):

@@ -1,4 +1,4 @@
-"""Tests for palign.segment: exact sentences for each rule, plus offset invariants."""
+"""Tests for palign.core.segment: exact sentences for each rule, plus offset invariants."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from palign.segment import prefix, sentence_ends
+from palign.core.segment import prefix, sentence_ends
 
 
 def sentences(text: str) -> list[str]:

@@ -1,5 +1,5 @@
-"""palign.telemetry: a no-op without Ray, never raises, records what a batch says; the names Ray
-exports (measured on a local Ray: driver and actor, Prometheus endpoint); and the Grafana
+"""palign.runtime.telemetry: a no-op without Ray, never raises, records what a batch says; the
+names Ray exports (measured on a local Ray: driver and actor, Prometheus endpoint); and the Grafana
 dashboard uses exactly those names."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from palign import telemetry
+from palign.runtime import telemetry
 from palign.stages.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,11 +76,11 @@ def test_a_failing_metric_warns_once_and_never_raises(monkeypatch: pytest.Monkey
     monkeypatch.setattr(telemetry, "_warned", False)
     monkeypatch.setattr(telemetry, "enabled", lambda: True)
     monkeypatch.setattr(telemetry, "_build", broken)
-    with caplog.at_level(logging.WARNING, logger="palign.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="palign.runtime.telemetry"):
         telemetry.rows("align", rows_in=1)
         telemetry.train_step(1.0, 2.0)
         telemetry.stage_batch("align", 1, 1, 0, 1.0)
-    warnings = [r for r in caplog.records if r.name == "palign.telemetry"]
+    warnings = [r for r in caplog.records if r.name == "palign.runtime.telemetry"]
     assert len(warnings) == 1 and "rows failed" in warnings[0].getMessage()
 
 
@@ -185,7 +185,7 @@ def _record_all(stage: str) -> int:
     """Record every palign metric once under ``stage`` (and train); returns the process id."""
     import os
 
-    from palign import telemetry as t
+    from palign.runtime import telemetry as t
 
     t.rows(stage, rows_in=5, rows_out=4, rejected=1)
     t.judge_probes(stage, 7)

@@ -22,9 +22,9 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from palign.config import Config, parse_config
-from palign.prompts import training_target
-from palign.shards import REJECTS, ShardWriter, read_rows
+from palign.core.config import Config, parse_config
+from palign.core.prompts import training_target
+from palign.core.shards import REJECTS, ShardWriter, read_rows
 from palign.train.checkpoints import check_global_batch
 from palign.train.engine import lr_lambda
 from palign.train.loop import ENV_FAIL_AT_STEP

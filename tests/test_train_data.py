@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from palign.models import resolve_model
-from palign.prompts import student_question, training_target
+from palign.core.prompts import student_question, training_target
+from palign.engines.models import resolve_model
 from palign.train import attention
 from palign.train.data import (
     IGNORE_INDEX,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from palign.config import parse_config
+from palign.core.config import parse_config
 
 pytestmark = pytest.mark.slow
 

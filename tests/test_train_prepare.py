@@ -13,11 +13,11 @@ import torch
 from transformers import AutoTokenizer
 
 import palign.train.prepare as prepare_module
-from palign import storage
-from palign.config import Config, parse_config
-from palign.models import resolve_model
-from palign.prompts import training_target
-from palign.shards import REJECTS, ShardWriter, read_rows
+from palign.core import storage
+from palign.core.config import Config, parse_config
+from palign.core.prompts import training_target
+from palign.core.shards import REJECTS, ShardWriter, read_rows
+from palign.engines.models import resolve_model
 from palign.train.data import collate_packs, example_from_row, pack, pad_batch
 from palign.train.prepare import (
     PLAN,

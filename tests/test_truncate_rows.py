@@ -10,12 +10,12 @@ import threading
 
 import pytest
 
-from palign.config import TruncateSection
+from palign.core.config import TruncateSection
+from palign.core.search import max_probes
+from palign.core.segment import sentence_ends
 from palign.engines.base import Completion, LabelScores
 from palign.engines.guard import GuardedEngine
 from palign.engines.server import EngineServer
-from palign.search import max_probes
-from palign.segment import sentence_ends
 from palign.stages.truncate import truncate_rows
 
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from palign.verdict import enough_probability, parse_verdict, verdict_from_score
+from palign.core.verdict import enough_probability, parse_verdict, verdict_from_score
 
 
 @pytest.mark.parametrize("reply,expected", [

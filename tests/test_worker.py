@@ -10,10 +10,10 @@ import json
 
 import pytest
 
-from palign.config import parse_config
-from palign.failures import MachineryError
-from palign.shards import read_rows
-from palign.stages.worker import StageWorker
+from palign.core.config import parse_config
+from palign.core.failures import MachineryError
+from palign.core.shards import read_rows
+from palign.runtime.worker import StageWorker
 
 pytestmark = pytest.mark.slow
 

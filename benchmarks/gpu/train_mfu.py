@@ -141,7 +141,7 @@ def free_port() -> int:
 
 
 def train_config(args: argparse.Namespace, mode: str, total_steps: int) -> Any:
-    from palign.config import parse_config
+    from palign.core.config import parse_config
 
     long = mode == "palign-long"
 
@@ -229,7 +229,9 @@ def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]
         raise RuntimeError("no CUDA device (use --smoke on a CPU)")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
-    logging.basicConfig(level=logging.WARNING)
+    from palign.core.logs import setup_driver_logging
+
+    setup_driver_logging(logging.WARNING)
     for name in ("DeepSpeed", "deepspeed", "palign"):
         logging.getLogger(name).setLevel(logging.WARNING)
     total = args.warmup + args.steps

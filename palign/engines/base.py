@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from palign.prompts import Chat
+from palign.core.prompts import Chat
 
 
 @dataclass(frozen=True)

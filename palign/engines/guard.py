@@ -1,9 +1,9 @@
 """The engine as the stages see it: every exception it raises is a machinery failure.
 
 A row the engine cannot serve comes back with its ``error`` set (a row fault, see
-``palign.failures``); anything the engine *raises* (a dead engine core, a CUDA error, out of
+``palign.core.failures``); anything the engine *raises* (a dead engine core, a CUDA error, out of
 memory, a bug in the backend) says the machinery is unsound, so it becomes an
-:class:`~palign.failures.EngineFailure` that the stage worker hands to Ray instead of rejecting
+:class:`~palign.core.failures.EngineFailure` that the stage worker hands to Ray instead of rejecting
 the rows in flight.
 
 Test hook: when ``PALIGN_TEST_EXIT_ON_PROMPT`` is set in an engine's environment, a batch with a
@@ -19,8 +19,8 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from palign.core.failures import EngineFailure, MachineryError, describe
 from palign.engines.base import Chat, Completion, Engine, LabelScores, Sampling
-from palign.failures import EngineFailure, MachineryError, describe
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ def prepare_cpu_environment(spec: EngineSpec) -> None:
 
     Must run before vLLM is imported (it reads several of them at import time).
     """
-    from palign.models import default_cache_dir
+    from palign.engines.models import default_cache_dir
 
     cache = default_cache_dir()
     cpus = os.sched_getaffinity(0)

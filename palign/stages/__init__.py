@@ -1,4 +1,7 @@
-"""The pipeline's stages: Ray-free batch functions (generate, truncate, align, evaluate) with
-their definitions and shard I/O, and the Ray layer that runs them (``dataplane``, ``worker``,
-``runner``). The batch functions import the core and the engine interface only; Ray is imported
-by ``dataplane``, ``worker``, ``runner`` and ``source`` alone. Nothing here imports training."""
+"""The stages as Ray-free batch functions: generate, truncate, align, evaluate.
+
+Each module applies the core to one batch with an engine and ends with its ``Stage`` definition
+(``definition``: config section, model, whether it needs an engine or a grader, its metrics and
+summary), listed by name in ``registry``. They import the core and the engine interface
+(``palign.engines.base``) only: no Ray (the Ray layer, ``palign.runtime``, runs them), no
+training."""

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from palign.config import AlignSection
+from palign.core.config import AlignSection
+from palign.core.grading import Grader
+from palign.core.prompts import align_chat, training_target
 from palign.engines.base import Engine
-from palign.grading import Grader
-from palign.prompts import align_chat, training_target
 from palign.stages.definition import Stage, field_tokens
 from palign.stages.generate import sampling_for
 from palign.stages.outcome import Outcome, rejected

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from palign.config import Config
+from palign.core.config import Config
 from palign.stages.outcome import Outcome
 
 Row = dict[str, Any]
@@ -24,7 +24,8 @@ Process = Callable[[list[Row], Any, Any, Any], tuple[list[Outcome], int]]
 
 @dataclass(frozen=True)
 class BatchMetrics:
-    """What one batch of finished records adds to the stage's metrics (``palign.telemetry``)."""
+    """What one batch of finished records adds to the stage's metrics
+    (``palign.runtime.telemetry``)."""
 
     tokens: int = 0  # engine tokens the records account for
     probes: int = 0  # judge verdicts asked for
@@ -60,7 +61,7 @@ class Stage:
     engine_for: Callable[[Mapping[str, Sequence[Any]]], bool] = _every_row
     input_columns: tuple[str, ...] = ()
     metrics: Callable[[Sequence[Row]], BatchMetrics] = _no_metrics
-    # What a finished record puts in its shard's index (palign.shards): the few numbers the
+    # What a finished record puts in its shard's index (palign.core.shards): the few numbers the
     # summary needs, so that summaries never read whole rows. ``index_columns`` names them.
     index: Callable[[Row], dict[str, Any]] = _no_index
     # Where under the stage's folder a row's result goes ("" for the folder itself; evaluate:

@@ -2,7 +2,7 @@
 
 Input row: a benchmark problem (id, question, answer, benchmark). Output row: the problem plus
 ``samples``, one record per sample: sample index, output, output tokens, finish reason, and
-its grade in both extraction modes (see palign.grading): ``extracted``, ``correct`` and
+its grade in both extraction modes (see palign.core.grading): ``extracted``, ``correct`` and
 ``status`` (ok, no_answer, timeout, error) for the strict mode (the last box), and
 ``flexible_extracted``, ``flexible_correct`` and ``flexible_status`` for the flexible one
 (math-verify's own extraction over the whole output). A time-out counts as wrong and stays
@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from palign.config import EvaluateSection
+from palign.core.config import EvaluateSection
+from palign.core.grading import Grader
+from palign.core.prompts import student_question
 from palign.engines.base import Engine
-from palign.grading import Grader
-from palign.prompts import student_question
 from palign.stages.definition import BatchMetrics, Row, Stage
 from palign.stages.generate import sampling_for
 from palign.stages.outcome import Outcome, rejected
@@ -67,7 +67,7 @@ def batch_metrics(records: Sequence[Row]) -> BatchMetrics:
 
 
 # Its engine serves each model under test in turn (the runner names it per run); the results
-# tables are its summary (palign.report).
+# tables are its summary (palign.core.report).
 EVALUATE = Stage(
     name="evaluate",
     model=lambda cfg: None,

@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from palign.config import GenerateSection
+from palign.core.config import GenerateSection
+from palign.core.prompts import teacher_chat
 from palign.engines.base import Engine, Sampling
-from palign.prompts import teacher_chat
 from palign.stages.definition import Stage, field_tokens
 from palign.stages.outcome import Outcome, rejected
 

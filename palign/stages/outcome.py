@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from palign.failures import ROW
+from palign.core.failures import ROW
 
 
 @dataclass
@@ -13,7 +13,7 @@ class Outcome:
     id: str
     record: dict[str, Any] | None = None  # the output row, when the row went through
     reason: str | None = None  # why it was rejected, otherwise
-    kind: str = ROW  # whose fault the reject is: "row" or "system" (see palign.failures)
+    kind: str = ROW  # whose fault the reject is: "row" or "system" (see palign.core.failures)
 
     @property
     def ok(self) -> bool:

@@ -29,20 +29,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from palign.config import TruncateSection
-from palign.engines.base import Completion, Engine, LabelScores, Sampling
-from palign.prompts import judge_chat
-from palign.search import PrefixSearch, make_search
-from palign.segment import prefix, sentence_ends
-from palign.stages.definition import BatchMetrics, Row, Stage
-from palign.stages.outcome import Outcome, rejected
-from palign.verdict import (
+from palign.core.config import TruncateSection
+from palign.core.prompts import judge_chat
+from palign.core.search import PrefixSearch, make_search
+from palign.core.segment import prefix, sentence_ends
+from palign.core.verdict import (
     LABELS,
     NOT_ENOUGH,
     enough_probability,
     parse_verdict,
     verdict_from_score,
 )
+from palign.engines.base import Completion, Engine, LabelScores, Sampling
+from palign.stages.definition import BatchMetrics, Row, Stage
+from palign.stages.outcome import Outcome, rejected
 
 
 class _InFlight:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from palign.config import Config, TrainSection
+from palign.core.config import Config, TrainSection
 from palign.train.checkpoints import LocalResume, Resume
 from palign.train.paths import CHECKPOINT_PREFIX, STATE_FILE, checkpoint_name, run_dir
 

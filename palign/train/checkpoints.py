@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from palign.config import TrainSection
-from palign.shards import replace_atomically
+from palign.core.config import TrainSection
+from palign.core.shards import replace_atomically
 from palign.train.paths import DS_TAG, STATE_FILE
 
 logger = logging.getLogger("palign.train.checkpoints")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from palign.config import Config, TrainSection
+from palign.core.config import Config, TrainSection
 from palign.train.data import token_loss_sum
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from palign import storage
+from palign.core import storage
 
 logger = logging.getLogger(__name__)
 

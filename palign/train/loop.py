@@ -69,9 +69,9 @@ from typing import Any
 
 import torch
 
-from palign import storage
-from palign.config import Config, parse_config
-from palign.logs import quiet_console
+from palign.core import storage
+from palign.core.config import Config, parse_config
+from palign.core.logs import setup_rank_logging
 from palign.train import checkpoints
 from palign.train.backend import Backend, start
 from palign.train.data import IGNORE_INDEX, Pack, collate_packs, pad_batch
@@ -330,12 +330,7 @@ def _finish(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
 
 
 def _setup_logging() -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("palign").setLevel(logging.INFO)
-    quiet_console()  # e.g. Ray Train's "Reporting training result" line, per rank and step
+    setup_rank_logging()
     # Said once per rank and about DeepSpeed's own calls into torch, not about this run.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     from transformers.utils import logging as hf_logging
@@ -352,7 +347,7 @@ def _setup_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m palign.train.loop CONFIG`` (under torchrun): one worker of a torchrun job."""
-    from palign.config import load_config
+    from palign.core.config import load_config
 
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc-per-node N -m palign.train.loop",

@@ -1,6 +1,7 @@
 """The student as training sees it: its dtype, its attention, its partitioning.
 
-``load_student`` loads ``models.student`` (``palign.models.resolve_model``) in ``train.dtype``
+``load_student`` loads ``models.student`` (``palign.engines.models.resolve_model``) in
+``train.dtype``
 (``auto``: bf16 on a GPU that has it, fp32 otherwise) with the attention ``train.attention``
 picks (``palign.train.attention``), gradient checkpointing per config, and, with
 ``train.sequence_parallel_size`` > 1, the Ulysses wrapping around its attention.
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from palign.config import Config, TrainSection
+from palign.core.config import Config, TrainSection
 from palign.engines.hf_engine import resolve_dtype as resolve_dtype_name
 from palign.train import attention
 
@@ -32,7 +33,7 @@ def load_student(cfg: Config, dtype: torch.dtype, device: torch.device,
     the whole model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from palign.models import resolve_model
+    from palign.engines.models import resolve_model
     from palign.train.engine import deepspeed_config
 
     tc = cfg.train

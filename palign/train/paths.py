@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from palign import storage
-from palign.config import Config
+from palign.core import storage
+from palign.core.config import Config
 
 DS_TAG = "ds"  # DeepSpeed's checkpoint tag (sub-folder) inside each checkpoint directory
 STATE_FILE = "train_state.json"  # written by rank 0 last: marks a checkpoint complete

@@ -49,9 +49,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from palign import storage
-from palign.config import Config
-from palign.shards import (
+from palign.core import storage
+from palign.core.config import Config
+from palign.core.shards import (
     FILE,
     REJECTS,
     read_committed,
@@ -252,7 +252,7 @@ def _read_parquet(path: str) -> pa.Table:
 def _tokenizer(student: str, cache_dir: str | None) -> Any:
     from transformers import AutoTokenizer
 
-    from palign.models import resolve_model
+    from palign.engines.models import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model(student, cache_dir))
 

@@ -1,7 +1,7 @@
 """The Ray side of training, both ends of it: the only part of the loop that imports Ray.
 
 - Driver: ``fit(cfg, train_fn, ...)`` runs ``palign.train.loop.train_worker`` in a Ray Train
-  ``TorchTrainer`` of ``train.num_workers`` workers (resources from ``palign.stages.resources``),
+  ``TorchTrainer`` of ``train.num_workers`` workers (resources from ``palign.runtime.resources``),
   storage ``<storage_path>/<run.name>-train``, keeping ``train.keep_checkpoints`` checkpoints and
   restarting the worker group up to ``train.max_failures`` times.
 - Worker: ``RayBackend``: rank, world and device from ``ray.train.get_context()``; each rank
@@ -14,7 +14,7 @@
   same run is started again) is the one to resume from: used in place on a local or shared
   file system, else each rank copies only the files it needs from the storage
   (``palign.train.checkpoints.RemoteResume``). Each step's loss
-  and throughput also go to the Prometheus gauges of ``palign.telemetry`` (rank 0).
+  and throughput also go to the Prometheus gauges of ``palign.runtime.telemetry`` (rank 0).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import ray.train
 import torch
 
-from palign import telemetry
-from palign.config import Config, TrainSection
+from palign.core.config import Config, TrainSection
+from palign.runtime import telemetry
 from palign.train.backend import Backend, device_for
 from palign.train.checkpoints import LocalResume, RemoteResume, Resume
 from palign.train.paths import checkpoint_name
@@ -101,8 +101,8 @@ def fit(cfg: Config, train_fn: Any, worker_config: dict[str, Any], env: dict[str
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from palign import storage
-    from palign.stages.resources import train_request
+    from palign.core import storage
+    from palign.runtime.resources import train_request
     from palign.train.paths import run_name, storage_path
 
     tc = cfg.train

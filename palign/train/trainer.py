@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from palign import storage
-from palign.config import Config
-from palign.shards import shard_files
+from palign.core import storage
+from palign.core.config import Config
+from palign.core.shards import shard_files
 from palign.train.paths import DATA_KEY, run_name, storage_path
 from palign.train.prepare import NoTrainableRows, prepare
 
@@ -116,8 +116,8 @@ def run_train(cfg: Config) -> TrainResult:
     aligned shards, and Ray's ``TrainingFailedError`` when the workers fail more than
     ``train.max_failures`` times (the checkpoints stay; run again to resume).
     """
-    from palign.models import resolve_model
-    from palign.stages.runner import init_ray
+    from palign.engines.models import resolve_model
+    from palign.runtime.runner import init_ray
 
     started = time.time()
     tc = cfg.train

@@ -521,15 +521,15 @@ class Config(_Strict):
         return self.models.judge or self.models.student
 
     def stage_dir(self, stage: str) -> str:
-        """``<output_dir>/<stage>``: a local path or a URI (``palign.storage``)."""
-        from palign import storage
+        """``<output_dir>/<stage>``: a local path or a URI (``palign.core.storage``)."""
+        from palign.core import storage
 
         return storage.join(self.run.output_dir, stage)
 
     def trained_model_dir(self) -> str:
         """Where train exports the student: ``<output_dir>/train/model``, absolute (a path or a
         URI); what evaluate's ``trained`` model is."""
-        from palign import storage
+        from palign.core import storage
 
         return storage.join(storage.absolute(self.stage_dir("train")), "model")
 

@@ -5,7 +5,7 @@ and the output's indexes (the ids done), and makes one read item per input shard
 has rows to do, each with the ids to skip in it (usually none: only shards a killed run was
 halfway through have any). Ray Data tasks then read those shards where the data lives and hand
 ``{"id", "record"}`` rows (the record as JSON text) to the stage's actor pool; the workers write
-the results themselves (``palign.stages.worker``), and only counts come back to the driver.
+the results themselves (``palign.runtime.worker``), and only counts come back to the driver.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from palign import storage
-from palign.shards import FILE, read_index, read_shard, shard_index
+from palign.core import storage
+from palign.core.shards import FILE, read_index, read_shard, shard_index
 
 READ_COLUMNS = ("id", "record")
 

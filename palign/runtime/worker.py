@@ -2,12 +2,12 @@
 
 Rows travel as JSON text in a ``record`` column: stage records are nested and vary from row to
 row (a reject carries the raw input), which Arrow schemas handle badly. The worker writes its
-batch's results itself, where the run's output lives (``palign.shards``: a shard named after
+batch's results itself, where the run's output lives (``palign.core.shards``: a shard named after
 the stage's run token and the batch's ids, rejects first, the output's index last as the
 batch's commit); only counts go back to the driver. A batch whose commit is already there (Ray
 retried a task whose write had finished) is not served again.
 
-Failures (``palign.failures``):
+Failures (``palign.core.failures``):
 
 - The engine and the grading worker are started in the constructor: a model that does not load
   or a grader that cannot start fails the actor's start, which Ray Data retries
@@ -34,19 +34,19 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from palign import storage, telemetry
-from palign.attempts import AttemptLedger
-from palign.config import Config, EngineConfig
-from palign.engines.base import EngineSpec
-from palign.engines.guard import GuardedEngine
-from palign.failures import SYSTEM, MachineryError, StageFailed, describe, is_machinery
-from palign.logs import setup_actor_logging
-from palign.shards import (
+from palign.core import storage
+from palign.core.attempts import AttemptLedger
+from palign.core.config import Config, EngineConfig
+from palign.core.failures import SYSTEM, MachineryError, StageFailed, describe, is_machinery
+from palign.core.logs import setup_actor_logging
+from palign.core.shards import (
     INDEX,
     REJECTS,
     batch_stem,
@@ -58,6 +58,9 @@ from palign.shards import (
     reject_row,
     write_shard,
 )
+from palign.engines.base import EngineSpec
+from palign.engines.guard import GuardedEngine
+from palign.runtime import telemetry
 from palign.stages.outcome import Outcome, rejected
 from palign.stages.registry import REGISTRY
 
@@ -68,7 +71,7 @@ MACHINERY_EXIT_CODE = 75  # the actor's exit status after a machinery fault (Ray
 
 def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0,
                 stage: str = "engine") -> EngineSpec:
-    from palign.stages.resources import engine_request
+    from palign.runtime.resources import engine_request
 
     return EngineSpec(
         model=model_path,
@@ -89,6 +92,20 @@ def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0,
     )
 
 
+
+def actor_log_dir() -> Path:
+    """The Ray session's log folder when this process belongs to a Ray session, else a
+    temporary folder."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # the session this worker belongs to
+        if node is not None:
+            return Path(node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001 - not in a Ray session
+        pass
+    return Path(tempfile.gettempdir())
+
 class StageWorker:
     """``map_batches`` callable: batch of ``{"id", "record"}`` in, outcomes out.
 
@@ -98,7 +115,7 @@ class StageWorker:
 
     def __init__(self, cfg_raw: dict[str, Any], stage: str, model: str | None = None,
                  ledger: Any = None, token: str | None = None) -> None:
-        setup_actor_logging(stage)
+        setup_actor_logging(stage, actor_log_dir())
         self.cfg = Config.model_validate(cfg_raw)
         self.stage = stage
         self.definition = REGISTRY[stage]
@@ -117,8 +134,8 @@ class StageWorker:
 
     def _build_engine(self) -> GuardedEngine:
         from palign.engines import build_engine
+        from palign.engines.models import resolve_model
         from palign.engines.server import EngineServer
-        from palign.models import resolve_model
 
         path = resolve_model(self.model, self.cfg.models.cache_dir)
         engine = build_engine(engine_spec(self.section.engine, path, self.cfg.run.seed,
@@ -127,7 +144,7 @@ class StageWorker:
         return GuardedEngine(EngineServer(engine, self.section.engine.max_in_flight))
 
     def _start_grader(self) -> Any:
-        from palign.grading import Grader
+        from palign.core.grading import Grader
 
         grader = Grader(timeout_s=self.section.grade_timeout_s)
         grader.start()  # GraderUnavailable: the actor does not start

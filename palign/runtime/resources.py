@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from palign.config import Config, ConfigError, EngineConfig, TrainSection
+from palign.core.config import Config, ConfigError, EngineConfig, TrainSection
 from palign.stages.registry import REGISTRY
 
 TP_STRATEGY = "STRICT_PACK"  # every tensor-parallel rank of a replica on one node

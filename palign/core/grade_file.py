@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from palign.grading import FLEXIBLE, STRICT, ExtractMode, Grader
-from palign.metrics import grade_figures
+from palign.core.grading import FLEXIBLE, STRICT, ExtractMode, Grader
+from palign.core.metrics import grade_figures
 
 # The --extract choices and the modes each one grades.
 EXTRACT_CHOICES: dict[str, tuple[ExtractMode, ...]] = {

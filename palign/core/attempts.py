@@ -2,7 +2,7 @@
 
 When an engine actor dies (its process killed, an engine that raised, a CUDA error), Ray restarts
 it and retries the batch it held. Nothing inside the dead process survives, so the actors keep
-this ledger outside themselves (one Ray actor per stage run, see ``palign.stages.worker``); this
+this ledger outside themselves (one Ray actor per stage run, see ``palign.runtime.worker``); this
 module is its logic, plain Python.
 
 Protocol, per batch: ``crashed(ids)`` first (an id still open from an earlier attempt means that

@@ -6,7 +6,7 @@ The evaluate stage leaves one folder of shards per model label and benchmark,
 and two PNGs next to them; ``compare`` reads several runs' ``results.json`` and puts their
 numbers side by side (the comparison arms of an experiment are separate runs).
 
-Every sample is graded in two extraction modes (palign.grading): strict (the last box) and
+Every sample is graded in two extraction modes (palign.core.grading): strict (the last box) and
 flexible (math-verify's own extraction, as papers' labels often are). The strict figures keep
 their plain names (``pass@1``, ``no_answer_share``, ...); the flexible ones sit in a
 ``flexible`` object with the same keys, None for rows graded before flexible grading existed.
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from palign import storage
-from palign.grading import FLEXIBLE, STATUS_ERROR, STATUS_TIMEOUT
-from palign.metrics import grade_figures
-from palign.prompts import BEGIN_DRAFT, END_DRAFT
-from palign.shards import REJECTS, read_index, read_rows
+from palign.core import storage
+from palign.core.grading import FLEXIBLE, STATUS_ERROR, STATUS_TIMEOUT
+from palign.core.metrics import grade_figures
+from palign.core.prompts import BEGIN_DRAFT, END_DRAFT
+from palign.core.shards import REJECTS, read_index, read_rows
 
 log = logging.getLogger(__name__)
 

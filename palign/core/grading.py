@@ -7,7 +7,7 @@ context (no fork of a threaded parent such as a Ray actor or a vLLM engine), one
 over a Pipe. The parent times every check with ``conn.poll``; when one runs past the limit the
 worker is killed, the check counts as wrong with status ``"timeout"``, and a fresh worker is
 started lazily at the next call. A worker that cannot start (math_verify missing or broken, no
-process to spawn) raises :class:`~palign.failures.GraderUnavailable`: a failure of the
+process to spawn) raises :class:`~palign.core.failures.GraderUnavailable`: a failure of the
 machinery, never a wrong answer.
 
 Two ways to find the model's answer (the extraction mode of a check):
@@ -43,7 +43,7 @@ from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any, Literal
 
-from palign.failures import GraderUnavailable, describe
+from palign.core.failures import GraderUnavailable, describe
 
 log = logging.getLogger(__name__)
 

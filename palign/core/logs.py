@@ -1,10 +1,11 @@
-"""Logging set-up for the driver and for engine actors: a console a person can read, and the
-full logs in Ray's log folder.
+"""Logging set-ups, all of them: the ``palign`` command's console, a benchmark's, a training
+rank's, and an engine actor's (a console a person can read, the full logs in a file).
 
 Ray streams every actor's stderr to the driver's console. An engine actor logs a great deal
 that matters only when something is wrong (vLLM's start-up report, CPU tuning advice, library
 deprecation warnings), so in an actor everything goes to a file in the Ray session's log folder
-(``<session>/logs/palign-<name>-<pid>.log``) and only palign's own lines, and errors from any
+(``<session>/logs/palign-<name>-<pid>.log``, the folder chosen by ``palign.runtime.worker``)
+and only palign's own lines, and errors from any
 library, reach the console.
 """
 
@@ -13,16 +14,25 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DRIVER_FORMAT = "%(asctime)s %(name)s: %(message)s"
 
 
-def setup_driver_logging() -> None:
-    """The ``palign`` command's console: palign's INFO lines, other libraries' warnings."""
-    logging.basicConfig(level=logging.INFO, format=DRIVER_FORMAT)
+def setup_driver_logging(level: int = logging.INFO) -> None:
+    """A command's console (``palign``, a benchmark: ``level=logging.WARNING``): records from
+    ``level`` up, without a level column. A process that already has handlers keeps them."""
+    logging.basicConfig(level=level, format=DRIVER_FORMAT)
+
+
+def setup_rank_logging() -> None:
+    """A training rank's console: palign's INFO lines and any library's errors, whether Ray
+    Train set up this process's logging (its per-rank report lines go to its own files under
+    the session's ``logs/train/``) or nobody did (torchrun)."""
+    logging.basicConfig(level=logging.INFO, format=FORMAT)
+    logging.getLogger("palign").setLevel(logging.INFO)
+    quiet_console()
 
 
 class _ConsoleFilter(logging.Filter):
@@ -45,26 +55,12 @@ def quiet_console() -> None:
                 handler.addFilter(_ConsoleFilter())
 
 
-def actor_log_dir() -> Path:
-    """The Ray session's log folder when this process belongs to a Ray session, else a
-    temporary folder."""
-    try:
-        import ray
-
-        node = ray._private.worker._global_node  # the session this worker belongs to
-        if node is not None:
-            return Path(node.get_logs_dir_path())
-    except Exception:  # noqa: BLE001 - not in a Ray session
-        pass
-    return Path(tempfile.gettempdir())
-
-
-def setup_actor_logging(name: str) -> Path:
-    """Route this actor process's logs: all of them to a file in Ray's log folder, the lines a
-    person needs to the console (see module doc). Call before the engine's library is imported
-    (vLLM reads ``VLLM_CONFIGURE_LOGGING`` then). Returns the log file's path."""
+def setup_actor_logging(name: str, log_dir: Path) -> Path:
+    """Route this actor process's logs: all of them to ``<log_dir>/palign-<name>-<pid>.log``,
+    the lines a person needs to the console (see module doc). Call before the engine's library
+    is imported (vLLM reads ``VLLM_CONFIGURE_LOGGING`` then). Returns the log file's path."""
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM's records go through ours
-    path = actor_log_dir() / f"palign-{name}-{os.getpid()}.log"
+    path = log_dir / f"palign-{name}-{os.getpid()}.log"
     root = logging.getLogger()
     if getattr(root, "_palign_log_file", None) == str(path):
         return path

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from palign import storage
+from palign.core import storage
 
 logger = logging.getLogger(__name__)
 

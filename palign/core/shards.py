@@ -1,5 +1,5 @@
-"""Shards on any storage (``palign.storage``): written whole, committed by an index, read back by
-id, so a killed or retried stage leaves every id exactly once.
+"""Shards on any storage (``palign.core.storage``): written whole, committed by an index, read
+back by id, so a killed or retried stage leaves every id exactly once.
 
 A stage folder holds data shards (``part-<stem>.jsonl`` or ``.parquet``) and, for each
 committed one, its index ``_index/part-<stem>.jsonl.parquet``: the shard's ids in row order,
@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from palign import storage
-from palign.failures import ROW, SYSTEM
+from palign.core import storage
+from palign.core.failures import ROW, SYSTEM
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def replace_atomically(path: str | Path, data: bytes) -> None:
 def reject_row(row_id: str, stage: str, reason: str, row: Any = None,
                kind: str = ROW) -> dict[str, Any]:
     """The shape of every rejects file row: the id, the stage, why, whose fault it is (``row``
-    or ``system``, see ``palign.failures``), and the row as it came."""
+    or ``system``, see ``palign.core.failures``), and the row as it came."""
     return {"id": _clean_text(str(row_id)), "stage": stage, "reason": _clean_text(reason),
             "kind": kind, "row": _writable(row)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from palign.grading import STATUS_ERROR, STATUS_NO_ANSWER, STATUS_TIMEOUT
+from palign.core.grading import STATUS_ERROR, STATUS_NO_ANSWER, STATUS_TIMEOUT
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

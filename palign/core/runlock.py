@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from palign import storage
+from palign.core import storage
 
 log = logging.getLogger(__name__)
 

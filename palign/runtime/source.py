@@ -19,10 +19,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from palign import storage
-from palign.config import DataSection
-from palign.ingest import Rejected, SourceFile, read_file, source_files, validate_row
-from palign.shards import (
+from palign.core import storage
+from palign.core.config import DataSection
+from palign.core.ingest import Rejected, SourceFile, read_file, source_files, validate_row
+from palign.core.shards import (
     DONE_MARKER,
     FILE,
     REJECTS,

@@ -4,14 +4,14 @@ the results where the run's output lives.
 
 A stage's input is the output of the closest earlier stage the config lists; the first listed
 stage reads the ingested data (``<output_dir>/ingest/``, written once by parallel tasks,
-``palign.stages.source``). The driver only plans from indexes (``palign.stages.dataplane``),
+``palign.runtime.source``). The driver only plans from indexes (``palign.runtime.dataplane``),
 watches progress and adds up counts: no row passes through it, so ``run.output_dir`` may be a
-local folder, a shared mount or ``s3://``/``gs://`` (``palign.storage``).
+local folder, a shared mount or ``s3://``/``gs://`` (``palign.core.storage``).
 
-A stage ends in one of two ways: its summary, or :class:`~palign.failures.StageFailed` with a
+A stage ends in one of two ways: its summary, or :class:`~palign.core.failures.StageFailed` with a
 message for a person, after keeping what it wrote. It fails when its engine keeps failing, when
 its rejects pass ``<stage>.max_reject_share`` of its rows, or when no row came out of it. A
-whole run holds ``<output_dir>/_LOCK`` (``palign.runlock``): a second run on the same folder
+whole run holds ``<output_dir>/_LOCK`` (``palign.core.runlock``): a second run on the same folder
 refuses to start.
 """
 
@@ -25,11 +25,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from palign import storage
-from palign.config import STAGES, Benchmark, Config, DataSection, EvalModel, FieldNames
-from palign.failures import StageFailed, describe, reject_share_error
-from palign.ingest import source_files
-from palign.shards import (
+from palign.core import storage
+from palign.core.config import STAGES, Benchmark, Config, DataSection, EvalModel, FieldNames
+from palign.core.failures import StageFailed, describe, reject_share_error
+from palign.core.ingest import source_files
+from palign.core.shards import (
     DONE_MARKER,
     REJECTS,
     clean_uncommitted,
@@ -40,11 +40,11 @@ from palign.shards import (
     reject_reasons,
     release_rejects,
 )
-from palign.stages.dataplane import Plan, dataset, plan
+from palign.runtime.dataplane import Plan, dataset, plan
+from palign.runtime.resources import batches_per_replica, engine_pool_kwargs, engine_request
+from palign.runtime.source import finish_ingest, ingest_block
+from palign.runtime.worker import StageWorker
 from palign.stages.registry import REGISTRY
-from palign.stages.resources import batches_per_replica, engine_pool_kwargs, engine_request
-from palign.stages.source import finish_ingest, ingest_block
-from palign.stages.worker import StageWorker
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def ingest(cfg: Config) -> str:
 
 def _ingest_once(cfg: Config, folder: str, data: DataSection) -> None:
     """Validate the source into ``folder`` with one Ray Data task per source file, then settle
-    limits and repeated ids from the indexes (``palign.stages.source``). A finished ingest
+    limits and repeated ids from the indexes (``palign.runtime.source``). A finished ingest
     (``_DONE``) is kept; an unfinished one is redone."""
     if storage.exists(storage.join(folder, DONE_MARKER)):
         return
@@ -216,7 +216,7 @@ def _stream(cfg: Config, stage: str, work: Plan,
     write the results. Returns (rows done, engine calls, engine tallies: see
     ``StageSummary.engine``)."""
     if model is not None and not storage.is_uri(model):
-        from palign.models import resolve_model
+        from palign.engines.models import resolve_model
 
         # Materialise short-name models once here, not in every actor at once (a folder on
         # object storage is staged by each node's actors instead: the driver needs no copy).
@@ -231,7 +231,7 @@ def _stream(cfg: Config, stage: str, work: Plan,
     done = calls = 0
     tally = {"prompt_tokens": 0, "cached_tokens": 0, "peak_in_flight": 0}
     # The pool's resources (GPUs, a placement group per tensor-parallel replica) come from
-    # palign.stages.resources; its placement groups are removed when the stage ends.
+    # palign.runtime.resources; its placement groups are removed when the stage ends.
     try:
         per_replica = batches_per_replica(engine.max_in_flight, engine.batch_size)
         with engine_pool_kwargs(engine_request(stage, engine), per_replica) as pool:
@@ -266,12 +266,12 @@ def _stream(cfg: Config, stage: str, work: Plan,
 
 
 def start_ledger(max_row_attempts: int, max_failures: int) -> Any:
-    """The stage's attempt ledger (``palign.attempts``), a Ray actor on this (the driver's)
+    """The stage's attempt ledger (``palign.core.attempts``), a Ray actor on this (the driver's)
     node, so that it outlives any engine actor and any worker node."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from palign.attempts import AttemptLedger
+    from palign.core.attempts import AttemptLedger
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return (ray.remote(AttemptLedger)
@@ -333,7 +333,7 @@ def eval_model_path(cfg: Config, model: EvalModel) -> str:
 def run_evaluate_stage(cfg: Config) -> StageSummary:
     """Every model under test on every benchmark, n graded samples per problem; then the
     results table and plots. Resumes per (model, benchmark) folder by id."""
-    from palign.report import write_results
+    from palign.core.report import write_results
 
     start = time.time()
     cfg = with_absolute_paths(cfg)

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from palign import storage
-from palign.config import DataSection
+from palign.core import storage
+from palign.core.config import DataSection
 
 log = logging.getLogger(__name__)
 

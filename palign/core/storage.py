@@ -7,7 +7,7 @@ credentials for ``gs://``), so nothing here is palign-specific configuration.
 
 Object stores have no rename and no append: a file appears whole or not at all when its upload
 ends. ``write_bytes`` therefore writes whole objects (and, on a local disk, writes beside the
-target and renames), and palign's exactly-once rules (``palign.shards``) are built on whole
+target and renames), and palign's exactly-once rules (``palign.core.shards``) are built on whole
 writes under deterministic names plus a commit marker, never on renames.
 """
 
