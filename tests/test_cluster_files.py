@@ -61,6 +61,13 @@ def _job_env() -> dict[str, str]:
     return _load(ROOT / "ray_jobs" / "runtime_env.yaml")["env_vars"]
 
 
+def test_job_env_names_come_from_the_one_list() -> None:
+    """A job's variables are the ones a local run forwards to its workers: one list of names."""
+    from palign.runtime.environment import FORWARDED_ENV
+
+    assert set(_job_env()) <= set(FORWARDED_ENV), set(_job_env()) - set(FORWARDED_ENV)
+
+
 def _active_text(path: Path) -> str:
     """A YAML file without its comments (the options it only describes)."""
     return "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())

@@ -41,6 +41,7 @@ from palign.core.shards import (
     release_rejects,
 )
 from palign.runtime.dataplane import Plan, dataset, plan
+from palign.runtime.environment import forwarded_env
 from palign.runtime.resources import batches_per_replica, engine_pool_kwargs, engine_request
 from palign.runtime.source import finish_ingest, ingest_block
 from palign.runtime.worker import StageWorker
@@ -93,10 +94,9 @@ def init_ray(cfg: Config) -> None:
     if address is None:
         # "local", not None: ray.init(None) joins any cluster `ray start` left on this machine.
         address = "local"
-        # A local Ray: forward the model cache settings to its workers. A job's workers get
-        # them from the job's runtime_env (ray_jobs/runtime_env.yaml) instead.
-        env = {k: os.environ[k] for k in ("PALIGN_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE")
-               if k in os.environ}
+        # A local Ray: forward the driver's settings to its workers. A job's workers get them
+        # from the job's runtime_env (ray_jobs/runtime_env.yaml) instead.
+        env = forwarded_env()
         if env:
             kwargs["runtime_env"] = {"env_vars": env}
         dashboard = cfg.ray.include_dashboard

@@ -47,14 +47,12 @@ from typing import Any
 from palign.core import storage
 from palign.core.config import Config
 from palign.core.shards import shard_files
+from palign.runtime.environment import forwarded_env
 from palign.train.paths import DATA_KEY, run_name, storage_path
 from palign.train.prepare import NoTrainableRows, prepare
 
 logger = logging.getLogger(__name__)
 
-# Forwarded from the driver's environment to the training workers when set.
-FORWARDED_ENV = ("PALIGN_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                 "TORCH_EXTENSIONS_DIR", "PALIGN_DS_SHM_COMM", "PALIGN_TRAIN_FAIL_AT_STEP")
 
 
 class TrainStageError(RuntimeError):
@@ -99,7 +97,7 @@ def worker_env() -> dict[str, str]:
     """
     import palign
 
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = forwarded_env()
     root = Path(palign.__file__).resolve().parent.parent
     installed = any(part in ("site-packages", "dist-packages") for part in root.parts)
     if not installed:
