@@ -59,7 +59,7 @@ from palign.core.shards import read_rows  # noqa: E402
 from palign.train.data import (  # noqa: E402
     IGNORE_INDEX,
     Example,
-    Rejected,
+    Untrainable,
     collate_packs,
     example_from_row,
     pack,
@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"seed {args.seed})")
     built = [example_from_row(tokenizer, r, args.seq_len) for r in rows]
     examples = [e for e in built if isinstance(e, Example)]
-    rejected = [e for e in built if isinstance(e, Rejected)]
+    rejected = [e for e in built if isinstance(e, Untrainable)]
     lengths = sorted(len(e) for e in examples)
 
     packs = pack(examples, args.seq_len, pad_id)

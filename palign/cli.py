@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from palign.core.runlock import RunLocked
     from palign.pipeline import run_pipeline
-    from palign.runtime.runner import StageError, format_summary
+    from palign.runtime.runner import StageError
+    from palign.runtime.summary import format_summary
 
     start = time.time()
     stages = None if args.command == "run" else [args.command]

@@ -12,15 +12,9 @@ from palign.core import storage
 from palign.core.config import Config
 from palign.core.failures import StageFailed
 from palign.core.shards import reject_reasons
-from palign.runtime.runner import (
-    StageError,
-    StageSummary,
-    _last_error_line,
-    ingest_summary,
-    init_ray,
-    run_evaluate_stage,
-    run_stage,
-)
+from palign.runtime.evaluate import run_evaluate_stage
+from palign.runtime.runner import StageError, init_ray, run_stage
+from palign.runtime.summary import StageSummary, ingest_summary, last_error_line
 
 
 def run_train_stage(cfg: Config) -> StageSummary:
@@ -34,7 +28,7 @@ def run_train_stage(cfg: Config) -> StageSummary:
         raise
     except Exception as err:  # noqa: BLE001 - Ray Train's wrapping of what failed the workers
         raise StageFailed(f"train failed (its checkpoints stay; run again to resume): "
-                          f"{_last_error_line(err)}") from err
+                          f"{last_error_line(err)}") from err
     summary = StageSummary(
         "train", rows_in=res.rows_used + res.rows_rejected, rows_out=res.rows_used,
         rejected=res.rows_rejected, processed=res.rows_used, wall_s=res.wall_s,

@@ -19,7 +19,7 @@ from palign.train import attention
 from palign.train.data import (
     IGNORE_INDEX,
     Example,
-    Rejected,
+    Untrainable,
     build_example,
     collate_packs,
     example_from_row,
@@ -92,13 +92,13 @@ def test_overlong_rows_are_rejected_with_their_length_or_truncated(tokenizer):
     full = example_from_row(tokenizer, row, max_len=10_000)
     assert isinstance(full, Example) and len(full) > 100
     rejected = example_from_row(tokenizer, row, max_len=100)
-    assert rejected == Rejected("long", f"{len(full)} tokens > max_len 100")
+    assert rejected == Untrainable("long", f"{len(full)} tokens > max_len 100")
     cut = example_from_row(tokenizer, row, max_len=100, overlong="truncate")
     assert isinstance(cut, Example) and cut.truncated and len(cut) == 100
     assert cut.input_ids == full.input_ids[:100] and cut.labels == full.labels[:100]
     # A prompt alone over max_len leaves nothing to learn: rejected even when truncating.
     nothing = build_example(tokenizer, QUESTION * 40, TARGET, 100, "truncate", example_id="q")
-    assert isinstance(nothing, Rejected) and "no supervised token" in nothing.reason
+    assert isinstance(nothing, Untrainable) and "no supervised token" in nothing.reason
     assert re.match(r"^\d+ tokens > max_len 100", nothing.reason)
 
 

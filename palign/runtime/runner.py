@@ -19,31 +19,33 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from palign.core import storage
-from palign.core.config import STAGES, Benchmark, Config, DataSection, EvalModel, FieldNames
-from palign.core.failures import StageFailed, describe, reject_share_error
+from palign.core.config import STAGES, Config, DataSection
+from palign.core.failures import StageFailed
 from palign.core.ingest import source_files
 from palign.core.shards import (
     DONE_MARKER,
     REJECTS,
     clean_uncommitted,
-    count_rows,
     done_index,
     new_token,
-    read_index,
-    reject_reasons,
     release_rejects,
 )
 from palign.runtime.dataplane import Plan, dataset, plan
 from palign.runtime.environment import forwarded_env
 from palign.runtime.resources import batches_per_replica, engine_pool_kwargs, engine_request
 from palign.runtime.source import finish_ingest, ingest_block
+from palign.runtime.summary import (
+    StageSummary,
+    engine_stats,
+    fill_totals,
+    ingest_summary,
+    last_error_line,
+)
 from palign.runtime.worker import StageWorker
 from palign.stages.registry import REGISTRY
 
@@ -52,34 +54,6 @@ log = logging.getLogger(__name__)
 
 class StageError(RuntimeError):
     """A stage that cannot start (its input is missing); raised before any work."""
-
-
-@dataclass
-class StageSummary:
-    stage: str
-    rows_in: int = 0
-    rows_out: int = 0
-    rejected: int = 0
-    skipped: int = 0  # done by an earlier run, not redone
-    processed: int = 0  # sent through the actor pool by this run
-    engine_calls: int = 0
-    # This run's engine work: prompt tokens answered, how many its prefix caches served, and
-    # the most requests one replica's engine held at once.
-    engine: dict[str, int] = field(default_factory=dict)
-    wall_s: float = 0.0
-    stats: dict[str, float] = field(default_factory=dict)
-    output_dir: str = ""
-    model_dir: str | None = None  # train: the exported Hugging Face folder
-    report: str | None = None  # evaluate: the results table (Markdown)
-    reasons: list[str] = field(default_factory=list, repr=False)  # of the rejects
-
-    def check_rejects(self, field_name: str, limit: float) -> None:
-        """Fail (after the stage has written what it has) when its rejects pass ``limit`` of
-        its rows, or when nothing came out of it."""
-        error = reject_share_error(self.stage, field_name, self.rows_out, self.rejected, limit,
-                                   self.reasons)
-        if error:
-            raise StageFailed(f"{error}. What was written is in {self.output_dir}/.")
 
 
 def init_ray(cfg: Config) -> None:
@@ -122,14 +96,14 @@ def ingest(cfg: Config) -> str:
     """Ingest the source once per output folder (rejects written once); the ingest folder.
     Fails when more than ``data.max_reject_share`` of the source is unusable."""
     folder = storage.join(cfg.run.output_dir, "ingest")
-    _ingest_once(cfg, folder, cfg.data)
+    ingest_once(cfg, folder, cfg.data)
     summary = ingest_summary(cfg)
     if summary is not None:
         summary.check_rejects("data.max_reject_share", cfg.data.max_reject_share)
     return folder
 
 
-def _ingest_once(cfg: Config, folder: str, data: DataSection) -> None:
+def ingest_once(cfg: Config, folder: str, data: DataSection) -> None:
     """Validate the source into ``folder`` with one Ray Data task per source file, then settle
     limits and repeated ids from the indexes (``palign.runtime.source``). A finished ingest
     (``_DONE``) is kept; an unfinished one is redone."""
@@ -168,7 +142,7 @@ def stage_input(cfg: Config, stage: str) -> str:
     return folder
 
 
-def _prepare(folder: str, retry: str) -> None:
+def prepare_output(folder: str, retry: str) -> None:
     """Before a stage writes ``folder``: drop what a killed write left, release the rejects a
     rerun retries."""
     clean_uncommitted(folder)
@@ -182,7 +156,7 @@ def run_stage(cfg: Config, stage: str) -> StageSummary:
     cfg = with_absolute_paths(cfg)
     source = stage_input(cfg, stage)
     out_dir = cfg.stage_dir(stage)
-    _prepare(out_dir, cfg.run.retry_rejects)
+    prepare_output(out_dir, cfg.run.retry_rejects)
     definition = REGISTRY[stage]
     work = plan(source, done_index(out_dir), columns=definition.input_columns)
     summary = StageSummary(stage, rows_in=work.rows_in, skipped=work.skipped,
@@ -192,28 +166,18 @@ def run_stage(cfg: Config, stage: str) -> StageSummary:
     if work.pending:
         needs = definition.needs_engine(cfg) and definition.engine_for(work.columns)
         model = definition.model(cfg) if needs else None
-        summary.processed, summary.engine_calls, summary.engine = _stream(cfg, stage, work,
-                                                                          model)
+        summary.processed, summary.engine = stream(cfg, stage, work, model)
     summary.wall_s = time.time() - start
-    _fill_totals(summary, out_dir)
+    fill_totals(summary, out_dir)
     summary.stats.update(engine_stats(summary.engine))
     summary.check_rejects(f"{stage}.max_reject_share", getattr(cfg, stage).max_reject_share)
     return summary
 
 
-def engine_stats(engine: dict[str, int]) -> dict[str, float]:
-    """The summary's view of ``StageSummary.engine``: the prefix-cache hit share of the prompt
-    tokens and the peak of requests in flight in one engine (nothing when no engine ran)."""
-    if not engine.get("prompt_tokens"):
-        return {}
-    return {"engine_prefix_cache_share": engine["cached_tokens"] / engine["prompt_tokens"],
-            "engine_peak_in_flight": float(engine["peak_in_flight"])}
-
-
-def _stream(cfg: Config, stage: str, work: Plan,
-            model: str | None) -> tuple[int, int, dict[str, int]]:
+def stream(cfg: Config, stage: str, work: Plan,
+            model: str | None) -> tuple[int, dict[str, int]]:
     """Run the planned rows through the stage's actor pool (serving ``model``); the workers
-    write the results. Returns (rows done, engine calls, engine tallies: see
+    write the results. Returns (rows done, engine tallies: see
     ``StageSummary.engine``)."""
     if model is not None and not storage.is_uri(model):
         from palign.engines.models import resolve_model
@@ -228,8 +192,8 @@ def _stream(cfg: Config, stage: str, work: Plan,
     engine = section.engine
     _bound_actor_starts(engine.max_failures)
     ledger = start_ledger(section.max_row_attempts, engine.max_failures)
-    done = calls = 0
-    tally = {"prompt_tokens": 0, "cached_tokens": 0, "peak_in_flight": 0}
+    done = 0
+    tally = {"calls": 0, "prompt_tokens": 0, "cached_tokens": 0, "peak_in_flight": 0}
     # The pool's resources (GPUs, a placement group per tensor-parallel replica) come from
     # palign.runtime.resources; its placement groups are removed when the stage ends.
     try:
@@ -249,7 +213,7 @@ def _stream(cfg: Config, stage: str, work: Plan,
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 n, good, bad = (int(sum(batch[k])) for k in ("rows", "ok", "rejected"))
                 done += n
-                calls += int(sum(batch["calls"]))
+                tally["calls"] += int(sum(batch["calls"]))
                 tally["prompt_tokens"] += int(sum(batch["prompt_tokens"]))
                 tally["cached_tokens"] += int(sum(batch["cached_tokens"]))
                 tally["peak_in_flight"] = max(tally["peak_in_flight"],
@@ -262,7 +226,7 @@ def _stream(cfg: Config, stage: str, work: Plan,
         raise _stage_failure(stage, err, done, work.pending) from err
     finally:
         ray.kill(ledger)
-    return done, calls, tally
+    return done, tally
 
 
 def start_ledger(max_row_attempts: int, max_failures: int) -> Any:
@@ -302,135 +266,4 @@ def _stage_failure(stage: str, err: BaseException, done: int, total: int) -> Sta
             return StageFailed(f"{cause} ({done} of {total} rows were written)")
         cause = getattr(cause, "cause", None) or cause.__cause__
     return StageFailed(f"{stage} failed after {done} of {total} rows were written: "
-                       f"{_last_error_line(err)}")
-
-
-def _last_error_line(err: BaseException) -> str:
-    """The last ``SomeError: message`` of an error's text (Ray's carry the remote traceback),
-    with the lines of its message that follow, on one line; else its one-line description."""
-    lines = [ln.strip() for ln in str(err).splitlines()]
-    starts = [i for i, ln in enumerate(lines)
-              if re.match(r"^[\w.]+(Error|Exception|Failure|Unavailable|Failed)\b.*: ", ln)]
-    if not starts:
-        return describe(err)
-    text = " ".join(ln for ln in lines[starts[-1]:] if ln)
-    return text if len(text) <= 600 else text[:597] + "..."
-
-
-def eval_model_path(cfg: Config, model: EvalModel) -> str:
-    """Where the model under test is: the train export, the configured student, or as given."""
-    if model.model == "trained":
-        path = cfg.trained_model_dir()
-        if not storage.is_file(storage.join(path, "config.json")):
-            raise StageError(f"evaluate.models[{model.label}]: no trained model at {path}: run "
-                             "the train stage first, or name a model folder")
-        return path
-    if model.model == "student":
-        return cfg.models.student
-    return model.model
-
-
-def run_evaluate_stage(cfg: Config) -> StageSummary:
-    """Every model under test on every benchmark, n graded samples per problem; then the
-    results table and plots. Resumes per (model, benchmark) folder by id."""
-    from palign.core.report import write_results
-
-    start = time.time()
-    cfg = with_absolute_paths(cfg)
-    root = cfg.stage_dir("evaluate")
-    summary = StageSummary("evaluate", output_dir=root)
-    benchmarks = {}
-    for b in cfg.evaluate.benchmarks:
-        folder = storage.join(root, "_ingest", b.name)
-        _ingest_once(cfg, folder, _benchmark_source(b))
-        benchmarks[b.name] = folder
-    paths = {m.label: eval_model_path(cfg, m) for m in cfg.evaluate.models}  # fail early
-    for m in cfg.evaluate.models:
-        work = Plan()
-        for name, folder in benchmarks.items():
-            out = storage.join(root, m.label, name)
-            _prepare(out, cfg.run.retry_rejects)
-            work.add(plan(folder, done_index(out), extra={
-                "benchmark": name, "model": m.label, "model_path": paths[m.label]}))
-        summary.rows_in += work.rows_in
-        summary.skipped += work.skipped
-        log.info("evaluate %s (%s): %d problem(s) to do", m.label, paths[m.label], work.pending)
-        if not work.pending:
-            continue
-        done, calls, tally = _stream(cfg, "evaluate", work, paths[m.label])
-        summary.processed += done
-        summary.engine_calls += calls
-        for key, value in tally.items():
-            summary.engine[key] = (max if key == "peak_in_flight" else sum)(
-                (summary.engine.get(key, 0), value))
-    for m in cfg.evaluate.models:
-        for name in benchmarks:
-            out = storage.join(root, m.label, name)
-            summary.rows_out += count_rows(out)
-            summary.reasons += reject_reasons(out)
-    summary.rejected = len(summary.reasons)
-    results = write_results(cfg.run.output_dir, cfg.run.name)
-    for label, per_bench in results.metrics.items():
-        for bench, metrics in per_bench.items():
-            summary.stats[f"{label}.{bench}.pass@1"] = metrics["pass@1"]
-    summary.report = str(results.results_md)
-    summary.stats.update(engine_stats(summary.engine))
-    summary.wall_s = time.time() - start
-    summary.check_rejects("evaluate.max_reject_share", cfg.evaluate.max_reject_share)
-    return summary
-
-
-def _benchmark_source(b: Benchmark) -> DataSection:
-    return DataSection(path=storage.absolute(b.path), format=b.format, split=b.split,
-                       limit=b.limit, fields=FieldNames(id=b.fields.id, question=b.fields.question,
-                                                        answer=b.fields.answer, cot=None))
-
-
-def _fill_totals(summary: StageSummary, out_dir: str) -> None:
-    """Counts, reject reasons and statistics from the indexes (no row is read)."""
-    definition = REGISTRY[summary.stage]
-    index = read_index(out_dir, definition.index_columns)
-    summary.rows_out = index.num_rows
-    summary.reasons = reject_reasons(out_dir)
-    summary.rejected = len(summary.reasons)
-    summary.stats = definition.stats({c: _values(index[c]) for c in definition.index_columns})
-
-
-def _values(column: Any) -> Any:
-    """An index column for the statistics: a numpy array when numeric (8 bytes a row, not a
-    Python object; missing values as NaN), else a list."""
-    import pyarrow as pa
-
-    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or \
-            pa.types.is_boolean(column.type):
-        return column.to_numpy()
-    return column.to_pylist()
-
-
-def ingest_summary(cfg: Config) -> StageSummary | None:
-    folder = storage.join(storage.absolute(cfg.run.output_dir), "ingest")
-    if not storage.exists(storage.join(folder, DONE_MARKER)):
-        return None  # nothing read the run's data (an evaluate-only run)
-    out = count_rows(folder)
-    reasons = reject_reasons(folder)
-    return StageSummary("ingest", rows_in=out + len(reasons), rows_out=out,
-                        rejected=len(reasons), output_dir=folder, reasons=reasons)
-
-
-def format_summary(summaries: list[StageSummary], total_s: float) -> str:
-    lines = [f"{'stage':<10}{'in':>6}{'out':>6}{'rejected':>10}{'resumed':>9}{'wall s':>9}"]
-    for s in summaries:
-        lines.append(f"{s.stage:<10}{s.rows_in:>6}{s.rows_out:>6}{s.rejected:>10}"
-                     f"{s.skipped:>9}{s.wall_s:>9.1f}")
-    for s in summaries:
-        for key, value in s.stats.items():
-            lines.append(f"  {s.stage}.{key}: {value:.3f}" if isinstance(value, float)
-                         else f"  {s.stage}.{key}: {value}")
-    lines.append(f"total wall time: {total_s:.1f} s")
-    for s in summaries:
-        lines.append(f"  {s.stage}: {s.output_dir}/ (rejects in {s.output_dir}/{REJECTS}/)")
-        if s.model_dir:
-            lines.append(f"  {s.stage}: exported model in {s.model_dir}/")
-        if s.report:
-            lines.append(f"  {s.stage}: results table in {s.report} (plots and JSON beside it)")
-    return "\n".join(lines)
+                       f"{last_error_line(err)}")

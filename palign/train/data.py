@@ -62,8 +62,9 @@ class Example:
 
 
 @dataclass(frozen=True)
-class Rejected:
-    """A row that cannot become an example, with the reason."""
+class Untrainable:
+    """An align row that cannot become a training example (too long, nothing to learn), with
+    the reason; the row goes to the train stage's rejects."""
 
     id: str
     reason: str
@@ -91,7 +92,7 @@ def build_example(
     max_len: int,
     overlong: Literal["reject", "truncate"] = "reject",
     example_id: str = "",
-) -> Example | Rejected:
+) -> Example | Untrainable:
     """Tokenise one student chat with the tokenizer's chat template and mask all but the answer.
 
     Rows over ``max_len`` tokens are rejected with their length, or with ``overlong="truncate"``
@@ -128,9 +129,9 @@ def build_example(
         return Example(example_id, ids, labels, span=span)
     reason = f"{len(ids)} tokens > max_len {max_len}"
     if overlong == "reject":
-        return Rejected(example_id, reason)
+        return Untrainable(example_id, reason)
     if all(label == IGNORE_INDEX for label in labels[:max_len]):
-        return Rejected(example_id, f"{reason}; truncating leaves no supervised token")
+        return Untrainable(example_id, f"{reason}; truncating leaves no supervised token")
     return Example(example_id, ids[:max_len], labels[:max_len], span=span, truncated=True)
 
 
@@ -139,7 +140,7 @@ def example_from_row(
     row: Mapping[str, Any],
     max_len: int,
     overlong: Literal["reject", "truncate"] = "reject",
-) -> Example | Rejected:
+) -> Example | Untrainable:
     """``build_example`` for an align-stage output row (``id``, ``question``, ``target``)."""
     return build_example(
         tokenizer, row["question"], row["target"], max_len, overlong, example_id=str(row["id"])

@@ -60,7 +60,7 @@ from palign.core.shards import (
     reject_row,
     write_shard,
 )
-from palign.train.data import IGNORE_INDEX, Example, Pack, Rejected, build_example, pack_lengths
+from palign.train.data import IGNORE_INDEX, Example, Pack, Untrainable, build_example, pack_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def tokenise_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], seq_len: int, 
             continue
         result = build_example(tokenizer, row["question"], row["target"], seq_len,
                                overlong, example_id=row_id)  # type: ignore[arg-type]
-        if isinstance(result, Rejected):
+        if isinstance(result, Untrainable):
             rejects.append(reject_row(row_id, "train", result.reason, row))
         else:  # int32 arrays at once: a window of long rows as Python ints would be 9x larger
             examples.append((row_id, np.asarray(result.input_ids, np.int32),

@@ -1,0 +1,91 @@
+"""The evaluate stage's driver: every model under test on every benchmark, each (model,
+benchmark) pair a folder resumed by id, through the same actor pools as the other stages; then
+the results table (``palign.core.report``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from palign.core import storage
+from palign.core.config import Benchmark, Config, DataSection, EvalModel, FieldNames
+from palign.core.shards import count_rows, done_index, reject_reasons
+from palign.runtime.dataplane import Plan, plan
+from palign.runtime.runner import (
+    StageError,
+    ingest_once,
+    prepare_output,
+    stream,
+    with_absolute_paths,
+)
+from palign.runtime.summary import StageSummary, engine_stats
+
+log = logging.getLogger(__name__)
+
+
+def eval_model_path(cfg: Config, model: EvalModel) -> str:
+    """Where the model under test is: the train export, the configured student, or as given."""
+    if model.model == "trained":
+        path = cfg.trained_model_dir()
+        if not storage.is_file(storage.join(path, "config.json")):
+            raise StageError(f"evaluate.models[{model.label}]: no trained model at {path}: run "
+                             "the train stage first, or name a model folder")
+        return path
+    if model.model == "student":
+        return cfg.models.student
+    return model.model
+
+
+def run_evaluate_stage(cfg: Config) -> StageSummary:
+    """Every model under test on every benchmark, n graded samples per problem; then the
+    results table and plots. Resumes per (model, benchmark) folder by id."""
+    from palign.core.report import write_results
+
+    start = time.time()
+    cfg = with_absolute_paths(cfg)
+    root = cfg.stage_dir("evaluate")
+    summary = StageSummary("evaluate", output_dir=root)
+    benchmarks = {}
+    for b in cfg.evaluate.benchmarks:
+        folder = storage.join(root, "_ingest", b.name)
+        ingest_once(cfg, folder, _benchmark_source(b))
+        benchmarks[b.name] = folder
+    paths = {m.label: eval_model_path(cfg, m) for m in cfg.evaluate.models}  # fail early
+    for m in cfg.evaluate.models:
+        work = Plan()
+        for name, folder in benchmarks.items():
+            out = storage.join(root, m.label, name)
+            prepare_output(out, cfg.run.retry_rejects)
+            work.add(plan(folder, done_index(out), extra={
+                "benchmark": name, "model": m.label, "model_path": paths[m.label]}))
+        summary.rows_in += work.rows_in
+        summary.skipped += work.skipped
+        log.info("evaluate %s (%s): %d problem(s) to do", m.label, paths[m.label], work.pending)
+        if not work.pending:
+            continue
+        done, tally = stream(cfg, "evaluate", work, paths[m.label])
+        summary.processed += done
+        for key, value in tally.items():
+            summary.engine[key] = (max if key == "peak_in_flight" else sum)(
+                (summary.engine.get(key, 0), value))
+    for m in cfg.evaluate.models:
+        for name in benchmarks:
+            out = storage.join(root, m.label, name)
+            summary.rows_out += count_rows(out)
+            summary.reasons += reject_reasons(out)
+    summary.rejected = len(summary.reasons)
+    results = write_results(cfg.run.output_dir, cfg.run.name)
+    for label, per_bench in results.metrics.items():
+        for bench, metrics in per_bench.items():
+            summary.stats[f"{label}.{bench}.pass@1"] = metrics["pass@1"]
+    summary.report = str(results.results_md)
+    summary.stats.update(engine_stats(summary.engine))
+    summary.wall_s = time.time() - start
+    summary.check_rejects("evaluate.max_reject_share", cfg.evaluate.max_reject_share)
+    return summary
+
+
+def _benchmark_source(b: Benchmark) -> DataSection:
+    return DataSection(path=storage.absolute(b.path), format=b.format, split=b.split,
+                       limit=b.limit, fields=FieldNames(id=b.fields.id, question=b.fields.question,
+                                                        answer=b.fields.answer, cot=None))
