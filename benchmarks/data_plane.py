@@ -65,8 +65,8 @@ def rank_probe(folder: str) -> dict:
     process's peak RSS over its RSS before the data path was opened."""
     sys.path.insert(0, str(ROOT))
     from palign.train.loop import collate  # the loop's imports, before the baseline
-    from palign.train.prepare import UnitReader
     from palign.train.steps import StepPlan
+    from palign.train.units import UnitReader
 
     # Arrow's first Parquet read sets up its allocator and threads (about 46 MiB here, the same
     # for any file): done on a tiny table first, so the figure is the data path's own.

@@ -11,15 +11,14 @@ from typing import Any
 import pytest
 
 from palign.core.config import ConfigError, EngineConfig, load_config, parse_config
+from palign.runtime.placement import PlacementGroupFactory, map_batches_resource_kwargs
 from palign.runtime.resources import (
     TP_STRATEGY,
-    PlacementGroupFactory,
     ResourceError,
     ResourcePlan,
     engine_request,
     engine_stages,
     format_resource_plan,
-    map_batches_resource_kwargs,
     plan_engines,
     plan_resources,
     train_request,
@@ -237,7 +236,7 @@ def _report_placement_class() -> type:
 def test_tensor_parallel_pool_runs_in_its_placement_group(no_ray) -> None:
     import ray
 
-    from palign.runtime.resources import engine_pool_kwargs
+    from palign.runtime.placement import engine_pool_kwargs
 
     # Fake GPUs: Ray schedules on logical counts; the third CPU is for Ray Data's own tasks.
     ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, logging_level="WARNING")

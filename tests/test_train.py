@@ -28,9 +28,10 @@ from palign.core.shards import REJECTS, ShardWriter, read_rows
 from palign.train.checkpoints import check_global_batch
 from palign.train.engine import lr_lambda
 from palign.train.loop import ENV_FAIL_AT_STEP
-from palign.train.prepare import UnitReader, prepare
+from palign.train.prepare import prepare
 from palign.train.steps import StepPlan
 from palign.train.trainer import run_train
+from palign.train.units import UnitReader
 
 pytestmark = pytest.mark.slow
 

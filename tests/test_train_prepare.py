@@ -19,14 +19,8 @@ from palign.core.prompts import training_target
 from palign.core.shards import REJECTS, ShardWriter, read_rows
 from palign.engines.models import resolve_model
 from palign.train.data import collate_packs, example_from_row, pack, pad_batch
-from palign.train.prepare import (
-    PLAN,
-    WINDOWS,
-    NoTrainableRows,
-    UnitReader,
-    plan_windows,
-    prepare,
-)
+from palign.train.prepare import NoTrainableRows, plan_windows, prepare
+from palign.train.units import PLAN, WINDOWS, UnitReader
 
 LONG_ID = "row-overlong"
 

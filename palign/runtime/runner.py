@@ -37,7 +37,8 @@ from palign.core.shards import (
 )
 from palign.runtime.dataplane import Plan, dataset, plan
 from palign.runtime.environment import forwarded_env
-from palign.runtime.resources import batches_per_replica, engine_pool_kwargs, engine_request
+from palign.runtime.placement import batches_per_replica, engine_pool_kwargs
+from palign.runtime.resources import engine_request
 from palign.runtime.source import finish_ingest, ingest_block
 from palign.runtime.summary import (
     StageSummary,

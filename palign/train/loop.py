@@ -78,8 +78,9 @@ from palign.train.data import IGNORE_INDEX, Pack, collate_packs, pad_batch
 from palign.train.engine import deepspeed_engine
 from palign.train.model import load_student, resolve_dtype, sequence_parallel
 from palign.train.paths import DATA_KEY
-from palign.train.prepare import UnitReader, prepare
+from palign.train.prepare import prepare
 from palign.train.steps import StepPlan
+from palign.train.units import UnitReader
 
 logger = logging.getLogger("palign.train.loop")  # also when run as __main__
 

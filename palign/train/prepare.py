@@ -1,16 +1,10 @@
 """Training data, prepared once: the align stage's rows tokenised and packed in parallel into
 int32 token shards and a unit table on the run's storage; each rank reads only its own units.
 
-Layout, under ``<output_dir>/train/data/<key>/``::
-
-    windows/<stem>.bin       the units of one window, one after another; a unit is int32
-                             [n_seq, seq_lens..., input_ids..., labels...] (no padding)
-    windows/<stem>.parquet   that window's unit table and row counts: written last, its commit
-    units.parquet            every unit in order: window, offset, size, real, supervised tokens
-    plan.json                settings and totals: written last, the preparation's commit
-
-and the rows that cannot be trained on in ``<output_dir>/train/rejects/``, one shard per window
-(committed by its index, named after the window, so a window done again writes them once).
+The units' layout under ``<output_dir>/train/data/<key>/`` and a rank's reader of them are
+``palign.train.units``. The rows that cannot be trained on go to ``<output_dir>/train/rejects/``,
+one shard per window (committed by its index, named after the window, so a window done again
+writes them once).
 
 A window is a run of whole align shards, in name order, of at least ``train.pack_window`` rows.
 Its rows are sorted by id, tokenised (``palign.train.data.build_example``) and packed
@@ -25,11 +19,6 @@ the student (its tokenizer), ``seq_len``, ``overlong``, ``packing``, ``pack_wind
 format's version. The same align data and settings find the finished preparation and reuse it
 (a resumed training run trains on exactly the units it started with); new ones prepare anew
 in a new folder, after removing the old one and its rejects.
-
-A rank reads, for each unit of its micro-batches, the unit table's row group that lists it
-(1024 units, 16 KiB; a few are cached) and the unit itself, each by a ranged read
-(``UnitReader``); the step plan is computed position by position (``palign.train.steps``). So a
-rank's memory holds the micro-batches in hand, whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -60,16 +49,21 @@ from palign.core.shards import (
     reject_row,
     write_shard,
 )
-from palign.train.data import IGNORE_INDEX, Example, Pack, Untrainable, build_example, pack_lengths
+from palign.train.data import IGNORE_INDEX, Untrainable, build_example, pack_lengths
+from palign.train.units import (
+    DATA,
+    PLAN,
+    UNIT_GROUP,
+    UNITS,
+    VERSION,
+    WINDOWS,
+    Prepared,
+    load_prepared,
+    unit_arrays,
+)
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1
-DATA = "data"
-WINDOWS = "windows"
-PLAN = "plan.json"
-UNITS = "units.parquet"
-UNIT_GROUP = 1024  # units per row group of units.parquet
 
 
 class NoTrainableRows(ValueError):
@@ -87,28 +81,6 @@ class Settings:
     packing: bool
     folder: str  # <output_dir>/train/data/<key>
     rejects: str  # <output_dir>/train/rejects
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A committed preparation (what ``plan.json`` says)."""
-
-    folder: str
-    key: str
-    n_units: int
-    rows_used: int
-    rows_rejected: int
-    real_tokens: int
-    unit_bytes: int  # the window files' total size
-    seq_len: int
-    packing: bool
-    pad_id: int
-
-    @property
-    def packing_efficiency(self) -> float:
-        """Real tokens over token slots (``packing: false``: the share of ``seq_len`` the rows
-        fill on average, what packing would recover)."""
-        return self.real_tokens / max(1, self.n_units * self.seq_len)
 
 
 # -- the driver: plan, run, commit -------------------------------------------------------------
@@ -236,10 +208,6 @@ def _commit(s: Settings, stems: list[str]) -> Prepared:
     return prepared
 
 
-def load_prepared(folder: str) -> Prepared:
-    return Prepared(**json.loads(storage.read_text(storage.join(folder, PLAN))))
-
-
 def _read_parquet(path: str) -> pa.Table:
     fs, p = storage.resolve(path)
     with fs.open_input_file(p) as f:
@@ -284,17 +252,6 @@ def tokenise_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], seq_len: int, 
     return examples, rejects
 
 
-def unit_arrays(members: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> np.ndarray:
-    """One unit as stored: [n_seq, seq_lens..., input_ids..., labels...], every sequence's
-    first label -100 (as ``palign.train.data.pack`` does)."""
-    lens = np.array([len(m[1]) for m in members], np.int32)
-    labels = [m[2].copy() for m in members]
-    for lab in labels:
-        lab[0] = IGNORE_INDEX
-    return np.concatenate([np.array([len(members)], np.int32), lens,
-                           *[m[1] for m in members], *labels]).astype(np.int32, copy=False)
-
-
 def prepare_window(s: Settings, stem: str, paths: Sequence[str]) -> dict[str, int]:
     """Tokenise and pack one window; write its units, its rejects, then its unit table (the
     commit). A window already committed is left as it is (a retried task)."""
@@ -332,78 +289,3 @@ def prepare_window(s: Settings, stem: str, paths: Sequence[str]) -> dict[str, in
     pq.write_table(table.replace_schema_metadata({"palign": json.dumps(meta)}), sink)
     storage.write_bytes(table_path, sink.getvalue())
     return {"units": len(bins)}
-
-
-# -- a rank's side ----------------------------------------------------------------------------
-
-class UnitReader:
-    """Reads single units of a preparation: the unit table by row groups (a few cached), the
-    units by ranged reads of their window files. Holds no per-unit state for the whole corpus."""
-
-    def __init__(self, folder: str, max_open: int = 8, max_groups: int = 4) -> None:
-        self.prepared = load_prepared(folder)
-        self.folder = folder
-        fs, p = storage.resolve(storage.join(folder, UNITS))
-        self._table_file = fs.open_input_file(p)
-        self._table = pq.ParquetFile(self._table_file)
-        self.windows: list[str] = json.loads(self._table.schema_arrow.metadata[b"windows"])
-        self._group_rows = self._table.metadata.row_group(0).num_rows
-        self._groups: dict[int, dict[str, np.ndarray]] = {}
-        self._max_groups = max_groups
-        self._open: dict[int, Any] = {}
-        self._max_open = max_open
-
-    def __len__(self) -> int:
-        return self.prepared.n_units
-
-    def _row(self, u: int) -> tuple[int, int, int]:
-        """(window, byte offset, size in int32s) of unit ``u``."""
-        g, i = divmod(u, self._group_rows)
-        cols = self._groups.pop(g, None)
-        if cols is None:
-            t = self._table.read_row_group(g, columns=["window", "offset", "size"])
-            cols = {c: t[c].to_numpy() for c in t.column_names}
-            if len(self._groups) >= self._max_groups:
-                self._groups.pop(next(iter(self._groups)))
-        self._groups[g] = cols  # most recently used last
-        return int(cols["window"][i]), int(cols["offset"][i]), int(cols["size"][i])
-
-    def _file(self, w: int) -> Any:
-        f = self._open.pop(w, None)
-        if f is None:
-            fs, p = storage.resolve(storage.join(self.folder, WINDOWS,
-                                                 self.windows[w] + ".bin"))
-            f = fs.open_input_file(p)
-            if len(self._open) >= self._max_open:
-                self._open.pop(next(iter(self._open))).close()
-        self._open[w] = f  # most recently used last
-        return f
-
-    def arrays(self, u: int) -> np.ndarray:
-        """Unit ``u`` as stored: int32 [n_seq, seq_lens..., input_ids..., labels...]."""
-        w, offset, size = self._row(u)
-        return np.frombuffer(self._file(w).read_at(size * 4, offset), np.int32)
-
-    def unit(self, u: int) -> Pack | Example:
-        """Unit ``u`` as the loop collates it: a ``Pack`` padded to ``seq_len``, or (no
-        packing) an ``Example``."""
-        arr = self.arrays(u)
-        n_seq = int(arr[0])
-        lens = arr[1:1 + n_seq]
-        n_real = int(lens.sum())
-        ids = arr[1 + n_seq:1 + n_seq + n_real]
-        labels = arr[1 + n_seq + n_real:]
-        p = self.prepared
-        if not p.packing:
-            return Example(f"unit-{u}", ids.tolist(), labels.tolist())
-        n_pad = p.seq_len - n_real
-        positions = np.concatenate([*[np.arange(n) for n in lens], np.arange(n_pad)])
-        return Pack([], [*ids.tolist(), *[p.pad_id] * n_pad],
-                    [*labels.tolist(), *[IGNORE_INDEX] * n_pad], positions.tolist(),
-                    lens.tolist())
-
-    def close(self) -> None:
-        for f in self._open.values():
-            f.close()
-        self._open.clear()
-        self._table_file.close()
