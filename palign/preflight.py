@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from palign.core import storage
-from palign.core.config import STAGES, Config, ConfigError
+from palign.core.config import STAGES, Config, ConfigError, format_problems
 
 # Fields that take a URI; the others need a path on the machine.
 URI_FIELDS = ("run.output_dir", "data.path", "train.storage_path", "evaluate.benchmarks.",
@@ -24,7 +24,7 @@ def check_paths(cfg: Config, stages: list[str] | None = None) -> None:
     """Raise ConfigError listing every problem, each with its field's dotted path."""
     problems = path_problems(cfg, stages)
     if problems:
-        raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+        raise ConfigError(format_problems(problems))
 
 
 def check_engine_kwargs(cfg: Config, stages: list[str] | None = None) -> None:
@@ -39,7 +39,7 @@ def check_engine_kwargs(cfg: Config, stages: list[str] | None = None) -> None:
             problems += kwargs_problems(f"{stage}.engine.engine_kwargs", engine.engine_kwargs,
                                         engine.backend)
     if problems:
-        raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+        raise ConfigError(format_problems(problems))
 
 
 def path_problems(cfg: Config, stages: list[str] | None = None) -> list[str]:

@@ -1,4 +1,6 @@
+import importlib
 import inspect
+import pkgutil
 import re
 from pathlib import Path
 
@@ -157,9 +159,12 @@ def test_gpu_only_attention_is_refused_on_cpu_by_name():
 
 
 def all_config_models() -> list[type[BaseModel]]:
-    """Every model reachable from Config, and any other model the config module defines."""
-    defined = [c for c in vars(config_module).values() if inspect.isclass(c)
-               and issubclass(c, BaseModel) and c.__module__ == config_module.__name__]
+    """Every model reachable from Config, and any other model the config package's modules
+    define."""
+    modules = [importlib.import_module(f"{config_module.__name__}.{m.name}")
+               for m in pkgutil.iter_modules(config_module.__path__)]
+    defined = [c for module in modules for c in vars(module).values() if inspect.isclass(c)
+               and issubclass(c, BaseModel) and c.__module__ == module.__name__]
     models = config_models()
     return models + [c for c in defined if c not in models]
 

@@ -104,3 +104,13 @@ def test_extract_one_mode_reports_only_that_one(tmp_path, capsys):
         main(["grade", str(path), "--extract", "loose"])
     with pytest.raises(ValueError, match="extract"):
         grade_file(path, extract="loose")
+
+
+def test_unreadable_lines_are_skipped_with_their_reason(tmp_path):
+    path = tmp_path / "gens.jsonl"
+    row = json.dumps({"answer": "1", "output": ["\\boxed{1}"]}).encode()
+    path.write_bytes(b"\xef\xbb\xbf" + row + b"\r\n{broken\n\xff" + row + b"\n\n" + row + b"\n")
+    report = grade_file(path, extract="strict")
+    assert (report["problems"], report["pass@1"]) == (2, 1.0)
+    assert [(s["line"], s["reason"].split(":")[0]) for s in report["skipped"]] == [
+        (2, "invalid JSON"), (3, "not valid UTF-8")]

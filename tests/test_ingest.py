@@ -168,3 +168,18 @@ def test_sharded_ingest_settles_limits_and_repeats_across_files(tmp_path):
         assert read_index(out, ("has_cot",))["has_cot"].to_pylist() == [False] * len(want)
     dup = [r for r in read_rows(tmp_path / "ingest-None" / "rejects") if r["id"] == "b"]
     assert dup and dup[0]["reason"] == "duplicate id (first seen at part-0.jsonl:2)"
+
+
+def test_iter_jsonl_numbers_lines_and_yields_unreadable_lines_in_place(tmp_path):
+    """The one JSONL reader (ingest, shards and `palign grade` use it): line numbers count the
+    blank lines it skips; a BOM and CRLF endings are dropped; bad UTF-8 or JSON never raises."""
+    from palign.core import storage
+
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n\n  \n{broken\n\xff\xfe{"b": 2}\n[1, 2]')
+    rows = list(storage.iter_jsonl(path))
+    assert [n for n, _ in rows] == [1, 4, 5, 6]
+    assert rows[0][1] == {"a": 1} and rows[3][1] == [1, 2]
+    assert isinstance(rows[1][1], storage.Unreadable)
+    assert rows[1][1].reason.startswith("invalid JSON") and rows[1][1].raw == "{broken"
+    assert rows[2][1].reason.startswith("not valid UTF-8")

@@ -58,3 +58,16 @@ def test_retry_all_and_none(tmp_path):
     assert release_rejects(tmp_path / "a", "all") == 4
     assert done_ids(tmp_path / "a") == set()
     assert not shard_files(tmp_path / "a" / "rejects")
+
+
+def test_read_shard_names_a_line_that_is_not_json(tmp_path):
+    import pytest
+
+    from palign.core.shards import read_shard
+
+    path = tmp_path / "part-0.jsonl"
+    path.write_text('{"id": "a"}\n\n{"id": \n')
+    with pytest.raises(ValueError, match=r"part-0\.jsonl:3: invalid JSON"):
+        read_shard(path)
+    path.write_text('{"id": "a"}\n\n{"id": "b"}\n')
+    assert read_shard(path) == [{"id": "a"}, {"id": "b"}]

@@ -28,3 +28,16 @@ def test_pass_at_1_is_mean_correctness_and_edges():
         pass_at_k(3, 4, 1)
     with pytest.raises(ValueError):
         pass_at_ks([[]])
+
+
+def test_grade_tally_counts_problems_samples_and_statuses():
+    from palign.core.metrics import GradeTally, grade_figures
+
+    tally = GradeTally()
+    tally.add([(True, "ok"), (False, "no_answer"), (False, "timeout")])
+    tally.add((c, s) for c, s in [(False, "ok"), (True, "ok")])
+    assert tally.problems == 2 and tally.correct == [[True, False, False], [False, True]]
+    assert tally.counts() == {"problems": 2, "samples": 5, "n_min": 2, "n_max": 3}
+    assert tally.figures() == grade_figures(tally.correct, tally.statuses)
+    with pytest.raises(ValueError):
+        GradeTally().counts()

@@ -10,25 +10,23 @@ graded has no figures at all, so a strict figure is never mistaken for a flexibl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from palign.core import storage
 from palign.core.grading import FLEXIBLE, STRICT, ExtractMode, Grader
-from palign.core.metrics import grade_figures
+from palign.core.metrics import GradeTally
 
 # The --extract choices and the modes each one grades.
 EXTRACT_CHOICES: dict[str, tuple[ExtractMode, ...]] = {
     "strict": (STRICT,), "flexible": (FLEXIBLE,), "both": (STRICT, FLEXIBLE)}
 
 
-def _read_row(line: str, lineno: int, answer_field: str,
+def _read_row(row: Any, lineno: int, answer_field: str,
               output_field: str) -> tuple[str, list[str]] | dict[str, Any]:
-    """(gold, outputs) of one JSONL line, or the skip record saying why it cannot be graded."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        return {"line": lineno, "reason": f"invalid JSON: {err.msg}"}
+    """(gold, outputs) of one JSONL row, or the skip record saying why it cannot be graded."""
+    if isinstance(row, storage.Unreadable):
+        return {"line": lineno, "reason": row.reason}
     gold = row.get(answer_field) if isinstance(row, dict) else None
     outputs = row.get(output_field) if isinstance(row, dict) else None
     if isinstance(outputs, str):
@@ -52,38 +50,26 @@ def grade_file(path: str | Path, answer_field: str = "answer", output_field: str
     if extract not in EXTRACT_CHOICES:
         raise ValueError(f"extract must be one of {list(EXTRACT_CHOICES)}, got {extract!r}")
     modes = EXTRACT_CHOICES[extract]
-    correct: dict[str, list[list[bool]]] = {m: [] for m in modes}
-    statuses: dict[str, dict[str, int]] = {m: {} for m in modes}
+    tallies = {m: GradeTally() for m in modes}
     skipped: list[dict[str, Any]] = []
-    with Grader(timeout_s=timeout_s) as grader, open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parsed = _read_row(line, lineno, answer_field, output_field)
+    with Grader(timeout_s=timeout_s) as grader:
+        for lineno, row in storage.iter_jsonl(path):
+            parsed = _read_row(row, lineno, answer_field, output_field)
             if isinstance(parsed, dict):
                 skipped.append(parsed)
                 continue
             gold, outputs = parsed
             for mode in modes:
                 grades = [grader.grade(o, gold, mode) for o in outputs]
-                for g in grades:
-                    statuses[mode][g.status] = statuses[mode].get(g.status, 0) + 1
-                correct[mode].append([g.correct for g in grades])
-    rows = correct[modes[0]]
-    if not rows:
+                tallies[mode].add((g.correct, g.status) for g in grades)
+    if not tallies[modes[0]].problems:
         raise ValueError(f"{path}: no gradable rows ({len(skipped)} skipped)")
     report: dict[str, Any] = {"extract": list(modes)}
     if STRICT in modes:
-        report.update(grade_figures(correct[STRICT], statuses[STRICT]))
+        report.update(tallies[STRICT].figures())
     if FLEXIBLE in modes:
-        report[FLEXIBLE] = grade_figures(correct[FLEXIBLE], statuses[FLEXIBLE])
-    report.update({
-        "problems": len(rows),
-        "samples": sum(len(c) for c in rows),
-        "n_min": min(len(c) for c in rows),
-        "n_max": max(len(c) for c in rows),
-        "skipped": skipped,
-    })
+        report[FLEXIBLE] = tallies[FLEXIBLE].figures()
+    report.update({**tallies[modes[0]].counts(), "skipped": skipped})
     return report
 
 

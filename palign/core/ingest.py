@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -95,10 +95,11 @@ def _arrow_files(path: str, split: str | None) -> list[str]:
 
 def read_file(source: SourceFile) -> Iterator[tuple[str, Any]]:
     """(position, raw row) for every row of one source file, streamed; raw rows may be
-    anything (an unreadable line comes as ``_Unreadable``)."""
+    anything (an unreadable line comes as ``storage.Unreadable``)."""
     name = storage.name(source.path)
     if source.kind == "jsonl":
-        yield from _jsonl_lines(name, storage.iter_lines(source.path))
+        for lineno, row in storage.iter_jsonl(source.path):
+            yield f"{name}:{lineno}", row
     elif source.kind == "json":
         yield from _json_file(name, storage.read_bytes(source.path))
     elif source.kind == "parquet":
@@ -125,51 +126,20 @@ def iter_source(data: DataSection) -> Iterator[tuple[str, Any]]:
         yield from read_file(source)
 
 
-def _jsonl_lines(name: str, lines: Iterable[bytes]) -> Iterator[tuple[str, Any]]:
-    """One row per line: lines end at \\n only (a \\r inside a line is the line's own
-    business), a CRLF ending and a byte-order mark before the first line are dropped. A line
-    that is not UTF-8, or not JSON, is an unreadable row, not the end of the file."""
-    for lineno, raw in enumerate(lines, 1):
-        if lineno == 1:
-            raw = raw.removeprefix(b"\xef\xbb\xbf")
-        raw = raw.removesuffix(b"\r")
-        if not raw.strip():
-            continue
-        pos = f"{name}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield pos, _Unreadable(f"not valid UTF-8: {err.reason} at byte {err.start}",
-                                   raw[:2000].decode("utf-8", "replace"))
-            continue
-        try:
-            yield pos, json.loads(line)
-        except json.JSONDecodeError as err:
-            yield pos, _Unreadable(f"invalid JSON: {err.msg} (column {err.colno})", line[:2000])
-        except RecursionError:
-            yield pos, _Unreadable("invalid JSON: nested too deeply", line[:2000])
-
-
 def _json_file(name: str, data: bytes) -> Iterator[tuple[str, Any]]:
     """A whole-file JSON array (or one object): its elements are the rows."""
     try:
         rows = json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        yield name, _Unreadable(f"invalid JSON file: {err}")
+        yield name, storage.Unreadable(f"invalid JSON file: {err}")
         return
     for i, row in enumerate(rows if isinstance(rows, list) else [rows]):
         yield f"{name}[{i}]", row
 
 
-class _Unreadable:
-    def __init__(self, reason: str, raw: str | None = None) -> None:
-        self.reason = reason
-        self.raw = raw
-
-
 def validate_row(pos: str, raw: Any, data: DataSection) -> dict[str, Any] | Rejected:
     """A problem record from one source row, or the reason it cannot be used."""
-    if isinstance(raw, _Unreadable):
+    if isinstance(raw, storage.Unreadable):
         return Rejected(pos, raw.reason, raw.raw)
     if not isinstance(raw, dict):
         return Rejected(pos, f"row is a {type(raw).__name__}, not an object", raw)

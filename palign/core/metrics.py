@@ -1,8 +1,14 @@
-"""pass@k over graded samples: pass@1 is mean correctness; pass@k the unbiased estimator."""
+"""pass@k over graded samples: pass@1 is mean correctness; pass@k the unbiased estimator.
+
+The one home of the grading summary: ``GradeTally`` collects one extraction mode's graded
+samples problem by problem, and ``grade_figures`` turns them into pass@k and the status
+shares that ``palign grade`` (palign.core.grade_file) and the evaluation results
+(palign.core.report) both report."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from palign.core.grading import STATUS_ERROR, STATUS_NO_ANSWER, STATUS_TIMEOUT
@@ -43,3 +49,37 @@ def grade_figures(correct: Sequence[Sequence[bool]], statuses: Mapping[str, int]
         "timeouts": statuses.get(STATUS_TIMEOUT, 0),
         "errors": statuses.get(STATUS_ERROR, 0),
     }
+
+
+@dataclass
+class GradeTally:
+    """One extraction mode's graded samples, problem by problem: whether each counts as correct
+    (``correct``, a list per problem) and how many samples had each grade status."""
+
+    correct: list[list[bool]] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def add(self, grades: Iterable[tuple[bool, str]]) -> None:
+        """One problem's samples, each as (counts as correct, grade status)."""
+        marks = []
+        for correct, status in grades:
+            marks.append(correct)
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.correct.append(marks)
+
+    @property
+    def problems(self) -> int:
+        return len(self.correct)
+
+    def counts(self) -> dict[str, int]:
+        """``problems``, ``samples`` and the fewest and most samples of a problem (``n_min``,
+        ``n_max``); ValueError when no problem was added."""
+        if not self.correct:
+            raise ValueError("no graded problem")
+        sizes = [len(c) for c in self.correct]
+        return {"problems": len(sizes), "samples": sum(sizes), "n_min": min(sizes),
+                "n_max": max(sizes)}
+
+    def figures(self) -> dict[str, Any]:
+        """``grade_figures`` of the samples added so far."""
+        return grade_figures(self.correct, self.statuses)

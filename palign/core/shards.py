@@ -203,13 +203,18 @@ def read_index(folder: str | Path, columns: Sequence[str] = ("id",),
 
 
 def read_shard(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of one data shard, as written."""
+    """The rows of one data shard, as written (ValueError: a line that is not JSON)."""
     path = str(path)
     if path.endswith(".parquet"):
         fs, p = storage.resolve(path)
         with fs.open_input_file(p) as f:
             return pq.read_table(f).to_pylist()
-    return [json.loads(line) for line in storage.iter_lines(path) if line.strip()]
+    rows = []
+    for lineno, row in storage.iter_jsonl(path):
+        if isinstance(row, storage.Unreadable):
+            raise ValueError(f"{path}:{lineno}: {row.reason}")
+        rows.append(row)
+    return rows
 
 
 def shard_index(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:

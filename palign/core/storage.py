@@ -14,11 +14,14 @@ writes under deterministic names plus a commit marker, never on renames.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import posixpath
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -205,6 +208,41 @@ def iter_lines(location: str | Path, chunk: int = 1 << 22) -> Iterator[bytes]:
             yield from lines
         if rest:
             yield rest
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """What stands in for a row that cannot be read (a line that is not UTF-8 or not JSON):
+    why, and the start of its text when there is one."""
+
+    reason: str
+    raw: str | None = None
+
+
+def iter_jsonl(location: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, row) for every non-blank line of a JSONL file, streamed; the one JSONL
+    reader. Lines end at \\n only (a \\r inside a line is the line's own business), a CRLF
+    ending and a byte-order mark before the first line are dropped. A line that is not UTF-8,
+    or not JSON, comes as an ``Unreadable`` in its row's place, not as an exception: the caller
+    decides whether it is a reject, a skipped line or an error."""
+    for lineno, raw in enumerate(iter_lines(location), 1):
+        if lineno == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        raw = raw.removesuffix(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield lineno, Unreadable(f"not valid UTF-8: {err.reason} at byte {err.start}",
+                                     raw[:2000].decode("utf-8", "replace"))
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield lineno, Unreadable(f"invalid JSON: {err.msg} (column {err.colno})", line[:2000])
+        except RecursionError:
+            yield lineno, Unreadable("invalid JSON: nested too deeply", line[:2000])
 
 
 def bucket_problem(location: str | Path) -> str | None:

@@ -1,0 +1,125 @@
+"""The train section: student SFT on Ray Train + DeepSpeed ZeRO."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from palign.core.config.base import Strict
+
+
+class TrainSection(Strict):
+    """Student SFT on Ray Train + DeepSpeed ZeRO; the same fields from 2 CPU workers to N x 8
+    GPUs (only num_workers, use_gpu and the batch sizes change)."""
+
+    num_workers: int = Field(
+        default=2, ge=1, description="Ray Train workers (one per GPU on clusters).")
+    use_gpu: bool = Field(default=False, description="Give each worker one GPU.")
+    cpus_per_worker: float = Field(
+        default=1, gt=0, description="CPUs Ray reserves for each train worker.")
+    zero_stage: Literal[2, 3] = Field(
+        default=2,
+        description="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, 3 also the "
+                    "parameters.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="Training dtype; auto: bfloat16 on GPU, float32 on CPU.")
+    seq_len: int = Field(
+        default=4096, ge=16, description="Packing bin length in tokens.")
+    packing: bool = Field(
+        default=True,
+        description="Pack several rows per sequence; false: one padded sequence per row (for "
+                    "comparison).")
+    overlong: Literal["reject", "truncate"] = Field(
+        default="reject", description="What happens to rows longer than seq_len.")
+    pack_window: int = Field(
+        default=1024, ge=1,
+        description="Rows packed together at a time (whole align shards).")
+    micro_batch_size: int = Field(
+        default=1, ge=1, description="Packed sequences per worker per micro-step.")
+    grad_accum: int = Field(
+        default=1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    epochs: int = Field(default=1, ge=1, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Optimizer steps to run, capping epochs; null: no cap.")
+    lr: float = Field(default=1e-5, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Cosine decay ends at lr times this.")
+    warmup_ratio: float = Field(
+        default=0.05, ge=0, lt=1,
+        description="Share of the steps with a linear learning-rate warmup.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(
+        default=1.0, gt=0, description="Gradients are clipped to this global norm.")
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass to save memory.")
+    attention: Literal["auto", "documents", "flash_varlen", "flex", "dense"] = Field(
+        default="auto",
+        description="How packed rows are attended without one seeing another: auto = "
+                    "flash_varlen on a GPU with flash-attn, else documents (per-document "
+                    "SDPA); flex = FlexAttention (GPU only); dense = SDPA with a dense "
+                    "block-diagonal mask (memory quadratic in seq_len).")
+    fused_optimizer: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Use torch AdamW's fused implementation; auto: wherever torch has it.")
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Merged key by key over the DeepSpeed config palign generates, for any "
+                    "setting without a field here, e.g. {zero_optimization: {overlap_comm: "
+                    "true}}.")
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        default="async",
+        description="async: checkpoints upload in the background while training goes on; "
+                    "sync: the saving step waits for the upload.")
+    offload_optimizer: bool = Field(
+        default=False,
+        description="ZeRO-Offload: keep the optimizer state (and its step) in CPU memory, "
+                    "freeing GPU memory at the cost of host traffic.")
+    offload_params: bool = Field(
+        default=False, description="ZeRO-3 only: also keep the parameters in CPU memory.")
+    sequence_parallel_size: int = Field(
+        default=1, ge=1,
+        description="DeepSpeed Ulysses: split each packed row across this many consecutive "
+                    "workers; num_workers / this is the data-parallel size.")
+    loss_chunk_size: int | None = Field(
+        default=1024, ge=1,
+        description="Tokens per chunk of the LM head and loss (fp32 logits of at most "
+                    "this many at a time); null: plain full logits.")
+    report_every: int = Field(
+        default=1, ge=1, description="Steps between reported training metrics.")
+    checkpoint_every: int = Field(
+        default=50, ge=1, description="Steps between DeepSpeed checkpoints.")
+    keep_checkpoints: int = Field(
+        default=2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
+    max_failures: int = Field(
+        default=0, ge=-1,
+        description="Worker-group restarts after a failure (-1: unbounded).")
+    storage_path: str | None = Field(
+        default=None,
+        description="Ray Train storage for checkpoints; null: <output_dir>/train/ray.")
+    seed: int = Field(
+        default=0, description="Seed of the data order and the training RNGs.")
+    max_reject_share: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Training fails when more than this share of the rows is not trained on "
+                    "(overlong).")
+
+    @model_validator(mode="after")
+    def _attention_fits_the_device(self) -> TrainSection:
+        if not self.use_gpu and self.attention in ("flash_varlen", "flex"):
+            raise ValueError(f"train.attention: {self.attention} needs a GPU (train.use_gpu: "
+                             "true); on CPU use documents (or auto)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("train.offload_params needs zero_stage: 3 (ZeRO-2 keeps every "
+                             "parameter on each GPU); use offload_optimizer")
+        sp = self.sequence_parallel_size
+        if sp > 1:
+            if self.num_workers % sp or self.seq_len % sp:
+                raise ValueError(f"train.sequence_parallel_size: {sp} must divide num_workers "
+                                 f"({self.num_workers}) and seq_len ({self.seq_len})")
+            if not self.packing or self.attention in ("dense", "flex"):
+                raise ValueError("train.sequence_parallel_size > 1 needs packing: true and "
+                                 "attention auto, documents or flash_varlen (the dense mask "
+                                 "cannot be split)")
+        return self
