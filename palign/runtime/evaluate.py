@@ -8,7 +8,7 @@ import logging
 import time
 
 from palign.core import storage
-from palign.core.config import Benchmark, Config, DataSection, EvalModel, FieldNames
+from palign.core.config import Config, EvalModel
 from palign.core.shards import count_rows, done_index, reject_reasons
 from palign.runtime.dataplane import Plan, plan
 from palign.runtime.runner import (
@@ -48,7 +48,7 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
     benchmarks = {}
     for b in cfg.evaluate.benchmarks:
         folder = storage.join(root, "_ingest", b.name)
-        ingest_once(cfg, folder, _benchmark_source(b))
+        ingest_once(cfg, folder, b.as_data(storage.absolute(b.path)))
         benchmarks[b.name] = folder
     paths = {m.label: eval_model_path(cfg, m) for m in cfg.evaluate.models}  # fail early
     for m in cfg.evaluate.models:
@@ -83,9 +83,3 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
     summary.wall_s = time.time() - start
     summary.check_rejects("evaluate.max_reject_share", cfg.evaluate.max_reject_share)
     return summary
-
-
-def _benchmark_source(b: Benchmark) -> DataSection:
-    return DataSection(path=storage.absolute(b.path), format=b.format, split=b.split,
-                       limit=b.limit, fields=FieldNames(id=b.fields.id, question=b.fields.question,
-                                                        answer=b.fields.answer, cot=None))

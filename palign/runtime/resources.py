@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from palign.core.config import Config, ConfigError, EngineConfig, TrainSection
+from palign.core.config import Config, ConfigError, EngineConfig, TrainSection, format_problems
 from palign.stages.registry import REGISTRY
 
 TP_STRATEGY = "STRICT_PACK"  # every tensor-parallel rank of a replica on one node
@@ -197,7 +197,7 @@ def engine_request(stage: str, engine: EngineConfig) -> EngineRequest:
     """The actor pool of one engine stage; raises ``ResourceError`` naming the bad fields."""
     problems = engine_problems(stage, engine)
     if problems:
-        raise ResourceError(_format_problems(problems))
+        raise ResourceError(format_problems(problems))
     return _engine_request(stage, engine)
 
 
@@ -237,7 +237,7 @@ def plan_engines(pairs: Iterable[tuple[str, EngineConfig]]) -> tuple[EngineReque
     pairs = list(pairs)
     problems = [p for stage, engine in pairs for p in engine_problems(stage, engine)]
     if problems:
-        raise ResourceError(_format_problems(problems))
+        raise ResourceError(format_problems(problems))
     return tuple(_engine_request(stage, engine) for stage, engine in pairs)
 
 
@@ -250,7 +250,7 @@ def plan_resources(cfg: Config,
     train = train_request(cfg.train) if "train" in cfg.run.stages else None
     problems = _local_cluster_problems(cfg, engines, train)
     if problems:
-        raise ResourceError(_format_problems(problems))
+        raise ResourceError(format_problems(problems))
     planned = {r.stage for r in engines} | ({"train"} if train else set())
     return ResourcePlan(engines, train, tuple(n for r in engines for n in _notes(r)),
                         tuple(s for s in cfg.run.stages if s in planned))
@@ -286,10 +286,6 @@ def _local_cluster_problems(cfg: Config, engines: tuple[EngineRequest, ...],
                         f"{train.resources_per_worker['CPU']:g} CPUs need {train.max_cpus:g}, "
                         f"and the local Ray has ray.num_cpus = {have}")
     return problems
-
-
-def _format_problems(problems: list[str]) -> str:
-    return "invalid config:\n" + "\n".join(f"  {p}" for p in problems)
 
 
 def format_resource_plan(plan: ResourcePlan) -> str:

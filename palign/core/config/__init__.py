@@ -32,6 +32,8 @@ from palign.core.config.sections import (
     FieldNames,
     ModelsSection,
     OutputSection,
+    ProblemColumns,
+    ProblemSource,
     RaySection,
     ReplicaRange,
     RunSection,
@@ -39,7 +41,6 @@ from palign.core.config.sections import (
 from palign.core.config.stage_sections import (
     AlignSection,
     Benchmark,
-    BenchmarkFields,
     EvalModel,
     EvaluateSection,
     GenerateSection,
@@ -50,9 +51,10 @@ from palign.core.config.train_section import TrainSection
 
 __all__ = [
     "ENGINE_STAGES", "NAME_PATTERN", "REQUIRED", "STAGES", "AlignSection", "Benchmark",
-    "BenchmarkFields", "Config", "ConfigError", "DataSection", "EngineConfig", "EvalModel",
+    "Config", "ConfigError", "DataSection", "EngineConfig", "EvalModel",
     "EvaluateSection", "FieldDoc", "FieldNames", "GenerateSection", "ModelsSection",
-    "OutputSection", "RaySection", "ReplicaRange", "RunSection", "SamplingConfig",
+    "OutputSection", "ProblemColumns", "ProblemSource", "RaySection", "ReplicaRange",
+    "RunSection", "SamplingConfig",
     "TrainSection", "TruncateSection", "config_models", "explain", "format_explain",
     "format_problems", "load_config", "parse_config",
 ]

@@ -62,19 +62,26 @@ class RaySection(Strict):
         description="Ray Data's progress bars on a terminal; elsewhere a log line per batch.")
 
 
-class FieldNames(Strict):
+class ProblemColumns(Strict):
+    """The columns every problem source has: the training data and each benchmark."""
+
     id: str = Field(
         default="id",
         description="Column of the row id; missing ids are derived from a hash of the question.")
     question: str = Field(default="question", description="Column of the question.")
     answer: str = Field(default="answer", description="Column of the reference answer.")
+
+
+class FieldNames(ProblemColumns):
     cot: str | None = Field(
         default="cot",
         description="Column of the chain of thought; null: the data has none and the teacher "
                     "writes every CoT.")
 
 
-class DataSection(Strict):
+class ProblemSource(Strict):
+    """Where problems are read from: the training data (``data``) and each benchmark."""
+
     path: str = Field(
         description="A .jsonl/.json file, a .parquet file, a folder of those, or a folder saved "
                     "by `datasets`; local or on object storage.")
@@ -83,12 +90,15 @@ class DataSection(Strict):
         description="File format of path; auto: detected from the path.")
     split: str | None = Field(
         default=None, description="The split to read from a DatasetDict saved on disk.")
+    limit: int | None = Field(
+        default=None, gt=0, description="Read only the first N rows (a smoke run).")
+
+
+class DataSection(ProblemSource):
     fields: FieldNames = Field(
         default=FieldNames(), description="Names of the data's columns.")
     max_cot_chars: int = Field(
         default=200_000, gt=0, description="CoTs longer than this many characters are rejected.")
-    limit: int | None = Field(
-        default=None, gt=0, description="Read only the first N rows (for smoke runs).")
     max_reject_share: float = Field(
         default=0.5, ge=0, le=1,
         description="Ingest fails when more than this share of the rows is rejected.")

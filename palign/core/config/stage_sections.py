@@ -7,7 +7,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from palign.core.config.base import NAME_PATTERN, Strict
-from palign.core.config.sections import EngineConfig
+from palign.core.config.sections import (
+    DataSection,
+    EngineConfig,
+    FieldNames,
+    ProblemColumns,
+    ProblemSource,
+)
 
 
 class _Rejects(Strict):
@@ -91,31 +97,18 @@ class AlignSection(_Rejects):
                     "math-verify's own extraction over the text (also unboxed numbers).")
 
 
-class BenchmarkFields(Strict):
-    id: str = Field(
-        default="id",
-        description="Column of the problem id; missing ids are derived from a hash of the "
-                    "question.")
-    question: str = Field(default="question", description="Column of the question.")
-    answer: str = Field(default="answer", description="Column of the reference answer.")
-
-
-class Benchmark(Strict):
+class Benchmark(ProblemSource):
     name: str = Field(
         pattern=NAME_PATTERN,
         description="The benchmark's name; results go to evaluate/<model>/<name>/.")
-    path: str = Field(
-        description="A .jsonl/.json file, a .parquet file, a folder of those, or a folder "
-                    "saved by `datasets`.")
-    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = Field(
-        default="auto",
-        description="File format of path; auto: detected from the path.")
-    split: str | None = Field(
-        default=None, description="The split to read from a DatasetDict saved on disk.")
-    fields: BenchmarkFields = Field(
-        default=BenchmarkFields(), description="Names of the benchmark's columns.")
-    limit: int | None = Field(
-        default=None, gt=0, description="Evaluate only the first N problems.")
+    fields: ProblemColumns = Field(
+        default=ProblemColumns(), description="Names of the benchmark's columns.")
+
+    def as_data(self, path: str) -> DataSection:
+        """The benchmark read as ingest reads the training data (no CoT column), from
+        ``path`` (the benchmark's path as the workers see it)."""
+        return DataSection(path=path, format=self.format, split=self.split, limit=self.limit,
+                           fields=FieldNames(**self.fields.model_dump(), cot=None))
 
 
 class EvalModel(Strict):
