@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from palign.core.config import TruncateSection
+from palign.core.config import EngineConfig, TruncateSection
 from palign.engines import EngineSpec, Sampling, available_backends, build_engine
-from palign.engines.base import Engine, label_first_tokens
+from palign.engines.base import Completion, Engine, LabelScores, fit_prompts, label_first_tokens
+from palign.engines.dtypes import torch_dtype
 from palign.engines.guard import GuardedEngine
 from palign.engines.models import resolve_model
 from palign.engines.server import EngineServer
+from palign.runtime.worker import engine_spec
 from palign.stages.truncate import truncate_rows
 
 pytestmark = pytest.mark.slow
@@ -52,9 +54,9 @@ def model_path() -> str:
 
 
 def _spec(model: str, backend: str) -> EngineSpec:
-    return EngineSpec(
-        model=model, backend=backend, max_model_len=MAX_LEN, cpu_kv_cache_gib=1.0, max_num_seqs=8
-    )
+    engine = EngineConfig(backend=backend, max_model_len=MAX_LEN, cpu_kv_cache_gib=1.0,
+                          max_num_seqs=8)
+    return engine_spec(engine, model)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_backends_listed() -> None:
     assert "transformers" in available_backends()
     assert ("vllm" in available_backends()) == HAS_VLLM
     with pytest.raises(ValueError, match="unknown engine backend"):
-        build_engine(EngineSpec(model="x", backend="tgi"))
+        build_engine(replace(engine_spec(EngineConfig(), "x"), backend="tgi"))
 
 
 def test_greedy_text_identical_across_backends(hf: Engine, vllm: Engine) -> None:
@@ -156,16 +158,37 @@ def test_too_long_prompt_fails_alone(engine: Engine) -> None:
     assert scores[0].error is None and set(scores[0].logprobs) == set(LABELS)
 
 
-def test_stop_string_cuts_text(engine: Engine) -> None:
-    chats = [chat("What is the capital of France?"), chat("Write a haiku about the sea.")]
-    full = engine.generate(chats, Sampling(max_tokens=24))
-    stop = " of"
-    cut = engine.generate(chats, Sampling(max_tokens=24, stop=(stop,)))
-    for whole, part in zip(full, cut):
-        assert stop in whole.text  # both greedy answers contain it
-        assert part.text == whole.text[: whole.text.index(stop)]
-        assert part.finish_reason == "stop"
-        assert 0 < part.completion_tokens < whole.completion_tokens
+class _WordTokenizer:
+    """One token per word of the rendered chat: enough for the fit check."""
+
+    def apply_chat_template(self, chat: list[dict[str, str]], tokenize: bool,
+                            add_generation_prompt: bool) -> str:
+        return " ".join(m["content"] for m in chat)
+
+    def __call__(self, text: str, add_special_tokens: bool) -> dict[str, list[int]]:
+        return {"input_ids": list(range(len(text.split())))}
+
+
+def test_fit_prompts_rejects_rows_over_the_context() -> None:
+    chats = [chat("a b c"), chat("a b c d e f"), chat("a")]
+    done = [Completion() for _ in chats]
+    assert fit_prompts(_WordTokenizer(), chats, 4, 8, done) == [(0, [0, 1, 2]), (2, [0])]
+    assert [c.prompt_tokens for c in done] == [3, 6, 1]
+    assert done[1].error == "prompt too long: 6 tokens + 4 new > max_model_len 8"
+    assert done[1].finish_reason == "error" and done[0].error is None
+    scores = [LabelScores() for _ in chats]
+    assert [i for i, _ in fit_prompts(_WordTokenizer(), chats, 1, 7, scores)] == [0, 1, 2]
+    assert all(s.error is None for s in scores)
+
+
+def test_torch_dtype_names() -> None:
+    import torch
+
+    assert torch_dtype("auto", on_gpu=False) == torch.float32
+    assert torch_dtype("auto", on_gpu=True) == torch.bfloat16
+    assert torch_dtype("float16", on_gpu=False) == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        torch_dtype("fp16", on_gpu=True)
 
 
 def test_seeded_sampling_reproduces(engine: Engine) -> None:

@@ -7,6 +7,7 @@ length, say) come back with ``error`` set instead of failing the whole batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,7 +23,6 @@ class Sampling:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -55,24 +55,26 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineSpec:
-    """What an actor needs to build its engine; made from the run config by the stages."""
+    """What an actor needs to build its engine. Every field is given: the defaults live in the
+    run config (``palign.core.config.EngineConfig``), and ``palign.runtime.worker.engine_spec``
+    makes a spec from it."""
 
     model: str  # a local Hugging Face folder (short names are resolved before this point)
-    backend: str = "auto"  # "auto" (vLLM where installed), "vllm" or "transformers"
-    dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on GPU
-    max_model_len: int = 4096
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    enforce_eager: bool | None = None  # None: True on CPU (compiling takes minutes there)
-    cpu_kv_cache_gib: float = 2.0
-    max_num_seqs: int = 64
-    seed: int = 0
-    executor_backend: str | None = None  # vLLM distributed_executor_backend (None: its default)
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # more vLLM engine arguments
-    vllm_driver: str = "step"  # "step" (LLMEngine, in process) or "async_llm" (AsyncLLM)
+    backend: str  # "auto" (vLLM where installed), "vllm" or "transformers"
+    dtype: str  # "auto": float32 on CPU, bfloat16 on GPU
+    max_model_len: int
+    tensor_parallel_size: int
+    gpu_memory_utilization: float
+    enable_prefix_caching: bool
+    enforce_eager: bool | None  # None: True on CPU (compiling takes minutes there)
+    cpu_kv_cache_gib: float
+    max_num_seqs: int
+    seed: int
+    executor_backend: str | None  # vLLM distributed_executor_backend (None: its default)
+    engine_kwargs: dict[str, Any]  # more vLLM engine arguments
+    vllm_driver: str  # "step" (LLMEngine, in process) or "async_llm" (AsyncLLM)
 
 
 # Helpers both backends share, so that they feed the model identical token ids and reject the
@@ -89,14 +91,36 @@ def prompt_token_ids(tokenizer: Any, chat: Chat) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def too_long_error(prompt_tokens: int, new_tokens: int, max_model_len: int) -> str | None:
-    """The row's error when prompt plus new tokens do not fit the context, else None."""
-    if prompt_tokens + new_tokens <= max_model_len:
-        return None
-    return (
-        f"prompt too long: {prompt_tokens} tokens + {new_tokens} new"
+def fit_prompt(tokenizer: Any, chat: Chat, new_tokens: int, max_model_len: int,
+               row: Completion | LabelScores) -> list[int] | None:
+    """The prompt token ids of ``chat`` when they and ``new_tokens`` fit the context, else None.
+
+    Sets ``row.prompt_tokens``; a row that does not fit gets its ``error`` (and a completion its
+    ``finish_reason`` "error").
+    """
+    ids = prompt_token_ids(tokenizer, chat)
+    row.prompt_tokens = len(ids)
+    if len(ids) + new_tokens <= max_model_len:
+        return ids
+    row.error = (
+        f"prompt too long: {len(ids)} tokens + {new_tokens} new"
         f" > max_model_len {max_model_len}"
     )
+    if isinstance(row, Completion):
+        row.finish_reason = "error"
+    return None
+
+
+def fit_prompts(tokenizer: Any, chats: list[Chat], new_tokens: int, max_model_len: int,
+                rows: Sequence[Completion | LabelScores]) -> list[tuple[int, list[int]]]:
+    """(index, prompt token ids) of the chats that fit (``fit_prompt``, with ``rows[i]`` the
+    result of ``chats[i]``); the others' rows get their error."""
+    fitting: list[tuple[int, list[int]]] = []
+    for i, (chat, row) in enumerate(zip(chats, rows, strict=True)):
+        ids = fit_prompt(tokenizer, chat, new_tokens, max_model_len, row)
+        if ids is not None:
+            fitting.append((i, ids))
+    return fitting
 
 
 def label_first_tokens(tokenizer: Any, labels: list[str]) -> list[int]:

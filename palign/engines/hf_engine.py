@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,32 +18,12 @@ from palign.engines.base import (
     EngineSpec,
     LabelScores,
     Sampling,
+    fit_prompts,
     label_first_tokens,
-    prompt_token_ids,
-    too_long_error,
 )
+from palign.engines.dtypes import torch_dtype
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
-    """``"auto"`` means float32 on CPU (bf16 is slower there) and bfloat16 on a GPU."""
-    if name == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use auto or one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
 
 class TransformersEngine:
     """An :class:`~palign.engines.base.Engine` on ``AutoModelForCausalLM``."""
@@ -59,7 +38,7 @@ class TransformersEngine:
         started = time.monotonic()
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = resolve_dtype(spec.dtype, self.device.type == "cuda")
+        self.dtype = torch_dtype(spec.dtype, self.device.type == "cuda")
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
         model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=self.dtype)
         self.model = model.to(self.device).eval()
@@ -88,21 +67,13 @@ class TransformersEngine:
 
     def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
         results = [Completion() for _ in chats]
-        rows: list[tuple[int, list[int]]] = []
-        for i, chat in enumerate(chats):
-            ids = prompt_token_ids(self.tokenizer, chat)
-            results[i].prompt_tokens = len(ids)
-            error = too_long_error(len(ids), sampling.max_tokens, self.spec.max_model_len)
-            if error:
-                results[i].error = error
-                results[i].finish_reason = "error"
-            else:
-                rows.append((i, ids))
+        rows = fit_prompts(self.tokenizer, chats, sampling.max_tokens, self.spec.max_model_len,
+                           results)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)  # the same call then draws the same samples
         config = self._generation_config(sampling)
         for chunk in self._chunks(rows):
-            new_tokens = self._generate_chunk([ids for _, ids in chunk], config, sampling)
+            new_tokens = self._generate_chunk([ids for _, ids in chunk], config)
             for (i, _), tokens in zip(chunk, new_tokens):
                 self._fill(results[i], tokens, sampling)
         return results
@@ -118,21 +89,15 @@ class TransformersEngine:
             top_p=sampling.top_p if sample else 1.0,
             top_k=0 if sample else None,  # transformers samples top-50 by default, vLLM all
             repetition_penalty=sampling.repetition_penalty,
-            stop_strings=list(sampling.stop) or None,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
         )
 
     @torch.inference_mode()
-    def _generate_chunk(
-        self, prompts: list[list[int]], config: Any, sampling: Sampling
-    ) -> list[list[int]]:
+    def _generate_chunk(self, prompts: list[list[int]], config: Any) -> list[list[int]]:
         input_ids, mask = self._left_pad(prompts)
         out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            generation_config=config,
-            tokenizer=self.tokenizer if sampling.stop else None,
+            input_ids=input_ids, attention_mask=mask, generation_config=config
         )
         return out[:, input_ids.shape[1] :].tolist()
 
@@ -143,46 +108,20 @@ class TransformersEngine:
         cut = next((k for k, t in enumerate(tokens) if t in ends), None)
         hit_eos = cut is not None and tokens[cut] in self.eos_ids
         own = tokens[:cut] if cut is not None else tokens
-        text = self.tokenizer.decode(own, skip_special_tokens=True)
-        stop_at = _first_stop(text, sampling.stop)
-        if stop_at is not None:
-            text = text[:stop_at]
-            result.completion_tokens = self._tokens_until_stop(own, sampling.stop)
-            result.finish_reason = "stop"
-        elif hit_eos:
+        if hit_eos:
             result.completion_tokens = len(own) + 1
             result.finish_reason = "stop"
         else:
             result.completion_tokens = len(own)
             result.finish_reason = "length" if len(own) >= sampling.max_tokens else "stop"
-        result.text = text
-
-    def _tokens_until_stop(self, tokens: list[int], stop: Sequence[str]) -> int:
-        # The fewest tokens whose text holds a stop string (vLLM stops right after that one).
-        lo, hi = 1, len(tokens)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            text = self.tokenizer.decode(tokens[:mid], skip_special_tokens=True)
-            if _first_stop(text, stop) is None:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        result.text = self.tokenizer.decode(own, skip_special_tokens=True)
 
     # -- label scores -------------------------------------------------------------------
 
     def score_labels(self, chats: list[Chat], labels: list[str]) -> list[LabelScores]:
         firsts = label_first_tokens(self.tokenizer, labels)
         results = [LabelScores() for _ in chats]
-        rows: list[tuple[int, list[int]]] = []
-        for i, chat in enumerate(chats):
-            ids = prompt_token_ids(self.tokenizer, chat)
-            results[i].prompt_tokens = len(ids)
-            error = too_long_error(len(ids), 1, self.spec.max_model_len)
-            if error:
-                results[i].error = error
-            else:
-                rows.append((i, ids))
+        rows = fit_prompts(self.tokenizer, chats, 1, self.spec.max_model_len, results)
         index = torch.tensor(firsts, device=self.device)
         for chunk in self._chunks(rows):
             logprobs = self._last_logprobs([ids for _, ids in chunk])[:, index].tolist()
@@ -225,9 +164,3 @@ class TransformersEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def _first_stop(text: str, stop: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stop if s]
-    hits = [h for h in hits if h >= 0]
-    return min(hits) if hits else None

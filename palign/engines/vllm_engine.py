@@ -21,11 +21,12 @@ from palign.engines.base import (
     EngineSpec,
     LabelScores,
     Sampling,
+    fit_prompt,
+    fit_prompts,
     label_first_tokens,
     prompt_token_ids,
-    too_long_error,
 )
-from palign.engines.hf_engine import resolve_dtype
+from palign.engines.dtypes import torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class VLLMEngine:
         self.on_cpu = on_cpu
         self.spec = spec
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
-        dtype = resolve_dtype(spec.dtype, on_gpu=not on_cpu)
+        dtype = torch_dtype(spec.dtype, on_gpu=not on_cpu)
         enforce_eager = spec.enforce_eager if spec.enforce_eager is not None else on_cpu
         kwargs: dict[str, Any] = dict(
             model=spec.model,
@@ -147,21 +148,6 @@ class VLLMEngine:
 
         self.llm = LLM(**kwargs)
 
-    def _prompts(
-        self, chats: list[Chat], new_tokens: int, rows: list[Any]
-    ) -> list[tuple[int, list[int]]]:
-        """Token ids of the rows that fit; the others get their error set in ``rows``."""
-        fitting: list[tuple[int, list[int]]] = []
-        for i, chat in enumerate(chats):
-            ids = prompt_token_ids(self.tokenizer, chat)
-            rows[i].prompt_tokens = len(ids)
-            error = too_long_error(len(ids), new_tokens, self.spec.max_model_len)
-            if error:
-                rows[i].error = error
-            else:
-                fitting.append((i, ids))
-        return fitting
-
     def _run(self, fitting: list[tuple[int, list[int]]], params: list[Any]) -> list[Any]:
         from vllm.inputs import TokensPrompt
 
@@ -172,10 +158,8 @@ class VLLMEngine:
         if self.on_cpu and sampling.seed is not None:
             torch.manual_seed(sampling.seed)  # the in-process engine samples from this RNG
         results = [Completion() for _ in chats]
-        fitting = self._prompts(chats, sampling.max_tokens, results)
-        for row in results:
-            if row.error:
-                row.finish_reason = "error"
+        fitting = fit_prompts(self.tokenizer, chats, sampling.max_tokens,
+                              self.spec.max_model_len, results)
         if not fitting:
             return results
         params = [self._sampling_params(sampling, i) for i, _ in fitting]
@@ -196,7 +180,6 @@ class VLLMEngine:
             # prefill is split across steps crashes vLLM 0.32 ("CPU Generator does not use
             # offset"), so sampling follows the engine's own seed (spec.seed) instead.
             seed=None if sampling.seed is None or self.on_cpu else sampling.seed + index,
-            stop=list(sampling.stop) or None,
         )
 
     def _score_params(self, labels: tuple[str, ...]) -> tuple[Any, list[int]]:
@@ -219,7 +202,7 @@ class VLLMEngine:
         miss labels outside the top k, and ``allowed_token_ids`` only masks what is sampled.
         """
         results = [LabelScores() for _ in chats]
-        fitting = self._prompts(chats, 1, results)
+        fitting = fit_prompts(self.tokenizer, chats, 1, self.spec.max_model_len, results)
         if not fitting:
             return results
         params, firsts = self._score_params(tuple(labels))
@@ -259,13 +242,8 @@ class VLLMEngine:
             result = Completion()
             params = self._sampling_params(arg, index)
             new_tokens = arg.max_tokens
-        ids = prompt_token_ids(self.tokenizer, chat)
-        result.prompt_tokens = len(ids)
-        error = too_long_error(len(ids), new_tokens, self.spec.max_model_len)
-        if error:
-            result.error = error
-            if isinstance(result, Completion):
-                result.finish_reason = "error"
+        ids = fit_prompt(self.tokenizer, chat, new_tokens, self.spec.max_model_len, result)
+        if ids is None:
             return result, None, None
         params.output_kind = RequestOutputKind.FINAL_ONLY  # one output, when it is done
         return result, TokensPrompt(prompt_token_ids=ids), params

@@ -129,10 +129,10 @@ class StageWorker:
         self.gate = _Gate()
         self._reported = {"prompt_tokens": 0, "cached_tokens": 0}
         self._report_lock = threading.Lock()
-        self.engine: GuardedEngine | None = self._build_engine() if model else None
+        self.engine: GuardedEngine | None = self._start_engine() if model else None
         self.grader: Any = self._start_grader() if self.definition.grades else None
 
-    def _build_engine(self) -> GuardedEngine:
+    def _start_engine(self) -> GuardedEngine:
         from palign.engines import build_engine
         from palign.engines.models import resolve_model
         from palign.engines.server import EngineServer

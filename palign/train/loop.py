@@ -76,7 +76,7 @@ from palign.train import checkpoints
 from palign.train.backend import Backend, start
 from palign.train.data import IGNORE_INDEX, Pack, collate_packs, pad_batch
 from palign.train.engine import deepspeed_engine
-from palign.train.model import load_student, resolve_dtype, sequence_parallel
+from palign.train.model import load_student, sequence_parallel, train_dtype
 from palign.train.paths import DATA_KEY
 from palign.train.prepare import prepare
 from palign.train.steps import StepPlan
@@ -184,7 +184,7 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
     checkpoints.seed_all(tc.seed)
     if data_folder is None:
         data_folder = _prepare_here(cfg, backend)
-    tokenizer, model = load_student(cfg, resolve_dtype(tc, backend.device), backend.device,
+    tokenizer, model = load_student(cfg, train_dtype(tc, backend.device), backend.device,
                                     backend.world)
     mpu = sequence_parallel(tc, model)
     data = UnitReader(data_folder)

@@ -14,14 +14,15 @@ from typing import Any
 import torch
 
 from palign.core.config import Config, TrainSection
-from palign.engines.hf_engine import resolve_dtype as resolve_dtype_name
+from palign.engines.dtypes import torch_dtype
 from palign.train import attention
 
 
-def resolve_dtype(tc: TrainSection, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU that supports it, fp32 otherwise."""
+def train_dtype(tc: TrainSection, device: torch.device) -> torch.dtype:
+    """The dtype ``train.dtype`` loads the student in on ``device``; ``auto``: bf16 on a GPU
+    that supports it, fp32 otherwise."""
     bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return resolve_dtype_name(tc.dtype, on_gpu=bf16_gpu)
+    return torch_dtype(tc.dtype, on_gpu=bf16_gpu)
 
 
 def load_student(cfg: Config, dtype: torch.dtype, device: torch.device,
