@@ -22,8 +22,9 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -rfEs --durations=15
 
+# The pure tests: no Ray, no model, no GPU, no pip install (pyproject.toml's pytest markers).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not ray and not model and not gpu and not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check palign tests benchmarks

@@ -40,14 +40,6 @@ TARGET = COT[:2048]  # the train rows' targets: about 1.3k tokens with the chat,
 SEQ_LEN = 4096
 
 
-def peak_rss_mib(field: str = "VmHWM") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def write_align(folder: Path, rows: int) -> None:
     """Synthetic align-stage shards (id, question, target), 1024 rows each, a chunk at a time."""
     from palign.core.prompts import training_target
@@ -64,6 +56,7 @@ def rank_probe(folder: str) -> dict:
     """Rank 0 of 2 (micro-batch 1): every micro-batch of one epoch read and collated; the
     process's peak RSS over its RSS before the data path was opened."""
     sys.path.insert(0, str(ROOT))
+    from palign.core.procmem import peak_rss_mib, rss_mib
     from palign.train.loop import collate  # the loop's imports, before the baseline
     from palign.train.steps import StepPlan
     from palign.train.units import UnitReader
@@ -73,7 +66,7 @@ def rank_probe(folder: str) -> dict:
     sink = io.BytesIO()
     pq.write_table(pa.table({"x": [1]}), sink)
     pq.read_table(io.BytesIO(sink.getvalue()))
-    base = peak_rss_mib("VmRSS")
+    base = rss_mib()
     t0 = time.time()
     reader = UnitReader(folder)
     plan = StepPlan(len(reader), 2, 1, 1, 1, None, 0)
@@ -96,6 +89,7 @@ def one(rows: int, work: Path) -> dict:
     """One size, in this process: write the source, run ingest + truncate, then resume."""
     sys.path.insert(0, str(ROOT))
     from palign.core.config import parse_config
+    from palign.core.procmem import peak_rss_mib
     from palign.runtime.runner import run_stage
 
     data = work / "data.jsonl"

@@ -148,18 +148,12 @@ def child(attention: str, bin_len: int, args: argparse.Namespace) -> dict[str, A
             "rss_before_steps_mib": base / MIB}
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def probe(attention: str, bin_len: int, threads: int) -> dict[str, Any]:
     """The attention-bound shape's forward and backward on one row of ``bin_len`` tokens."""
-    import contextlib
-
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from palign.core import procmem
     from palign.train import attention as attn
     from palign.train.data import IGNORE_INDEX, token_loss_sum
 
@@ -177,16 +171,15 @@ def probe(attention: str, bin_len: int, threads: int) -> dict[str, Any]:
     labels = ids.clone()
     labels[:, ::2] = IGNORE_INDEX
     batch = {"input_ids": ids, "labels": labels, "position_ids": position_ids}
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
+    procmem.reset_peak()
+    before = procmem.rss_mib()
     t = time.perf_counter()
     loss, _ = token_loss_sum(model, batch, 1024)
     loss.backward()
     seconds = time.perf_counter() - t
     return {"attention": attention, "bin": bin_len, "seconds": seconds,
             "tokens_per_s": bin_len / seconds,
-            "peak_over_start_mib": (_status_kib("VmHWM") - before) / 1024,
+            "peak_over_start_mib": procmem.peak_rss_mib() - before,
             "documents_per_row": int((position_ids == 0).sum())}
 
 

@@ -1,5 +1,11 @@
-"""Fixtures shared across test files: one local Ray cluster for the tests that need the usual
-one, started on first use and kept until the session ends."""
+"""Fixtures shared across test files, and the tiers they put a test in.
+
+The tiers are pytest markers (registered in pyproject.toml): ``ray`` (starts or joins a Ray
+cluster), ``model`` (runs a model: SmolLM2's files through palign.engines.models, or a
+transformers, vLLM or DeepSpeed model), ``gpu`` (needs CUDA: skipped without it) and ``slow``
+(minutes for another reason). A test that uses a fixture below gets that fixture's mark here
+(pytest_collection_modifyitems); a file that starts Ray or a model itself says so with
+``pytestmark``. ``make test-fast`` runs the tests with none of the marks."""
 
 from __future__ import annotations
 
@@ -13,7 +19,14 @@ from palign.engines.guard import EXIT_ON_PROMPT_ENV
 # session's Ray gives every actor the hook, and no other test data contains the text.
 POISON = "__palign_poison_row__"
 
+# The mark a test gets for using a fixture (directly or through another fixture).
+FIXTURE_MARKS = {"ray_cluster": "ray", "tiny_model": "model", "tokenizer": "model"}
 
+
+# The one Ray cluster of the suite. Module scope on purpose: the cluster itself lives for the
+# session (started on first use, shut down in pytest_sessionfinish), but a module that uses
+# no_ray shuts it down, and the next module that asks for ray_cluster must start it again,
+# which a session-scoped fixture (set up once) would not.
 @pytest.fixture(scope="module")
 def ray_cluster():
     """The session's local Ray: 2 CPUs, no dashboard, engines with the poison-row hook."""
@@ -23,6 +36,28 @@ def ray_cluster():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {EXIT_ON_PROMPT_ENV: POISON}})
     yield
+
+
+@pytest.fixture(scope="module")
+def no_ray():
+    """For tests that start a Ray of their own (other resources, a `ray start` head) or need
+    none at all: the session's Ray is shut down (the next ray_cluster user starts it again).
+    A test that starts its own Ray is marked ``ray`` in its file."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    yield
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2-135M's tokenizer and chat template (read only: a test that changes it loads its
+    own)."""
+    from transformers import AutoTokenizer
+
+    from palign.engines.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
 
 
 @pytest.fixture(scope="session")
@@ -48,14 +83,19 @@ def tiny_model(tmp_path_factory) -> str:
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def no_ray():
-    """For tests that start a Ray of their own (other resources, a `ray start` head) or need
-    none at all: the session's Ray is shut down (the next ray_cluster user starts it again)."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
-    yield
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in getattr(item, "fixturenames", ()):
+            if name in FIXTURE_MARKS:
+                item.add_marker(FIXTURE_MARKS[name])
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason="needs CUDA (marked gpu); none here")
+            for item in gpu:
+                item.add_marker(skip)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -18,7 +18,7 @@ from palign.core.config import load_config
 from palign.core.shards import read_rows
 from palign.pipeline import run_pipeline
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.ray, pytest.mark.model]
 ROOT = Path(__file__).resolve().parents[1]
 # full_cot and fixed_ratio run the same stages with truncate's `full` and `fixed_ratio`
 # strategies (tested in test_truncate_rows and test_search); here their configs are checked, not

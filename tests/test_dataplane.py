@@ -13,7 +13,7 @@ from palign.core.config import parse_config
 from palign.core.shards import read_index
 from palign.runtime.runner import run_stage
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 COT = " ".join(f"Step {i}: {i} plus {i} is {2 * i}." for i in range(800))  # about 20 KB
 
 

@@ -22,7 +22,7 @@ from palign.engines.server import EngineServer
 from palign.runtime.worker import engine_spec
 from palign.stages.truncate import truncate_rows
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.model
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 LABELS = ["ENOUGH", "NOT_ENOUGH"]  # the judge's pair (palign.core.verdict.LABELS)

@@ -23,7 +23,7 @@ from palign.core.shards import ShardWriter, read_rows, reject_row
 from palign.pipeline import run_pipeline
 from palign.runtime.worker import actor_log_dir
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.ray, pytest.mark.model]
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [json.loads(line) for line in (ROOT / "data/demo/problems.jsonl").read_text().splitlines()]
 WITH_COT = [r for r in DEMO if r.get("cot")]

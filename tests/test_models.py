@@ -13,7 +13,7 @@ from palign.engines import models
 from palign.engines.models import resolve_model
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_short_name_becomes_a_complete_folder() -> None:
     folder = Path(resolve_model("smollm2-135m"))
     assert folder.is_dir()
@@ -34,7 +34,7 @@ def test_short_name_becomes_a_complete_folder() -> None:
     assert time.monotonic() - started < 1.0
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_converted_folder_loads_with_chat_template() -> None:
     from transformers import AutoTokenizer
 

@@ -167,7 +167,8 @@ def ids(uri: str) -> Counter:
     return Counter(r["id"] for r in [*read_rows(uri), *read_rows(f"{uri}/rejects")])
 
 
-@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.model
 @pytest.mark.timeout(900)
 def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path):
     """generate, truncate, align, train and evaluate (the trained model, staged from the

@@ -14,7 +14,7 @@ from palign.core.shards import read_rows
 from palign.engines import available_backends
 from palign.pipeline import run_pipeline
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.ray, pytest.mark.model]
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [json.loads(line) for line in (ROOT / "data/demo/problems.jsonl").read_text().splitlines()]
 

@@ -232,7 +232,7 @@ def _report_placement_class() -> type:
     return ReportPlacement
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_tensor_parallel_pool_runs_in_its_placement_group(no_ray) -> None:
     import ray
 

@@ -210,7 +210,7 @@ def _scrape(port: int) -> dict[tuple[str, str], list[tuple[dict[str, str], float
     return samples
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_exported_names_on_a_local_ray(no_ray) -> None:
     """Ray 2.60, ``include_dashboard=False``: the per-node metrics agent still serves
     ``/metrics`` on ``_metrics_export_port``; values appear after about 10-15 s."""

@@ -33,7 +33,7 @@ from palign.train.steps import StepPlan
 from palign.train.trainer import run_train
 from palign.train.units import UnitReader
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.model  # and ray, for the tests on the ray_cluster fixture
 
 N_ROWS = 24
 STEPS = 30

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import re
@@ -13,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from palign.core import procmem
 from palign.core.prompts import student_question, training_target
 from palign.engines.models import resolve_model
 from palign.train import attention
@@ -38,16 +38,11 @@ TARGET = training_target("Pair 1 with 10, 2 with 9: five pairs.", "Each is 11, s
 # ---------------------------------------------------------------- the real template (SmolLM2)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-
-
 def supervised(ex: Example) -> list[int]:
     return [tok for tok, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX]
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_labels_are_the_target_and_the_end_of_turn_token(tokenizer):
     ex = build_example(tokenizer, QUESTION, TARGET, max_len=1024, example_id="x")
     assert isinstance(ex, Example) and ex.span == "tokens"  # ChatML: the prompt is a token prefix
@@ -71,7 +66,7 @@ def test_labels_are_the_target_and_the_end_of_turn_token(tokenizer):
     assert "sum of the first" not in tokenizer.decode(supervised(ex))
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_offsets_fallback_when_the_prompt_is_no_token_prefix():
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     # A template whose generation prompt ends in a space: " <" merges into one token in the full
@@ -86,7 +81,7 @@ def test_offsets_fallback_when_the_prompt_is_no_token_prefix():
     assert tok.decode(supervised(ex)) == " " + TARGET
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_overlong_rows_are_rejected_with_their_length_or_truncated(tokenizer):
     row = {"id": "long", "question": QUESTION, "target": TARGET + " more words" * 50}
     full = example_from_row(tokenizer, row, max_len=10_000)
@@ -196,6 +191,7 @@ def mean_loss_and_grad_norm(model, batches) -> tuple[float, float, int]:
     return loss.item(), norm.item(), sum(counts)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "documents"])
 def test_packed_equals_padded_and_the_control_fails(attn):
     model = tiny_model(attention.implementation(attn, torch.device("cpu"))
@@ -226,7 +222,7 @@ LONG_BIN = 32768  # one packed row of 4 documents of 8192 tokens
 MEMORY_CAP = 768 * 2**20
 
 
-def _long_row_run(attn: str) -> tuple[float, float, int, int]:
+def _long_row_run(attn: str) -> tuple[float, float, int, float]:
     """In a fresh process: the mean loss and gradient norm of the long packed row (``documents``)
     or of its documents as a padded batch (``sdpa``), and the peak RSS the forward and backward
     added over the RSS before them."""
@@ -243,18 +239,13 @@ def _long_row_run(attn: str) -> tuple[float, float, int, int]:
         batch = pad_batch(examples, pad_id=0)
     # The peak of this address space (VmHWM; getrusage's ru_maxrss would carry over the forking
     # parent's peak), reset to the current RSS first where the kernel allows it.
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
+    procmem.reset_peak()
+    before = procmem.rss_mib()
     loss, norm, n = mean_loss_and_grad_norm(model, [batch])
-    return loss, norm, n, (_status_kib("VmHWM") - before) * 1024
+    return loss, norm, n, (procmem.peak_rss_mib() - before) * procmem.MIB
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
+@pytest.mark.model
 def test_documents_attention_equals_padded_at_a_bin_a_dense_mask_would_not_fit():
     import multiprocessing
 
@@ -269,6 +260,7 @@ def test_documents_attention_equals_padded_at_a_bin_a_dense_mask_would_not_fit()
     assert abs(norm_pk - norm_pd) <= GRAD_RTOL * norm_pd
 
 
+@pytest.mark.model
 def test_pack_boundary_never_supervises_across_sequences():
     # Fully supervised examples (label 0 set): packed, the last token of one sequence must not be
     # trained to predict the first token of the next.
@@ -298,6 +290,7 @@ def sparse_labels(batch: dict, keep: int, seed: int = 0) -> dict:
     return dict(batch, labels=labels)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("kind", ["packed", "padded", "sparse"])
 def test_chunked_loss_equals_the_plain_one(kind):
     model = tiny_model("sdpa")
@@ -335,6 +328,7 @@ def count_head_calls(model, batch, chunk_size, positions=None) -> tuple[list[int
     return forward, calls
 
 
+@pytest.mark.model
 def test_head_calls_do_not_depend_on_the_labels():
     # Under ZeRO-3 every head call is a collective: ranks with different supervised counts must
     # still call it equally often, in the forward pass and in the backward recomputation.
@@ -360,6 +354,7 @@ def test_head_calls_do_not_depend_on_the_labels():
         token_loss_sum(model, wide, 16, positions=10)
 
 
+@pytest.mark.model
 def test_nothing_supervised_gives_zero_loss_with_a_graph():
     model = tiny_model("sdpa")
     ex = Example("none", [1, 2, 3, 4], [IGNORE_INDEX] * 4)

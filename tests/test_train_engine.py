@@ -14,7 +14,7 @@ import pytest
 
 from palign.core.config import parse_config
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.model
 
 
 def free_port() -> int:

@@ -10,24 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import palign.train.prepare as prepare_module
 from palign.core import storage
 from palign.core.config import Config, parse_config
 from palign.core.prompts import training_target
 from palign.core.shards import REJECTS, ShardWriter, read_rows
-from palign.engines.models import resolve_model
 from palign.train.data import collate_packs, example_from_row, pack, pad_batch
 from palign.train.prepare import NoTrainableRows, plan_windows, prepare
 from palign.train.units import PLAN, WINDOWS, UnitReader
 
 LONG_ID = "row-overlong"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
 
 
 def align_rows(n: int) -> list[dict]:

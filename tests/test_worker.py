@@ -15,7 +15,7 @@ from palign.core.failures import MachineryError
 from palign.core.shards import read_rows
 from palign.runtime.worker import StageWorker
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.model
 
 GOOD = [{"id": f"g{i}", "question": f"What is {i} + 1?", "answer": str(i + 1),
          "prefix": f"We add {i} and 1."} for i in range(3)]

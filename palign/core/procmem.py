@@ -1,0 +1,38 @@
+"""This process's memory as Linux reports it in ``/proc/self/status``: the resident set now
+(``VmRSS``) and its high-water mark (``VmHWM``), the peak of this address space alone (unlike
+getrusage's ``ru_maxrss``, which a forked child inherits from its parent). ``reset_peak`` sets
+the mark back to the current RSS, so a peak can be measured for one step. Linux only."""
+
+from __future__ import annotations
+
+import contextlib
+
+MIB = 2**20
+
+
+def _status_kib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    return float("nan")  # a kernel (or sandbox) that does not report the field
+
+
+def rss_mib() -> float:
+    """The resident set now, in MiB."""
+    return _status_kib("VmRSS") / 1024
+
+
+def peak_rss_mib() -> float:
+    """The resident set's high-water mark, in MiB: since the process started, or since the last
+    ``reset_peak`` that took."""
+    return _status_kib("VmHWM") / 1024
+
+
+def reset_peak() -> bool:
+    """Set the high-water mark back to the current RSS (``clear_refs`` 5); False where the kernel
+    does not allow it (the mark then still counts from the process's start)."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+        return True
+    return False
