@@ -183,3 +183,24 @@ def test_iter_jsonl_numbers_lines_and_yields_unreadable_lines_in_place(tmp_path)
     assert isinstance(rows[1][1], storage.Unreadable)
     assert rows[1][1].reason.startswith("invalid JSON") and rows[1][1].raw == "{broken"
     assert rows[2][1].reason.startswith("not valid UTF-8")
+
+
+def test_a_finished_ingest_that_does_not_hold_its_rows_fails_the_run(tmp_path):
+    """An ingest folder marked finished whose indexes lack the rows its marker counts (an older
+    palign wrote data without indexes, or a file went missing) is never taken as zero rows."""
+    from palign.core.config import parse_config
+    from palign.core.failures import StageFailed
+    from palign.runtime.runner import ingest_once
+    from palign.runtime.source import ingest_here
+
+    write_jsonl(tmp_path / "p.jsonl", GOOD)
+    data = DataSection(path=str(tmp_path / "p.jsonl"))
+    cfg = parse_config({"run": {"output_dir": str(tmp_path / "run")}, "data": data.model_dump(),
+                        "models": {"student": "smollm2-135m"}})
+    folder = str(tmp_path / "run" / "ingest")
+    ingest_here(folder, data, shard_rows=10)
+    ingest_once(cfg, folder, data)  # finished and whole: kept as it is
+    for index in (tmp_path / "run" / "ingest" / "_index").iterdir():
+        index.unlink()
+    with pytest.raises(StageFailed, match="marked finished with 2 rows but its indexes hold 0"):
+        ingest_once(cfg, folder, data)

@@ -17,6 +17,7 @@ refuses to start.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -31,6 +32,7 @@ from palign.core.shards import (
     DONE_MARKER,
     REJECTS,
     clean_uncommitted,
+    count_rows,
     done_index,
     new_token,
     release_rejects,
@@ -107,8 +109,16 @@ def ingest(cfg: Config) -> str:
 def ingest_once(cfg: Config, folder: str, data: DataSection) -> None:
     """Validate the source into ``folder`` with one Ray Data task per source file, then settle
     limits and repeated ids from the indexes (``palign.runtime.source``). A finished ingest
-    (``_DONE``) is kept; an unfinished one is redone."""
-    if storage.exists(storage.join(folder, DONE_MARKER)):
+    (``_DONE``) is kept; an unfinished one is redone. A finished one whose indexes do not
+    hold the rows its marker counts (written by an older palign, or damaged) fails the run."""
+    marker = storage.join(folder, DONE_MARKER)
+    if storage.exists(marker):
+        rows = json.loads(storage.read_text(marker)).get("rows")
+        found = count_rows(folder)
+        if rows != found:
+            raise StageFailed(f"{folder}/ is marked finished with {rows} rows but its indexes "
+                              f"hold {found} (written by another palign version, or damaged): "
+                              "remove the folder to ingest again")
         return
     storage.delete_dir(folder)
     files = source_files(data)
