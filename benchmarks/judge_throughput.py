@@ -158,7 +158,7 @@ def own_search(server: EngineServer, rows: list[dict], verdict: str,
     """palign's own search (the truncate stage's code) over the rows."""
     cfg = TruncateSection(verdict=verdict, search=search)
     start = time.perf_counter()
-    outcomes, _ = truncate_rows(rows, GuardedEngine(server), cfg)
+    outcomes = truncate_rows(rows, GuardedEngine(server), cfg)
     wall = time.perf_counter() - start
     recs = [o.record for o in outcomes if o.ok]
     probes = sum(len(r["probes"]) for r in recs)

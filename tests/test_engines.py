@@ -291,10 +291,10 @@ def test_per_row_search_chooses_the_lockstep_prefixes(engine: Engine) -> None:
     rows = [r for r in map(json.loads, Path("data/demo/problems.jsonl").open()) if r.get("cot")]
     rows = rows[:4]
     cfg = TruncateSection(verdict="score")
-    lockstep, _ = truncate_rows(rows, engine, cfg.model_copy(update={"search": "lockstep"}))
+    lockstep = truncate_rows(rows, engine, cfg.model_copy(update={"search": "lockstep"}))
     srv = EngineServer(engine, max_in_flight=4)
     try:
-        per_row, _ = truncate_rows(rows, GuardedEngine(srv), cfg)
+        per_row = truncate_rows(rows, GuardedEngine(srv), cfg)
     finally:
         srv.stop()
     for a, b in zip(lockstep, per_row):
@@ -310,12 +310,12 @@ def test_per_row_search_admits_rows_within_the_kv_budget(vllm: Engine) -> None:
     rows = [r for r in map(json.loads, Path("data/demo/problems.jsonl").open()) if r.get("cot")]
     rows = rows[:5]
     cfg = TruncateSection(verdict="score")
-    lockstep, _ = truncate_rows(rows, vllm, cfg.model_copy(update={"search": "lockstep"}))
+    lockstep = truncate_rows(rows, vllm, cfg.model_copy(update={"search": "lockstep"}))
     srv = EngineServer(vllm, max_in_flight=8)
     assert srv.kv_budget and srv.kv_budget > 10_000  # vLLM's KV cache, 1 GiB here
     srv.kv_budget = 2_000
     try:
-        per_row, _ = truncate_rows(rows, GuardedEngine(srv), cfg)
+        per_row = truncate_rows(rows, GuardedEngine(srv), cfg)
         stats = srv.stats()
     finally:
         srv.stop()
@@ -341,8 +341,8 @@ def test_async_llm_driver_answers_as_the_step_driver(vllm: Engine, model_path: s
         rows = [r for r in map(json.loads, Path("data/demo/problems.jsonl").open())
                 if r.get("cot")][:3]
         cfg = TruncateSection(verdict="score")
-        lockstep, _ = truncate_rows(rows, vllm, cfg.model_copy(update={"search": "lockstep"}))
-        per_row, _ = truncate_rows(rows, GuardedEngine(srv), cfg)
+        lockstep = truncate_rows(rows, vllm, cfg.model_copy(update={"search": "lockstep"}))
+        per_row = truncate_rows(rows, GuardedEngine(srv), cfg)
         assert [o.record["prefix"] for o in per_row] == [o.record["prefix"] for o in lockstep]
         assert srv.stats()["peak_in_flight"] > 1
     finally:

@@ -95,8 +95,6 @@ def test_truncate_and_align_write_all_fields(tmp_path, ray_cluster, backend):
     # The rows' searches ran side by side in the engine (one batch of 4 rows here).
     assert summaries["truncate"].stats["engine_peak_in_flight"] > 1
     assert summaries["truncate"].engine["prompt_tokens"] > 0
-    # One engine call per probe: at least one per searched row, at most the probe bound each.
-    assert len(good_ids) <= summaries["truncate"].stats["engine_calls"]
     if backend == "vllm":  # probes of one example share their opening: the cache serves it
         stats = summaries["truncate"].stats
         assert stats["prompt_cache_share"] > 0.2

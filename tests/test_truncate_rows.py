@@ -54,9 +54,10 @@ def make_rows():
     return rows
 
 
-def check(rows, outcomes, calls, judge):
+def check(rows, outcomes, judge):
     longest = max(len(o.record["probes"]) for o in outcomes)
-    assert calls == len(judge.calls) == longest <= max(max_probes(r["n"]) for r in rows)
+    # In rounds (no engine server here): one engine call per round, as many as the longest search.
+    assert len(judge.calls) == longest <= max(max_probes(r["n"]) for r in rows)
     assert sum(judge.calls) == sum(len(o.record["probes"]) for o in outcomes)
     assert judge.calls[0] == len(rows)  # the first round judges every row at once
     for row, out in zip(rows, outcomes):
@@ -72,8 +73,8 @@ def check(rows, outcomes, calls, judge):
 
 def test_score_verdicts_many_searches_in_flight():
     rows, judge = make_rows(), ScriptedJudge()
-    outcomes, calls = truncate_rows(rows, judge, TruncateSection(verdict="score"))
-    check(rows, outcomes, calls, judge)
+    outcomes = truncate_rows(rows, judge, TruncateSection(verdict="score"))
+    check(rows, outcomes, judge)
     rec = outcomes[0].record
     assert all(p["score"] is not None for p in rec["probes"])
     assert rec["judge_cached_tokens"] == 60 * len(rec["probes"])
@@ -81,17 +82,18 @@ def test_score_verdicts_many_searches_in_flight():
 
 def test_generated_verdicts_and_baselines():
     rows, judge = make_rows(), ScriptedJudge()
-    outcomes, calls = truncate_rows(rows, judge, TruncateSection(verdict="generate"))
-    check(rows, outcomes, calls, judge)
-    full, calls = truncate_rows(rows, None, TruncateSection(strategy="full"))
-    assert calls == 0 and all(o.record["prefix"] == r["cot"] for o, r in zip(full, rows))
-    fixed, _ = truncate_rows(rows, None, TruncateSection(strategy="fixed_ratio", ratio=0.25))
+    outcomes = truncate_rows(rows, judge, TruncateSection(verdict="generate"))
+    check(rows, outcomes, judge)
+    full = truncate_rows(rows, None, TruncateSection(strategy="full"))  # no engine to call
+    assert all(o.record["prefix"] == r["cot"] and not o.record["probes"]
+               for o, r in zip(full, rows))
+    fixed = truncate_rows(rows, None, TruncateSection(strategy="fixed_ratio", ratio=0.25))
     assert [o.record["sentences_kept"] for o in fixed] == [3, 1, 10, 2, 7]
 
 
 def test_rows_without_cot_are_rejected_others_go_on():
     rows = make_rows()[:2] + [{"id": "empty", "question": "Q?", "answer": "1", "cot": "  "}]
-    outcomes, _ = truncate_rows(rows, ScriptedJudge(), TruncateSection())
+    outcomes = truncate_rows(rows, ScriptedJudge(), TruncateSection())
     assert [o.ok for o in outcomes] == [True, True, False]
     assert "no CoT" in outcomes[2].reason
 
@@ -102,17 +104,18 @@ def test_per_row_search_takes_the_lockstep_probes(verdict):
     same prefixes come out; the engine saw the probes as they came, not round by round."""
     rows = make_rows()
     cfg = TruncateSection(verdict=verdict)
-    lockstep, rounds = truncate_rows(rows, ScriptedJudge(), cfg.model_copy(
-        update={"search": "lockstep"}))
+    in_rounds = ScriptedJudge()
+    lockstep = truncate_rows(rows, in_rounds, cfg.model_copy(update={"search": "lockstep"}))
+    rounds = len(in_rounds.calls)
     judge = ScriptedJudge()
     server = EngineServer(judge, max_in_flight=3)
     try:
-        per_row, probes = truncate_rows(rows, GuardedEngine(server), cfg)
+        per_row = truncate_rows(rows, GuardedEngine(server), cfg)
         stats = server.stats()
     finally:
         server.close()
     assert [o.record for o in per_row] == [o.record for o in lockstep]
-    assert probes == sum(len(o.record["probes"]) for o in per_row) == sum(judge.calls)
+    assert sum(len(o.record["probes"]) for o in per_row) == sum(judge.calls)
     assert max(judge.calls) <= 3 and stats["peak_in_flight"] <= 3  # engine.max_in_flight
     assert rounds < len(judge.calls)
     if verdict == "score":  # the scripted scores say 100 prompt tokens a probe
@@ -159,8 +162,8 @@ def test_server_answers_many_threads_at_once():
             t.join()
     finally:
         server.close()
-    expected, _ = truncate_rows(make_rows(), ScriptedJudge(), TruncateSection())
+    expected = truncate_rows(make_rows(), ScriptedJudge(), TruncateSection())
     for n in range(4):
-        outcomes, _ = results[n]
+        outcomes = results[n]
         assert [o.record["sentences_kept"] for o in outcomes] == \
             [o.record["sentences_kept"] for o in expected]

@@ -80,5 +80,5 @@ def test_a_batch_written_by_an_earlier_attempt_is_not_served_again(worker):
     first = worker(batch(GOOD))
     worker.engine.inner.close()  # serving again would now raise
     assert worker(batch(list(reversed(GOOD)))) == {
-        **first, "calls": [0], "prompt_tokens": [0], "cached_tokens": [0], "peak_in_flight": [0]}
+        **first, "prompt_tokens": [0], "cached_tokens": [0], "peak_in_flight": [0]}
     assert sorted(r["id"] for r in read_rows(worker.out_dir)) == ["g0", "g1", "g2"]

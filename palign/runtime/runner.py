@@ -204,7 +204,7 @@ def stream(cfg: Config, stage: str, work: Plan,
     _bound_actor_starts(engine.max_failures)
     ledger = start_ledger(section.max_row_attempts, engine.max_failures)
     done = 0
-    tally = {"calls": 0, "prompt_tokens": 0, "cached_tokens": 0, "peak_in_flight": 0}
+    tally = {"prompt_tokens": 0, "cached_tokens": 0, "peak_in_flight": 0}
     # The pool's resources (GPUs, a placement group per tensor-parallel replica) come from
     # palign.runtime.resources; its placement groups are removed when the stage ends.
     try:
@@ -224,7 +224,6 @@ def stream(cfg: Config, stage: str, work: Plan,
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 n, good, bad = (int(sum(batch[k])) for k in ("rows", "ok", "rejected"))
                 done += n
-                tally["calls"] += int(sum(batch["calls"]))
                 tally["prompt_tokens"] += int(sum(batch["prompt_tokens"]))
                 tally["cached_tokens"] += int(sum(batch["cached_tokens"]))
                 tally["peak_in_flight"] = max(tally["peak_in_flight"],

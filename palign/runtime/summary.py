@@ -22,8 +22,8 @@ class StageSummary:
     rejected: int = 0
     skipped: int = 0  # done by an earlier run, not redone
     processed: int = 0  # sent through the actor pool by this run
-    # This run's engine work: the stage's engine calls (truncate: one per probe), prompt tokens
-    # answered, how many its prefix caches served, the most requests one engine held at once.
+    # This run's engine work: prompt tokens answered, how many its prefix caches served, and
+    # the most requests one replica's engine held at once.
     engine: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
@@ -42,13 +42,11 @@ class StageSummary:
 
 
 def engine_stats(engine: dict[str, int]) -> dict[str, float]:
-    """The summary's view of ``StageSummary.engine``: the engine calls, the prefix-cache hit
-    share of the prompt tokens and the peak of requests in flight in one engine (nothing when
-    no engine ran)."""
+    """The summary's view of ``StageSummary.engine``: the prefix-cache hit share of the prompt
+    tokens and the peak of requests in flight in one engine (nothing when no engine ran)."""
     if not engine.get("prompt_tokens"):
         return {}
-    return {"engine_calls": engine.get("calls", 0),
-            "engine_prefix_cache_share": engine["cached_tokens"] / engine["prompt_tokens"],
+    return {"engine_prefix_cache_share": engine["cached_tokens"] / engine["prompt_tokens"],
             "engine_peak_in_flight": float(engine["peak_in_flight"])}
 
 

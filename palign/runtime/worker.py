@@ -165,7 +165,7 @@ class StageWorker:
                      len(rows))
             return self._committed_counts(stems, len(rows))
         start = time.monotonic()
-        outcomes, calls = self._serve(rows)
+        outcomes = self._serve(rows)
         records = [o.record for o in outcomes if o.ok]
         metrics = self.definition.metrics(records)
         telemetry.stage_batch(self.stage, rows_in=len(rows), rows_out=len(records),
@@ -181,7 +181,7 @@ class StageWorker:
                    for r in group if not (o := by_id[str(r["id"])][1]).ok]
             self._write(sub, stems[sub], good, bad)
         return {"rows": [len(rows)], "ok": [len(records)],
-                "rejected": [len(rows) - len(records)], "calls": [calls], **engine}
+                "rejected": [len(rows) - len(records)], **engine}
 
     def _engine_report(self) -> dict[str, list[int]]:
         """The engine's prompt and cached tokens since the last report (batches in flight
@@ -220,10 +220,10 @@ class StageWorker:
         fmt = self.cfg.output.format
         ok = sum(len(read_committed_ids(self._folder(sub), data_name(stem, fmt)))
                  for sub, stem in stems.items())
-        return {"rows": [n], "ok": [ok], "rejected": [n - ok], "calls": [0],
+        return {"rows": [n], "ok": [ok], "rejected": [n - ok],
                 "prompt_tokens": [0], "cached_tokens": [0], "peak_in_flight": [0]}
 
-    def _serve(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
+    def _serve(self, rows: list[dict[str, Any]]) -> list[Outcome]:
         """The batch's outcomes; after a crash with these rows in flight, row by row."""
         ids = [str(r["id"]) for r in rows]
         crashes = self._ledger("crashed", ids)
@@ -234,14 +234,13 @@ class StageWorker:
             return self._serve_suspects(rows, crashes)
 
     def _serve_suspects(self, rows: list[dict[str, Any]],
-                        crashes: dict[str, int]) -> tuple[list[Outcome], int]:
+                        crashes: dict[str, int]) -> list[Outcome]:
         ids = [str(r["id"]) for r in rows]
         log.warning("%s: %d of %d rows were in flight when an earlier attempt died; checking "
                     "the engine, then serving them one by one", self.stage, len(crashes),
                     len(rows))
         self._check_engine()
         by_id: dict[str, Outcome] = {}
-        calls = 0
         # The likeliest culprits last: the others finish before it can crash the actor again.
         for row in sorted(rows, key=lambda r: crashes.get(str(r["id"]), 0)):
             row_id = str(row["id"])
@@ -252,11 +251,10 @@ class StageWorker:
                 by_id[row_id] = rejected(row, reason, SYSTEM)
                 self._ledger("end", [row_id])
                 continue
-            (one,), c = self._attempt([row])
-            by_id[row_id], calls = one, calls + c
-        return [by_id[i] for i in ids], calls
+            (by_id[row_id],) = self._attempt([row])
+        return [by_id[i] for i in ids]
 
-    def _attempt(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
+    def _attempt(self, rows: list[dict[str, Any]]) -> list[Outcome]:
         ids = [str(r["id"]) for r in rows]
         self._ledger("begin", ids)
         log.info("%s: %d row(s) in flight: %s", self.stage, len(ids),
@@ -270,7 +268,7 @@ class StageWorker:
         self._ledger("end", ids, self.actor)
         return result
 
-    def _isolating(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
+    def _isolating(self, rows: list[dict[str, Any]]) -> list[Outcome]:
         """Process the rows together; if our own code raises on them (not the machinery),
         process them one by one and reject the row that raises, with the exception."""
         try:
@@ -282,25 +280,23 @@ class StageWorker:
                 raise MachineryError(describe(err)) from err
             if len(rows) == 1:
                 log.warning("%s: row %s raised", self.stage, rows[0].get("id"), exc_info=True)
-                return [rejected(rows[0], f"{self.stage} failed on this row: {describe(err)}")], 0
+                return [rejected(rows[0], f"{self.stage} failed on this row: {describe(err)}")]
             log.warning("%s: a batch of %d rows raised; serving them one by one", self.stage,
                         len(rows), exc_info=True)
         outcomes: list[Outcome] = []
-        calls = 0
         for row in rows:
             try:
-                one, c = self._process([row])
+                one = self._process([row])
             except MachineryError:
                 raise
             except Exception as err:  # noqa: BLE001 - this row's own fault
                 if is_machinery(err):
                     raise MachineryError(describe(err)) from err
-                one, c = [rejected(row, f"{self.stage} failed on this row: {describe(err)}")], 0
+                one = [rejected(row, f"{self.stage} failed on this row: {describe(err)}")]
             outcomes += one
-            calls += c
-        return outcomes, calls
+        return outcomes
 
-    def _process(self, rows: list[dict[str, Any]]) -> tuple[list[Outcome], int]:
+    def _process(self, rows: list[dict[str, Any]]) -> list[Outcome]:
         return self.definition.process(rows, self.engine, self.grader, self.section)
 
     # -- machinery ------------------------------------------------------------------------

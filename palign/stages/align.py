@@ -83,7 +83,7 @@ ALIGN = Stage(
     model=lambda cfg: cfg.models.student,
     needs_engine=lambda cfg: True,
     grades=True,
-    process=lambda rows, engine, grader, section: (align_rows(rows, engine, grader, section), 0),
+    process=lambda rows, engine, grader, section: align_rows(rows, engine, grader, section),
     metrics=field_tokens("continuation_tokens"),
     index=lambda r: {"answer_correct": bool(r.get("answer_correct")),
                      "continuation_tokens": int(r.get("continuation_tokens") or 0)},

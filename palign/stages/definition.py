@@ -18,8 +18,8 @@ from palign.core.config import Config
 from palign.stages.outcome import Outcome
 
 Row = dict[str, Any]
-# (rows, engine or None, grader or None, the stage's config section) -> (outcomes, engine calls)
-Process = Callable[[list[Row], Any, Any, Any], tuple[list[Outcome], int]]
+# (rows, engine or None, grader or None, the stage's config section) -> an outcome per row
+Process = Callable[[list[Row], Any, Any, Any], list[Outcome]]
 
 
 @dataclass(frozen=True)

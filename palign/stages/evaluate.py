@@ -73,8 +73,7 @@ EVALUATE = Stage(
     model=lambda cfg: None,
     needs_engine=lambda cfg: True,
     grades=True,
-    process=lambda rows, engine, grader, section: (
-        evaluate_rows(rows, engine, grader, section), 0),
+    process=lambda rows, engine, grader, section: evaluate_rows(rows, engine, grader, section),
     metrics=batch_metrics,
     subfolder=lambda row: f"{row['model']}/{row['benchmark']}",
 )

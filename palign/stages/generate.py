@@ -67,8 +67,8 @@ GENERATE = Stage(
     name="generate",
     model=lambda cfg: cfg.models.teacher,
     needs_engine=lambda cfg: cfg.models.teacher is not None,
-    process=lambda rows, engine, grader, section: (
-        generate_rows(rows, (lambda: engine) if engine is not None else None, section), 0),
+    process=lambda rows, engine, grader, section: generate_rows(
+        rows, (lambda: engine) if engine is not None else None, section),
     # Rows that came with a CoT pass through; the teacher is started only for the others.
     engine_for=lambda columns: not all(columns.get("has_cot") or [False]),
     input_columns=("has_cot",),

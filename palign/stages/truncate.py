@@ -105,48 +105,42 @@ async def judge_one(engine: Any, chat: list[dict[str, str]], cfg: TruncateSectio
     return _from_text(await engine.agenerate(chat, _judge_sampling(cfg)))
 
 
-async def _search_row(engine: Any, f: _InFlight, cfg: TruncateSection) -> int:
-    """One row's whole search, probe after probe; returns its probes. The row is first
+async def _search_row(engine: Any, f: _InFlight, cfg: TruncateSection) -> None:
+    """One row's whole search, probe after probe. The row is first
     admitted with its longest judge prompt (the whole CoT) reserved in the engine's KV cache,
     so that the rows searching together fit in it and keep their prefixes cached."""
     reserved = await engine.admit(f.chat(f.search.total))
-    probes = 0
     try:
         while (k := f.pending()) is not None:
             f.take(k, await judge_one(engine, f.chat(k), cfg))
-            probes += 1
     finally:
         engine.release(reserved)
-    return probes
 
 
-async def _search_rows(engine: Any, flights: list[_InFlight], cfg: TruncateSection) -> int:
+async def _search_rows(engine: Any, flights: list[_InFlight], cfg: TruncateSection) -> None:
     # Every row at once: the engine server bounds what is in flight (engine.max_in_flight).
     # A machinery failure of one probe ends them all (the worker hands it to Ray).
-    return sum(await asyncio.gather(*(_search_row(engine, f, cfg) for f in flights)))
+    await asyncio.gather(*(_search_row(engine, f, cfg) for f in flights))
 
 
 def _lockstep(flights: dict[int, _InFlight], engine: Engine | None,
-              cfg: TruncateSection) -> int:
-    calls = 0
+              cfg: TruncateSection) -> None:
     while True:
         wave = [(i, f.pending()) for i, f in flights.items()]
         wave = [(i, k) for i, k in wave if k is not None]
         if not wave:
-            return calls
+            return
         if engine is None:
             raise RuntimeError(f"strategy {cfg.strategy!r} needs a judge engine")
         chats = [flights[i].chat(k) for i, k in wave]
-        calls += 1
         for (i, k), judged in zip(wave, judge_round(engine, chats, cfg)):
             flights[i].take(k, judged)
 
 
 def truncate_rows(
     rows: list[dict[str, Any]], engine: Engine | None, cfg: TruncateSection
-) -> tuple[list[Outcome], int]:
-    """Search every row's prefix; returns the outcomes and the number of engine calls made
-    (per row: one per probe)."""
+) -> list[Outcome]:
+    """Search every row's prefix; an outcome per row (its probes are in its record)."""
     outcomes: dict[int, Outcome] = {}
     flights: dict[int, _InFlight] = {}
     for i, row in enumerate(rows):
@@ -161,9 +155,9 @@ def truncate_rows(
     if probing and engine is None:
         raise RuntimeError(f"strategy {cfg.strategy!r} needs a judge engine")
     if cfg.search == "per_row" and probing and getattr(engine, "concurrent", False):
-        calls = asyncio.run(_search_rows(engine, probing, cfg))
+        asyncio.run(_search_rows(engine, probing, cfg))
     else:
-        calls = _lockstep(flights, engine, cfg)
+        _lockstep(flights, engine, cfg)
 
     for i, f in flights.items():
         if f.error:
@@ -186,7 +180,7 @@ def truncate_rows(
             "judge_cached_tokens": f.cached_tokens,
             "judge_longest_prompt_tokens": f.longest_prompt,
         })
-    return [outcomes[i] for i in range(len(rows))], calls
+    return [outcomes[i] for i in range(len(rows))]
 
 
 def batch_metrics(records: Sequence[Row]) -> BatchMetrics:
