@@ -1,5 +1,8 @@
 """Inference engines: one interface (``Engine``), a vLLM and a transformers backend.
 
+The engines import the core, torch, transformers and vLLM; never Ray, the stages, the Ray
+layer or training (checked by ``lint-imports``).
+
 Backends are imported only when built: importing vLLM alone takes seconds and pulls in a
 large stack that stages without an engine do not need.
 """

@@ -1,1 +1,9 @@
-"""Student SFT: the data side (`palign.train.data`: tokenising, loss masks, packing, loss)."""
+"""Student SFT on Ray Train and DeepSpeed ZeRO: data preparation, the step loop and export.
+
+The loop's modules (``loop``, ``model``, ``engine``, ``checkpoints``, ``backend``,
+``attention``, ``data``, ``units``, ``steps``, ``paths``, ``export``) import the core, the
+engines' model helpers (``palign.engines.models``, ``palign.engines.dtypes``), torch,
+transformers and DeepSpeed, never Ray or ``palign.runtime``, so the loop runs under ``torchrun``
+as well. Ray lives in ``ray_backend`` (the ``TorchTrainer`` and Ray Train's context),
+``prepare`` (Ray Data tasks that pack the data once) and ``trainer`` (the stage's driver).
+Nothing outside the entrypoints imports training."""
