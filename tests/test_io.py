@@ -1,6 +1,6 @@
 from palign.core.shards import (
     ShardWriter,
-    done_ids,
+    done_index,
     read_rows,
     reject_row,
     release_rejects,
@@ -15,7 +15,7 @@ def test_shards_are_atomic_and_ids_done(tmp_path):
     assert len(list(out.glob("part-*.jsonl"))) == 3
     (out / ".tmp-part-x.jsonl").write_text('{"id": "99"}\n')  # a killed write
     ShardWriter(out / "rejects").write([reject_row("7", "truncate", "why", {"raw": 1})])
-    assert done_ids(out) == {"0", "1", "2", "3", "4", "7"}
+    assert set(done_index(out).to_pylist()) == {"0", "1", "2", "3", "4", "7"}
     ShardWriter(out, "jsonl")  # a new writer clears what a killed run left
     assert not list(out.glob(".tmp-*"))
 
@@ -45,7 +45,7 @@ def test_a_rerun_retries_system_rejects_and_keeps_row_rejects(tmp_path):
     ShardWriter(out).write([{"id": "ok"}])
     write_rejects(out)
     assert release_rejects(out, "system") == 2
-    assert done_ids(out) == {"ok", "r1", "old"}  # s1 and s2 are pending again
+    assert set(done_index(out).to_pylist()) == {"ok", "r1", "old"}  # s1 and s2 are pending again
     assert sorted(r["id"] for r in read_rows(out / "rejects_retried")) == ["s1", "s2"]
     assert sorted(r["id"] for r in read_rows(out / "rejects")) == ["old", "r1"]
     assert release_rejects(out, "system") == 0  # nothing left to release
@@ -54,9 +54,9 @@ def test_a_rerun_retries_system_rejects_and_keeps_row_rejects(tmp_path):
 def test_retry_all_and_none(tmp_path):
     write_rejects(tmp_path / "a")
     assert release_rejects(tmp_path / "a", "none") == 0
-    assert done_ids(tmp_path / "a") == {"r1", "s1", "s2", "old"}
+    assert set(done_index(tmp_path / "a").to_pylist()) == {"r1", "s1", "s2", "old"}
     assert release_rejects(tmp_path / "a", "all") == 4
-    assert done_ids(tmp_path / "a") == set()
+    assert set(done_index(tmp_path / "a").to_pylist()) == set()
     assert not shard_files(tmp_path / "a" / "rejects")
 
 

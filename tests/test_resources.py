@@ -57,7 +57,7 @@ def test_gpu_replicas_without_tensor_parallelism() -> None:
     plan = plan_resources(gpu_config())
     r = plan.engine("truncate")
     assert (r.num_cpus, r.num_gpus, r.min_replicas, r.max_replicas) == (4, 1, 1, 8)
-    assert not r.uses_placement_group and r.executor_backend is None
+    assert not r.bundles and r.executor_backend is None
     assert (r.max_cpus, r.max_gpus) == (32, 8)
 
 

@@ -109,8 +109,8 @@ def test_step_plan_is_a_partition_per_epoch():
         seen = [u for s in range(2) for r in range(2)
                 for mb in plan.micro_batches(epoch * 2 + s, r) for u in mb]
         assert len(seen) == 16 and set(seen) == set(range(13))  # 3 repeated to fill the step
-    assert plan.step_units(0) != plan.step_units(2)  # another epoch, another order
-    assert plan.step_units(2) == plan.step_units(2)
+    assert plan.micro_batches(0, 0) != plan.micro_batches(2, 0)  # another epoch, another order
+    assert plan.micro_batches(2, 1) == plan.micro_batches(2, 1)
     f = lr_lambda(10, 0.2, 0.1)
     assert [round(f(i), 6) for i in (0, 1, 2)] == [0.5, 1.0, 1.0]
     assert math.isclose(f(9), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))

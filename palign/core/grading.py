@@ -337,13 +337,6 @@ class Grader:
         limit."""
         return self.grade(output, gold, STRICT), self.grade(output, gold, FLEXIBLE)
 
-    def grade_many(self, outputs: list[str], golds: list[str],
-                   mode: ExtractMode = STRICT) -> list[Grade]:
-        """Grade pairs one by one in one mode; each check has its own time limit."""
-        if len(outputs) != len(golds):
-            raise ValueError(f"{len(outputs)} outputs but {len(golds)} gold answers")
-        return [self.grade(o, g, mode) for o, g in zip(outputs, golds, strict=True)]
-
     def close(self) -> None:
         """Stop the worker (a later grade starts a new one)."""
         with self._lock:

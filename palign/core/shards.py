@@ -123,7 +123,6 @@ class ShardWriter:
         self.folder = str(folder)
         self.fmt = fmt
         self.shard_rows = shard_rows
-        self.rows_written = 0
         storage.make_dir(self.folder)
         clean_uncommitted(self.folder)
 
@@ -140,7 +139,6 @@ class ShardWriter:
                 columns = None
             paths.append(write_shard(self.folder, f"part-{new_token()}", chunk, self.fmt,
                                      columns))
-            self.rows_written += len(chunk)
         return paths
 
 
@@ -268,12 +266,6 @@ def count_rows(folder: str | Path) -> int:
 def retried(reject: dict[str, Any], retry: str) -> bool:
     """Whether a rerun with ``run.retry_rejects: retry`` serves this reject's row again."""
     return retry == "all" or (retry == "system" and reject.get("kind", ROW) == SYSTEM)
-
-
-def done_ids(stage_dir: str | Path) -> set[str]:
-    """Ids a stage has finished: written as output or as rejects (call ``release_rejects``
-    first to retry some of them)."""
-    return read_ids(stage_dir) | read_ids(storage.join(stage_dir, REJECTS))
 
 
 def done_index(stage_dir: str | Path) -> pa.Array:

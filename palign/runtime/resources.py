@@ -64,10 +64,6 @@ class EngineRequest:
     executor_backend: str | None = None  # vLLM distributed_executor_backend; None: its default
 
     @property
-    def uses_placement_group(self) -> bool:
-        return bool(self.bundles)
-
-    @property
     def cpus_per_replica(self) -> float:
         """CPUs a replica holds (its bundles' when it has a placement group: the actor's CPUs
         come out of bundle 0)."""

@@ -86,11 +86,6 @@ def save(engine: Any, directory: Path, rank: int, client_state: dict[str, Any]) 
         replace_atomically(directory / STATE_FILE, json.dumps(state, indent=1).encode())
 
 
-def written_state(directory: Path) -> dict[str, Any]:
-    """What rank 0 wrote last into a checkpoint (``train_state.json``)."""
-    return json.loads((directory / STATE_FILE).read_text())
-
-
 def load(engine: Any, directory: Path, rank: int) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG; return the client state."""
     load_path, client_state = engine.load_checkpoint(

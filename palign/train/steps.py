@@ -95,10 +95,6 @@ class StepPlan:
         positions = (start + offsets) % self.n_units
         return permute(positions, self.n_units, self.seed, self.epoch_of(step)).tolist()
 
-    def step_units(self, step: int) -> list[int]:
-        """All units of 0-based ``step`` (every rank's micro-batches)."""
-        return self._units(step, np.arange(self.per_step))
-
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """Rank ``rank``'s ``accum`` micro-batches (lists of unit indices) at 0-based ``step``:
         computed for this rank alone."""
