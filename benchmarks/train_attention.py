@@ -34,7 +34,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -45,43 +44,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-MIB = 2**20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRss:
-    """The highest RSS seen by a sampling thread while the ``with`` runs."""
-
-    def __init__(self, period: float = 0.005) -> None:
-        import threading
-
-        self.period, self.peak, self._stop = period, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_now())
-            time.sleep(self.period)
-
-    def __enter__(self) -> PeakRss:
-        self.peak = rss_now()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_now())
 
 
 def documents(bin_len: int, n_rows: int, median: int, seed: int, vocab: int) -> list[Any]:
@@ -107,8 +69,6 @@ def child(attention: str, bin_len: int, args: argparse.Namespace) -> dict[str, A
     from palign.train.loop import collate, train_step
     from palign.train.model import load_student
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
     total = args.warmup + args.steps
     cfg = parse_config({
         "run": {"name": "bench-attention", "output_dir": "runs/bench-unused",
@@ -137,15 +97,17 @@ def child(attention: str, bin_len: int, args: argparse.Namespace) -> dict[str, A
 
     for i in range(args.warmup):
         step(i)
-    base = rss_now()
-    with PeakRss() as sampler:
+    from palign.core.procmem import RssSampler, rss_mib
+
+    base = rss_mib()
+    with RssSampler(period=0.005, label="steps") as sampler:
         for i in range(args.warmup, total):
             step(i)
-    peak = sampler.peak
+    peak = sampler.peaks["steps"]
     return {"attention": attention, "bin": bin_len, "timed_steps": len(seconds),
             "real_tokens_per_s": real / sum(seconds), "step_seconds": seconds,
-            "documents_per_row": docs, "peak_rss_over_start_mib": (peak - base) / MIB,
-            "rss_before_steps_mib": base / MIB}
+            "documents_per_row": docs, "peak_rss_over_start_mib": peak - base,
+            "rss_before_steps_mib": base}
 
 
 def probe(attention: str, bin_len: int, threads: int) -> dict[str, Any]:

@@ -37,10 +37,8 @@ import math
 import os
 import random
 import resource
-import socket
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +53,7 @@ from host import host_info  # noqa: E402
 
 from palign.core.config import Config, parse_config  # noqa: E402
 from palign.core.logs import setup_driver_logging  # noqa: E402
+from palign.core.procmem import RssSampler  # noqa: E402
 from palign.core.shards import read_rows  # noqa: E402
 from palign.train.data import (  # noqa: E402
     IGNORE_INDEX,
@@ -125,42 +124,6 @@ def padded_groups(examples: Sequence[Example], budget: int, seed: int) -> list[l
     return groups
 
 
-class RssSampler:
-    """Samples this process's resident set every ``period`` s; keeps the peak per label."""
-
-    def __init__(self, period: float = 0.02) -> None:
-        self.period = period
-        self.label: str | None = None
-        self.peaks: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            label = self.label
-            if label is not None:
-                self.peaks[label] = max(self.peaks.get(label, 0), self._rss())
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def make_config(args: argparse.Namespace, total_steps: int) -> Config:
     return parse_config({
         "run": {"name": "bench-train-throughput", "output_dir": "runs/bench-unused",
@@ -193,7 +156,7 @@ def run_step(engine: Any, batch: dict[str, torch.Tensor], counts: dict[str, int]
     return train_step(engine, [micro], 1, 1, torch.device("cpu")).loss
 
 
-def summarise(mode: str, steps: list[dict[str, Any]], peak_rss: int,
+def summarise(mode: str, steps: list[dict[str, Any]], peak_rss_mib: float,
               dataset_slots: int, dataset_real: int, units: int) -> dict[str, Any]:
     secs = sum(s["seconds"] for s in steps)
     real = sum(s["real"] for s in steps)
@@ -212,7 +175,7 @@ def summarise(mode: str, steps: list[dict[str, Any]], peak_rss: int,
         "step_seconds": [round(s["seconds"], 3) for s in steps],
         "step_seconds_median": statistics.median(s["seconds"] for s in steps),
         "losses": [round(s["loss"], 4) for s in steps],
-        "peak_rss_gib": peak_rss / GIB,
+        "peak_rss_gib": peak_rss_mib / 1024,
     }
 
 
@@ -240,8 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train_attention.main(argv[argv.index("--attention-sweep") + 1:])
     args = ap.parse_args(argv)
     setup_driver_logging(logging.WARNING)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
 
     from palign.engines.models import resolve_model
     from palign.train.backend import start

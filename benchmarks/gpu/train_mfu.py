@@ -58,7 +58,6 @@ import os
 import platform
 import random
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -132,12 +131,6 @@ def make_packs(n_rows: int, seq_len: int, layout: str, args: argparse.Namespace,
 
 
 # ------------------------------------------------------------------------------ child
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def train_config(args: argparse.Namespace, mode: str, total_steps: int) -> Any:
@@ -227,8 +220,6 @@ def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]
     cuda = not args.smoke
     if cuda and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device (use --smoke on a CPU)")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
     from palign.core.logs import setup_driver_logging
 
     setup_driver_logging(logging.WARNING)

@@ -6,6 +6,7 @@ the mark back to the current RSS, so a peak can be measured for one step. Linux 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 MIB = 2**20
 
@@ -36,3 +37,35 @@ def reset_peak() -> bool:
         f.write("5")
         return True
     return False
+
+
+class RssSampler:
+    """The resident set's peak per label while the ``with`` runs: a thread samples it (in MiB)
+    every ``period`` seconds under the current ``label`` (None: not sampled), and so do entering
+    and leaving, so a labelled run shorter than one period still has its peak."""
+
+    def __init__(self, period: float = 0.02, label: str | None = None) -> None:
+        self.period = period
+        self.label = label
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        label = self.label
+        if label is not None:
+            self.peaks[label] = max(self.peaks.get(label, 0.0), rss_mib())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.sample()
+
+    def __enter__(self) -> RssSampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,10 +117,14 @@ def start(tc: TrainSection, backend: Backend | None = None) -> Backend:
     if backend is None:
         rank = int(os.environ.get("RANK", 0))
         local = int(os.environ.get("LOCAL_RANK", 0))
+        world = int(os.environ.get("WORLD_SIZE", 1))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:  # no launcher: torchrun always sets it
+            # One process on its own (a benchmark, a script): a free port, so that two such
+            # runs on one machine never meet.
+            os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"
         device = device_for(tc, torch.device("cuda", local))
-        backend = TorchrunBackend(rank, int(os.environ.get("WORLD_SIZE", 1)), local, device)
+        backend = TorchrunBackend(rank, world, local, device)
     os.environ.update(RANK=str(backend.rank), WORLD_SIZE=str(backend.world),
                       LOCAL_RANK=str(backend.local_rank))
     on_gpu = backend.device.type == "cuda"
@@ -133,6 +138,12 @@ def start(tc: TrainSection, backend: Backend | None = None) -> Backend:
     else:
         deepspeed.init_distributed()
     return backend
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def device_for(tc: TrainSection, gpu: torch.device) -> torch.device:
