@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,7 @@ from palign.core import storage
 from palign.core.failures import ROW, SYSTEM
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet"}
 REJECTS = "rejects"
@@ -176,14 +177,8 @@ def read_index(folder: str | Path, columns: Sequence[str] = ("id",),
                threads: int = 16) -> pa.Table:
     """The index of every committed shard of ``folder``: the requested columns (those a shard
     lacks are null) and ``_file``, the data shard's name. Reads no data shard."""
-    names = storage.list_files(storage.join(folder, INDEX), prefix="part-",
-                               suffixes=(".parquet",))
-    fs, root = storage.resolve(storage.join(folder, INDEX))
-
-    def one(name: str) -> pa.Table:
-        with fs.open_input_file(f"{root}/{name}") as f:
-            shard = pq.ParquetFile(f)
-            table = shard.read(columns=[c for c in columns if c in shard.schema_arrow.names])
+    def one(name: str, shard: pq.ParquetFile) -> pa.Table:
+        table = shard.read(columns=[c for c in columns if c in shard.schema_arrow.names])
         cols = {c: (table[c] if c in table.column_names else pa.nulls(table.num_rows))
                 for c in columns}
         # One string per shard, not per row: the column is dictionary-encoded.
@@ -192,12 +187,29 @@ def read_index(folder: str | Path, columns: Sequence[str] = ("id",),
             pa.array([name.removesuffix(".parquet")], pa.string()))
         return pa.table(cols)
 
-    if not names:
+    tables = _each_index(folder, one, threads)
+    if not tables:
         return pa.table({**{c: pa.array([], pa.string()) for c in columns},
                          FILE: pa.array([], pa.dictionary(pa.int32(), pa.string()))})
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names)))) as pool:
-        tables = list(pool.map(one, names))
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _each_index(folder: str | Path, fn: Callable[[str, pq.ParquetFile], T],
+                threads: int = 16) -> list[T]:
+    """``fn(name, index file)`` for every committed shard's index of ``folder``, in name
+    order, ``threads`` at a time."""
+    names = storage.list_files(storage.join(folder, INDEX), prefix="part-",
+                               suffixes=(".parquet",))
+    fs, root = storage.resolve(storage.join(folder, INDEX))
+
+    def one(name: str) -> T:
+        with fs.open_input_file(f"{root}/{name}") as f:
+            return fn(name, pq.ParquetFile(f))
+
+    if not names:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names)))) as pool:
+        return list(pool.map(one, names))
 
 
 def read_shard(path: str | Path) -> list[dict[str, Any]]:
@@ -260,7 +272,8 @@ def reject_reasons(stage_dir: str | Path) -> list[str]:
 
 
 def count_rows(folder: str | Path) -> int:
-    return read_index(folder).num_rows
+    """Committed rows of ``folder``: the indexes' footers, no column read."""
+    return sum(_each_index(folder, lambda _, index: index.metadata.num_rows))
 
 
 def retried(reject: dict[str, Any], retry: str) -> bool:
