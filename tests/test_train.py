@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -194,9 +195,15 @@ def test_resume_with_another_global_batch_fails_naming_the_field(tiny_model, tmp
                                          "has 1"):
         check_global_batch(state, cfg.train, 1)
     check_global_batch(state, with_train(cfg, grad_accum=2).train, 1)  # 1 x 1 x 2: fine
+    # 2 workers splitting each row: 1 data-parallel group, a global batch of 1
     split = {"world_size": 2, "sequence_parallel_size": 2, "micro_batch_size": 1, "grad_accum": 1}
-    with pytest.raises(ValueError, match="train.sequence_parallel_size: .* resumes only with"):
-        check_global_batch(split, cfg.train, 1)
+    check_global_batch(split, cfg.train, 1)
+    with pytest.raises(ValueError, match="global batch of 1 .* this run has 2"):
+        check_global_batch(split, with_train(cfg, num_workers=2).train, 2)
+    check_global_batch(split, with_train(cfg, num_workers=4, sequence_parallel_size=4).train, 4)
+    with pytest.raises(ValueError, match="train.deepspeed.zero_optimization.reduce_scatter"):
+        with_train(cfg, num_workers=2, sequence_parallel_size=2, zero_stage=3,
+                   deepspeed={"zero_optimization": {"reduce_scatter": False}})
 
 
 def test_torchrun_one_process_accumulating_matches_two_workers(zero2_run, tiny_model, tmp_path):
@@ -227,36 +234,69 @@ def test_torchrun_one_process_accumulating_matches_two_workers(zero2_run, tiny_m
     assert AutoModelForCausalLM.from_pretrained(summary["model_dir"]) is not None
 
 
-def torchrun_losses(cfg: Config, tmp: Path, procs: int) -> tuple[list[float], list[float]]:
-    """A torchrun run of ``cfg`` in ``procs`` processes (no Ray): its losses and grad norms."""
+def torchrun_steps(cfg: Config, procs: int, fail_at: int | None = None
+                   ) -> list[tuple[int, float, float]]:
+    """A torchrun run of ``cfg`` in ``procs`` processes (no Ray), in its output folder's parent:
+    (step, loss, grad norm) of each step it logged; with ``fail_at``, failing after that step."""
     import re
 
-    folder = tmp / f"run{procs}"
-    folder.mkdir()
+    folder = Path(cfg.run.output_dir).parent
     config_file = folder / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    if fail_at is not None:
+        env[ENV_FAIL_AT_STEP] = str(fail_at)
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
          str(procs), "-m", "palign.train.loop", str(config_file)],
-        env={**os.environ, "PYTHONPATH": pythonpath}, cwd=folder, capture_output=True,
-        text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    steps = re.findall(r"train step \d+/\d+: loss ([\d.]+), lr [^,]+, grad norm ([\d.e+-]+)",
-                       run.stderr + run.stdout)
-    return [float(a) for a, _ in steps], [float(b) for _, b in steps]
+        env=env, cwd=folder, capture_output=True, text=True, timeout=600)
+    log = run.stderr + run.stdout
+    if fail_at is None:
+        assert run.returncode == 0, log[-3000:]
+    else:
+        assert run.returncode != 0 and "injected failure" in log, log[-3000:]
+    steps = re.findall(r"train step (\d+)/\d+: loss ([\d.]+), lr [^,]+, grad norm ([\d.e+-]+)",
+                       log)
+    return [(int(s), float(a), float(b)) for s, a, b in steps]
+
+
+def assert_same_steps(got: list[tuple[int, float, float]],
+                      want: list[tuple[int, float, float]]) -> None:
+    """Same steps, and losses and grad norms equal within ``SP_RTOL``."""
+    assert [s for s, _, _ in got] == [s for s, _, _ in want], (got, want)
+    for (_, *a), (_, *b) in zip(got, want):
+        for x, y in zip(a, b):
+            assert abs(x - y) <= SP_RTOL * abs(y), (got, want)
 
 
 def test_sequence_parallel_rows_split_over_two_workers_train_as_on_one(tiny_model, tmp_path):
     """Ulysses sequence parallelism on gloo: each packed row split over 2 processes (one
-    data-parallel group) gives the losses and gradient norms of 1 process holding whole rows."""
-    (tmp_path / "split").mkdir()
-    (tmp_path / "whole").mkdir()
-    split = torchrun_losses(make_config(tmp_path / "split", tiny_model, "sp", num_workers=2,
-                                        sequence_parallel_size=2, max_steps=6, report_every=1),
-                            tmp_path, 2)
-    whole = torchrun_losses(make_config(tmp_path / "whole", tiny_model, "sp", num_workers=1,
-                                        max_steps=6, report_every=1), tmp_path, 1)
-    assert len(split[0]) == len(whole[0]) == 6
-    for a, b in zip(split[0] + split[1], whole[0] + whole[1]):
-        assert abs(a - b) <= SP_RTOL * abs(b), (split, whole)
+    data-parallel group) gives the losses and gradient norms of 1 process holding whole rows,
+    under ZeRO-2 and ZeRO-3 (whose reduce-scatter divides the gradients by both processes:
+    the loss is scaled for it). And it resumes elastically both ways through a universal
+    checkpoint: the ZeRO-3 split run, failed after step 3, on 1 process; the whole run's step-3
+    checkpoint on 2 processes splitting the rows; both continue the whole run's curve."""
+    def config(name: str, **train) -> Config:
+        (tmp_path / name).mkdir()
+        return make_config(tmp_path / name, tiny_model, "sp", max_steps=6, report_every=1,
+                           checkpoint_every=3, checkpoint_upload="sync", **train)
+
+    whole_cfg = config("whole", num_workers=1)
+    whole = torchrun_steps(whole_cfg, 1)
+    assert [s for s, _, _ in whole] == [1, 2, 3, 4, 5, 6]
+    assert_same_steps(torchrun_steps(config("split", num_workers=2, sequence_parallel_size=2), 2),
+                      whole)
+
+    z3 = config("z3", num_workers=2, sequence_parallel_size=2, zero_stage=3, loss_chunk_size=32)
+    assert_same_steps(torchrun_steps(z3, 2, fail_at=3), whole[:3])
+    assert_same_steps(torchrun_steps(with_train(z3, num_workers=1, sequence_parallel_size=1), 1),
+                      whole[3:])
+
+    back = config("back", num_workers=2, sequence_parallel_size=2)
+    ours, theirs = Path(back.run.output_dir), Path(whole_cfg.run.output_dir)
+    shutil.rmtree(ours)
+    shutil.copytree(theirs / "train" / "ray" / "sp-train" / "checkpoint_00000003",
+                    ours / "train" / "ray" / "sp-train" / "checkpoint_00000003")
+    shutil.copytree(theirs / "align", ours / "align")
+    assert_same_steps(torchrun_steps(back, 2), whole[3:])

@@ -19,7 +19,9 @@ DeepSpeed *universal* checkpoint (``deepspeed.checkpoint.ds_to_universal``: one 
 parameter and optimizer moment, independent of the partitioning), and every rank of the node
 loads its new partition from it (``checkpoint.load_universal``). The global batch (workers x
 micro-batch x accumulation) must stay the same, so that a step is the same step: going from 2
-workers to 1, double ``train.grad_accum``.
+workers to 1, double ``train.grad_accum``. The sequence-parallel size may change too (its ranks
+hold whole parameters, ZeRO-partitioned over every rank like data-parallel ones): then the
+data-parallel size in that product is ``workers / sequence_parallel_size``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import random
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +90,10 @@ def save(engine: Any, directory: Path, rank: int, client_state: dict[str, Any]) 
 
 def load(engine: Any, directory: Path, rank: int) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG; return the client state."""
-    load_path, client_state = engine.load_checkpoint(
-        str(directory), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    with _tensor_parallel_query(engine.optimizer):
+        load_path, client_state = engine.load_checkpoint(
+            str(directory), tag=DS_TAG, load_optimizer_states=True,
+            load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
     rng_file = directory / "rng" / f"rank_{rank}.pt"
@@ -99,6 +102,40 @@ def load(engine: Any, directory: Path, rank: int) -> dict[str, Any]:
     else:  # a rank the writing run did not have (elastic resume): its seeded state stays
         logger.info("no RNG state for rank %d in %s", rank, directory)
     return dict(client_state)
+
+
+@contextlib.contextmanager
+def _tensor_parallel_query(optimizer: Any) -> Iterator[None]:
+    """While loading: DeepSpeed's universal-checkpoint loader asks the optimizer's ``mpu`` for
+    ``get_tensor_model_parallel_world_size``, which the Ulysses groups (``parallel_state_sp``)
+    answer only as ``get_model_parallel_world_size``; elsewhere DeepSpeed falls back to that
+    name itself. A sequence-parallel rank holds whole parameters, so the loader takes each one
+    whole whatever the size says."""
+    mpu = getattr(optimizer, "mpu", None)
+    if mpu is None or hasattr(mpu, "get_tensor_model_parallel_world_size"):
+        yield
+        return
+    optimizer.mpu = _AnswersTensorParallel(mpu)
+    try:
+        yield
+    finally:
+        optimizer.mpu = mpu
+
+
+class _AnswersTensorParallel:
+    """``mpu`` with the tensor-parallel queries answered by its model-parallel ones."""
+
+    def __init__(self, mpu: Any) -> None:
+        self._mpu = mpu
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._mpu, name)
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self._mpu.get_model_parallel_world_size()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self._mpu.get_model_parallel_rank()
 
 
 # ------------------------------------------------------------------------------ restoring
@@ -165,17 +202,9 @@ def rank_files(rank: int) -> Callable[[str], bool]:
 
 
 def check_global_batch(state: dict[str, Any], tc: TrainSection, world: int) -> None:
-    """A resumed run must take the same units per step as the run that wrote the checkpoint,
-    and a sequence-parallel checkpoint resumes only on the layout that wrote it (DeepSpeed's
-    universal conversion does not take it)."""
-    old_sp = int(state.get("sequence_parallel_size", 1))
-    if (old_sp > 1 or tc.sequence_parallel_size > 1) and (
-            old_sp != tc.sequence_parallel_size or int(state["world_size"]) != world):
-        raise ValueError(
-            f"train.sequence_parallel_size: the checkpoint was written by {state['world_size']} "
-            f"workers with sequence_parallel_size {old_sp}; this run has {world} with "
-            f"{tc.sequence_parallel_size}: a sequence-parallel run resumes only with the same "
-            "num_workers and sequence_parallel_size")
+    """A resumed run must take the same units per step as the run that wrote the checkpoint:
+    data-parallel size (workers / sequence_parallel_size) x micro-batch x accumulation. The
+    sequence-parallel size itself may change (ZeRO partitions over every rank either way)."""
     old_dp = int(state["world_size"]) // int(state.get("sequence_parallel_size", 1))
     old = old_dp * int(state.get("micro_batch_size", tc.micro_batch_size)) * int(
         state.get("grad_accum", tc.grad_accum))
@@ -201,7 +230,8 @@ def restore(engine: Any, resume: Resume, rank: int, local_rank: int, world: int
     folder = Path(tempfile.gettempdir()) / f"palign-universal-{key}"
     if local_rank == 0:  # one conversion per node
         shutil.rmtree(folder, ignore_errors=True)
-        to_universal(resume.fetch(None), folder)
+        to_universal(resume.fetch(None), folder,
+                     int(resume.state.get("sequence_parallel_size", 1)))
     dist.barrier()
     try:
         return load(engine, folder, rank)
@@ -211,23 +241,53 @@ def restore(engine: Any, resume: Resume, rank: int, local_rank: int, world: int
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def to_universal(source: Path, target: Path) -> None:
+def to_universal(source: Path, target: Path, sequence_parallel_size: int = 1) -> None:
     """Convert the checkpoint in ``source`` into a universal one in ``target`` (same layout:
-    ``ds/`` then the state and RNG files)."""
+    ``ds/`` then the state and RNG files).
+
+    A sequence-parallel run's model states record its sequence-parallel size as the tensor-
+    parallel degree (DeepSpeed's Ulysses groups answer the model-parallel queries), which the
+    converter then looks for as that many model-state files. Its ranks hold whole parameters,
+    ZeRO-partitioned over all of them as in a plain data-parallel run, so the conversion reads
+    a view of the checkpoint (links to its ZeRO shards, model states saying tensor-parallel 1)."""
     import argparse
 
     from deepspeed.checkpoint.ds_to_universal import main as convert
 
+    view = None
+    if sequence_parallel_size > 1:
+        view = target.with_name(target.name + "-source")
+        _data_parallel_view(source / DS_TAG, view / DS_TAG)
     # inject_missing_state: the converter adds the universal-checkpoint version it wants from
     # the client's saved state (palign saves none)
-    args = argparse.Namespace(input_folder=str(source / DS_TAG),
+    args = argparse.Namespace(input_folder=str((view or source) / DS_TAG),
                               output_folder=str(target / DS_TAG), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
     chatter = io.StringIO()  # the converter prints its progress
-    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-        convert(args)
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            convert(args)
+    finally:
+        if view is not None:
+            shutil.rmtree(view, ignore_errors=True)
     shutil.copy(source / STATE_FILE, target / STATE_FILE)
     if (source / "rng").is_dir():
         shutil.copytree(source / "rng", target / "rng")
     logger.info("converted checkpoint %s to a universal one for a new world size", source)
+
+
+def _data_parallel_view(ds: Path, view: Path) -> None:
+    """``view``: links to the files of the DeepSpeed folder ``ds``, except its model states,
+    rewritten with a tensor-parallel degree of 1."""
+    from deepspeed.checkpoint.constants import CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_TP_DEGREE
+
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for path in ds.iterdir():
+        if path.name.startswith("mp_rank_") and path.name.endswith("_model_states.pt"):
+            states = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            states.setdefault(CHECKPOINT_PARALLEL_DIMS, {})[CHECKPOINT_TP_DEGREE] = 1
+            torch.save(states, view / path.name)
+        else:
+            (view / path.name).symlink_to(path.absolute())

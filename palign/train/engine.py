@@ -92,6 +92,17 @@ def deepspeed_config(tc: TrainSection, world: int, bf16: bool) -> dict[str, Any]
     return merged(config, tc.deepspeed)
 
 
+def gradient_divisor(tc: TrainSection, world: int) -> int:
+    """How many ranks DeepSpeed divides the summed gradients by: the data-parallel size
+    (``world / sequence_parallel_size``), except under ZeRO-3 with sequence parallelism, whose
+    reduce-scatter (DeepSpeed 0.19, ``reduce_scatter: true``, its default and the only setting
+    palign takes there) averages over every rank of the group, sequence-parallel ones
+    included. The loss is scaled by it, so the gradients (and their norm) are the global
+    batch's mean whatever the layout."""
+    sp = tc.sequence_parallel_size
+    return world if sp > 1 and tc.zero_stage == 3 else world // sp
+
+
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """``over`` laid on ``base``: mappings merged key by key, anything else replaced."""
     out = dict(base)

@@ -75,7 +75,7 @@ from palign.core.logs import setup_rank_logging
 from palign.train import checkpoints
 from palign.train.backend import Backend, start
 from palign.train.data import IGNORE_INDEX, Pack, collate_packs, pad_batch
-from palign.train.engine import deepspeed_engine
+from palign.train.engine import deepspeed_engine, gradient_divisor
 from palign.train.model import load_student, sequence_parallel, train_dtype
 from palign.train.paths import DATA_KEY
 from palign.train.prepare import prepare
@@ -137,19 +137,20 @@ def sequence_shard(m: MicroBatch, sp: int, sp_rank: int) -> MicroBatch:
                       m.real if sp_rank == 0 else 0)
 
 
-def train_step(engine: Any, micro: Sequence[MicroBatch], dp_world: int, grad_accum: int,
+def train_step(engine: Any, micro: Sequence[MicroBatch], divisor: int, grad_accum: int,
                device: torch.device) -> StepResult:
     """One optimizer step over this rank's ``grad_accum`` micro-batches (every rank calls it
-    with its own): the loss normalised by the global batch's supervised tokens. ``dp_world``:
-    the data-parallel size, over which DeepSpeed averages gradients (the ranks of a
-    sequence-parallel group hold slices of the same rows: their gradients add up)."""
+    with its own): the loss normalised by the global batch's supervised tokens. ``divisor``:
+    the number of ranks DeepSpeed divides the summed gradients by
+    (``engine.gradient_divisor``: the data-parallel size, as a rank of a sequence-parallel
+    group holds slices of the same rows as the others, so their gradients add up)."""
     import torch.distributed as dist
 
     counts = torch.tensor([sum(m.supervised for m in micro), sum(m.real for m in micro)],
                           dtype=torch.float64)
     dist.all_reduce(counts)
     global_tokens = int(counts[0])
-    scale = dp_world * grad_accum / max(1, global_tokens)
+    scale = divisor * grad_accum / max(1, global_tokens)
     lr = float(engine.get_lr()[0])
     local_loss = torch.zeros(1, dtype=torch.float64)
     for m in micro:
@@ -242,6 +243,7 @@ def _run_steps(cfg: Config, engine: Any, data: UnitReader, plan: StepPlan, backe
     # "N" or "N@S": fail after step N in a run that started at step S (default 0)
     fail_at, _, fail_from_text = (os.environ.get(ENV_FAIL_AT_STEP, "") or "0").partition("@")
     fail_at, fail_from = int(fail_at), int(fail_from_text or 0)
+    divisor = gradient_divisor(tc, backend.world)
     prepared = data.prepared
     base = {"packing_efficiency": prepared.packing_efficiency, "rows_used": prepared.rows_used,
             "rows_rejected": prepared.rows_rejected, "total_steps": total,
@@ -257,7 +259,7 @@ def _run_steps(cfg: Config, engine: Any, data: UnitReader, plan: StepPlan, backe
                  for idx in plan.micro_batches(step, backend.rank // sp)]
         if sp > 1:
             micro = [sequence_shard(m, sp, backend.rank % sp) for m in micro]
-        result = train_step(engine, micro, backend.world // sp, tc.grad_accum, backend.device)
+        result = train_step(engine, micro, divisor, tc.grad_accum, backend.device)
         seconds = time.perf_counter() - t0
         done = step + 1
         progress.losses.append(result.loss)

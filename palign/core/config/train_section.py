@@ -122,4 +122,11 @@ class TrainSection(Strict):
                 raise ValueError("train.sequence_parallel_size > 1 needs packing: true and "
                                  "attention auto, documents or flash_varlen (the dense mask "
                                  "cannot be split)")
+            zero = self.deepspeed.get("zero_optimization")
+            if (self.zero_stage == 3 and isinstance(zero, dict)
+                    and zero.get("reduce_scatter") is False):
+                raise ValueError(
+                    "train.deepspeed.zero_optimization.reduce_scatter: false is not supported "
+                    "with sequence_parallel_size > 1 under ZeRO-3 (DeepSpeed then averages "
+                    "some gradients over the data-parallel ranks and others over all ranks)")
         return self
