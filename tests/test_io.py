@@ -71,3 +71,65 @@ def test_read_shard_names_a_line_that_is_not_json(tmp_path):
         read_shard(path)
     path.write_text('{"id": "a"}\n\n{"id": "b"}\n')
     assert read_shard(path) == [{"id": "a"}, {"id": "b"}]
+
+
+def test_a_digest_serves_the_indexes_it_holds_as_they_are_now(tmp_path):
+    """``write_digests`` gathers a folder's indexes into one file; readers take from it the
+    index files listed with the size and time it recorded, and read the others (added,
+    rewritten) themselves; a removed one is gone."""
+    import os
+
+    from palign.core.shards import (
+        DIGEST,
+        INDEX,
+        count_rows,
+        read_index,
+        write_digest,
+        write_digests,
+        write_shard,
+    )
+
+    out = tmp_path / "truncate"
+    for i in range(4):  # the first shard's ratio column is all null: another column type
+        write_shard(out, f"part-{i}", [{"id": f"r{i}-{j}"} for j in range(3)], "jsonl",
+                    {"prefix_ratio": [None if i == 0 else i / 10] * 3})
+    write_shard(out, "part-empty", [], "jsonl", {"prefix_ratio": []})
+    write_rejects(out)
+
+    def rows(folder=out):
+        t = read_index(folder, ("id", "prefix_ratio"))
+        return sorted(zip(t["id"].to_pylist(), t["prefix_ratio"].to_pylist(),
+                          t["_file"].cast("string").to_pylist()))
+
+    before, rejects_before = rows(), rows(out / "rejects")
+    write_digests(out)
+    assert (out / INDEX / DIGEST).is_file() and (out / "rejects" / INDEX / DIGEST).is_file()
+    assert rows() == before and rows(out / "rejects") == rejects_before
+    assert count_rows(out) == 12 and count_rows(out / "rejects") == 4
+    assert write_digest(out) == 5  # up to date: every index file, the empty one too
+
+    # What a reader gets for a file the digest holds is the digest's copy: an index changed
+    # behind its back with the same size and time still reads as recorded ...
+    one = out / INDEX / "part-1.jsonl.parquet"
+    stat = one.stat()
+    write_shard(out, "part-1", [{"id": "r1-X"}, {"id": "r1-1"}, {"id": "r1-2"}], "jsonl",
+                {"prefix_ratio": [0.1] * 3})
+    assert one.stat().st_size == stat.st_size
+    os.utime(one, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert "r1-0" in {r[0] for r in rows()}
+    # ... while one with another time is read again, a new one is read, a removed one is gone.
+    os.utime(one, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    write_shard(out, "part-9", [{"id": "new"}], "jsonl", {"prefix_ratio": [0.9]})
+    (out / INDEX / "part-2.jsonl.parquet").unlink()
+    expected = sorted([r for r in before if r[2] not in ("part-1.jsonl", "part-2.jsonl")]
+                      + [(i, 0.1, "part-1.jsonl") for i in ("r1-X", "r1-1", "r1-2")]
+                      + [("new", 0.9, "part-9.jsonl")])
+    assert rows() == expected and count_rows(out) == 10
+    assert write_digest(out) == 5 and rows() == expected and count_rows(out) == 10
+
+    # Released rejects rewrite their indexes: the digest is dropped first, then rebuilt.
+    assert release_rejects(out, "system") == 2
+    assert not (out / "rejects" / INDEX / DIGEST).exists()
+    write_digests(out)
+    assert [r[0] for r in rows(out / "rejects")] == ["old", "r1"]
+    assert set(done_index(out).to_pylist()) == {r[0] for r in expected} | {"old", "r1"}

@@ -22,7 +22,7 @@ import yaml
 
 from palign.cli import main as palign_main
 from palign.core import storage
-from palign.core.shards import read_rows
+from palign.core.shards import read_index, read_rows, write_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [json.loads(line) for line in (ROOT / "data/demo/problems.jsonl").read_text().splitlines()]
@@ -244,6 +244,16 @@ def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path
     for stage in ("ingest", "generate", "truncate", "align", "evaluate/trained/mini"):
         counts = ids(f"{out}/{stage}")
         assert counts and all(n == 1 for n in counts.values()), (stage, counts)
+    # Each engine stage and the ingest left a digest of its indexes, up to date: it holds
+    # every index file, and the readers' ids (from it) are those of the indexes one by one.
+    for stage in ("ingest", "generate", "truncate", "align"):
+        digest = storage.stat_files(f"{out}/{stage}/_index", prefix="_digest")
+        assert len(digest) == 1, stage
+        n_index = len(storage.list_files(f"{out}/{stage}/_index", prefix="part-"))
+        assert write_digest(f"{out}/{stage}") == n_index
+        assert storage.stat_files(f"{out}/{stage}/_index", prefix="_digest") == digest
+        assert sorted(read_index(f"{out}/{stage}")["id"].to_pylist()) == sorted(
+            r["id"] for r in read_rows(f"{out}/{stage}"))
     trained_on = {r["id"] for r in [*good, *no_cot]}
     assert set(ids(f"{out}/generate")) == trained_on | {too_long["id"]}  # CoTs pass through
     sources = {r["id"]: r["cot_source"] for r in read_rows(f"{out}/generate")}

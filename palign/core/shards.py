@@ -18,6 +18,7 @@ by default those of kind ``system``) out of ``rejects/`` (into ``rejects_retried
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from palign.core import storage
@@ -45,6 +47,8 @@ RETRIED = "rejects_retried"
 INDEX = "_index"
 DONE_MARKER = "_DONE"
 FILE = "_file"  # the column read_index adds: the data shard each id is in
+DIGEST = "_digest.parquet"  # in _index/: the folder's indexes in one file (``write_digest``)
+DIGEST_KEY = b"palign.digest"  # its metadata: the index files it holds, with size and time
 
 Columns = dict[str, Sequence[Any]]
 
@@ -176,30 +180,145 @@ def _index_path(data_path: str) -> str:
 def read_index(folder: str | Path, columns: Sequence[str] = ("id",),
                threads: int = 16) -> pa.Table:
     """The index of every committed shard of ``folder``: the requested columns (those a shard
-    lacks are null) and ``_file``, the data shard's name. Reads no data shard."""
+    lacks are null) and ``_file``, the data shard's name; a shard's rows in their order, the
+    shards in no particular order. Reads no data shard; the indexes the folder's digest holds
+    as they are now come from it."""
     def one(name: str, shard: pq.ParquetFile) -> pa.Table:
         table = shard.read(columns=[c for c in columns if c in shard.schema_arrow.names])
-        cols = {c: (table[c] if c in table.column_names else pa.nulls(table.num_rows))
-                for c in columns}
-        # One string per shard, not per row: the column is dictionary-encoded.
-        cols[FILE] = pa.DictionaryArray.from_arrays(
-            pa.array(np.zeros(table.num_rows, np.int32)),
-            pa.array([name.removesuffix(".parquet")], pa.string()))
-        return pa.table(cols)
+        return _with_file(_project(table, columns), name)
 
-    tables = _each_index(folder, one, threads)
+    listing = _Listing.of(folder)
+    tables: list[pa.Table] = []
+    with _open_digest(folder, listing) as held:
+        if held.current:
+            names = held.digest.schema_arrow.names
+            table = held.rows(held.digest.read(columns=[c for c in columns if c in names]
+                                               + [FILE]))
+            tables.append(_project(table, (*columns, FILE)))
+    tables += _each_index(folder, one, listing.rest(held.current), threads)
     if not tables:
         return pa.table({**{c: pa.array([], pa.string()) for c in columns},
                          FILE: pa.array([], pa.dictionary(pa.int32(), pa.string()))})
     return pa.concat_tables(tables, promote_options="permissive")
 
 
+def count_rows(folder: str | Path) -> int:
+    """Committed rows of ``folder``: the digest's footer (or its file column, when some of
+    what it holds has changed since) and the other indexes' footers; no other column read."""
+    listing = _Listing.of(folder)
+    with _open_digest(folder, listing) as held:
+        n = 0
+        if held.complete:
+            n = held.digest.metadata.num_rows
+        elif held.current:
+            n = held.rows(held.digest.read(columns=[FILE])).num_rows
+    rest = listing.rest(held.current)
+    return n + sum(_each_index(folder, lambda _, index: index.metadata.num_rows, rest))
+
+
+def write_digest(folder: str | Path, threads: int = 16) -> int:
+    """Gather every committed index of ``folder`` into one file, ``_index/_digest.parquet``:
+    their rows (all columns, ``_file`` naming each row's shard) and, in its metadata, each
+    index file's name, size and modification time as listed. Readers take from it the rows of
+    the index files still listed with that size and time, and read the others themselves, so
+    an index added, rewritten or removed since is never missed or read stale. Only while no
+    one writes the folder (a stage's start and end, under the run's lock). Returns the number
+    of index files it holds; an up-to-date digest is left as it is."""
+    listing = _Listing.of(folder)
+    path = storage.join(folder, INDEX, DIGEST)
+    if not listing.files:
+        if listing.has_digest:
+            storage.delete(path)
+        return 0
+    with _open_digest(folder, listing) as held:
+        if held.complete and len(held.current) == len(listing.files):
+            return len(held.current)
+        kept = [held.rows(held.digest.read())] if held.current else []
+    rest = listing.rest(held.current)
+    tables = kept + _each_index(folder, lambda name, index: _with_file(index.read(), name),
+                                rest, threads)
+    table = pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+    stamps = {n: listing.files[n] for n in sorted([*held.current, *rest])}
+    table = table.replace_schema_metadata({DIGEST_KEY: json.dumps({"files": stamps})})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    storage.write_bytes(path, sink.getvalue())
+    return len(stamps)
+
+
+def write_digests(stage_dir: str | Path) -> None:
+    """``write_digest`` for a stage folder and its rejects."""
+    write_digest(stage_dir)
+    write_digest(storage.join(stage_dir, REJECTS))
+
+
+class _Listing:
+    """A folder's committed index files as listed now (name -> [size, mtime ns]), and whether
+    it has a digest."""
+
+    def __init__(self, files: dict[str, list[int]], has_digest: bool) -> None:
+        self.files, self.has_digest = files, has_digest
+
+    @classmethod
+    def of(cls, folder: str | Path) -> _Listing:
+        found = storage.stat_files(storage.join(folder, INDEX), suffixes=(".parquet",))
+        files = {n: [size, mtime] for n, size, mtime in found if n.startswith("part-")}
+        return cls(files, any(n == DIGEST for n, _, _ in found))
+
+    def rest(self, held: Sequence[str]) -> list[str]:
+        """The listed index files not in ``held``, in name order."""
+        skip = set(held)
+        return [n for n in sorted(self.files) if n not in skip]
+
+
+class _Held:
+    """What a folder's digest holds that is still current: the index files it took that are
+    listed now with the size and time they had then; ``complete``: all it took."""
+
+    def __init__(self, digest: pq.ParquetFile | None, listing: _Listing) -> None:
+        self.digest = digest
+        stamps = json.loads(digest.schema_arrow.metadata[DIGEST_KEY])["files"] \
+            if digest is not None else {}
+        self.current = [n for n, stamp in stamps.items() if listing.files.get(n) == stamp]
+        self.complete = digest is not None and len(self.current) == len(stamps)
+
+    def rows(self, table: pa.Table) -> pa.Table:
+        """The rows of ``table`` (read from the digest) of the current index files."""
+        if self.complete:
+            return table
+        names = pa.array([n.removesuffix(".parquet") for n in self.current], pa.string())
+        return table.filter(pc.is_in(table[FILE], value_set=names))
+
+
+@contextlib.contextmanager
+def _open_digest(folder: str | Path, listing: _Listing) -> Iterator[_Held]:
+    """The folder's digest, open, with what it holds that is current (nothing without one)."""
+    if not listing.has_digest:
+        yield _Held(None, listing)
+        return
+    fs, root = storage.resolve(storage.join(folder, INDEX))
+    with fs.open_input_file(f"{root}/{DIGEST}") as f:
+        yield _Held(pq.ParquetFile(f), listing)
+
+
+def _project(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    """``table`` with exactly ``columns``, in that order (a column it lacks is null)."""
+    return pa.table({c: (table[c] if c in table.column_names else pa.nulls(table.num_rows))
+                     for c in columns})
+
+
+def _with_file(table: pa.Table, name: str) -> pa.Table:
+    """``table`` with ``_file``: the data shard of index file ``name``, one string per table
+    (the column is dictionary-encoded)."""
+    return table.append_column(FILE, pa.DictionaryArray.from_arrays(
+        pa.array(np.zeros(table.num_rows, np.int32)),
+        pa.array([name.removesuffix(".parquet")], pa.string())))
+
+
 def _each_index(folder: str | Path, fn: Callable[[str, pq.ParquetFile], T],
-                threads: int = 16) -> list[T]:
-    """``fn(name, index file)`` for every committed shard's index of ``folder``, in name
-    order, ``threads`` at a time."""
-    names = storage.list_files(storage.join(folder, INDEX), prefix="part-",
-                               suffixes=(".parquet",))
+                names: Sequence[str], threads: int = 16) -> list[T]:
+    """``fn(name, index file)`` for the index files ``names`` of ``folder``, in that order,
+    ``threads`` at a time."""
     fs, root = storage.resolve(storage.join(folder, INDEX))
 
     def one(name: str) -> T:
@@ -271,11 +390,6 @@ def reject_reasons(stage_dir: str | Path) -> list[str]:
                                        ("reason",))["reason"].to_pylist()]
 
 
-def count_rows(folder: str | Path) -> int:
-    """Committed rows of ``folder``: the indexes' footers, no column read."""
-    return sum(_each_index(folder, lambda _, index: index.metadata.num_rows))
-
-
 def retried(reject: dict[str, Any], retry: str) -> bool:
     """Whether a rerun with ``run.retry_rejects: retry`` serves this reject's row again."""
     return retry == "all" or (retry == "system" and reject.get("kind", ROW) == SYSTEM)
@@ -298,6 +412,10 @@ def release_rejects(stage_dir: str | Path, retry: str) -> int:
     folder = storage.join(stage_dir, REJECTS)
     released = 0
     index = read_index(folder, ("kind",))
+    # rewritten indexes get a new modification time, which readers check against the digest;
+    # dropping the digest first does not rest on the store's time resolution
+    if index.num_rows:
+        storage.delete(storage.join(folder, INDEX, DIGEST))
     if retry == "system":
         files = sorted({f for f, k in zip(index[FILE].to_pylist(), index["kind"].to_pylist())
                         if k == SYSTEM})

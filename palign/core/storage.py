@@ -120,14 +120,22 @@ def is_dir(location: str | Path) -> bool:
 def list_files(folder: str | Path, prefix: str = "", suffixes: tuple[str, ...] = ()) -> list[str]:
     """The names (not paths) of the files directly in ``folder`` that start with ``prefix`` and
     end with one of ``suffixes``, sorted; [] for a folder that is not there."""
+    return [name for name, _, _ in stat_files(folder, prefix, suffixes)]
+
+
+def stat_files(folder: str | Path, prefix: str = "", suffixes: tuple[str, ...] = ()
+               ) -> list[tuple[str, int, int]]:
+    """``list_files`` with each file's size and modification time (ns), from the one listing:
+    (name, size, mtime_ns), sorted by name."""
     fs, path = resolve(folder)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    names = (posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
-    return sorted(n for n in names if n.startswith(prefix)
-                  and (not suffixes or n.endswith(suffixes)))
+    found = ((posixpath.basename(i.path), i.size, i.mtime_ns or 0) for i in infos
+             if i.type == pafs.FileType.File)
+    return sorted(f for f in found if f[0].startswith(prefix)
+                  and (not suffixes or f[0].endswith(suffixes)))
 
 
 def list_dirs(folder: str | Path) -> list[str]:

@@ -36,6 +36,7 @@ from palign.core.shards import (
     done_index,
     new_token,
     release_rejects,
+    write_digests,
 )
 from palign.runtime.dataplane import Plan, dataset, plan
 from palign.runtime.environment import forwarded_env
@@ -114,6 +115,7 @@ def ingest_once(cfg: Config, folder: str, data: DataSection) -> None:
     marker = storage.join(folder, DONE_MARKER)
     if storage.exists(marker):
         rows = json.loads(storage.read_text(marker)).get("rows")
+        write_digests(folder)  # kept as it is when up to date
         found = count_rows(folder)
         if rows != found:
             raise StageFailed(f"{folder}/ is marked finished with {rows} rows but its indexes "
@@ -138,6 +140,7 @@ def ingest_once(cfg: Config, folder: str, data: DataSection) -> None:
         log.info("ingest: %d file(s) read: %d rows, %d rejects before limits and repeats",
                  len(files), rows, rejects)
     finish_ingest(folder, data)
+    write_digests(folder)
 
 
 def stage_input(cfg: Config, stage: str) -> str:
@@ -155,10 +158,11 @@ def stage_input(cfg: Config, stage: str) -> str:
 
 def prepare_output(folder: str, retry: str) -> None:
     """Before a stage writes ``folder``: drop what a killed write left, release the rejects a
-    rerun retries."""
+    rerun retries, gather the indexes into their digests (``shards.write_digest``)."""
     clean_uncommitted(folder)
     clean_uncommitted(storage.join(folder, REJECTS))
     release_rejects(folder, retry)
+    write_digests(folder)  # a resumed stage reads what it has done from one file
 
 
 def run_stage(cfg: Config, stage: str) -> StageSummary:
@@ -178,6 +182,7 @@ def run_stage(cfg: Config, stage: str) -> StageSummary:
         needs = definition.needs_engine(cfg) and definition.engine_for(work.columns)
         model = definition.model(cfg) if needs else None
         summary.processed, summary.engine = stream(cfg, stage, work, model)
+        write_digests(out_dir)  # for the summary below, the next stage and reruns
     summary.wall_s = time.time() - start
     fill_totals(summary, out_dir)
     summary.stats.update(engine_stats(summary.engine))
