@@ -28,6 +28,7 @@ from palign.core import storage
 from palign.core.config import STAGES, Config, DataSection
 from palign.core.failures import StageFailed
 from palign.core.ingest import source_files
+from palign.core.logs import ProgressLine
 from palign.core.shards import (
     DONE_MARKER,
     REJECTS,
@@ -84,7 +85,7 @@ def init_ray(cfg: Config) -> None:
     ray.init(address=address, logging_level=logging.WARNING, **kwargs)
     ctx = ray.data.DataContext.get_current()
     # Off a terminal (a log file, `ray job logs`) Ray Data would log a progress block every
-    # 10 s; the driver's line per finished batch says the same in one line.
+    # 10 s; the driver's progress line (``ProgressLine``) says the same in one line.
     ctx.enable_progress_bars = cfg.ray.progress_bars and sys.stdout.isatty()
 
 
@@ -209,6 +210,7 @@ def stream(cfg: Config, stage: str, work: Plan,
     _bound_actor_starts(engine.max_failures)
     ledger = start_ledger(section.max_row_attempts, engine.max_failures)
     done = 0
+    progress = ProgressLine(log, stage, work.pending)
     tally = {"prompt_tokens": 0, "cached_tokens": 0, "peak_in_flight": 0}
     # The pool's resources (GPUs, a placement group per tensor-parallel replica) come from
     # palign.runtime.resources; its placement groups are removed when the stage ends.
@@ -227,14 +229,13 @@ def stream(cfg: Config, stage: str, work: Plan,
                 **pool,
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                n, good, bad = (int(sum(batch[k])) for k in ("rows", "ok", "rejected"))
+                n, bad = (int(sum(batch[k])) for k in ("rows", "rejected"))
                 done += n
                 tally["prompt_tokens"] += int(sum(batch["prompt_tokens"]))
                 tally["cached_tokens"] += int(sum(batch["cached_tokens"]))
                 tally["peak_in_flight"] = max(tally["peak_in_flight"],
                                               int(max(batch["peak_in_flight"], default=0)))
-                log.info("%s: +%d rows, +%d rejects (%d/%d)", stage, good, bad, done,
-                         work.pending)
+                progress.add(n, bad)
     except StageFailed:
         raise
     except Exception as err:  # noqa: BLE001 - Ray's wrapping of what failed the stage

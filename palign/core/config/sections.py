@@ -59,7 +59,8 @@ class RaySection(Strict):
                     "about 0.9 GiB).")
     progress_bars: bool = Field(
         default=True,
-        description="Ray Data's progress bars on a terminal; elsewhere a log line per batch.")
+        description="Ray Data's progress bars on a terminal; elsewhere a progress line at most "
+                    "every 10 s.")
 
 
 class ProblemColumns(Strict):
