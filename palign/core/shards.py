@@ -14,6 +14,11 @@ ids; a batch whose index is already there (Ray retried a task whose write had fi
 written again. ``rejects/`` is a folder of the same shape. The ids done are the ids of both
 indexes, after ``release_rejects`` has taken the rejects a rerun retries (``run.retry_rejects``:
 by default those of kind ``system``) out of ``rejects/`` (into ``rejects_retried/``).
+
+``write_digest`` gathers a folder's indexes into ``_index/_digest.parquet``, recording each
+index file's size and modification time; readers take from it the indexes still listed as
+recorded and read the rest one by one, so a stage start on object storage reads one object
+instead of one per shard, and the digest is never more than a faster copy.
 """
 
 from __future__ import annotations
@@ -277,10 +282,10 @@ class _Held:
 
     def __init__(self, digest: pq.ParquetFile | None, listing: _Listing) -> None:
         self.digest = digest
-        stamps = json.loads(digest.schema_arrow.metadata[DIGEST_KEY])["files"] \
-            if digest is not None else {}
+        meta = (digest.schema_arrow.metadata or {}) if digest is not None else {}
+        stamps = json.loads(meta[DIGEST_KEY])["files"] if DIGEST_KEY in meta else {}
         self.current = [n for n, stamp in stamps.items() if listing.files.get(n) == stamp]
-        self.complete = digest is not None and len(self.current) == len(stamps)
+        self.complete = bool(stamps) and len(self.current) == len(stamps)
 
     def rows(self, table: pa.Table) -> pa.Table:
         """The rows of ``table`` (read from the digest) of the current index files."""
