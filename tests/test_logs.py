@@ -20,3 +20,30 @@ def test_progress_is_a_line_every_ten_seconds_and_the_last(caplog):
         progress.add(10, 0)  # the last batch: a line at once, without the time left
         assert caplog.records[-1].getMessage() == (
             "truncate: 1000/1000 rows (100%), 99 rejects, 20.0 rows/s")
+
+
+def test_an_actor_line_marked_file_only_stays_out_of_the_console(tmp_path, capsys):
+    from palign.core.logs import FILE_ONLY, setup_actor_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        path = setup_actor_logging("unit", tmp_path)
+        log = logging.getLogger("palign.unit")
+        log.info("engine ready")
+        log.info("2 row(s) in flight: a .. b", extra=FILE_ONLY)
+        for handler in root.handlers:
+            handler.flush()
+        console = capsys.readouterr().err
+        assert "engine ready" in console and "in flight" not in console
+        assert "in flight: a .. b" in path.read_text()
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            if handler not in saved[0]:
+                handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        root._palign_log_file = None
+        logging.captureWarnings(False)

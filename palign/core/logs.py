@@ -37,10 +37,16 @@ def setup_rank_logging() -> None:
     quiet_console()
 
 
+FILE_ONLY = {"console": False}  # ``log.info(..., extra=FILE_ONLY)``: the log file only
+
+
 class _ConsoleFilter(logging.Filter):
-    """palign's records from INFO up; any other library's from ERROR up."""
+    """palign's records from INFO up, but those marked ``FILE_ONLY``; any other library's from
+    ERROR up."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "console", True):
+            return False
         if record.name == "palign" or record.name.startswith("palign."):
             return record.levelno >= logging.INFO
         return record.levelno >= logging.ERROR

@@ -45,7 +45,7 @@ from palign.core import storage
 from palign.core.attempts import AttemptLedger
 from palign.core.config import Config, EngineConfig
 from palign.core.failures import SYSTEM, MachineryError, StageFailed, describe, is_machinery
-from palign.core.logs import setup_actor_logging
+from palign.core.logs import FILE_ONLY, setup_actor_logging
 from palign.core.shards import (
     INDEX,
     REJECTS,
@@ -257,8 +257,9 @@ class StageWorker:
     def _attempt(self, rows: list[dict[str, Any]]) -> list[Outcome]:
         ids = [str(r["id"]) for r in rows]
         self._ledger("begin", ids)
+        # a line per batch: the actor's log file only (Ray would forward each to the driver)
         log.info("%s: %d row(s) in flight: %s", self.stage, len(ids),
-                 ids[0] if len(ids) == 1 else f"{ids[0]} .. {ids[-1]}")
+                 ids[0] if len(ids) == 1 else f"{ids[0]} .. {ids[-1]}", extra=FILE_ONLY)
         try:
             result = self._isolating(rows)
         except MachineryError as err:
