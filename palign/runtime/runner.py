@@ -209,8 +209,7 @@ def stream(cfg: Config, stage: str, work: Plan,
     engine = section.engine
     _bound_actor_starts(engine.max_failures)
     ledger = start_ledger(section.max_row_attempts, engine.max_failures)
-    done = 0
-    progress = ProgressLine(log, stage, work.pending)
+    progress = ProgressLine(log, stage, work.pending)  # counts the rows done
     tally = {"prompt_tokens": 0, "cached_tokens": 0, "peak_in_flight": 0}
     # The pool's resources (GPUs, a placement group per tensor-parallel replica) come from
     # palign.runtime.resources; its placement groups are removed when the stage ends.
@@ -229,20 +228,18 @@ def stream(cfg: Config, stage: str, work: Plan,
                 **pool,
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                n, bad = (int(sum(batch[k])) for k in ("rows", "rejected"))
-                done += n
                 tally["prompt_tokens"] += int(sum(batch["prompt_tokens"]))
                 tally["cached_tokens"] += int(sum(batch["cached_tokens"]))
                 tally["peak_in_flight"] = max(tally["peak_in_flight"],
                                               int(max(batch["peak_in_flight"], default=0)))
-                progress.add(n, bad)
+                progress.add(int(sum(batch["rows"])), int(sum(batch["rejected"])))
     except StageFailed:
         raise
     except Exception as err:  # noqa: BLE001 - Ray's wrapping of what failed the stage
-        raise _stage_failure(stage, err, done, work.pending) from err
+        raise _stage_failure(stage, err, progress.done, work.pending) from err
     finally:
         ray.kill(ledger)
-    return done, tally
+    return progress.done, tally
 
 
 def start_ledger(max_row_attempts: int, max_failures: int) -> Any:

@@ -141,9 +141,9 @@ def train_step(engine: Any, micro: Sequence[MicroBatch], divisor: int, grad_accu
                device: torch.device) -> StepResult:
     """One optimizer step over this rank's ``grad_accum`` micro-batches (every rank calls it
     with its own): the loss normalised by the global batch's supervised tokens. ``divisor``:
-    the number of ranks DeepSpeed divides the summed gradients by
-    (``engine.gradient_divisor``: the data-parallel size, as a rank of a sequence-parallel
-    group holds slices of the same rows as the others, so their gradients add up)."""
+    the number of ranks DeepSpeed divides the summed gradients by (``engine.gradient_divisor``:
+    the data-parallel size, as the ranks of a sequence-parallel group hold slices of the same
+    rows and their gradients add up; every rank under ZeRO-3 with sequence parallelism)."""
     import torch.distributed as dist
 
     counts = torch.tensor([sum(m.supervised for m in micro), sum(m.real for m in micro)],
