@@ -204,3 +204,111 @@ def test_a_finished_ingest_that_does_not_hold_its_rows_fails_the_run(tmp_path):
         index.unlink()
     with pytest.raises(StageFailed, match="marked finished with 2 rows but its indexes hold 0"):
         ingest_once(cfg, folder, data)
+
+
+# -- large files in pieces: a task each, the same result as reading the file whole ---------
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from([b"", b"a", b"bc\r", b'{"x": 1}', b"\xef\xbb\xbf{}", b"4" * 40]),
+                max_size=12),
+       st.booleans(), st.lists(st.integers(0, 400), max_size=5), st.integers(1, 9))
+def test_byte_ranges_that_tile_a_file_give_each_line_to_exactly_one(tmp_path_factory, lines,
+                                                                    newline_at_end, cuts, chunk):
+    """However a file is cut (at a line's first byte, inside a line, just after a \\n, past
+    the end) and whatever the read chunk, the ranges' lines are the file's lines, in order,
+    each with the byte offset it starts at."""
+    from palign.core import storage
+
+    data = b"\n".join(lines) + (b"\n" if newline_at_end and lines else b"")
+    path = tmp_path_factory.mktemp("ranges") / "x.jsonl"
+    path.write_bytes(data)
+    want, at = [], 0
+    for line in data.split(b"\n"):
+        want.append((at, line))
+        at += len(line) + 1
+    if want and not want[-1][1]:
+        want.pop()  # what follows the last \n
+    assert [line for _, line in want] == list(storage.iter_lines(path))
+    bounds = sorted({0, *(c % (len(data) + 2) for c in cuts)})
+    got = [pair for start, stop in zip(bounds, [*bounds[1:], None])
+           for pair in storage.iter_line_range(path, start, stop, chunk=chunk)]
+    assert got == want
+
+
+def big_source(n: int = 2600) -> list[dict]:
+    """About 2.9 MB of rows: 1 KB CoTs (that do not compress), a few bad rows, ids repeated
+    far apart."""
+    import random
+
+    rows: list = [{"id": f"r{i}", "question": f"What is {i} + 1?", "answer": str(i + 1),
+                   "cot": f"Add one to {i}. " + random.Random(i).randbytes(500).hex()}
+                  for i in range(n)]
+    rows[7] = {"question": "", "answer": "1"}  # no id: named by its position
+    rows[1400] = {"id": "r3", "question": "Again?", "answer": "1"}  # repeats r3
+    rows[2500] = {"id": "r1401", "question": "Again?", "answer": "1"}  # repeats a later id
+    rows[2001] = [1, 2]  # no id, not an object
+    return rows
+
+
+def test_a_large_file_read_in_pieces_ingests_as_when_read_whole(tmp_path):
+    """JSONL cut by byte range and Parquet by row groups (data.piece_mib 1 on about 3 MB): the
+    problems, their order, the limit and the repeated ids across pieces all come out as one
+    reading in order gives; only the position of a JSONL row is its byte offset there."""
+    import re
+
+    from palign.core.ingest import source_pieces
+    from palign.core.shards import read_rows
+    from palign.runtime.source import ingest_here
+
+    rows = big_source()
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "big.jsonl").write_text(text)
+    parquet_rows = [r for r in rows if isinstance(r, dict)]
+    pq.write_table(pa.Table.from_pylist(parquet_rows), tmp_path / "big.parquet",
+                   row_group_size=200)
+    offsets = [0]
+    for line in text.splitlines(keepends=True):
+        offsets.append(offsets[-1] + len(line.encode()))
+
+    def as_pieces(text: str) -> str:  # line n of the whole reading is the byte offset there
+        return re.sub(r"big\.jsonl:(\d+)", lambda m: f"big.jsonl@{offsets[int(m[1]) - 1]}", text)
+
+    for name in ("big.jsonl", "big.parquet"):
+        pieces = source_pieces(DataSection(path=str(tmp_path / name), piece_mib=1), 1 << 20)
+        assert len(pieces) == 3 and [p.number for p in pieces] == [0, 1, 2]
+        for limit in (None, 1500):
+            data = DataSection(path=str(tmp_path / name), piece_mib=1, limit=limit)
+            out = tmp_path / f"ingest-{name}-{limit}"
+            counts = ingest_here(str(out), data, shard_rows=100)
+            want, want_rejects = read_problems(data)
+            assert list(read_rows(out)) == want
+            got_rejects = sorted((r["id"], r["reason"]) for r in read_rows(out / "rejects"))
+            assert got_rejects == sorted((as_pieces(r.id), as_pieces(r.reason))
+                                         for r in want_rejects)
+            assert counts == {"rows": len(want), "rejects": len(want_rejects)}
+            assert len(want_rejects) == (2 if limit else 4 if name == "big.jsonl" else 3)
+    dup = {r["id"]: r["reason"] for r in read_rows(tmp_path / "ingest-big.jsonl-None/rejects")}
+    assert dup["r3"] == f"duplicate id (first seen at big.jsonl@{offsets[3]})"
+    assert f"big.jsonl@{offsets[7]}" in dup and f"big.jsonl@{offsets[2001]}" in dup
+
+
+def test_the_runner_reads_a_large_file_with_a_task_per_piece(tmp_path, ray_cluster):
+    """The Ray Data path (``ingest_once``): the pieces go through tasks and end as the one-
+    process ingest does."""
+    from palign.core.config import parse_config
+    from palign.core.shards import read_rows
+    from palign.runtime.runner import ingest_once
+    from palign.runtime.source import ingest_here
+
+    (tmp_path / "big.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in big_source()))
+    data = DataSection(path=str(tmp_path / "big.jsonl"), piece_mib=1)
+    cfg = parse_config({"run": {"output_dir": str(tmp_path / "run")},
+                        "data": data.model_dump(), "models": {"student": "smollm2-135m"},
+                        "output": {"shard_rows": 100}})
+    ingest_once(cfg, str(tmp_path / "run" / "ingest"), data)
+    ingest_here(str(tmp_path / "here"), data, shard_rows=100)
+    for sub in ("", "rejects"):
+        assert list(read_rows(tmp_path / "run" / "ingest" / sub)) == \
+            list(read_rows(tmp_path / "here" / sub))
+    assert len(list(read_rows(tmp_path / "here"))) == 2600 - 4

@@ -64,6 +64,10 @@ def test_storage_round_trip_and_listing(s3):
     storage.write_text(f"{base}/a/x.txt", "one\ntwo\n")
     assert storage.read_text(f"{base}/a/x.txt") == "one\ntwo\n"
     assert list(storage.iter_lines(f"{base}/a/x.txt", chunk=3)) == [b"one", b"two"]
+    # a piece of a large file: ranged reads, the lines that start in the range
+    assert storage.file_size(f"{base}/a/x.txt") == 8
+    assert [list(storage.iter_line_range(f"{base}/a/x.txt", a, b, chunk=3))
+            for a, b in ((0, 2), (2, 5), (5, None))] == [[(0, b"one")], [(4, b"two")], []]
     assert storage.list_files(f"{base}/a") == ["x.txt"] and storage.list_dirs(base) == ["a"]
     assert storage.is_dir(f"{base}/a") and not storage.exists(f"{base}/none")
     storage.delete_dir(f"{base}/a")

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,12 +41,22 @@ def question_id(question: str) -> str:
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One file of the source: its number (files are read in this order), where it is (a local
-    path or a URI) and how to read it."""
+    """One file of the source, or one piece of a large file: its number (files and pieces are
+    read in this order), where it is (a local path or a URI) and how to read it. A piece of a
+    JSONL file is the lines that start in the bytes ``[start, stop)``; a piece of a Parquet file
+    is the row groups ``[start, stop)``, whose first row is the file's row ``first_row``.
+    ``stop`` None: to the end of the file."""
 
     number: int
     path: str
     kind: Literal["jsonl", "json", "parquet", "arrow"]
+    start: int = 0
+    stop: int | None = None
+    first_row: int = 0
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop is None
 
 
 def _detect_format(path: str) -> str:
@@ -78,6 +89,51 @@ def source_files(data: DataSection) -> list[SourceFile]:
             for i, f in enumerate(files)]
 
 
+def source_pieces(data: DataSection, piece_bytes: int) -> list[SourceFile]:
+    """``source_files`` with each file over ``piece_bytes`` cut into pieces of about that size,
+    for as many tasks: an uncompressed JSONL file by byte ranges (a line belongs to the piece
+    it starts in), a Parquet file by runs of whole row groups. Compressed JSONL, JSON arrays
+    and the Arrow streams of a ``datasets`` folder (which `datasets` already writes in shards)
+    are read whole. Pieces are numbered in reading order, so the order of their rows is the
+    source's order."""
+    files = source_files(data)
+    cuts: dict[int, list[tuple[int, int | None, int]]] = {}
+    big = [f for f in files if f.kind in ("jsonl", "parquet")
+           and not (f.kind == "jsonl" and f.path.endswith(storage.COMPRESSED))]
+    with ThreadPoolExecutor(16) as pool:  # a request or two per file, on an object store
+        for f, parts in zip(big, pool.map(lambda f: _cuts(f, piece_bytes), big)):
+            cuts[f.number] = parts
+    pieces: list[SourceFile] = []
+    for f in files:
+        for start, stop, first_row in cuts.get(f.number, [(0, None, 0)]):
+            pieces.append(SourceFile(len(pieces), f.path, f.kind, start, stop, first_row))
+    return pieces
+
+
+def _cuts(source: SourceFile, piece_bytes: int) -> list[tuple[int, int | None, int]]:
+    """(start, stop, first row) of each piece of one file; one whole piece when it is small."""
+    size = storage.file_size(source.path)
+    if size <= piece_bytes:
+        return [(0, None, 0)]
+    if source.kind == "jsonl":
+        starts = list(range(0, size, piece_bytes))
+        return [(a, b, 0) for a, b in zip(starts, [*starts[1:], None])]
+    fs, path = storage.resolve(source.path)
+    with fs.open_input_file(path) as f:
+        meta = pq.ParquetFile(f).metadata
+    parts: list[tuple[int, int | None, int]] = []
+    start = first_row = rows = held = 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        held += sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+        rows += group.num_rows
+        if held >= piece_bytes and g + 1 < meta.num_row_groups:
+            parts.append((start, g + 1, first_row))
+            start, first_row, held = g + 1, rows, 0
+    parts.append((start, None, first_row))
+    return parts
+
+
 def _arrow_files(path: str, split: str | None) -> list[str]:
     """The Arrow files of a ``datasets`` folder (``save_to_disk``), of one split if it has
     several."""
@@ -97,16 +153,22 @@ def read_file(source: SourceFile) -> Iterator[tuple[str, Any]]:
     """(position, raw row) for every row of one source file, streamed; raw rows may be
     anything (an unreadable line comes as ``storage.Unreadable``)."""
     name = storage.name(source.path)
-    if source.kind == "jsonl":
+    if source.kind == "jsonl" and source.whole:
         for lineno, row in storage.iter_jsonl(source.path):
             yield f"{name}:{lineno}", row
+    elif source.kind == "jsonl":  # a piece: its rows are named by their byte offset
+        for offset, row in storage.iter_jsonl_range(source.path, source.start, source.stop):
+            yield f"{name}@{offset}", row
     elif source.kind == "json":
         yield from _json_file(name, storage.read_bytes(source.path))
     elif source.kind == "parquet":
         fs, path = storage.resolve(source.path)
         with fs.open_input_file(path) as f:
-            start = 0
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+            parquet = pq.ParquetFile(f)
+            stop = parquet.num_row_groups if source.stop is None else source.stop
+            start = source.first_row
+            for batch in parquet.iter_batches(batch_size=1024,
+                                              row_groups=range(source.start, stop)):
                 for i, row in enumerate(batch.to_pylist()):
                     yield f"{name}[{start + i}]", row
                 start += batch.num_rows

@@ -218,6 +218,39 @@ def iter_lines(location: str | Path, chunk: int = 1 << 22) -> Iterator[bytes]:
             yield rest
 
 
+def iter_line_range(location: str | Path, start: int, stop: int | None,
+                    chunk: int = 1 << 22) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line) for the lines of an uncompressed file that start in
+    ``[start, stop)`` (``stop`` None: the end), each read whole even where it runs past
+    ``stop``. Ranges that tile a file give each of its lines to exactly one range: the
+    splitting rule of a file read by several tasks. Only the range (and the end of its last
+    line) is read: ranged reads on an object store."""
+    fs, path = resolve(location)
+    with fs.open_input_file(path) as f:
+        at = max(0, start - 1)  # the file offset of ``rest``'s first byte
+        f.seek(at)
+        # From start - 1, the text up to the first \n ends a line that began before ``start``
+        # (or is the \n just before a line that begins at ``start``): an earlier range's.
+        skip = start > 0
+        rest = b""
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                begin, at = at, at + len(line) + 1
+                if skip:
+                    skip = False
+                elif stop is not None and begin >= stop:
+                    return
+                else:
+                    yield begin, line
+        if rest and not skip and (stop is None or at < stop):
+            yield at, rest
+
+
 @dataclass(frozen=True)
 class Unreadable:
     """What stands in for a row that cannot be read (a line that is not UTF-8 or not JSON):
@@ -234,23 +267,51 @@ def iter_jsonl(location: str | Path) -> Iterator[tuple[int, Any]]:
     or not JSON, comes as an ``Unreadable`` in its row's place, not as an exception: the caller
     decides whether it is a reject, a skipped line or an error."""
     for lineno, raw in enumerate(iter_lines(location), 1):
-        if lineno == 1:
-            raw = raw.removeprefix(b"\xef\xbb\xbf")
-        raw = raw.removesuffix(b"\r")
-        if not raw.strip():
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield lineno, Unreadable(f"not valid UTF-8: {err.reason} at byte {err.start}",
-                                     raw[:2000].decode("utf-8", "replace"))
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as err:
-            yield lineno, Unreadable(f"invalid JSON: {err.msg} (column {err.colno})", line[:2000])
-        except RecursionError:
-            yield lineno, Unreadable("invalid JSON: nested too deeply", line[:2000])
+        row = _json_line(raw, lineno == 1)
+        if row is not _BLANK:
+            yield lineno, row
+
+
+def iter_jsonl_range(location: str | Path, start: int, stop: int | None
+                     ) -> Iterator[tuple[int, Any]]:
+    """``iter_jsonl`` for the lines that start in ``[start, stop)`` of an uncompressed file
+    (``iter_line_range``): (byte offset, row), since a range does not know its line numbers."""
+    for offset, raw in iter_line_range(location, start, stop):
+        row = _json_line(raw, offset == 0)
+        if row is not _BLANK:
+            yield offset, row
+
+
+_BLANK = object()
+
+
+def _json_line(raw: bytes, first: bool) -> Any:
+    """One JSONL line's row, an ``Unreadable``, or ``_BLANK`` for a blank line."""
+    if first:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
+    raw = raw.removesuffix(b"\r")
+    if not raw.strip():
+        return _BLANK
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Unreadable(f"not valid UTF-8: {err.reason} at byte {err.start}",
+                          raw[:2000].decode("utf-8", "replace"))
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        return Unreadable(f"invalid JSON: {err.msg} (column {err.colno})", line[:2000])
+    except RecursionError:
+        return Unreadable("invalid JSON: nested too deeply", line[:2000])
+
+
+COMPRESSED = (".gz", ".bz2", ".zst", ".lz4", ".br")  # what pyarrow's streams decompress
+
+
+def file_size(location: str | Path) -> int:
+    """A file's size in bytes."""
+    fs, path = resolve(location)
+    return fs.get_file_info(path).size
 
 
 def bucket_problem(location: str | Path) -> str | None:

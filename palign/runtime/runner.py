@@ -17,6 +17,7 @@ refuses to start.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from typing import Any
 from palign.core import storage
 from palign.core.config import STAGES, Config, DataSection
 from palign.core.failures import StageFailed
-from palign.core.ingest import source_files
+from palign.core.ingest import source_pieces
 from palign.core.logs import ProgressLine
 from palign.core.shards import (
     DONE_MARKER,
@@ -109,10 +110,11 @@ def ingest(cfg: Config) -> str:
 
 
 def ingest_once(cfg: Config, folder: str, data: DataSection) -> None:
-    """Validate the source into ``folder`` with one Ray Data task per source file, then settle
-    limits and repeated ids from the indexes (``palign.runtime.source``). A finished ingest
-    (``_DONE``) is kept; an unfinished one is redone. A finished one whose indexes do not
-    hold the rows its marker counts (written by an older palign, or damaged) fails the run."""
+    """Validate the source into ``folder`` with one Ray Data task per source file (or per piece
+    of a large file: ``data.piece_mib``), then settle limits and repeated ids from the indexes
+    (``palign.runtime.source``). A finished ingest (``_DONE``) is kept; an unfinished one is
+    redone. A finished one whose indexes do not hold the rows its marker counts (written by an
+    older palign, or damaged) fails the run."""
     marker = storage.join(folder, DONE_MARKER)
     if storage.exists(marker):
         rows = json.loads(storage.read_text(marker)).get("rows")
@@ -124,12 +126,12 @@ def ingest_once(cfg: Config, folder: str, data: DataSection) -> None:
                               "remove the folder to ingest again")
         return
     storage.delete_dir(folder)
-    files = source_files(data)
+    files = source_pieces(data, data.piece_mib << 20)
     if files:
         import ray
 
         init_ray(cfg)
-        items = [{"number": f.number, "path": f.path, "kind": f.kind} for f in files]
+        items = [dataclasses.asdict(f) for f in files]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ingest_block, batch_size=None, batch_format="pyarrow",
             fn_kwargs={"data": data.model_dump(mode="json"), "folder": folder,
@@ -138,8 +140,8 @@ def ingest_once(cfg: Config, folder: str, data: DataSection) -> None:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows += sum(batch["rows"].to_pylist())
             rejects += sum(batch["rejects"].to_pylist())
-        log.info("ingest: %d file(s) read: %d rows, %d rejects before limits and repeats",
-                 len(files), rows, rejects)
+        log.info("ingest: %d file(s) read in %d piece(s): %d rows, %d rejects before limits "
+                 "and repeats", len({f.path for f in files}), len(files), rows, rejects)
     finish_ingest(folder, data)
     write_digests(folder)
 

@@ -1,9 +1,10 @@
 """The ingest stage: the source's files to committed problem shards, in parallel, then one pass
 over the ids alone.
 
-Each source file is read and validated by one Ray Data task (``ingest_file``), which writes its
-problems and rejects in shards named after the file and the chunk (a retried task writes the
-same names). A file is streamed: memory does not grow with its size. What no single task can
+Each source file, or each piece of a file over ``data.piece_mib`` (``source_pieces``), is read
+and validated by one Ray Data task (``ingest_file``), which writes its problems and rejects in
+shards named after the piece and the chunk (a retried task writes the same names). A piece is
+streamed: memory does not grow with its size. What no single task can
 see is settled afterwards on the driver from the shards' indexes, never from whole rows
 (``finish_ingest``): ``data.limit`` keeps the source's first rows in file order, and an id seen
 again after its first appearance becomes a reject. ``_DONE`` marks a finished ingest; an
@@ -21,7 +22,7 @@ import pyarrow.compute as pc
 
 from palign.core import storage
 from palign.core.config import DataSection
-from palign.core.ingest import Rejected, SourceFile, read_file, source_files, validate_row
+from palign.core.ingest import Rejected, SourceFile, read_file, source_pieces, validate_row
 from palign.core.shards import (
     DONE_MARKER,
     FILE,
@@ -188,7 +189,7 @@ def ingest_here(folder: str, data: DataSection, shard_rows: int) -> dict[str, in
     """The whole ingest in this process, file after file (tests, small sources); the runner
     spreads ``ingest_file`` over Ray Data tasks instead."""
     storage.delete_dir(folder)
-    for source in source_files(data):
+    for source in source_pieces(data, data.piece_mib << 20):
         ingest_file(source, data, folder, shard_rows)
     return finish_ingest(folder, data)
 
@@ -198,9 +199,8 @@ def ingest_block(batch: pa.Table, data: dict[str, Any], folder: str,
     """Ray Data ``map_batches`` function: source files in, their counts out."""
     section = DataSection.model_validate(data)
     rows, rejects = [], []
-    for number, path, kind in zip(batch["number"].to_pylist(), batch["path"].to_pylist(),
-                                  batch["kind"].to_pylist()):
-        counts = ingest_file(SourceFile(number, path, kind), section, folder, shard_rows)
+    for piece in batch.to_pylist():
+        counts = ingest_file(SourceFile(**piece), section, folder, shard_rows)
         rows.append(counts["rows"])
         rejects.append(counts["rejects"])
     return pa.table({"rows": rows, "rejects": rejects})

@@ -103,6 +103,11 @@ class DataSection(ProblemSource):
     max_reject_share: float = Field(
         default=0.5, ge=0, le=1,
         description="Ingest fails when more than this share of the rows is rejected.")
+    piece_mib: int = Field(
+        default=256, ge=1,
+        description="A source file over this many MiB is read by several tasks, a piece of "
+                    "about this size each (uncompressed JSONL by byte range, Parquet by row "
+                    "groups); rows of a JSONL piece are named by byte offset (file@offset).")
 
 
 class ModelsSection(Strict):
