@@ -266,16 +266,22 @@ def test_a_large_file_read_in_pieces_ingests_as_when_read_whole(tmp_path):
     parquet_rows = [r for r in rows if isinstance(r, dict)]
     pq.write_table(pa.Table.from_pylist(parquet_rows), tmp_path / "big.parquet",
                    row_group_size=200)
+    (tmp_path / "folder").mkdir()  # a large file and a small one after it
+    (tmp_path / "folder" / "a.jsonl").write_text(text.replace("big.jsonl", "a.jsonl"))
+    write_jsonl(tmp_path / "folder" / "b.jsonl", [{"id": "r5", "question": "Q?", "answer": "1"},
+                                                  [1]])
     offsets = [0]
     for line in text.splitlines(keepends=True):
         offsets.append(offsets[-1] + len(line.encode()))
 
     def as_pieces(text: str) -> str:  # line n of the whole reading is the byte offset there
-        return re.sub(r"big\.jsonl:(\d+)", lambda m: f"big.jsonl@{offsets[int(m[1]) - 1]}", text)
+        return re.sub(r"(big|a)\.jsonl:(\d+)",
+                      lambda m: f"{m[1]}.jsonl@{offsets[int(m[2]) - 1]}", text)
 
-    for name in ("big.jsonl", "big.parquet"):
+    for name, n in (("big.jsonl", 3), ("big.parquet", 3), ("folder", 4)):
         pieces = source_pieces(DataSection(path=str(tmp_path / name), piece_mib=1), 1 << 20)
-        assert len(pieces) == 3 and [p.number for p in pieces] == [0, 1, 2]
+        assert [p.number for p in pieces] == list(range(n))
+        assert [p.whole for p in pieces] == [False] * 3 + [True] * (n - 3)
         for limit in (None, 1500):
             data = DataSection(path=str(tmp_path / name), piece_mib=1, limit=limit)
             out = tmp_path / f"ingest-{name}-{limit}"
@@ -286,10 +292,14 @@ def test_a_large_file_read_in_pieces_ingests_as_when_read_whole(tmp_path):
             assert got_rejects == sorted((as_pieces(r.id), as_pieces(r.reason))
                                          for r in want_rejects)
             assert counts == {"rows": len(want), "rejects": len(want_rejects)}
-            assert len(want_rejects) == (2 if limit else 4 if name == "big.jsonl" else 3)
+            assert len(want_rejects) == (2 if limit else {"big.jsonl": 4, "big.parquet": 3,
+                                                          "folder": 6}[name])
     dup = {r["id"]: r["reason"] for r in read_rows(tmp_path / "ingest-big.jsonl-None/rejects")}
     assert dup["r3"] == f"duplicate id (first seen at big.jsonl@{offsets[3]})"
     assert f"big.jsonl@{offsets[7]}" in dup and f"big.jsonl@{offsets[2001]}" in dup
+    dup = {r["id"]: r["reason"] for r in read_rows(tmp_path / "ingest-folder-None/rejects")}
+    assert dup["r5"] == f"duplicate id (first seen at a.jsonl@{offsets[5]})"
+    assert "b.jsonl:2" in dup  # a small file keeps its line numbers
 
 
 def test_the_runner_reads_a_large_file_with_a_task_per_piece(tmp_path, ray_cluster):

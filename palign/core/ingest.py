@@ -97,11 +97,16 @@ def source_pieces(data: DataSection, piece_bytes: int) -> list[SourceFile]:
     are read whole. Pieces are numbered in reading order, so the order of their rows is the
     source's order."""
     files = source_files(data)
+    root = storage.absolute(data.path)
+    # A folder's sizes come from its one listing; a single file's from its own request.
+    sizes = ({storage.join(root, n): size for n, size, _ in storage.stat_files(root)}
+             if storage.is_dir(root) else {})
     cuts: dict[int, list[tuple[int, int | None, int]]] = {}
     big = [f for f in files if f.kind in ("jsonl", "parquet")
            and not (f.kind == "jsonl" and f.path.endswith(storage.COMPRESSED))]
-    with ThreadPoolExecutor(16) as pool:  # a request or two per file, on an object store
-        for f, parts in zip(big, pool.map(lambda f: _cuts(f, piece_bytes), big)):
+    with ThreadPoolExecutor(16) as pool:  # a Parquet footer to read per large file
+        for f, parts in zip(big, pool.map(lambda f: _cuts(f, piece_bytes, sizes.get(f.path)),
+                                          big)):
             cuts[f.number] = parts
     pieces: list[SourceFile] = []
     for f in files:
@@ -110,9 +115,11 @@ def source_pieces(data: DataSection, piece_bytes: int) -> list[SourceFile]:
     return pieces
 
 
-def _cuts(source: SourceFile, piece_bytes: int) -> list[tuple[int, int | None, int]]:
-    """(start, stop, first row) of each piece of one file; one whole piece when it is small."""
-    size = storage.file_size(source.path)
+def _cuts(source: SourceFile, piece_bytes: int, size: int | None
+          ) -> list[tuple[int, int | None, int]]:
+    """(start, stop, first row) of each piece of one file (of ``size`` bytes, None: not known
+    yet); one whole piece when it is small."""
+    size = storage.file_size(source.path) if size is None else size
     if size <= piece_bytes:
         return [(0, None, 0)]
     if source.kind == "jsonl":
