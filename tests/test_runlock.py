@@ -56,3 +56,39 @@ def test_holder_keeps_its_lock_fresh(tmp_path):
         assert time.time() - (tmp_path / LOCK_NAME).stat().st_mtime < 1.0
         with pytest.raises(RunLocked):
             RunLock(tmp_path, stale_s=1.0).acquire()
+
+
+HOLDER = """
+import sys, time
+from palign.core.runlock import RunLock
+with RunLock(sys.argv[1], stale_s=1.0, heartbeat_s=0.1):
+    print("held", flush=True)
+    time.sleep(60)
+print("went on", flush=True)
+"""
+
+
+def test_a_holder_whose_lock_was_taken_over_stops_with_a_failure(tmp_path):
+    """A holder paused past stale_s (SIGSTOP: a frozen VM or driver) loses its lock to a new
+    run; woken, it stops at once, even from a blocking call, instead of going on beside it."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)  # its heartbeat is now older than stale_s
+        taker = RunLock(tmp_path, stale_s=1.0, heartbeat_s=0.1)
+        taker.acquire()  # taken over: the holder's process is alive, but silent
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    try:
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1 and "went on" not in out
+        assert "LockLost" in err and "was taken over by another palign run" in err
+        assert f"pid {os.getpid()}" in err  # names the run that holds it now
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == taker.token
+    finally:
+        taker.release()
+    assert not (tmp_path / LOCK_NAME).exists()

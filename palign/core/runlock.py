@@ -10,6 +10,11 @@ systems; a stale one is first renamed to a unique name, so two runs taking over 
 both win. On object storage (``s3://``, ``gs://``), which has neither, the lock is an object
 written and then read back after a pause: of two runs that write it at once, only the one whose
 token survives goes on. The heartbeat is the time written in it.
+
+A holder that stops beating for ``stale_s`` (a paused VM, a driver stuck that long) can find,
+when it wakes, that another run has taken the folder over. It must not go on beside that run:
+its heartbeat interrupts the main thread (as Ctrl-C would, so blocking Ray calls end too) and
+the run ends with ``LockLost``, a failure, whatever the block was doing.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -27,6 +33,7 @@ from types import TracebackType
 from typing import Any
 
 from palign.core import storage
+from palign.core.failures import StageFailed
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,11 @@ LOCK_NAME = "_LOCK"
 
 class RunLocked(RuntimeError):
     """Another run holds the output folder."""
+
+
+class LockLost(StageFailed):
+    """Another run took the output folder over while this one held it (this one had stopped
+    beating for ``stale_s``); this run stopped rather than write beside it."""
 
 
 def _alive(pid: int) -> bool:
@@ -61,6 +73,7 @@ class RunLock:
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lost: str | None = None  # who took the lock over, once someone has
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -69,6 +82,12 @@ class RunLock:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+        if self.lost is not None:
+            raise LockLost(f"{self.folder} was taken over by another palign run ({self.lost}) "
+                           "while this one held it: this run stopped. Its heartbeat had "
+                           f"stopped for over run.lock_stale_s={self.stale_s:g} s (a paused "
+                           "machine or a stuck driver); let the other run finish, or stop it "
+                           "and run again") from exc
 
     def acquire(self) -> None:
         storage.make_dir(self.folder)
@@ -129,14 +148,20 @@ class RunLock:
         self._info = info
         storage.write_text(self.path, json.dumps({**info, "beat": time.time()}))
 
-    def _holder(self) -> tuple[dict[str, Any], float] | None:
-        """The lock's content and its age since the last heartbeat; None if there is none."""
+    def _holder(self, strict: bool = False) -> tuple[dict[str, Any], float] | None:
+        """The lock's content and its age since the last heartbeat; None if there is none.
+        ``strict``: a lock that cannot be read now (the store failing) raises, rather than
+        reading as an unknown holder's."""
         if self.remote:
             try:
                 info = json.loads(storage.read_text(self.path))
             except FileNotFoundError:
                 return None
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            except OSError:
+                if strict:
+                    raise
+                info = {}
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 info = {}
             info = info if isinstance(info, dict) else {}
             return info, time.time() - float(info.get("beat", 0.0))
@@ -173,9 +198,12 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                holder = self._holder()
+                holder = self._holder(strict=True)
                 if holder is None or holder[0].get("token") != self.token:
-                    log.error("%s was taken by another run while this one held it", self.path)
+                    self.lost = _describe(*holder) if holder is not None else "its lock was removed"
+                    log.error("%s was taken over by another run while this one held it (%s): "
+                              "stopping this run", self.path, self.lost)
+                    os.kill(os.getpid(), signal.SIGINT)  # ends blocking calls, as Ctrl-C does
                     return
                 if self.remote:
                     self._write_remote(self._info)
