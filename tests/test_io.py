@@ -103,7 +103,8 @@ def test_a_digest_serves_the_indexes_it_holds_as_they_are_now(tmp_path):
 
     before, rejects_before = rows(), rows(out / "rejects")
     write_digests(out)
-    assert (out / INDEX / DIGEST).is_file() and (out / "rejects" / INDEX / DIGEST).is_file()
+    assert [p.name for p in (out / INDEX).glob(DIGEST + "*")] == [DIGEST + "-000000.parquet"]
+    assert list((out / "rejects" / INDEX).glob(DIGEST + "*"))
     assert rows() == before and rows(out / "rejects") == rejects_before
     assert count_rows(out) == 12 and count_rows(out / "rejects") == 4
     assert write_digest(out) == 5  # up to date: every index file, the empty one too
@@ -129,7 +130,55 @@ def test_a_digest_serves_the_indexes_it_holds_as_they_are_now(tmp_path):
 
     # Released rejects rewrite their indexes: the digest is dropped first, then rebuilt.
     assert release_rejects(out, "system") == 2
-    assert not (out / "rejects" / INDEX / DIGEST).exists()
+    assert not list((out / "rejects" / INDEX).glob(DIGEST + "*"))
     write_digests(out)
     assert [r[0] for r in rows(out / "rejects")] == ["old", "r1"]
     assert set(done_index(out).to_pylist()) == {r[0] for r in expected} | {"old", "r1"}
+
+
+def test_digest_parts_are_added_and_dropped_never_grown(tmp_path):
+    """The digest comes in parts of about ``part_rows`` rows: indexes written since the last
+    digest make a new part, a part holding an index since rewritten is dropped and what it held
+    gathered again, and no index is ever read twice (a copied part claims nothing)."""
+    import shutil
+
+    from palign.core.shards import DIGEST, INDEX, count_rows, read_index, write_digest, write_shard
+
+    out = tmp_path / "stage"
+    want: dict[str, list[str]] = {}
+
+    def shard(i: int, tag: str = "") -> None:
+        ids = [f"r{i}-{j}{tag}" for j in range(3)]
+        write_shard(out, f"part-{i:02d}", [{"id": x} for x in ids], "jsonl", {"x": [i] * 3})
+        want[f"part-{i:02d}.jsonl"] = ids
+
+    def parts() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in sorted((out / INDEX).glob(DIGEST + "*"))}
+
+    def check() -> None:
+        t = read_index(out, ("id",))
+        got = sorted(zip(t["_file"].cast("string").to_pylist(), t["id"].to_pylist()))
+        assert got == sorted((f, i) for f, ids in want.items() for i in ids)
+        assert count_rows(out) == sum(len(ids) for ids in want.values())
+
+    for i in range(10):
+        shard(i)
+    assert write_digest(out, threads=1, part_rows=6) == 10  # read 4 indexes at a time
+    first = parts()
+    assert list(first) == [f"{DIGEST}-00000{k}.parquet" for k in range(3)]
+    check()
+    shard(10)
+    shard(11)
+    assert write_digest(out, threads=1, part_rows=6) == 12
+    assert parts() == {**first, f"{DIGEST}-000003.parquet": parts()[f"{DIGEST}-000003.parquet"]}
+    check()
+    shard(5, "-again")  # part 1 (indexes 4-7) no longer holds what part-05 is
+    check()
+    assert write_digest(out, threads=1, part_rows=6) == 12
+    assert sorted(parts()) == [f"{DIGEST}-00000{k}.parquet" for k in (0, 2, 3, 4)]
+    check()
+    shutil.copy(out / INDEX / f"{DIGEST}-000000.parquet", out / INDEX / f"{DIGEST}-000009.parquet")
+    check()  # the copy's indexes are the first part's already: taken once
+    assert write_digest(out, threads=1, part_rows=6) == 12
+    assert f"{DIGEST}-000009.parquet" not in parts()
+    check()

@@ -69,3 +69,14 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+def use_system_arrow_pool() -> None:
+    """Arrow's allocations in this process from the C library's allocator, for the driver. It
+    reads and gathers indexes from many threads, and mimalloc (Arrow's default pool) keeps each
+    thread's freed pages: gathering 200k rows of indexes raised the peak by 53 MiB with it and
+    by 11 MiB with this one. Workers, which move rows, keep Arrow's default."""
+    import pyarrow as pa
+
+    if pa.default_memory_pool().backend_name != "system":
+        pa.set_memory_pool(pa.system_memory_pool())

@@ -15,15 +15,17 @@ written again. ``rejects/`` is a folder of the same shape. The ids done are the 
 indexes, after ``release_rejects`` has taken the rejects a rerun retries (``run.retry_rejects``:
 by default those of kind ``system``) out of ``rejects/`` (into ``rejects_retried/``).
 
-``write_digest`` gathers a folder's indexes into ``_index/_digest.parquet``, recording each
-index file's size and modification time; readers take from it the indexes still listed as
-recorded and read the rest one by one, so a stage start on object storage reads one object
-instead of one per shard, and the digest is never more than a faster copy.
+``write_digest`` gathers a folder's indexes into a few digest parts, ``_index/_digest-*.parquet``
+of about ``DIGEST_ROWS`` rows each, recording each index file's size and modification time;
+readers take from them the indexes still listed as recorded and read the rest one by one, so a
+stage start on object storage reads one object per 65k rows instead of one per shard, and the
+digest is never more than a faster copy. Parts are only added (the indexes written since the
+last one) or dropped (one that holds an index rewritten or removed since): the writer holds one
+part's rows at a time, whatever the folder's size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -52,8 +54,9 @@ RETRIED = "rejects_retried"
 INDEX = "_index"
 DONE_MARKER = "_DONE"
 FILE = "_file"  # the column read_index adds: the data shard each id is in
-DIGEST = "_digest.parquet"  # in _index/: the folder's indexes in one file (``write_digest``)
-DIGEST_KEY = b"palign.digest"  # its metadata: the index files it holds, with size and time
+DIGEST = "_digest"  # in _index/: ``_digest-000000.parquet``...: the indexes in a few files
+DIGEST_KEY = b"palign.digest"  # a part's metadata: the index files it holds, size and time
+DIGEST_ROWS = 65_536  # rows a digest part gathers (at least): what its writer holds at once
 
 Columns = dict[str, Sequence[Any]]
 
@@ -192,15 +195,15 @@ def read_index(folder: str | Path, columns: Sequence[str] = ("id",),
         table = shard.read(columns=[c for c in columns if c in shard.schema_arrow.names])
         return _with_file(_project(table, columns), name)
 
+    def held(part: _Part) -> pa.Table:
+        names = part.file.schema_arrow.names
+        table = part.rows(part.file.read(columns=[c for c in columns if c in names] + [FILE]))
+        return _project(table, (*columns, FILE))
+
     listing = _Listing.of(folder)
-    tables: list[pa.Table] = []
-    with _open_digest(folder, listing) as held:
-        if held.current:
-            names = held.digest.schema_arrow.names
-            table = held.rows(held.digest.read(columns=[c for c in columns if c in names]
-                                               + [FILE]))
-            tables.append(_project(table, (*columns, FILE)))
-    tables += _each_index(folder, one, listing.rest(held.current), threads)
+    with _Digest.of(folder, listing, threads) as digest:
+        tables = [t for t in digest.each(held, threads) if t.num_rows]
+    tables += _each_index(folder, one, listing.rest(digest.current), threads)
     if not tables:
         return pa.table({**{c: pa.array([], pa.string()) for c in columns},
                          FILE: pa.array([], pa.dictionary(pa.int32(), pa.string()))})
@@ -210,45 +213,71 @@ def read_index(folder: str | Path, columns: Sequence[str] = ("id",),
 def count_rows(folder: str | Path) -> int:
     """Committed rows of ``folder``: the digest's footer (or its file column, when some of
     what it holds has changed since) and the other indexes' footers; no other column read."""
+    def held(part: _Part) -> int:
+        if part.complete:
+            return part.file.metadata.num_rows
+        return part.rows(part.file.read(columns=[FILE])).num_rows if part.current else 0
+
     listing = _Listing.of(folder)
-    with _open_digest(folder, listing) as held:
-        n = 0
-        if held.complete:
-            n = held.digest.metadata.num_rows
-        elif held.current:
-            n = held.rows(held.digest.read(columns=[FILE])).num_rows
-    rest = listing.rest(held.current)
-    return n + sum(_each_index(folder, lambda _, index: index.metadata.num_rows, rest))
+    with _Digest.of(folder, listing) as digest:
+        n = sum(digest.each(held))
+    rest = listing.rest(digest.current)
+    return n + sum(
+        _each_index(folder, lambda _, index: index.metadata.num_rows, rest))
 
 
-def write_digest(folder: str | Path, threads: int = 16) -> int:
-    """Gather every committed index of ``folder`` into one file, ``_index/_digest.parquet``:
-    their rows (all columns, ``_file`` naming each row's shard) and, in its metadata, each
-    index file's name, size and modification time as listed. Readers take from it the rows of
-    the index files still listed with that size and time, and read the others themselves, so
-    an index added, rewritten or removed since is never missed or read stale. Only while no
-    one writes the folder (a stage's start and end, under the run's lock). Returns the number
-    of index files it holds; an up-to-date digest is left as it is."""
+def write_digest(folder: str | Path, threads: int = 16, part_rows: int = DIGEST_ROWS) -> int:
+    """Gather the committed indexes of ``folder`` into digest parts (``_index/_digest-*``):
+    their rows (all columns, ``_file`` naming each row's shard) and, in each part's metadata,
+    each index file's name, size and modification time as listed. Readers take from the parts
+    the rows of the index files still listed with that size and time, and read the others
+    themselves, so an index added, rewritten or removed since is never missed or read stale.
+
+    Parts that hold only current indexes are kept; one that holds an index since rewritten or
+    removed is dropped (first, so that no two parts ever hold one index) and what it held still
+    current is gathered again, with the indexes added since, into new parts of at least
+    ``part_rows`` rows. Only while no one writes the folder (a stage's start and end, under the
+    run's lock). Returns the number of index files the parts hold."""
     listing = _Listing.of(folder)
-    path = storage.join(folder, INDEX, DIGEST)
-    if not listing.files:
-        if listing.has_digest:
-            storage.delete(path)
-        return 0
-    with _open_digest(folder, listing) as held:
-        if held.complete and len(held.current) == len(listing.files):
-            return len(held.current)
-        kept = [held.rows(held.digest.read())] if held.current else []
-    rest = listing.rest(held.current)
-    tables = kept + _each_index(folder, lambda name, index: _with_file(index.read(), name),
-                                rest, threads)
-    table = pa.concat_tables(tables, promote_options="permissive").combine_chunks()
-    stamps = {n: listing.files[n] for n in sorted([*held.current, *rest])}
+    with _Digest.of(folder, listing, threads) as digest:
+        pass  # the footers say what each part holds
+    stale = [p.name for p in digest.parts if not p.complete]
+    for name in stale:
+        storage.delete(storage.join(folder, INDEX, name))
+    held = {n for p in digest.parts if p.complete for n in p.current}
+    rest = listing.rest(held)
+    number = max((int(n.split("-")[1].split(".")[0]) for n in listing.parts
+                  if n.count("-") == 1 and n.split("-")[1].split(".")[0].isdigit()), default=-1)
+    tables: list[pa.Table] = []
+    names: list[str] = []
+    batch = max(1, threads) * 4
+    for start in range(0, len(rest), batch):
+        chunk = rest[start:start + batch]
+        tables += _each_index(folder, lambda name, index: _with_file(index.read(), name), chunk,
+                              threads)
+        names += chunk
+        if sum(t.num_rows for t in tables) >= part_rows or start + batch >= len(rest):
+            number += 1
+            _write_part(folder, f"{DIGEST}-{number:06d}.parquet", tables,
+                        {n: listing.files[n] for n in names})
+            tables, names = [], []
+    return len(held) + len(rest)
+
+
+def _write_part(folder: str | Path, name: str, tables: list[pa.Table],
+                stamps: dict[str, list[int]]) -> None:
+    """One digest part: ``tables`` (index files' rows) with their files' stamps."""
+    table = pa.concat_tables(tables, promote_options="permissive")
     table = table.replace_schema_metadata({DIGEST_KEY: json.dumps({"files": stamps})})
     sink = io.BytesIO()
     pq.write_table(table, sink)
-    storage.write_bytes(path, sink.getvalue())
-    return len(stamps)
+    storage.write_bytes(storage.join(folder, INDEX, name), sink.getvalue())
+
+
+def delete_digest(folder: str | Path) -> None:
+    """Remove the digest parts of ``folder`` (before its indexes are rewritten)."""
+    for name in _Listing.of(folder).parts:
+        storage.delete(storage.join(folder, INDEX, name))
 
 
 def write_digests(stage_dir: str | Path) -> None:
@@ -258,52 +287,80 @@ def write_digests(stage_dir: str | Path) -> None:
 
 
 class _Listing:
-    """A folder's committed index files as listed now (name -> [size, mtime ns]), and whether
-    it has a digest."""
+    """A folder's committed index files as listed now (name -> [size, mtime ns]), and its
+    digest parts' names."""
 
-    def __init__(self, files: dict[str, list[int]], has_digest: bool) -> None:
-        self.files, self.has_digest = files, has_digest
+    def __init__(self, files: dict[str, list[int]], parts: list[str]) -> None:
+        self.files, self.parts = files, parts
 
     @classmethod
     def of(cls, folder: str | Path) -> _Listing:
         found = storage.stat_files(storage.join(folder, INDEX), suffixes=(".parquet",))
         files = {n: [size, mtime] for n, size, mtime in found if n.startswith("part-")}
-        return cls(files, any(n == DIGEST for n, _, _ in found))
+        return cls(files, [n for n, _, _ in found if n.startswith(DIGEST)])
 
-    def rest(self, held: Sequence[str]) -> list[str]:
+    def rest(self, held: Iterable[str]) -> list[str]:
         """The listed index files not in ``held``, in name order."""
         skip = set(held)
         return [n for n in sorted(self.files) if n not in skip]
 
 
-class _Held:
-    """What a folder's digest holds that is still current: the index files it took that are
-    listed now with the size and time they had then; ``complete``: all it took."""
+class _Part:
+    """One digest part, open: the index files it took that are listed now with the size and
+    time they had then (``current``, none that an earlier part already gives); ``complete``:
+    all it took."""
 
-    def __init__(self, digest: pq.ParquetFile | None, listing: _Listing) -> None:
-        self.digest = digest
-        meta = (digest.schema_arrow.metadata or {}) if digest is not None else {}
+    def __init__(self, name: str, file: pq.ParquetFile, listing: _Listing,
+                 claimed: set[str]) -> None:
+        self.name, self.file = name, file
+        meta = file.schema_arrow.metadata or {}
         stamps = json.loads(meta[DIGEST_KEY])["files"] if DIGEST_KEY in meta else {}
-        self.current = [n for n, stamp in stamps.items() if listing.files.get(n) == stamp]
-        self.complete = bool(stamps) and len(self.current) == len(stamps)
+        self.current = [n for n, stamp in stamps.items()
+                        if listing.files.get(n) == stamp and n not in claimed]
+        self.complete = len(self.current) == len(stamps)
 
     def rows(self, table: pa.Table) -> pa.Table:
-        """The rows of ``table`` (read from the digest) of the current index files."""
+        """The rows of ``table`` (read from this part) of its current index files."""
         if self.complete:
             return table
         names = pa.array([n.removesuffix(".parquet") for n in self.current], pa.string())
         return table.filter(pc.is_in(table[FILE], value_set=names))
 
 
-@contextlib.contextmanager
-def _open_digest(folder: str | Path, listing: _Listing) -> Iterator[_Held]:
-    """The folder's digest, open, with what it holds that is current (nothing without one)."""
-    if not listing.has_digest:
-        yield _Held(None, listing)
-        return
-    fs, root = storage.resolve(storage.join(folder, INDEX))
-    with fs.open_input_file(f"{root}/{DIGEST}") as f:
-        yield _Held(pq.ParquetFile(f), listing)
+class _Digest:
+    """A folder's digest parts, open (``with``), as they stand against a listing: their
+    footers are read when it is made, their rows by ``each``."""
+
+    def __init__(self, folder: str | Path, parts: list[_Part], files: list[Any]) -> None:
+        self.folder, self.parts, self._files = folder, parts, files
+        self.current = [n for p in parts for n in p.current]
+
+    @classmethod
+    def of(cls, folder: str | Path, listing: _Listing, threads: int = 16) -> _Digest:
+        fs, root = storage.resolve(storage.join(folder, INDEX))
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(listing.parts) or 1))) as ex:
+            opened = list(ex.map(lambda n: fs.open_input_file(f"{root}/{n}"), listing.parts))
+        parts: list[_Part] = []
+        claimed: set[str] = set()
+        for name, f in zip(listing.parts, opened):
+            part = _Part(name, pq.ParquetFile(f), listing, claimed)
+            claimed.update(part.current)
+            parts.append(part)
+        return cls(folder, parts, opened)
+
+    def __enter__(self) -> _Digest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self._files:
+            f.close()
+
+    def each(self, fn: Callable[[_Part], T], threads: int = 16) -> list[T]:
+        """``fn(part)`` for every part, ``threads`` at a time."""
+        if not self.parts:
+            return []
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(self.parts)))) as ex:
+            return list(ex.map(fn, self.parts))
 
 
 def _project(table: pa.Table, columns: Sequence[str]) -> pa.Table:
@@ -420,7 +477,7 @@ def release_rejects(stage_dir: str | Path, retry: str) -> int:
     # rewritten indexes get a new modification time, which readers check against the digest;
     # dropping the digest first does not rest on the store's time resolution
     if index.num_rows:
-        storage.delete(storage.join(folder, INDEX, DIGEST))
+        delete_digest(folder)
     if retry == "system":
         files = sorted({f for f, k in zip(index[FILE].to_pylist(), index["kind"].to_pylist())
                         if k == SYSTEM})
