@@ -115,8 +115,10 @@ def one(rows: int, work: Path) -> dict:
         "models": {"student": "smollm2-135m"}, "truncate": {"strategy": "full"},
         "engine": {"batch_size": 256, "cpus_per_replica": 1, "replicas": {"min": 2, "max": 2}},
         "output": {"shard_rows": 1024}, "train": {"seq_len": SEQ_LEN}})
+    from palign.core.procmem import lean_driver_memory
     from palign.runtime.runner import init_ray
 
+    lean_driver_memory()  # as `palign run` does in its driver
     t0 = time.time()
     init_ray(cfg)
     t_ray = time.time() - t0

@@ -134,11 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         print("config OK")
         return 0
 
+    from palign.core.procmem import lean_driver_memory
     from palign.core.runlock import RunLocked
     from palign.pipeline import run_pipeline
     from palign.runtime.runner import StageError
     from palign.runtime.summary import format_summary
 
+    # This process is the driver: it gathers indexes and should give back what it frees. Not
+    # done for library callers, whose process (a notebook, a test session serving moto's S3)
+    # may hold large buffers of its own.
+    lean_driver_memory()
     start = time.time()
     stages = None if args.command == "run" else [args.command]
     try:

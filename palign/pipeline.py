@@ -47,12 +47,10 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None) -> list[StageSumm
     Before any work: the config's paths are checked (``palign.preflight``), the cluster plan is
     made, and the output folder is locked for this run (``RunLocked`` if another run holds it).
     """
-    from palign.core.procmem import lean_driver_memory
     from palign.core.runlock import RunLock
     from palign.preflight import check_engine_kwargs, check_paths
     from palign.runtime.resources import plan_resources
 
-    lean_driver_memory()  # the driver gathers indexes: a peak that stays flat
     stages = stages or list(cfg.run.stages)
     check_engine_kwargs(cfg, stages)  # a misspelt vLLM engine argument fails here
     check_paths(cfg, stages)  # a missing data file or model folder fails here

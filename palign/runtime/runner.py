@@ -30,7 +30,6 @@ from palign.core.config import STAGES, Config, DataSection
 from palign.core.failures import StageFailed
 from palign.core.ingest import source_pieces
 from palign.core.logs import ProgressLine
-from palign.core.procmem import lean_driver_memory
 from palign.core.shards import (
     DONE_MARKER,
     REJECTS,
@@ -171,7 +170,6 @@ def prepare_output(folder: str, retry: str) -> None:
 
 def run_stage(cfg: Config, stage: str) -> StageSummary:
     """Run one stage to completion (resuming where an earlier run stopped)."""
-    lean_driver_memory()  # the driver gathers indexes: a peak that stays flat
     start = time.time()
     cfg = with_absolute_paths(cfg)
     source = stage_input(cfg, stage)
