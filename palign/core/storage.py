@@ -206,16 +206,18 @@ def iter_lines(location: str | Path, chunk: int = 1 << 22) -> Iterator[bytes]:
     through in bounded memory."""
     fs, path = resolve(location)
     with fs.open_input_stream(path) as f:
-        rest = b""
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            lines = (rest + block).split(b"\n")
-            rest = lines.pop()
-            yield from lines
-        if rest:
-            yield rest
+        yield from _lines(f, chunk)
+
+
+def _lines(f: Any, chunk: int) -> Iterator[bytes]:
+    """The lines of an open file from where it stands, read ``chunk`` bytes at a time."""
+    rest = b""
+    while block := f.read(chunk):
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
 
 
 def iter_line_range(location: str | Path, start: int, stop: int | None,
@@ -227,28 +229,19 @@ def iter_line_range(location: str | Path, start: int, stop: int | None,
     line) is read: ranged reads on an object store."""
     fs, path = resolve(location)
     with fs.open_input_file(path) as f:
-        at = max(0, start - 1)  # the file offset of ``rest``'s first byte
+        at = max(0, start - 1)  # the file offset of the next line's first byte
         f.seek(at)
         # From start - 1, the text up to the first \n ends a line that began before ``start``
         # (or is the \n just before a line that begins at ``start``): an earlier range's.
         skip = start > 0
-        rest = b""
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            lines = (rest + block).split(b"\n")
-            rest = lines.pop()
-            for line in lines:
-                begin, at = at, at + len(line) + 1
-                if skip:
-                    skip = False
-                elif stop is not None and begin >= stop:
-                    return
-                else:
-                    yield begin, line
-        if rest and not skip and (stop is None or at < stop):
-            yield at, rest
+        for line in _lines(f, chunk):
+            begin, at = at, at + len(line) + 1
+            if skip:
+                skip = False
+            elif stop is not None and begin >= stop:
+                return
+            else:
+                yield begin, line
 
 
 @dataclass(frozen=True)
