@@ -57,7 +57,7 @@ def rank_probe(folder: str) -> dict:
     process's peak RSS over its RSS before the data path was opened."""
     sys.path.insert(0, str(ROOT))
     from palign.core.procmem import peak_rss_mib, rss_mib
-    from palign.train.loop import collate  # the loop's imports, before the baseline
+    from palign.train.batches import collate  # the loop's imports, before the baseline
     from palign.train.steps import StepPlan
     from palign.train.units import UnitReader
 

@@ -65,8 +65,9 @@ def child(attention: str, bin_len: int, args: argparse.Namespace) -> dict[str, A
 
     from palign.core.config import parse_config
     from palign.train.backend import start
+    from palign.train.batches import collate
     from palign.train.engine import deepspeed_engine
-    from palign.train.loop import collate, train_step
+    from palign.train.loop import train_step
     from palign.train.model import load_student
 
     total = args.warmup + args.steps
@@ -87,7 +88,7 @@ def child(attention: str, bin_len: int, args: argparse.Namespace) -> dict[str, A
     def step(i: int) -> None:
         nonlocal real
         t = time.perf_counter()
-        train_step(engine, [collate([packs[i]], 0)], 1, 1, backend.device)
+        train_step(engine, [collate([packs[i]], 0)], 1, backend.device)
         dt = time.perf_counter() - t
         print(f"  {attention:9s} bin {bin_len:5d} step {i + 1}: {dt:6.1f} s", flush=True)
         if i >= args.warmup:

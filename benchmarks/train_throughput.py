@@ -153,7 +153,7 @@ def batch_counts(batch: dict[str, torch.Tensor], real: int | None = None) -> dic
 def run_step(engine: Any, batch: dict[str, torch.Tensor], counts: dict[str, int]) -> float:
     """One optimizer step: the loop's own ``train_step`` (world 1, no accumulation)."""
     micro = MicroBatch(batch, counts["supervised"], counts["real"])
-    return train_step(engine, [micro], 1, 1, torch.device("cpu")).loss
+    return train_step(engine, [micro], 1, torch.device("cpu")).loss
 
 
 def summarise(mode: str, steps: list[dict[str, Any]], peak_rss_mib: float,

@@ -33,7 +33,8 @@ def run_train_stage(cfg: Config) -> StageSummary:
         "train", rows_in=res.rows_used + res.rows_rejected, rows_out=res.rows_used,
         rejected=res.rows_rejected, processed=res.rows_used, wall_s=res.wall_s,
         stats={"steps": res.steps, "final_loss": res.final_loss,
-               "tokens_per_s": res.tokens_per_s, "packing_efficiency": res.packing_efficiency},
+               "tokens_per_s": res.tokens_per_s, "packing_efficiency": res.packing_efficiency,
+               "trainable_params": res.trainable_params, "total_params": res.total_params},
         output_dir=storage.absolute(cfg.stage_dir("train")), model_dir=str(res.model_dir),
         reasons=reject_reasons(cfg.stage_dir("train")),
     )

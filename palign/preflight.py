@@ -4,18 +4,22 @@ The run's data, output, train storage, benchmarks and model folders may be local
 ``s3://``/``gs://`` URIs (``palign.core.storage``). An unknown scheme fails here, naming the field,
 and so does a bucket that does not exist or cannot be reached. ``models.cache_dir`` is each
 machine's own disk and refuses a URI by name. The data a run reads, the model folders it
-serves and the benchmarks it evaluates must exist. Hub ids (``org/name``) cannot be checked
-without the hub and pass.
+serves and the benchmarks it evaluates must exist (a model folder may be a LoRA adapter). Hub
+ids (``org/name``) cannot be checked without the hub and pass. A ``train.lora`` naming modules
+the student does not have fails here too (``lora_problems``).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from palign.core import storage
 from palign.core.config import STAGES, Config, ConfigError, format_problems
 
 # Fields that take a URI; the others need a path on the machine.
+logger = logging.getLogger(__name__)
+
 URI_FIELDS = ("run.output_dir", "data.path", "train.storage_path", "evaluate.benchmarks.",
               "models.student", "models.teacher", "models.judge", "evaluate.models.")
 
@@ -72,7 +76,43 @@ def path_problems(cfg: Config, stages: list[str] | None = None) -> list[str]:
             if not storage.exists(bench.path):
                 problems.append(f"evaluate.benchmarks.{i}.path: {bench.path} does not exist "
                                 f"(benchmark {bench.name})")
+    if not problems and "train" in stages and cfg.train.lora is not None:
+        problems += lora_problems(cfg)
     return problems
+
+
+def lora_problems(cfg: Config) -> list[str]:
+    """``train.lora``'s module names against the student's modules (its config alone, on the
+    meta device). A student on object storage or a hub id not in the local cache is checked
+    when training starts instead (PEFT refuses a missing target there)."""
+    from palign.engines.models import REGISTRY, resolve_model
+    from palign.train.lora import module_names, module_problems
+
+    lora, student = cfg.train.lora, cfg.models.student
+    assert lora is not None
+    if not isinstance(lora.target_modules, list) and not lora.modules_to_save:
+        return []
+    if storage.is_uri(student):
+        return []
+    if student in REGISTRY or Path(student).expanduser().is_dir():
+        path = resolve_model(student, cfg.models.cache_dir)
+    else:
+        path = _cached_hub_model(student)
+        if path is None:
+            logger.info("train.lora: %s is not in the local hub cache; its module names are "
+                        "checked when training starts", student)
+            return []
+    return module_problems(lora, module_names(path))
+
+
+def _cached_hub_model(hub_id: str) -> str | None:
+    """The local snapshot folder of a hub model's config, if the hub cache has it."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(hub_id, allow_patterns=["config.json"], local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (or no hub library): cannot check here
+        return None
 
 
 def _path_fields(cfg: Config) -> list[tuple[str, str | None]]:
@@ -114,7 +154,7 @@ def _models(cfg: Config, stages: list[str]) -> list[tuple[str, str]]:
         for i, m in enumerate(cfg.evaluate.models):
             if m.model == "student":
                 out.append(("models.student", cfg.models.student))
-            elif m.model != "trained":  # the train stage makes that one
+            elif m.model not in ("trained", "adapter"):  # the train stage makes those
                 out.append((f"evaluate.models.{i}.model", m.model))
     return list(dict.fromkeys(out))
 
@@ -125,13 +165,16 @@ def _model_problem(field: str, name: str, cache_dir: str | None) -> str | None:
     if name in REGISTRY:
         return None
     if storage.is_uri(name):
-        if not storage.is_file(storage.join(name, "config.json")):
-            return f"{field}: {name} is not a Hugging Face model folder (no config.json)"
+        if not any(storage.is_file(storage.join(name, m))
+                   for m in ("config.json", "adapter_config.json")):
+            return (f"{field}: {name} is neither a Hugging Face model folder (no config.json) "
+                    "nor a LoRA adapter folder (no adapter_config.json)")
         return None
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            return f"{field}: {name} is not a Hugging Face model folder (no config.json)"
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            return (f"{field}: {name} is neither a Hugging Face model folder (no config.json) "
+                    "nor a LoRA adapter folder (no adapter_config.json)")
         return None
     # A hub id is "org/name"; anything else that is not a folder here is a mistake (a missing
     # folder, a misspelt short name).

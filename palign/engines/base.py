@@ -7,7 +7,7 @@ length, say) come back with ``error`` set instead of failing the whole batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,30 +75,36 @@ class EngineSpec:
     executor_backend: str | None  # vLLM distributed_executor_backend (None: its default)
     engine_kwargs: dict[str, Any]  # more vLLM engine arguments
     vllm_driver: str  # "step" (LLMEngine, in process) or "async_llm" (AsyncLLM)
+    # extra variables for the model's chat template (models.chat_template_kwargs, student only)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 # Helpers both backends share, so that they feed the model identical token ids and reject the
 # same rows with the same message.
 
 
-def prompt_token_ids(tokenizer: Any, chat: Chat) -> list[int]:
-    """Render ``chat`` with the tokenizer's chat template, ready for the assistant's reply.
+def prompt_token_ids(tokenizer: Any, chat: Chat,
+                     template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+    """Render ``chat`` with the tokenizer's chat template, ready for the assistant's reply;
+    ``template_kwargs``: extra variables for the template (``{"enable_thinking": False}``).
 
     The template writes every special token itself, so the text is tokenised without adding any
     again (otherwise a BOS would be doubled, and the backends would disagree).
     """
-    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True,
+                                         **(template_kwargs or {}))
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def fit_prompt(tokenizer: Any, chat: Chat, new_tokens: int, max_model_len: int,
-               row: Completion | LabelScores) -> list[int] | None:
+               row: Completion | LabelScores,
+               template_kwargs: Mapping[str, Any] | None = None) -> list[int] | None:
     """The prompt token ids of ``chat`` when they and ``new_tokens`` fit the context, else None.
 
     Sets ``row.prompt_tokens``; a row that does not fit gets its ``error`` (and a completion its
     ``finish_reason`` "error").
     """
-    ids = prompt_token_ids(tokenizer, chat)
+    ids = prompt_token_ids(tokenizer, chat, template_kwargs)
     row.prompt_tokens = len(ids)
     if len(ids) + new_tokens <= max_model_len:
         return ids
@@ -112,12 +118,14 @@ def fit_prompt(tokenizer: Any, chat: Chat, new_tokens: int, max_model_len: int,
 
 
 def fit_prompts(tokenizer: Any, chats: list[Chat], new_tokens: int, max_model_len: int,
-                rows: Sequence[Completion | LabelScores]) -> list[tuple[int, list[int]]]:
+                rows: Sequence[Completion | LabelScores],
+                template_kwargs: Mapping[str, Any] | None = None
+                ) -> list[tuple[int, list[int]]]:
     """(index, prompt token ids) of the chats that fit (``fit_prompt``, with ``rows[i]`` the
     result of ``chats[i]``); the others' rows get their error."""
     fitting: list[tuple[int, list[int]]] = []
     for i, (chat, row) in enumerate(zip(chats, rows, strict=True)):
-        ids = fit_prompt(tokenizer, chat, new_tokens, max_model_len, row)
+        ids = fit_prompt(tokenizer, chat, new_tokens, max_model_len, row, template_kwargs)
         if ids is not None:
             fitting.append((i, ids))
     return fitting

@@ -68,7 +68,7 @@ class TransformersEngine:
     def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
         results = [Completion() for _ in chats]
         rows = fit_prompts(self.tokenizer, chats, sampling.max_tokens, self.spec.max_model_len,
-                           results)
+                           results, self.spec.chat_template_kwargs)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)  # the same call then draws the same samples
         config = self._generation_config(sampling)
@@ -121,7 +121,8 @@ class TransformersEngine:
     def score_labels(self, chats: list[Chat], labels: list[str]) -> list[LabelScores]:
         firsts = label_first_tokens(self.tokenizer, labels)
         results = [LabelScores() for _ in chats]
-        rows = fit_prompts(self.tokenizer, chats, 1, self.spec.max_model_len, results)
+        rows = fit_prompts(self.tokenizer, chats, 1, self.spec.max_model_len, results,
+                           self.spec.chat_template_kwargs)
         index = torch.tensor(firsts, device=self.device)
         for chunk in self._chunks(rows):
             logprobs = self._last_logprobs([ids for _, ids in chunk])[:, index].tolist()

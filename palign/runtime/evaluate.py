@@ -24,11 +24,15 @@ log = logging.getLogger(__name__)
 
 
 def eval_model_path(cfg: Config, model: EvalModel) -> str:
-    """Where the model under test is: the train export, the configured student, or as given."""
-    if model.model == "trained":
-        path = cfg.trained_model_dir()
-        if not storage.is_file(storage.join(path, "config.json")):
-            raise StageError(f"evaluate.models[{model.label}]: no trained model at {path}: run "
+    """Where the model under test is: the train export (or a LoRA run's adapter), the
+    configured student, or as given."""
+    if model.model in ("trained", "adapter"):
+        trained = model.model == "trained"
+        path = cfg.trained_model_dir() if trained else cfg.trained_adapter_dir()
+        marker = "config.json" if trained else "adapter_config.json"
+        if not storage.is_file(storage.join(path, marker)):
+            what = "trained model" if trained else "LoRA adapter (train.lora)"
+            raise StageError(f"evaluate.models[{model.label}]: no {what} at {path}: run "
                              "the train stage first, or name a model folder")
         return path
     if model.model == "student":

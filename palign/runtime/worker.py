@@ -70,7 +70,8 @@ MACHINERY_EXIT_CODE = 75  # the actor's exit status after a machinery fault (Ray
 
 
 def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0,
-                stage: str = "engine") -> EngineSpec:
+                stage: str = "engine", template_kwargs: dict[str, Any] | None = None
+                ) -> EngineSpec:
     from palign.runtime.resources import engine_request
 
     return EngineSpec(
@@ -89,6 +90,7 @@ def engine_spec(engine: EngineConfig, model_path: str, seed: int = 0,
         executor_backend=engine_request(stage, engine).executor_backend,
         engine_kwargs=dict(engine.engine_kwargs),
         vllm_driver=engine.vllm_driver,
+        chat_template_kwargs=dict(template_kwargs or {}),
     )
 
 
@@ -139,7 +141,7 @@ class StageWorker:
 
         path = resolve_model(self.model, self.cfg.models.cache_dir)
         engine = build_engine(engine_spec(self.section.engine, path, self.cfg.run.seed,
-                                          self.stage))
+                                          self.stage, self.cfg.template_kwargs_for(self.model)))
         log.info("%s: engine %s ready for %s", self.stage, engine.name, self.model)
         return GuardedEngine(EngineServer(engine, self.section.engine.max_in_flight))
 

@@ -74,26 +74,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine: Any, directory: Path, rank: int, client_state: dict[str, Any]) -> None:
-    """Every rank writes its DeepSpeed shards and RNG state into ``directory``."""
+def save(engine: Any, directory: Path, rank: int, client_state: dict[str, Any],
+         adapters_only: bool = False) -> None:
+    """Every rank writes its DeepSpeed shards and RNG state into ``directory``;
+    ``adapters_only`` (a LoRA run): the frozen base is left out, only what trains (the
+    adapters, their optimizer state) is written."""
     import torch.distributed as dist
 
     directory.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state=client_state)
+    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state=client_state,
+                           exclude_frozen_parameters=adapters_only)
     (directory / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), directory / "rng" / f"rank_{rank}.pt")
     dist.barrier()
     if rank == 0:
-        state = {k: v for k, v in client_state.items() if k != "losses"}
+        state = {k: v for k, v in client_state.items() if k not in ("losses", "rows")}
         replace_atomically(directory / STATE_FILE, json.dumps(state, indent=1).encode())
 
 
-def load(engine: Any, directory: Path, rank: int) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this rank's RNG; return the client state."""
+def load(engine: Any, directory: Path, rank: int, strict: bool = True) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG; return the client state.
+    ``strict=False``: the checkpoint may lack frozen weights (a LoRA run's: they come from the
+    base model, loaded as at the start)."""
     with _tensor_parallel_query(engine.optimizer):
         load_path, client_state = engine.load_checkpoint(
             str(directory), tag=DS_TAG, load_optimizer_states=True,
-            load_lr_scheduler_states=True)
+            load_lr_scheduler_states=True, load_module_strict=strict)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
     rng_file = directory / "rng" / f"rank_{rank}.pt"
@@ -203,8 +209,21 @@ def rank_files(rank: int) -> Callable[[str], bool]:
 
 def check_global_batch(state: dict[str, Any], tc: TrainSection, world: int) -> None:
     """A resumed run must take the same units per step as the run that wrote the checkpoint:
-    data-parallel size (workers / sequence_parallel_size) x micro-batch x accumulation. The
-    sequence-parallel size itself may change (ZeRO partitions over every rank either way)."""
+    data-parallel size (workers / sequence_parallel_size) x micro-batch x accumulation, or
+    the same ``rows_per_step`` (then any worker count will do). The sequence-parallel size
+    itself may change (ZeRO partitions over every rank either way). A LoRA checkpoint holds
+    only adapters: it resumes a LoRA run, and a full one only a full one."""
+    if bool(state.get("lora", False)) != (tc.lora is not None):
+        was = "LoRA adapters" if state.get("lora") else "every weight (no train.lora)"
+        raise ValueError(f"train.lora: the checkpoint was written by a run training {was}; "
+                         "resume it with the same setting, or start a new run")
+    old_rows = state.get("rows_per_step")
+    if old_rows is not None or tc.rows_per_step is not None:
+        if old_rows != tc.rows_per_step:
+            raise ValueError(f"train.rows_per_step: the checkpoint was written with "
+                             f"{old_rows}, this run has {tc.rows_per_step}; resume with the "
+                             "same step size")
+        return
     old_dp = int(state["world_size"]) // int(state.get("sequence_parallel_size", 1))
     old = old_dp * int(state.get("micro_batch_size", tc.micro_batch_size)) * int(
         state.get("grad_accum", tc.grad_accum))
@@ -218,14 +237,14 @@ def check_global_batch(state: dict[str, Any], tc: TrainSection, world: int) -> N
             f"{world} workers set grad_accum so that the product stays {old}")
 
 
-def restore(engine: Any, resume: Resume, rank: int, local_rank: int, world: int
-            ) -> dict[str, Any]:
+def restore(engine: Any, resume: Resume, rank: int, local_rank: int, world: int,
+            strict: bool = True) -> dict[str, Any]:
     """Load ``resume`` into ``engine`` (built with ``load_universal`` exactly when the world
-    size changed); the client state."""
+    size changed); the client state. ``strict``: as ``load``'s."""
     import torch.distributed as dist
 
     if int(resume.state["world_size"]) == world:
-        return load(engine, resume.fetch(rank_files(rank)), rank)
+        return load(engine, resume.fetch(rank_files(rank)), rank, strict)
     key = hashlib.sha256(resume.name.encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / f"palign-universal-{key}"
     if local_rank == 0:  # one conversion per node
@@ -234,7 +253,7 @@ def restore(engine: Any, resume: Resume, rank: int, local_rank: int, world: int
                      int(resume.state.get("sequence_parallel_size", 1)))
     dist.barrier()
     try:
-        return load(engine, folder, rank)
+        return load(engine, folder, rank, strict)
     finally:
         dist.barrier()
         if local_rank == 0:

@@ -92,16 +92,22 @@ def build_example(
     max_len: int,
     overlong: Literal["reject", "truncate"] = "reject",
     example_id: str = "",
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> Example | Untrainable:
     """Tokenise one student chat with the tokenizer's chat template and mask all but the answer.
 
+    ``template_kwargs`` are extra variables for the template (``models.chat_template_kwargs``,
+    e.g. ``{"enable_thinking": False}``), the same the engines render the student's prompts
+    with, so that the model trains on the template it is served with.
     Rows over ``max_len`` tokens are rejected with their length, or with ``overlong="truncate"``
     cut to ``max_len`` (rejected anyway if no supervised token would remain).
     """
+    extra = dict(template_kwargs or {})
     user = [{"role": "user", "content": student_question(question)}]
     chat = [*user, {"role": "assistant", "content": target}]
-    full_text = tokenizer.apply_chat_template(chat, tokenize=False)
-    prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(chat, tokenize=False, **extra)
+    prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True,
+                                                **extra)
     # The template writes any BOS into the text itself: do not let the tokenizer add it again.
     enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
@@ -140,10 +146,12 @@ def example_from_row(
     row: Mapping[str, Any],
     max_len: int,
     overlong: Literal["reject", "truncate"] = "reject",
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> Example | Untrainable:
     """``build_example`` for an align-stage output row (``id``, ``question``, ``target``)."""
     return build_example(
-        tokenizer, row["question"], row["target"], max_len, overlong, example_id=str(row["id"])
+        tokenizer, row["question"], row["target"], max_len, overlong, example_id=str(row["id"]),
+        template_kwargs=template_kwargs,
     )
 
 
@@ -159,7 +167,7 @@ def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> list[Pac
         if len(ex) == 0:
             raise ValueError(f"example {ex.id!r} is empty")
     bins = pack_lengths([len(ex) for ex in examples], seq_len)
-    return [_make_pack([examples[i] for i in members], seq_len, pad_id) for members in bins]
+    return [make_pack([examples[i] for i in members], seq_len, pad_id) for members in bins]
 
 
 def pack_lengths(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
@@ -197,7 +205,8 @@ def pack_lengths(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     return bins
 
 
-def _make_pack(members: list[Example], seq_len: int, pad_id: int) -> Pack:
+def make_pack(members: Sequence[Example], seq_len: int, pad_id: int) -> Pack:
+    """``members`` laid end to end, in order, in one row of ``seq_len`` tokens (they must fit)."""
     input_ids: list[int] = []
     labels: list[int] = []
     position_ids: list[int] = []

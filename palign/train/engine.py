@@ -37,15 +37,28 @@ class LossModule(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, chunk_size: int | None,
-                 positions: int | None = None) -> None:
+                 positions: int | None = None, trainable_state_only: bool = False) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.positions = positions
+        self.trainable_state_only = trainable_state_only
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         loss_sum, _ = token_loss_sum(self.model, batch, self.chunk_size, self.positions)
         return loss_sum
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """With ``trainable_state_only`` (a LoRA run) the frozen base's weights are left out
+        of what DeepSpeed checkpoints, under every name they have: DeepSpeed's own exclusion
+        misses a tied weight's second name (``lm_head.weight`` of tied embeddings)."""
+        state = super().state_dict(*args, **kwargs)
+        if self.trainable_state_only:
+            prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+            for name, p in self.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    state.pop(prefix + name, None)
+        return state
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Any:
@@ -123,6 +136,18 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [g for g in groups if g["params"]]
 
 
+def optimizer_elements(engine: Any) -> int:
+    """The parameter elements this rank's optimizer holds (its fp32 partitions under ZeRO):
+    summed over ranks, what the optimizer trains (a LoRA run: the adapters alone, plus
+    ZeRO's alignment padding)."""
+    opt = engine.optimizer
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        groups = getattr(opt, name, None)
+        if groups:
+            return sum(int(t.numel()) for t in groups)
+    return sum(int(p.numel()) for g in opt.param_groups for p in g["params"])
+
+
 def fused_supported(device: torch.device) -> bool:
     """Whether torch has a fused AdamW kernel for ``device``'s type."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
@@ -147,7 +172,8 @@ def deepspeed_engine(cfg: Config, model: torch.nn.Module, world: int, total_step
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     # the positions a rank's micro-batch holds: a row, or its share of it under sequence parallelism
     positions = tc.micro_batch_size * tc.seq_len // tc.sequence_parallel_size
-    module = LossModule(model, tc.loss_chunk_size, positions)
+    module = LossModule(model, tc.loss_chunk_size, positions,
+                        trainable_state_only=tc.lora is not None)
     opt = optimizer(tc, module, next(model.parameters()).device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(total_steps, tc.warmup_ratio, tc.min_lr_ratio))

@@ -74,12 +74,12 @@ from palign.core.config import Config, parse_config
 from palign.core.logs import setup_rank_logging
 from palign.train import checkpoints
 from palign.train.backend import Backend, start
-from palign.train.data import IGNORE_INDEX, Pack, collate_packs, pad_batch
-from palign.train.engine import deepspeed_engine, gradient_divisor
+from palign.train.batches import MicroBatch, StepSource
+from palign.train.engine import deepspeed_engine, gradient_divisor, optimizer_elements
+from palign.train.lora import parameter_counts
 from palign.train.model import load_student, sequence_parallel, train_dtype
 from palign.train.paths import DATA_KEY
 from palign.train.prepare import prepare
-from palign.train.steps import StepPlan
 from palign.train.units import UnitReader
 
 logger = logging.getLogger("palign.train.loop")  # also when run as __main__
@@ -88,79 +88,53 @@ ENV_FAIL_AT_STEP = "PALIGN_TRAIN_FAIL_AT_STEP"
 
 
 @dataclass
-class MicroBatch:
-    batch: dict[str, torch.Tensor]
-    supervised: int  # tokens with a label (the loss's terms)
-    real: int  # non-padding input tokens
-
-
-@dataclass
 class StepResult:
     loss: float  # mean over the global batch's supervised tokens
     supervised: int  # all ranks
     real: int  # all ranks
     lr: float  # the learning rate the step used
+    rows: int = 0  # all ranks
 
 
 @dataclass
 class _Progress:
+    params: dict[str, int] = field(default_factory=dict)  # trainable and total parameters
     losses: list[float] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # rows each step took (all ranks)
     tokens: int = 0  # real tokens trained on by this process's run (all ranks)
     seconds: float = 0.0
+    slots: int = 0  # token positions computed (rows_per_step: what packing efficiency is of)
 
 
-def collate(units: Sequence[Any], pad_id: int) -> MicroBatch:
-    """A micro-batch of packs (``collate_packs``) or of examples (right-padded)."""
-    if isinstance(units[0], Pack):
-        batch = collate_packs(units)
-        real = sum(u.n_real for u in units)
-    else:
-        batch = pad_batch(units, pad_id)
-        real = sum(len(u) for u in units)
-    return MicroBatch(batch, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), real)
-
-
-def sequence_shard(m: MicroBatch, sp: int, sp_rank: int) -> MicroBatch:
-    """Rank ``sp_rank``'s slice of a packed micro-batch under sequence parallelism: an equal
-    share of every row's positions, with the targets shifted before slicing (a slice's last
-    position predicts the next slice's first token). Its real tokens count on the group's
-    first rank only, so that sums over ranks count each once."""
-    labels = m.batch["labels"]
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    shifted[:, :-1] = labels[:, 1:]
-    width = labels.shape[1] // sp
-    cut = slice(sp_rank * width, (sp_rank + 1) * width)
-    batch = {"input_ids": m.batch["input_ids"][:, cut].contiguous(),
-             "position_ids": m.batch["position_ids"][:, cut].contiguous(),
-             "shift_labels": shifted[:, cut].contiguous()}
-    return MicroBatch(batch, int((batch["shift_labels"] != IGNORE_INDEX).sum()),
-                      m.real if sp_rank == 0 else 0)
-
-
-def train_step(engine: Any, micro: Sequence[MicroBatch], divisor: int, grad_accum: int,
+def train_step(engine: Any, micro: Sequence[MicroBatch], divisor: int,
                device: torch.device) -> StepResult:
-    """One optimizer step over this rank's ``grad_accum`` micro-batches (every rank calls it
-    with its own): the loss normalised by the global batch's supervised tokens. ``divisor``:
-    the number of ranks DeepSpeed divides the summed gradients by (``engine.gradient_divisor``:
-    the data-parallel size, as the ranks of a sequence-parallel group hold slices of the same
-    rows and their gradients add up; every rank under ZeRO-3 with sequence parallelism)."""
+    """One optimizer step over this rank's micro-batches (every rank calls it with its own,
+    all ranks with as many): the loss normalised by the global batch's supervised tokens.
+    ``divisor``: the number of ranks DeepSpeed divides the summed gradients by
+    (``engine.gradient_divisor``: the data-parallel size, as the ranks of a sequence-parallel
+    group hold slices of the same rows and their gradients add up; every rank under ZeRO-3
+    with sequence parallelism). The step's last micro-batch is the accumulation boundary
+    (set here, whatever DeepSpeed's ``gradient_accumulation_steps``: a ``rows_per_step``
+    step's number of micro-batches varies), and DeepSpeed does not rescale the loss for
+    accumulation (the scale here already makes the step's gradient the token mean)."""
     import torch.distributed as dist
 
-    counts = torch.tensor([sum(m.supervised for m in micro), sum(m.real for m in micro)],
-                          dtype=torch.float64)
+    counts = torch.tensor([sum(m.supervised for m in micro), sum(m.real for m in micro),
+                           sum(m.rows for m in micro)], dtype=torch.float64)
     dist.all_reduce(counts)
     global_tokens = int(counts[0])
-    scale = divisor * grad_accum / max(1, global_tokens)
+    scale = divisor / max(1, global_tokens)
     lr = float(engine.get_lr()[0])
     local_loss = torch.zeros(1, dtype=torch.float64)
-    for m in micro:
+    for i, m in enumerate(micro):
+        engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
         loss_sum = engine(**{k: v.to(device, non_blocking=True) for k, v in m.batch.items()})
-        engine.backward(loss_sum * scale)
+        engine.backward(loss_sum * scale, scale_wrt_gas=False)
         engine.step()
         local_loss[0] += float(loss_sum.detach())
     dist.all_reduce(local_loss)
     return StepResult(float(local_loss[0]) / max(1, global_tokens), global_tokens,
-                      int(counts[1]), lr)
+                      int(counts[1]), lr, int(counts[2]))
 
 
 def train_worker(cfg_raw: dict[str, Any]) -> None:
@@ -189,18 +163,23 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
                                     backend.world)
     mpu = sequence_parallel(tc, model)
     data = UnitReader(data_folder)
+    trainable, total_params = parameter_counts(model)
     if backend.rank == 0:
         p = data.prepared
         logger.info("train data: %d rows used, %d rejected, %d units, packing efficiency %.3f",
                     p.rows_used, p.rows_rejected, p.n_units, p.packing_efficiency)
+        logger.info("parameters: %s trainable of %s (%.2f%%)%s", f"{trainable:,}",
+                    f"{total_params:,}", 100 * trainable / max(1, total_params),
+                    f", LoRA r {tc.lora.r} on {tc.lora.target_modules}" if tc.lora else "")
+    sp = tc.sequence_parallel_size
     # data-parallel size: the ranks of a sequence-parallel group share their micro-batches
-    plan = StepPlan(len(data), backend.world // tc.sequence_parallel_size, tc.micro_batch_size,
-                    tc.grad_accum, tc.epochs, tc.max_steps, tc.seed)
-    if backend.rank == 0 and tc.sequence_parallel_size > 1:
+    source = StepSource(tc, data, backend.world // sp, backend.rank // sp, backend.rank % sp)
+    plan = source.plan
+    if backend.rank == 0 and sp > 1:
         logger.info("sequence parallel: %d groups of %d ranks, each row split %d ways",
-                    plan.world, tc.sequence_parallel_size, tc.sequence_parallel_size)
+                    backend.world // sp, sp, sp)
 
-    progress = _Progress()
+    progress = _Progress(params={"trainable_params": trainable, "total_params": total_params})
     start_step = 0
     with backend.resume(cfg) as resume:
         elastic = resume is not None and int(resume.state["world_size"]) != backend.world
@@ -210,9 +189,10 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
                                   load_universal=elastic, mpu=mpu)
         if resume is not None:
             state = checkpoints.restore(engine, resume, backend.rank, backend.local_rank,
-                                        backend.world)
+                                        backend.world, strict=tc.lora is None)
             start_step = int(state["step"])
             progress.losses = [float(x) for x in state.get("losses", [])][:start_step]
+            progress.rows = [int(x) for x in state.get("rows", [])][:start_step]
             if state.get("data_fingerprint") != data.prepared.key:
                 logger.warning("the aligned data differ from those of checkpoint %s: the "
                                "resumed run will not reproduce an uninterrupted one",
@@ -221,7 +201,13 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
                 logger.info("resumed from %s after step %d%s", resume.name, start_step,
                             f" (written by {resume.state['world_size']} workers, now "
                             f"{backend.world})" if elastic else "")
-    _run_steps(cfg, engine, data, plan, backend, start_step, progress, tokenizer)
+    held = torch.tensor([optimizer_elements(engine)], dtype=torch.float64)
+    torch.distributed.all_reduce(held)
+    progress.params["optimizer_params"] = int(held[0])
+    if backend.rank == 0:
+        logger.info("the optimizer holds %s parameters over %d ranks", f"{int(held[0]):,}",
+                    backend.world)
+    _run_steps(cfg, engine, source, backend, start_step, progress, tokenizer)
 
 
 def _prepare_here(cfg: Config, backend: Backend) -> str:
@@ -234,98 +220,125 @@ def _prepare_here(cfg: Config, backend: Backend) -> str:
     return str(folder[0])
 
 
-def _run_steps(cfg: Config, engine: Any, data: UnitReader, plan: StepPlan, backend: Backend,
+def _run_steps(cfg: Config, engine: Any, source: StepSource, backend: Backend,
                start_step: int, progress: _Progress, tokenizer: Any) -> None:
-    from palign.train.export import export_model
-
     tc = cfg.train
+    plan = source.plan
     total = plan.total_steps
     # "N" or "N@S": fail after step N in a run that started at step S (default 0)
     fail_at, _, fail_from_text = (os.environ.get(ENV_FAIL_AT_STEP, "") or "0").partition("@")
     fail_at, fail_from = int(fail_at), int(fail_from_text or 0)
     divisor = gradient_divisor(tc, backend.world)
-    prepared = data.prepared
+    prepared = source.data.prepared
     base = {"packing_efficiency": prepared.packing_efficiency, "rows_used": prepared.rows_used,
             "rows_rejected": prepared.rows_rejected, "total_steps": total,
-            "resumed_from": start_step}
+            "resumed_from": start_step, **progress.params}
     if backend.rank == 0 and start_step == 0:
-        logger.info("training %d steps (%d per epoch, %d units per step, world %d)", total,
-                    plan.steps_per_epoch, plan.per_step, backend.world)
+        per_step = (f"{tc.rows_per_step} rows per step, packed per step" if source.by_rows
+                    else f"{plan.per_step} units per step")  # type: ignore[union-attr]
+        logger.info("training %d steps (%d per epoch, %s, world %d)", total,
+                    plan.steps_per_epoch, per_step, backend.world)
     for step in range(start_step, total):
         epoch = plan.epoch_of(step)
         t0 = time.perf_counter()
-        sp = tc.sequence_parallel_size
-        micro = [collate([data.unit(i) for i in idx], prepared.pad_id)
-                 for idx in plan.micro_batches(step, backend.rank // sp)]
-        if sp > 1:
-            micro = [sequence_shard(m, sp, backend.rank % sp) for m in micro]
-        result = train_step(engine, micro, divisor, tc.grad_accum, backend.device)
+        batches = source.step(step)
+        result = train_step(engine, batches.micro, divisor, backend.device)
         seconds = time.perf_counter() - t0
         done = step + 1
         progress.losses.append(result.loss)
+        progress.rows.append(result.rows)
         progress.tokens += result.real
         progress.seconds += seconds
+        progress.slots += batches.bins * tc.seq_len
         grad_norm = engine.get_global_grad_norm()
         metrics = {
             **base, "step": done, "epoch": epoch, "loss": result.loss, "lr": result.lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": result.real / seconds if seconds > 0 else 0.0,
+            "rows": result.rows, "tokens": result.real,
         }
+        if source.by_rows and tc.packing and progress.slots:
+            # what this run's steps filled of their bins (the prepared units are not packed)
+            metrics["packing_efficiency"] = progress.tokens / progress.slots
+        short = batches.rows_planned is not None and batches.rows_planned < (tc.rows_per_step or 0)
         is_last = done == total
         if is_last or done % tc.checkpoint_every == 0:
             client_state = {
                 "step": done, "epoch": epoch, "step_in_epoch": done - epoch * plan.steps_per_epoch,
-                "micro_batches_per_rank": done * tc.grad_accum, "world_size": backend.world,
-                "micro_batch_size": tc.micro_batch_size, "grad_accum": tc.grad_accum,
-                "sequence_parallel_size": tc.sequence_parallel_size,
+                "world_size": backend.world, "micro_batch_size": tc.micro_batch_size,
+                "grad_accum": tc.grad_accum, "rows_per_step": tc.rows_per_step,
+                "sequence_parallel_size": tc.sequence_parallel_size, "lora": tc.lora is not None,
                 "data_fingerprint": prepared.key, "losses": list(progress.losses),
+                "rows": list(progress.rows),
             }
             local = backend.checkpoint_dir(cfg, done)
-            checkpoints.save(engine, local, backend.rank, client_state)
+            checkpoints.save(engine, local, backend.rank, client_state,
+                             adapters_only=tc.lora is not None)
             if is_last:
                 metrics.update(_finish(cfg, engine, tokenizer, backend, progress))
-            _log_step(backend, metrics, done)
+            _log_step(backend, metrics, done, short)
             try:
                 backend.publish(cfg, metrics, local, done)
             finally:
                 backend.after_checkpoint(cfg, local)
         elif done % tc.report_every == 0:
-            _log_step(backend, metrics, done)
+            _log_step(backend, metrics, done, short)
             backend.publish(cfg, metrics, None, done)
         if fail_at and done == fail_at and start_step == fail_from:
             raise RuntimeError(f"{ENV_FAIL_AT_STEP}={fail_at}: injected failure after step {done}")
     if start_step >= total:  # a finished run started again: only make sure of the export
         if backend.rank == 0:
             logger.info("run already complete (%d steps); exporting the model", total)
-        out = cfg.trained_model_dir()
-        if not storage.is_file(storage.join(out, "config.json")):
-            export_model(engine.module.model, tokenizer, out, backend.rank)
+        if not storage.is_file(storage.join(cfg.trained_model_dir(), "config.json")):
+            _export(cfg, engine, tokenizer, backend, {})
 
 
-def _log_step(backend: Backend, metrics: dict[str, Any], step: int) -> None:
+def _log_step(backend: Backend, metrics: dict[str, Any], step: int, short: bool) -> None:
     if backend.rank == 0:  # one line per step, from one rank
-        logger.info("train step %d/%s: loss %.4f, lr %.3g, grad norm %.3g, %.0f tokens/s",
-                    step, metrics.get("total_steps", "?"), metrics.get("loss", float("nan")),
-                    metrics.get("lr", float("nan")), metrics.get("grad_norm") or float("nan"),
-                    metrics.get("tokens_per_s", 0.0))
+        note = " (the epoch's last step: the rest of its rows)" if short else ""
+        logger.info("train step %d/%s: loss %.4f, lr %.3g, grad norm %.3g, %.0f tokens/s, "
+                    "%d rows, %d tokens%s", step, metrics.get("total_steps", "?"),
+                    metrics.get("loss", float("nan")), metrics.get("lr", float("nan")),
+                    metrics.get("grad_norm") or float("nan"), metrics.get("tokens_per_s", 0.0),
+                    metrics.get("rows", 0), metrics.get("tokens", 0), note)
+
+
+def _export(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
+            extra: dict[str, Any]) -> None:
+    """The trained student as a Hugging Face folder (``<output_dir>/train/model/``); a LoRA
+    run also writes its adapter (``<output_dir>/train/adapter/``) and merges it for the
+    former. Collective."""
+    model = engine.module.model
+    if cfg.train.lora is None:
+        from palign.train.export import export_model
+
+        export_model(model, tokenizer, cfg.trained_model_dir(), backend.rank, extra=extra)
+        return
+    from palign.engines.models import resolve_model
+    from palign.train.lora import export_lora
+
+    export_lora(model, tokenizer, resolve_model(cfg.models.student, cfg.models.cache_dir),
+                cfg.trained_adapter_dir(), cfg.trained_model_dir(), backend.rank, extra)
 
 
 def _finish(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
             progress: _Progress) -> dict[str, Any]:
-    from palign.train.export import export_model
-
     out = cfg.trained_model_dir()
-    export_model(engine.module.model, tokenizer, out, backend.rank,
-                 extra={"train": cfg.train.model_dump(mode="json"),
-                        "steps": len(progress.losses),
-                        "final_loss": progress.losses[-1] if progress.losses else None})
+    _export(cfg, engine, tokenizer, backend,
+            {"train": cfg.train.model_dump(mode="json"), "steps": len(progress.losses),
+             "final_loss": progress.losses[-1] if progress.losses else None,
+             **progress.params})
     summary = {
         "done": True,
         "losses": list(progress.losses),
+        "rows_per_step": list(progress.rows),
         "final_loss": progress.losses[-1] if progress.losses else None,
         "run_tokens_per_s": progress.tokens / progress.seconds if progress.seconds else 0.0,
         "model_dir": str(out),
+        **progress.params,
     }
+    if cfg.train.lora is not None:
+        summary["adapter_dir"] = cfg.trained_adapter_dir()
     if backend.rank == 0:
         storage.write_text(storage.join(storage.absolute(cfg.stage_dir("train")), "summary.json"),
                            json.dumps(summary, indent=1))

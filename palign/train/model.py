@@ -27,7 +27,8 @@ def train_dtype(tc: TrainSection, device: torch.device) -> torch.dtype:
 
 def load_student(cfg: Config, dtype: torch.dtype, device: torch.device,
                  world: int = 1) -> tuple[Any, Any]:
-    """Tokenizer and model of ``models.student`` (resolved to a local folder or a hub id).
+    """Tokenizer and model of ``models.student`` (resolved to a local folder or a hub id); with
+    ``train.lora`` the model is PEFT's ``PeftModel`` around it (``palign.train.lora``).
 
     Under ZeRO-3 the model is built already partitioned (``deepspeed.zero.Init``, through
     transformers' ``HfDeepSpeedConfig`` with the config the engine will get): no rank ever holds
@@ -52,6 +53,10 @@ def load_student(cfg: Config, dtype: torch.dtype, device: torch.device,
     model._palign_zero3_config = partitioned
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tc.lora is not None:  # base frozen, adapters added (under ZeRO-3: to the partitioned base)
+        from palign.train.lora import apply_lora
+
+        model = apply_lora(model, tc.lora, base_name=cfg.models.student)
     model.train()
     return tokenizer, model
 
@@ -65,6 +70,9 @@ def sequence_parallel(tc: TrainSection, model: Any) -> Any:
         return None
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
+    from palign.train.lora import base_model
+
+    model = base_model(model)  # under a LoRA wrapper: the transformers model it wraps
     return UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation=model.config._attn_implementation,
         sequence_parallel_size=tc.sequence_parallel_size, micro_batch_size=tc.micro_batch_size,

@@ -30,7 +30,7 @@ import json
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -78,9 +78,10 @@ class Settings:
     cache_dir: str | None
     seq_len: int
     overlong: str
-    packing: bool
+    packing: bool  # units are packs (else single examples; a rows_per_step run packs per step)
     folder: str  # <output_dir>/train/data/<key>
     rejects: str  # <output_dir>/train/rejects
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # models.chat_template_kwargs
 
 
 # -- the driver: plan, run, commit -------------------------------------------------------------
@@ -113,11 +114,19 @@ def _stem(names: Sequence[str]) -> str:
     return "w-" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:20]
 
 
+def packed_units(cfg: Config) -> bool:
+    """Whether the prepared units are packs: with ``train.rows_per_step`` they are single
+    examples, packed per step by the loop (a step's rows change every epoch)."""
+    return cfg.train.packing and cfg.train.rows_per_step is None
+
+
 def preparation_key(cfg: Config, windows: Sequence[tuple[str, list[str]]]) -> str:
     tc = cfg.train
     parts = {"version": VERSION, "student": cfg.models.student, "seq_len": tc.seq_len,
-             "overlong": tc.overlong, "packing": tc.packing, "window": tc.pack_window,
+             "overlong": tc.overlong, "packing": packed_units(cfg), "window": tc.pack_window,
              "windows": [stem for stem, _ in windows]}
+    if cfg.models.chat_template_kwargs:  # absent when empty: earlier preparations keep their key
+        parts["template_kwargs"] = cfg.models.chat_template_kwargs
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -140,7 +149,8 @@ def prepare(cfg: Config, use_ray: bool = True) -> Prepared:
     if storage.is_file(storage.join(folder, PLAN)):
         return load_prepared(folder)
     settings = Settings(cfg.models.student, cfg.models.cache_dir, tc.seq_len, tc.overlong,
-                        tc.packing, folder, rejects)
+                        packed_units(cfg), folder, rejects,
+                        dict(cfg.models.chat_template_kwargs))
     done = {n.removesuffix(".parquet") for n in storage.list_files(
         storage.join(folder, WINDOWS), suffixes=(".parquet",))}
     if not done:  # a fresh start: the rejects and any other preparation are not this one's
@@ -232,7 +242,8 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
-def tokenise_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], seq_len: int, overlong: str
+def tokenise_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], seq_len: int, overlong: str,
+                  template_kwargs: dict[str, Any] | None = None
                   ) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], list[dict[str, Any]]]:
     """(id, input_ids, labels) per trainable row, in id order, and the reject rows."""
     examples: list[tuple[str, np.ndarray, np.ndarray]] = []
@@ -243,7 +254,8 @@ def tokenise_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], seq_len: int, 
             rejects.append(reject_row(row_id, "train", "no question or target text", row))
             continue
         result = build_example(tokenizer, row["question"], row["target"], seq_len,
-                               overlong, example_id=row_id)  # type: ignore[arg-type]
+                               overlong, example_id=row_id,  # type: ignore[arg-type]
+                               template_kwargs=template_kwargs)
         if isinstance(result, Untrainable):
             rejects.append(reject_row(row_id, "train", result.reason, row))
         else:  # int32 arrays at once: a window of long rows as Python ints would be 9x larger
@@ -260,7 +272,7 @@ def prepare_window(s: Settings, stem: str, paths: Sequence[str]) -> dict[str, in
         return {"units": _read_parquet(table_path).num_rows}
     tokenizer = _tokenizer(s.student, s.cache_dir)
     rows = [row for path in paths for row in read_committed(path)]
-    examples, rejects = tokenise_rows(tokenizer, rows, s.seq_len, s.overlong)
+    examples, rejects = tokenise_rows(tokenizer, rows, s.seq_len, s.overlong, s.template_kwargs)
     if s.packing:
         bins = pack_lengths([len(e[1]) for e in examples], s.seq_len)
     else:

@@ -11,6 +11,11 @@ rank ``r``'s micro-batch ``m`` is the slice at ``(m * world + r) * micro``. The 
 epoch is completed by wrapping to the start of that epoch's order, so every rank runs the same
 number of micro-batches and every unit is seen at least once per epoch (nothing is dropped).
 ``max_steps`` caps the total.
+
+With ``train.rows_per_step`` (``RowPlan``) a step is a number of rows instead: the units are
+single examples, a step takes the next ``rows_per_step`` positions of the epoch's order (the
+epoch's last step the rest, none repeated), and the loop packs them into bins and deals the
+bins to the ranks (``deal``): so a step's rows, not its bins, are fixed whatever their lengths.
 """
 
 from __future__ import annotations
@@ -100,3 +105,50 @@ class StepPlan:
         computed for this rank alone."""
         return [self._units(step, (m * self.world + rank) * self.micro + np.arange(self.micro))
                 for m in range(self.accum)]
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """``train.rows_per_step``: which rows each optimizer step takes, in any world size.
+
+    Epoch ``e``'s order is ``permute(.., seed, e)`` over the rows (the prepared units are single
+    examples); step ``i`` of the epoch takes its positions ``i * rows_per_step`` onwards, the
+    last step of an epoch the rest (fewer rows, none repeated). The loop packs a step's rows
+    into bins (``pack_lengths``) and deals the bins to the data-parallel ranks (``deal``)."""
+
+    n_rows: int
+    rows_per_step: int
+    epochs: int
+    max_steps: int | None
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.n_rows / self.rows_per_step))
+
+    @property
+    def total_steps(self) -> int:
+        total = self.epochs * self.steps_per_epoch
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def rows(self, step: int) -> list[int]:
+        """The rows (unit indices) of 0-based ``step``, the same on every rank."""
+        start = (step % self.steps_per_epoch) * self.rows_per_step
+        stop = min(self.n_rows, start + self.rows_per_step)
+        return permute(np.arange(start, stop), self.n_rows, self.seed,
+                       self.epoch_of(step)).tolist()
+
+
+def deal(n_bins: int, world: int, micro: int) -> list[list[list[int | None]]]:
+    """Bins ``0..n_bins-1`` of one step dealt to ``world`` data-parallel ranks: ``[rank][m]``
+    is micro-batch ``m``'s bins (``micro`` slots each; None: an empty slot). Every rank gets
+    the same number of micro-batches, ``ceil(n_bins / (world x micro))`` (at least 1), as
+    DeepSpeed's collectives need; bin ``b`` sits at slot ``b`` of the order micro-batch,
+    rank, slot, so the bins fill the first micro-batches of every rank first."""
+    per_round = world * micro
+    rounds = max(1, math.ceil(n_bins / per_round))
+    return [[[b if (b := (m * world + r) * micro + j) < n_bins else None
+              for j in range(micro)] for m in range(rounds)] for r in range(world)]

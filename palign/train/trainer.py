@@ -75,6 +75,11 @@ class TrainResult:
     model_dir: str = ""
     wall_s: float = 0.0
     resumed_from: int = 0  # the step this invocation resumed after (0: started from scratch)
+    rows_per_step: list[int] = field(default_factory=list)  # rows each step took, all workers
+    trainable_params: int = 0
+    total_params: int = 0
+    optimizer_params: int = 0  # parameter elements the optimizer holds, all workers
+    adapter_dir: str | None = None  # a LoRA run's adapter (PEFT's format)
 
 
 def absolute_config(cfg: Config) -> dict[str, Any]:
@@ -153,6 +158,11 @@ def run_train(cfg: Config) -> TrainResult:
         model_dir=str(metrics.get("model_dir") or cfg.trained_model_dir()),
         wall_s=time.time() - started,
         resumed_from=int(metrics.get("resumed_from", 0)),
+        rows_per_step=[int(x) for x in metrics.get("rows_per_step", [])],
+        trainable_params=int(metrics.get("trainable_params", 0)),
+        total_params=int(metrics.get("total_params", 0)),
+        optimizer_params=int(metrics.get("optimizer_params", 0)),
+        adapter_dir=metrics.get("adapter_dir"),
     )
     logger.info("train: %d steps, final loss %s, %.0f tokens/s, model in %s", out.steps,
                 out.final_loss, out.tokens_per_s, out.model_dir)

@@ -96,15 +96,25 @@ class UnitReader:
 
     def _row(self, u: int) -> tuple[int, int, int]:
         """(window, byte offset, size in int32s) of unit ``u``."""
+        cols, i = self._columns(u)
+        return int(cols["window"][i]), int(cols["offset"][i]), int(cols["size"][i])
+
+    def real_tokens(self, u: int) -> int:
+        """Unit ``u``'s real (non-padding) tokens: a single example's length."""
+        cols, i = self._columns(u)
+        return int(cols["real"][i])
+
+    def _columns(self, u: int) -> tuple[dict[str, np.ndarray], int]:
+        """The unit table's columns of the row group holding unit ``u``, and its row there."""
         g, i = divmod(u, self._group_rows)
         cols = self._groups.pop(g, None)
         if cols is None:
-            t = self._table.read_row_group(g, columns=["window", "offset", "size"])
+            t = self._table.read_row_group(g, columns=["window", "offset", "size", "real"])
             cols = {c: t[c].to_numpy() for c in t.column_names}
             if len(self._groups) >= self._max_groups:
                 self._groups.pop(next(iter(self._groups)))
         self._groups[g] = cols  # most recently used last
-        return int(cols["window"][i]), int(cols["offset"][i]), int(cols["size"][i])
+        return cols, i
 
     def _file(self, w: int) -> Any:
         f = self._open.pop(w, None)

@@ -47,12 +47,12 @@ from palign.core.config.stage_sections import (
     SamplingConfig,
     TruncateSection,
 )
-from palign.core.config.train_section import TrainSection
+from palign.core.config.train_section import LoraSection, TrainSection
 
 __all__ = [
     "ENGINE_STAGES", "NAME_PATTERN", "REQUIRED", "STAGES", "AlignSection", "Benchmark",
     "Config", "ConfigError", "DataSection", "EngineConfig", "EvalModel",
-    "EvaluateSection", "FieldDoc", "FieldNames", "GenerateSection", "ModelsSection",
+    "EvaluateSection", "FieldDoc", "FieldNames", "GenerateSection", "LoraSection", "ModelsSection",
     "OutputSection", "ProblemColumns", "ProblemSource", "RaySection", "ReplicaRange",
     "RunSection", "SamplingConfig",
     "TrainSection", "TruncateSection", "config_models", "explain", "format_explain",

@@ -82,6 +82,20 @@ class Config(Strict):
 
         return storage.join(storage.absolute(self.stage_dir("train")), "model")
 
+    def trained_adapter_dir(self) -> str:
+        """Where a LoRA run (``train.lora``) also writes its adapter in PEFT's format:
+        ``<output_dir>/train/adapter``, absolute; evaluate's ``adapter`` model."""
+        from palign.core import storage
+
+        return storage.join(storage.absolute(self.stage_dir("train")), "adapter")
+
+    def template_kwargs_for(self, model: str) -> dict[str, Any]:
+        """``models.chat_template_kwargs`` where ``model`` is the student (as named, its
+        trained export or adapter, or the judge when no other judge is set), else none: a
+        teacher or another model keeps its own template's defaults."""
+        student = {self.models.student, self.trained_model_dir(), self.trained_adapter_dir()}
+        return dict(self.models.chat_template_kwargs) if model in student else {}
+
 
 def _merge_engine(raw: dict[str, Any]) -> dict[str, Any]:
     """Give each stage the top-level engine settings, overridden by its own."""

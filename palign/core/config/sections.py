@@ -125,6 +125,12 @@ class ModelsSection(Strict):
         default=None,
         description="Where short names and object-storage models are materialised; null: "
                     "env PALIGN_CACHE_DIR or the default cache.")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra variables for the student's chat template, e.g. {enable_thinking: "
+                    "false} for Qwen3: used wherever the student's template renders a chat "
+                    "(the judge when it is the student, align, the training tokens, and the "
+                    "evaluation of the student and of its trained export).")
 
 
 class ReplicaRange(Strict):

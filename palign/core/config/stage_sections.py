@@ -116,9 +116,11 @@ class EvalModel(Strict):
         pattern=NAME_PATTERN, description="The model's row name in the results table.")
     model: str = Field(
         default="trained",
-        description="trained: this run's train export (<output_dir>/train/model); student: "
-                    "models.student as given; anything else: a short name, a local folder or "
-                    "a hub id.")
+        description="trained: this run's train export (<output_dir>/train/model; a LoRA "
+                    "run's merged model); adapter: a LoRA run's adapter "
+                    "(<output_dir>/train/adapter, merged into its base once per machine); "
+                    "student: models.student as given; anything else: a short name, a model "
+                    "or LoRA adapter folder (local or on object storage) or a hub id.")
 
 
 class EvaluateSection(_Rejects):

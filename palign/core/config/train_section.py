@@ -9,6 +9,32 @@ from pydantic import Field, model_validator
 from palign.core.config.base import Strict
 
 
+class LoraSection(Strict):
+    """LoRA adapters (PEFT) on the frozen student: only the adapters train, sit in the
+    optimizer and go into checkpoints; the export merges them into the base."""
+
+    r: int = Field(default=16, ge=1, description="LoRA rank of each adapter.")
+    alpha: float = Field(
+        default=16, gt=0, description="LoRA alpha: the adapter's update is scaled by alpha / r.")
+    dropout: float = Field(
+        default=0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear",
+        description="Modules that get adapters: names as the student's modules end (q_proj, "
+                    "k_proj, ...), checked against the student before any work; all-linear: "
+                    "every linear layer but the output head.")
+    modules_to_save: list[str] | None = Field(
+        default=None,
+        description="Modules trained in full beside the adapters and saved with them (e.g. "
+                    "embed_tokens, lm_head when new tokens were added); null: none.")
+
+    @model_validator(mode="after")
+    def _names(self) -> LoraSection:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules: name at least one module, or all-linear")
+        return self
+
+
 class TrainSection(Strict):
     """Student SFT on Ray Train + DeepSpeed ZeRO; the same fields from 2 CPU workers to N x 8
     GPUs (only num_workers, use_gpu and the batch sizes change)."""
@@ -39,6 +65,12 @@ class TrainSection(Strict):
         default=1, ge=1, description="Packed sequences per worker per micro-step.")
     grad_accum: int = Field(
         default=1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    rows_per_step: int | None = Field(
+        default=None, ge=1,
+        description="Rows (training examples) per optimizer step, whatever their lengths: "
+                    "each step packs its rows into bins of seq_len and deals them to the "
+                    "workers; the last step of an epoch takes the rest. Null: a step is "
+                    "micro_batch_size x grad_accum x data-parallel workers prepared bins.")
     epochs: int = Field(default=1, ge=1, description="Passes over the training data.")
     max_steps: int | None = Field(
         default=None, ge=1, description="Optimizer steps to run, capping epochs; null: no cap.")
@@ -49,6 +81,12 @@ class TrainSection(Strict):
         default=0.05, ge=0, lt=1,
         description="Share of the steps with a linear learning-rate warmup.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field(
+        default=(0.9, 0.95), description="AdamW's (beta1, beta2).")
+    lora: LoraSection | None = Field(
+        default=None,
+        description="Train LoRA adapters instead of every weight (PEFT); null: full "
+                    "fine-tuning. {} takes the defaults below.")
     grad_clip: float = Field(
         default=1.0, gt=0, description="Gradients are clipped to this global norm.")
     gradient_checkpointing: bool = Field(
@@ -107,6 +145,11 @@ class TrainSection(Strict):
 
     @model_validator(mode="after")
     def _attention_fits_the_device(self) -> TrainSection:
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"train.adam_betas: {list(self.adam_betas)}: each must be in [0, 1)")
+        if self.rows_per_step is not None and self.grad_accum != 1:
+            raise ValueError("train.grad_accum: leave it at 1 with train.rows_per_step (each "
+                             "step's rows decide how many micro-batches it takes)")
         if not self.use_gpu and self.attention in ("flash_varlen", "flex"):
             raise ValueError(f"train.attention: {self.attention} needs a GPU (train.use_gpu: "
                              "true); on CPU use documents (or auto)")
