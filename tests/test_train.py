@@ -237,7 +237,8 @@ def test_torchrun_one_process_accumulating_matches_two_workers(zero2_run, tiny_m
 def torchrun_steps(cfg: Config, procs: int, fail_at: int | None = None
                    ) -> list[tuple[int, float, float]]:
     """A torchrun run of ``cfg`` in ``procs`` processes (no Ray), in its output folder's parent:
-    (step, loss, grad norm) of each step it logged; with ``fail_at``, failing after that step."""
+    (step, loss, grad norm) of each step it logged (the whole log is left in
+    ``torchrun.log`` there); with ``fail_at``, failing after that step."""
     import re
 
     folder = Path(cfg.run.output_dir).parent
@@ -252,6 +253,7 @@ def torchrun_steps(cfg: Config, procs: int, fail_at: int | None = None
          str(procs), "-m", "palign.train.loop", str(config_file)],
         env=env, cwd=folder, capture_output=True, text=True, timeout=600)
     log = run.stderr + run.stdout
+    (folder / "torchrun.log").write_text(log)
     if fail_at is None:
         assert run.returncode == 0, log[-3000:]
     else:

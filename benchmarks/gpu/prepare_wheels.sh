@@ -4,8 +4,8 @@
 # the folder along to the GPU machine (see benchmarks/gpu/README.md).
 #
 # The GPU machine (Python 3.12, torch, transformers, triton, numpy, pyyaml, pyarrow, psutil,
-# py-cpuinfo, msgpack, einops, ninja, packaging, tqdm) has no deepspeed, pydantic or hjson, and
-# no network. What palign's imported modules need there:
+# py-cpuinfo, msgpack, einops, ninja, packaging, tqdm) has no deepspeed, pydantic, hjson or peft,
+# and no network. What palign's imported modules need there:
 #   palign.train.data   torch (+ palign.core.prompts, palign.engines.base: standard library)
 #   palign.core.config       pyyaml, pydantic (-> pydantic-core, annotated-types, typing-inspection,
 #                       typing-extensions >= 4.16)
@@ -25,8 +25,9 @@ export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 DEEPSPEED="deepspeed==0.19.8"
 # Versions that palign's tests run with here; pydantic 2.14.4 pins pydantic-core 2.50.5 and needs
 # typing-extensions >= 4.16.0 (newer than what the GPU image may hold).
+# peft (train.lora, the --lora rows) needs accelerate, which the image may lack.
 PURE=(pydantic==2.14.4 annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0
-      typing-extensions==4.16.0)
+      typing-extensions==4.16.0 peft==0.21.2 accelerate==1.15.0)
 BINARY=(pydantic-core==2.50.5)
 
 "$PY" -m pip --version >/dev/null || { echo "no pip for $PY (set PYTHON=...)" >&2; exit 1; }
@@ -55,6 +56,8 @@ check 'annotated_types-*.whl' 'annotated-types'
 check 'typing_inspection-*.whl' 'typing-inspection'
 check 'hjson-*.whl' 'hjson'
 check 'typing_extensions-*.whl' 'typing-extensions'
+check 'peft-0.21.2-py3-none-any.whl' 'peft'
+check 'accelerate-1.15.0-py3-none-any.whl' 'accelerate'
 if unzip -l "$DEST"/deepspeed-*.whl | grep -q '\.so$'; then
     echo "deepspeed wheel holds compiled ops: it will not load on the GPU machine" >&2
     fail=1

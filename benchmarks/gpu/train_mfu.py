@@ -19,7 +19,15 @@ Micro-batch 4, one micro-batch per optimizer step. Modes:
 - ``palign-zero3``: ``palign`` under ZeRO-3; ``palign-gc``: ``palign`` with gradient
   checkpointing;
 - ``palign-long``: ``palign`` on one row of ``--long-seq`` tokens (32768; one sequence),
-  micro-batch 1, gradient checkpointing: whether a long reasoning sample fits, and its rate.
+  micro-batch 1, gradient checkpointing: whether a long reasoning sample fits, and its rate;
+- ``palign-lora``: ``palign`` with the paper's LoRA adapters (``train.lora``: r 16, alpha 16,
+  all linear layers; ``palign.train.lora.apply_lora``) and gradient checkpointing, ZeRO-2,
+  bf16; ``palign-lora-long``: the same on one ``--long-seq`` row (``--lora`` runs both on the
+  7B shape: the paper's one-GPU recipe).
+
+LoRA rows count the frozen base's forward and backward in ``mfu`` (6 N over every parameter,
+as a full fine-tuning row would), and ``mfu_lora`` counts only what LoRA computes (the frozen
+weights need no weight gradient: 4 N_base + 6 N_adapters).
 
 Settings a run needs are palign's config fields (``train.attention``, ``train.fused_optimizer``,
 ``train.deepspeed`` for DeepSpeed overrides, ``--deepspeed`` here): nothing is patched.
@@ -79,10 +87,19 @@ SHAPES: dict[str, dict[str, int]] = {
              "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": VOCAB},
     "1.5b": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
              "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": VOCAB},
+    # Qwen2.5-7B-Instruct's shape (untied head, vocab 152064): the paper's student, for LoRA
+    "7b": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+           "tie_word_embeddings": False},
     "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 4096},
 }
-MODES = ("palign", "plain", "palign-zero3", "palign-gc", "palign-long")
+MODES = ("palign", "plain", "palign-zero3", "palign-gc", "palign-long", "palign-lora",
+         "palign-lora-long")
+LORA_MODES = ("palign-lora", "palign-lora-long")
+LONG_MODES = ("palign-long", "palign-lora-long")
+# the paper's adapters (configs/paper/recipe.yaml): r 16, alpha 16 on every linear layer
+LORA = {"r": 16, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
 FORMULA = ("MFU = real tokens/s x (6 N + 12 L H S / 2) / peak; N = parameters (tied embeddings "
            "once), L = layers, H = hidden size, S = mean packed sequence length weighted by "
            "tokens (sum len^2 / sum len), /2 for the causal mask. mfu_notes (STACK-NOTES' "
@@ -136,7 +153,8 @@ def make_packs(n_rows: int, seq_len: int, layout: str, args: argparse.Namespace,
 def train_config(args: argparse.Namespace, mode: str, total_steps: int) -> Any:
     from palign.core.config import parse_config
 
-    long = mode == "palign-long"
+    long = mode in LONG_MODES
+    lora = mode in LORA_MODES
 
     return parse_config({
         "run": {"name": "bench-train-mfu", "output_dir": "runs/bench-unused",
@@ -151,8 +169,9 @@ def train_config(args: argparse.Namespace, mode: str, total_steps: int) -> Any:
             "dtype": "float32" if args.smoke else "bfloat16",
             "seq_len": args.long_seq if long else args.seq_len,
             "micro_batch_size": 1 if long else args.micro_batch, "grad_accum": 1,
-            "max_steps": total_steps, "gradient_checkpointing": mode in ("palign-gc",
-                                                                         "palign-long"),
+            "max_steps": total_steps,
+            "gradient_checkpointing": mode in ("palign-gc", "palign-long") or lora,
+            "lora": LORA if lora else None,
             "loss_chunk_size": args.loss_chunk_size,
             "deepspeed": json.loads(args.deepspeed) if args.deepspeed else {},
         },
@@ -165,8 +184,8 @@ def build_model(shape: str, dtype: Any, device: Any, checkpointing: bool, attn: 
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    cfg = Qwen2Config(tie_word_embeddings=True, max_position_embeddings=32768,
-                      rms_norm_eps=1e-6, use_cache=False, **SHAPES[shape])
+    cfg = Qwen2Config(**{"tie_word_embeddings": True, "max_position_embeddings": 32768,
+                         "rms_norm_eps": 1e-6, "use_cache": False, **SHAPES[shape]})
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
@@ -245,6 +264,12 @@ def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]
         attn = implementation(tc.attention, device)
     dtype = torch.float32 if args.smoke else torch.bfloat16
     model = build_model(shape, dtype, device, tc.gradient_checkpointing, attn)
+    n_adapters = 0
+    if tc.lora is not None:  # as load_student does it
+        from palign.train.lora import apply_lora, parameter_counts
+
+        model = apply_lora(model, tc.lora)
+        n_adapters, _ = parameter_counts(model)
     n_params = sum(p.numel() for p in model.parameters())
     mc = model.config
     optimizer: Any = None
@@ -257,7 +282,7 @@ def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]
     init_s = time.perf_counter() - t0
 
     # plain: unpacked rows (one sequence each); palign-long: one long sequence per step
-    layout = "full" if mode in ("plain", "palign-long") else args.layout
+    layout = "full" if mode in ("plain", *LONG_MODES) else args.layout
     packs, data_stats = make_packs(total * tc.micro_batch_size, tc.seq_len, layout, args,
                                    mc.vocab_size)
     steps: list[dict[str, float]] = []
@@ -302,8 +327,8 @@ def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]
     slot_rate = sum(s["slots"] for s in steps) / secs
     layers, hidden = mc.num_hidden_layers, mc.hidden_size
     s_eff = sum(n * n for n in timed_lens) / sum(timed_lens)
-    attn = 12 * layers * hidden * s_eff / 2
-    fpt = 6 * n_params + attn
+    attn_flops = 12 * layers * hidden * s_eff / 2
+    fpt = 6 * n_params + attn_flops
     peak = args.peak_tflops * 1e12
     row: dict[str, Any] = {
         "shape": shape, "mode": mode, "layout": layout, "status": "ok",
@@ -321,8 +346,11 @@ def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]
         "supervised_tokens_per_s": sum(s["supervised"] for s in steps) / secs,
         "seq_len_token_weighted": s_eff,
         "mean_seq_len": sum(timed_lens) / len(timed_lens),
-        "attn_flops_per_token": attn, "flops_per_token": fpt,
+        "attn_flops_per_token": attn_flops, "flops_per_token": fpt,
         "mfu": real_rate * fpt / peak,
+        "adapter_params": n_adapters,
+        "mfu_lora": (real_rate * (4 * (n_params - n_adapters) + 6 * n_adapters + attn_flops)
+                     / peak if n_adapters else None),
         "mfu_notes": slot_rate * (6 * n_params + 12 * layers * hidden * tc.seq_len) / peak,
         "step_s_median": statistics.median(s["seconds"] for s in steps),
         "step_s": [round(s["seconds"], 4) for s in steps],
@@ -479,6 +507,13 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out[f"{shape}_palign_over_plain_tokens_per_s"] = ratio
             out[f"{shape}_goal_met"] = ratio >= 1.0
     for r in rows:
+        if r["mode"] == "palign-lora-long":
+            out[f"{r['shape']}_lora_long_row_fits"] = r["status"] == "ok"
+            if r["status"] == "ok":
+                out[f"{r['shape']}_lora_long_row_peak_alloc_gib"] = r.get("peak_mem_alloc_gib")
+        if r["mode"] == "palign-lora" and r["status"] == "ok":
+            out[f"{r['shape']}_lora_tokens_per_s"] = r["tokens_per_s"]
+            out[f"{r['shape']}_lora_goal_10k_met"] = r["tokens_per_s"] >= 10_000
         if r["mode"] == "palign-long":
             out[f"{r['shape']}_long_row_fits"] = r["status"] == "ok"
             if r["status"] == "ok":
@@ -490,11 +525,12 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def output_path(args: argparse.Namespace) -> Path:
     if args.out:
         return Path(args.out)
+    name = "train_lora" if args.lora else "train_mfu"
     if os.environ.get("OUT"):
-        return Path(os.environ["OUT"]) / "train_mfu.json"
+        return Path(os.environ["OUT"]) / f"{name}.json"
     if args.smoke:
-        return Path(tempfile.gettempdir()) / "train_mfu_smoke.json"
-    return ROOT / "benchmarks" / "results" / "train_mfu_gpu.json"
+        return Path(tempfile.gettempdir()) / f"{name}_smoke.json"
+    return ROOT / "benchmarks" / "results" / f"{name}_gpu.json"
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -514,6 +550,9 @@ def print_table(report: dict[str, Any]) -> None:
               f"{_fmt(r.get('seq_len_token_weighted'), '6.0f')} "
               f"{_fmt(r.get('peak_mem_alloc_gib'), '9.1f')} "
               f"{_fmt(r.get('peak_mem_reserved_gib'), '8.1f')}")
+        if r.get("mfu_lora") is not None:
+            print(f"      LoRA: {r['adapter_params']:,} adapter parameters; MFU counting only "
+                  f"what LoRA computes (4 N_base + 6 N_adapters): {r['mfu_lora']:.3f}")
         if r.get("error"):
             print(f"      {r['error'][:300]}")
     for key, value in report["goals"].items():
@@ -548,6 +587,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="JSON for train.deepspeed: merged over palign's DeepSpeed config")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU check (fp32, gloo)")
+    ap.add_argument("--lora", action="store_true",
+                    help="the paper's one-GPU LoRA recipe instead: the 7B shape, modes "
+                         "palign-lora (4 x 4096 packed) and palign-lora-long (1 x 32768)")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT or results/)")
     ap.add_argument("--child", nargs=3, metavar=("SHAPE", "MODE", "RESULT"),
                     help=argparse.SUPPRESS)
@@ -556,6 +598,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
            "warmup": 3, "steps": 15, "long_seq": 32768, "long_shapes": "1.5b"}
     small = {"shapes": "tiny", "modes": ",".join(MODES), "seq_len": 512, "micro_batch": 2,
              "warmup": 1, "steps": 2, "long_seq": 2048, "long_shapes": ""}
+    if args.lora:  # the 7B shape: model set-up is most of a row's time, so fewer steps
+        big = {**big, "shapes": "7b", "modes": ",".join(LORA_MODES), "warmup": 2, "steps": 5,
+               "long_shapes": ""}
+        small = {**small, "modes": ",".join(LORA_MODES)}
     for key, value in (small if args.smoke else big).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -12,13 +12,17 @@ The parts, one job each (none of them imports Ray but ``ray_backend``):
 - ``model``: the student in its dtype with document-aware attention (``attention``), and the
   ``LossModule`` DeepSpeed wraps;
 - ``engine``: the DeepSpeed engine, the (fused) AdamW and the learning-rate schedule;
-- ``steps``: the step plan: which units each rank's micro-batches hold at each step;
+- ``steps``: the step plan: which units each rank's micro-batches hold at each step (or, with
+  ``train.rows_per_step``, which rows each step takes), and ``batches``: those micro-batches
+  read and collated for this rank;
+- ``lora``: LoRA adapters with ``train.lora`` (applied by ``model``), and their export;
 - ``checkpoints``: what a checkpoint holds, saved and restored;
 - this module: the steps themselves.
 
 What one worker does:
 
-1. Loads the tokenizer and the student (``palign.train.model``).
+1. Loads the tokenizer and the student (``palign.train.model``; with ``train.lora``, PEFT's model
+   with the base frozen) and logs its trainable and total parameters.
 2. Opens the prepared units (``palign.train.prepare``: the align stage's rows tokenised with
    ``example_from_row``'s masks and packed into rows of ``seq_len`` tokens, or with ``packing:
    false`` one right-padded example per unit, once, before the workers start; under torchrun
@@ -26,19 +30,23 @@ What one worker does:
    parts of the unit table that list them, by ranged reads, from any storage.
 3. Plans the steps (``palign.train.steps.StepPlan``): each epoch a seeded permutation of the
    units; rank ``r``'s micro-batch ``m`` of a step is a fixed slice of it; the last step of an
-   epoch wraps, so no unit is dropped; ``max_steps`` caps the total.
+   epoch wraps, so no unit is dropped; ``max_steps`` caps the total. With
+   ``train.rows_per_step`` (``RowPlan``) a step is that many rows of the epoch's order (the last
+   one the rest), packed into bins per step and dealt to the ranks (``palign.train.batches``).
 4. Builds the DeepSpeed engine (``palign.train.engine``).
 5. Runs the steps (``train_step``). The loss of a step is the mean over every supervised token
    of the global batch (all micro-batches of all ranks), as one large batch would give. Each
    rank reads its micro-batches of the step first and counts their supervised and real tokens;
-   one all-reduce of those two numbers gives the step's global token count ``T``. A micro-batch
-   back-propagates ``token_loss_sum * dp_world * grad_accum / T``, which DeepSpeed divides by
-   ``grad_accum`` and averages over the ``dp_world`` data-parallel ranks (under sequence
-   parallelism the slices of a row add up): the gradient is that of ``sum(all token losses) /
-   T``. The reported ``loss`` is the same quantity (a second all-reduce, of the loss sums).
+   one all-reduce of those numbers gives the step's global token count ``T``. A micro-batch
+   back-propagates ``token_loss_sum * dp_world / T`` (DeepSpeed told not to rescale it for
+   accumulation; the step's last micro-batch is the accumulation boundary), which DeepSpeed
+   averages over the ``dp_world`` data-parallel ranks (under sequence parallelism the slices of
+   a row add up): the gradient is that of ``sum(all token losses) / T``. The reported ``loss``
+   is the same quantity (a second all-reduce, of the loss sums).
 6. Every ``report_every`` steps publishes loss, lr, grad_norm, tokens_per_s (real, non-padding
-   input tokens of all ranks per second), epoch, step and packing_efficiency. Every
-   ``checkpoint_every`` steps and at the end, saves a checkpoint (``palign.train.checkpoints``)
+   input tokens of all ranks per second), the step's rows and tokens, epoch, step,
+   packing_efficiency and the parameter counts. Every ``checkpoint_every`` steps and at the
+   end, saves a checkpoint (``palign.train.checkpoints``; a LoRA run's holds no frozen weight)
    and publishes it with the metrics.
 7. On start, the backend's checkpoint to resume from restores weights, optimizer, scheduler, RNG
    states and the data position, and training continues with the next step; since the data
@@ -46,7 +54,9 @@ What one worker does:
    uninterrupted run would. On another number of workers (same global batch) the checkpoint is
    converted to a DeepSpeed universal checkpoint first (``palign.train.checkpoints``).
 8. At the end, exports the full weights (``palign.train.export.export_model``) to
-   ``<output_dir>/train/model/``; the final report carries the loss history and a summary.
+   ``<output_dir>/train/model/``; a LoRA run writes its adapter to ``<output_dir>/train/adapter/``
+   and the base with the adapter merged to ``train/model/`` (``palign.train.lora``). The final
+   report carries the loss and rows history and a summary.
 
 Fault injection for tests: with ``PALIGN_TRAIN_FAIL_AT_STEP=N`` in the workers' environment every
 rank raises right after step N (and its checkpoint, if any), but only in a run that started
