@@ -1,5 +1,7 @@
 """The align stage's row logic with the real grader; continuations are scripted so the expected
-grades are known (the real engines run in test_pipeline.py)."""
+grades are known (the real engines run in test_pipeline.py): grading, the drop_wrong policy,
+gold answers found in worked solutions of the kinds s1K-1.1 holds, uncheckable rows, and the
+plain-SFT target (the teacher's own text)."""
 
 import pytest
 
@@ -94,3 +96,63 @@ def test_drop_wrong_uses_the_configured_mode(grader):
                           AlignSection(policy="drop_wrong", extract="flexible"))
     assert [o.ok for o in strict] == [False, False, True]
     assert [o.ok for o in flexible] == [True, True, True]
+
+
+# Worked solutions as s1K-1.1's `solution` column holds them, and the final answer each gives.
+SOLUTIONS = {
+    "boxed": ("Let $x$ be the side. Then $x^2 = 49$, so the answer is $x = \\boxed{7}$.",
+              "7", "boxed"),
+    "final line": ("We count the cases: 3 + 4 + 5 = 12 arrangements.\n\nAnswer: 12", "12",
+                   "answer phrase"),
+    "final answer is": ("Summing the series gives 1/2.\nThe final answer is $\\frac{1}{2}$.",
+                        "\\frac{1}{2}", "answer phrase"),
+    "proof": ("Suppose $n$ is odd, so $n = 2k + 1$. Then $n^2 = 4k^2 + 4k + 1$, which is odd. "
+              "Hence the claim holds for every odd $n$. $\\blacksquare$", None, "none"),
+    "bare expression": ("Expanding, we get $a^2 + 2ab + b^2$, as required.", None, "none"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SOLUTIONS))
+def test_a_worked_solutions_final_answer_is_found(grader, kind):
+    text, answer, source = SOLUTIONS[kind]
+    assert grader.final_answer(text) == (answer, source)
+
+
+def solution_rows():
+    return [{"id": kind, "question": "Q?", "answer": text, "prefix": "Start."}
+            for kind, (text, _, _) in SOLUTIONS.items()]
+
+
+def test_gold_from_solutions_counts_right_wrong_and_uncheckable(grader):
+    texts = ["So \\boxed{7}.", "So \\boxed{11}.", "So \\boxed{0.5}.", "Done.", "Done."]
+    keep = align_rows(solution_rows(), ScriptedStudent(texts), grader,
+                      AlignSection(gold="solution", policy="drop_wrong"))
+    by_id = {o.id: o for o in keep}
+    assert by_id["boxed"].record["answer_correct"] is True
+    assert by_id["boxed"].record["gold_answer"] == "7"
+    assert by_id["final answer is"].record["gold_source"] == "answer phrase"
+    assert not by_id["final line"].ok and "gold '12'" in by_id["final line"].reason
+    for kind in ("proof", "bare expression"):  # kept, unchecked (align.uncheckable: keep)
+        rec = by_id[kind].record
+        assert rec["answer_correct"] is None and rec["grade_status"] == "no_gold"
+    reject = align_rows(solution_rows(), ScriptedStudent(texts), grader,
+                        AlignSection(gold="solution", uncheckable="reject"))
+    assert [o.ok for o in reject] == [True, True, True, False, False]
+    assert reject[3].kind == "row" and reject[3].reason.startswith("uncheckable")
+
+
+class NoEngine:
+    def generate(self, chats, sampling):
+        raise AssertionError("the plain-SFT target runs no engine")
+
+
+def test_teacher_target_is_the_teachers_own_text(grader):
+    rows = [{"id": "a", "question": "2*24?", "answer": "48", "prefix": "Double 24 is 48.",
+             "attempt": "The answer is $\\boxed{48}$."},
+            {"id": "b", "question": "2*24?", "answer": "48", "prefix": "It is 49, \\boxed{49}."}]
+    out = align_rows(rows, NoEngine(), grader, AlignSection(target="teacher"))
+    a, b = (o.record for o in out)
+    assert a["target"] == "Double 24 is 48.\n\nThe answer is $\\boxed{48}$."
+    assert "Draft" not in a["target"] and a["continuation"] is None
+    assert a["answer_correct"] and a["answer_source"] == "teacher"
+    assert b["target"] == "It is 49, \\boxed{49}." and b["answer_correct"] is False

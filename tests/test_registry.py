@@ -42,6 +42,11 @@ def test_summary_statistics_come_from_the_index_columns():
     assert stats["mean_sentence_ratio"] == 0.5 and stats["probes_per_example"] == 2
     align = REGISTRY["align"]
     assert align.stats(align.index_values([{"answer_correct": True, "continuation_tokens": 8},
-                                           {"answer_correct": False}])) == {
-        "answer_correct_share": 0.5, "mean_continuation_tokens": 4.0}
+                                           {"answer_correct": False},
+                                           {"answer_correct": None}])) == {
+        "answer_correct_share": 1 / 3, "kept_right": 1, "kept_wrong": 1, "kept_unchecked": 1,
+        "mean_continuation_tokens": 8 / 3}
+    assert align.reject_stats(["wrong answer: predicted '1', gold '2'", "uncheckable: ...",
+                               "student: prompt too long"], 7) == {
+        "dropped_wrong": 1, "rejected_uncheckable": 1, "retention": 0.7}
     assert all(s.stats(s.index_values([])) == {} for s in REGISTRY.values())

@@ -27,6 +27,13 @@ Two ways to find the model's answer (the extraction mode of a check):
 
 The gold answer is the same for both: parsed as given if it already contains ``$`` or
 ``\\boxed``, else wrapped as ``$<gold>$``.
+
+A gold answer given as a worked solution (``data.gold: solution``, s1K-1.1's ``solution``
+column) is first reduced to its final answer (``Grader.final_answer``): the last box's content;
+else what math-verify extracts after an answer phrase ("the final answer is 12", "Answer: 12",
+its anchored extraction, in the worker under the time limit); else none. Not math-verify's
+unanchored fallback: on a proof it would take the last expression of the text, which is not an
+answer.
 """
 
 from __future__ import annotations
@@ -51,11 +58,13 @@ STATUS_OK = "ok"
 STATUS_NO_ANSWER = "no_answer"
 STATUS_TIMEOUT = "timeout"
 STATUS_ERROR = "error"
+STATUS_UNCHECKED = "no_gold"  # no gold answer to check against (a proof's solution)
 
 ExtractMode = Literal["strict", "flexible"]
 STRICT: ExtractMode = "strict"
 FLEXIBLE: ExtractMode = "flexible"
 EXTRACT_MODES: tuple[ExtractMode, ...] = (STRICT, FLEXIBLE)
+ANCHORED = "anchored"  # the worker's job of finding a solution's final answer after a phrase
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
@@ -127,6 +136,13 @@ def _flexible_text(parsed: list[Any]) -> str:
 def _check(math_verify: Any, mode: str, text: str, gold: str) -> tuple[str, bool, str, str | None]:
     """One comparison, inside the worker. ``text`` is the last box's content (strict) or the
     whole output (flexible). Returns (status, correct, detail, flexible's extracted text)."""
+    if mode == ANCHORED:  # a worked solution's final answer: after an answer phrase only
+        configs = [math_verify.LatexExtractionConfig(try_extract_without_anchor=False),
+                   math_verify.ExprExtractionConfig(try_extract_without_anchor=False)]
+        found = math_verify.parse(text, extraction_config=configs, parsing_timeout=None)
+        if not found:
+            return STATUS_NO_ANSWER, False, "no answer phrase in the solution", None
+        return STATUS_OK, True, "", _flexible_text(found)
     gold_parsed = math_verify.parse(_gold_for_parsing(gold), parsing_timeout=None)
     if not gold_parsed:
         return STATUS_ERROR, False, f"gold answer could not be parsed: {gold!r}", None
@@ -331,6 +347,22 @@ class Grader:
             log.warning("grading (%s) error (pred %.80r, gold %.80r): %s",
                         mode, predicted, gold, detail)
         return Grade(correct=correct and status == STATUS_OK, status=status, predicted=predicted)
+
+    def final_answer(self, solution: str) -> tuple[str | None, str]:
+        """The final answer of a worked solution, and where it was found: ``"boxed"`` (the
+        last box's content), ``"answer phrase"`` (math-verify's extraction after "the answer
+        is", "Answer:" and the like), or ``(None, "none")`` (a proof, say), also when that
+        extraction times out. Raises GraderUnavailable when the worker cannot start."""
+        if not isinstance(solution, str) or not solution.strip():
+            return None, "none"
+        boxed = last_boxed(solution)
+        if boxed is not None and boxed.strip():
+            return boxed.strip(), "boxed"
+        with self._lock:
+            status, _, _, found = self._run_check(ANCHORED, solution, "")
+        if status == STATUS_OK and found:
+            return found, "answer phrase"
+        return None, "none"
 
     def grade_both(self, output: str, gold: str) -> tuple[Grade, Grade]:
         """The (strict, flexible) grades of one output: two checks, each with its own time

@@ -1,7 +1,8 @@
 """Reading problems: JSONL, Parquet or a `datasets` folder (local or on object storage), row by
 row, never crashing on a row.
 
-Each source row becomes a problem record ``{id, question, answer, cot}`` (``cot`` is None when
+Each source row becomes a problem record ``{id, question, answer, cot}`` (plus ``attempt`` when
+``data.fields.attempt`` names the teacher's answer column) (``cot`` is None when
 the data has none), or a reject with the id (or the row's position) and the reason. Reading row
 by row, rather than through a columnar reader, is what lets one malformed row be rejected alone
 instead of failing the whole file.
@@ -252,11 +253,17 @@ def validate_row(pos: str, raw: Any, data: DataSection) -> dict[str, Any] | Reje
             row_id, f"CoT has {len(cot)} characters, over data.max_cot_chars={data.max_cot_chars}",
             raw,
         )
-    for name, value in ((f.answer, answer), (f.cot, cot)):
+    attempt = raw.get(f.attempt) if f.attempt else None
+    if attempt is not None and not isinstance(attempt, str):
+        return Rejected(row_id, f"field {f.attempt!r} is not a string", raw)
+    for name, value in ((f.answer, answer), (f.cot, cot), (f.attempt, attempt)):
         if isinstance(value, str) and not _is_unicode(value):
             return Rejected(row_id, f"field {name!r} holds a lone surrogate (not valid Unicode)",
                             raw)
-    return {"id": row_id, "question": question, "answer": answer.strip(), "cot": cot}
+    record = {"id": row_id, "question": question, "answer": answer.strip(), "cot": cot}
+    if f.attempt:  # only when the data names one: other records keep their four fields
+        record["attempt"] = attempt.strip() if attempt and attempt.strip() else None
+    return record
 
 
 def _is_unicode(text: str) -> bool:

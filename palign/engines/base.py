@@ -18,7 +18,7 @@ from palign.core.prompts import Chat
 class Sampling:
     """Decoding settings shared by both backends."""
 
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # None: until the context is full (max_model_len - prompt)
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -96,20 +96,23 @@ def prompt_token_ids(tokenizer: Any, chat: Chat,
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def fit_prompt(tokenizer: Any, chat: Chat, new_tokens: int, max_model_len: int,
+def fit_prompt(tokenizer: Any, chat: Chat, new_tokens: int | None, max_model_len: int,
                row: Completion | LabelScores,
                template_kwargs: Mapping[str, Any] | None = None) -> list[int] | None:
-    """The prompt token ids of ``chat`` when they and ``new_tokens`` fit the context, else None.
+    """The prompt token ids of ``chat`` when they and ``new_tokens`` fit the context, else None;
+    ``new_tokens`` None: the output may take whatever the prompt leaves of the context (at
+    least one token), as vLLM does when max_tokens is left to the context.
 
     Sets ``row.prompt_tokens``; a row that does not fit gets its ``error`` (and a completion its
     ``finish_reason`` "error").
     """
     ids = prompt_token_ids(tokenizer, chat, template_kwargs)
     row.prompt_tokens = len(ids)
-    if len(ids) + new_tokens <= max_model_len:
+    if len(ids) + (new_tokens or 1) <= max_model_len:
         return ids
+    wanted = f"{new_tokens} new" if new_tokens else "at least 1 new (up to the context)"
     row.error = (
-        f"prompt too long: {len(ids)} tokens + {new_tokens} new"
+        f"prompt too long: {len(ids)} tokens + {wanted}"
         f" > max_model_len {max_model_len}"
     )
     if isinstance(row, Completion):
@@ -117,7 +120,7 @@ def fit_prompt(tokenizer: Any, chat: Chat, new_tokens: int, max_model_len: int,
     return None
 
 
-def fit_prompts(tokenizer: Any, chats: list[Chat], new_tokens: int, max_model_len: int,
+def fit_prompts(tokenizer: Any, chats: list[Chat], new_tokens: int | None, max_model_len: int,
                 rows: Sequence[Completion | LabelScores],
                 template_kwargs: Mapping[str, Any] | None = None
                 ) -> list[tuple[int, list[int]]]:
@@ -129,6 +132,13 @@ def fit_prompts(tokenizer: Any, chats: list[Chat], new_tokens: int, max_model_le
         if ids is not None:
             fitting.append((i, ids))
     return fitting
+
+
+def new_token_budget(sampling: Sampling, prompt_tokens: int, max_model_len: int) -> int:
+    """How many tokens an output may take: ``sampling.max_tokens``, or (None) what the prompt
+    leaves of the context."""
+    left = max_model_len - prompt_tokens
+    return left if sampling.max_tokens is None else min(sampling.max_tokens, left)
 
 
 def label_first_tokens(tokenizer: Any, labels: list[str]) -> list[int]:

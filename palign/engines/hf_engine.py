@@ -20,6 +20,7 @@ from palign.engines.base import (
     Sampling,
     fit_prompts,
     label_first_tokens,
+    new_token_budget,
 )
 from palign.engines.dtypes import torch_dtype
 
@@ -71,19 +72,23 @@ class TransformersEngine:
                            results, self.spec.chat_template_kwargs)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)  # the same call then draws the same samples
-        config = self._generation_config(sampling)
         for chunk in self._chunks(rows):
+            # each row's own budget (up to the context: what its prompt leaves); the chunk runs
+            # to the largest, and each row is cut to its own
+            budgets = [new_token_budget(sampling, len(ids), self.spec.max_model_len)
+                       for _, ids in chunk]
+            config = self._generation_config(sampling, max(budgets))
             new_tokens = self._generate_chunk([ids for _, ids in chunk], config)
-            for (i, _), tokens in zip(chunk, new_tokens):
-                self._fill(results[i], tokens, sampling)
+            for (i, _), tokens, budget in zip(chunk, new_tokens, budgets):
+                self._fill(results[i], tokens[:budget], budget)
         return results
 
-    def _generation_config(self, sampling: Sampling) -> Any:
+    def _generation_config(self, sampling: Sampling, max_new_tokens: int) -> Any:
         from transformers import GenerationConfig
 
         sample = sampling.temperature > 0
         return GenerationConfig(
-            max_new_tokens=sampling.max_tokens,
+            max_new_tokens=max_new_tokens,
             do_sample=sample,
             temperature=sampling.temperature if sample else 1.0,
             top_p=sampling.top_p if sample else 1.0,
@@ -101,7 +106,7 @@ class TransformersEngine:
         )
         return out[:, input_ids.shape[1] :].tolist()
 
-    def _fill(self, result: Completion, tokens: list[int], sampling: Sampling) -> None:
+    def _fill(self, result: Completion, tokens: list[int], budget: int) -> None:
         # A finished row is padded to the batch's length; its own tokens end at the first
         # end token (kept in the count, as vLLM counts it) or pad.
         ends = set(self.eos_ids) | {self.pad_id}
@@ -113,7 +118,7 @@ class TransformersEngine:
             result.finish_reason = "stop"
         else:
             result.completion_tokens = len(own)
-            result.finish_reason = "length" if len(own) >= sampling.max_tokens else "stop"
+            result.finish_reason = "length" if len(own) >= budget else "stop"
         result.text = self.tokenizer.decode(own, skip_special_tokens=True)
 
     # -- label scores -------------------------------------------------------------------

@@ -24,6 +24,7 @@ from palign.engines.base import (
     fit_prompt,
     fit_prompts,
     label_first_tokens,
+    new_token_budget,
     prompt_token_ids,
 )
 from palign.engines.dtypes import torch_dtype
@@ -162,19 +163,20 @@ class VLLMEngine:
                               self.spec.max_model_len, results, self.spec.chat_template_kwargs)
         if not fitting:
             return results
-        params = [self._sampling_params(sampling, i) for i, _ in fitting]
+        params = [self._sampling_params(sampling, i, len(ids)) for i, ids in fitting]
         for (i, _), out in zip(fitting, self._run(fitting, params)):
             _fill_completion(results[i], out)
         return results
 
-    def _sampling_params(self, sampling: Sampling, index: int) -> Any:
+    def _sampling_params(self, sampling: Sampling, index: int, prompt_tokens: int) -> Any:
         from vllm import SamplingParams
 
         return SamplingParams(
             temperature=sampling.temperature,
             top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
             repetition_penalty=sampling.repetition_penalty,
-            max_tokens=sampling.max_tokens,
+            # max_tokens None: what the prompt leaves of the context
+            max_tokens=new_token_budget(sampling, prompt_tokens, self.spec.max_model_len),
             # One seed per row: the call is reproducible, yet duplicated prompts (pass@k)
             # still draw different samples. Not on CPU: there, a seeded request whose
             # prefill is split across steps crashes vLLM 0.32 ("CPU Generator does not use
@@ -241,12 +243,13 @@ class VLLMEngine:
             new_tokens = 1
         else:
             result = Completion()
-            params = self._sampling_params(arg, index)
             new_tokens = arg.max_tokens
         ids = fit_prompt(self.tokenizer, chat, new_tokens, self.spec.max_model_len, result,
                          self.spec.chat_template_kwargs)
         if ids is None:
             return result, None, None
+        if kind != "score":
+            params = self._sampling_params(arg, index, len(ids))
         params.output_kind = RequestOutputKind.FINAL_ONLY  # one output, when it is done
         return result, TokensPrompt(prompt_token_ids=ids), params
 

@@ -9,6 +9,7 @@ import time
 
 from palign.core import storage
 from palign.core.config import Config, EvalModel
+from palign.core.failures import StageFailed
 from palign.core.shards import count_rows, done_index, reject_reasons
 from palign.runtime.dataplane import Plan, plan
 from palign.runtime.runner import (
@@ -78,12 +79,16 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
             summary.rows_out += count_rows(out)
             summary.reasons += reject_reasons(out)
     summary.rejected = len(summary.reasons)
-    results = write_results(cfg.run.output_dir, cfg.run.name)
+    # too many rejects (every prompt too long, say) fail the run with their reasons first
+    summary.check_rejects("evaluate.max_reject_share", cfg.evaluate.max_reject_share)
+    try:
+        results = write_results(cfg.run.output_dir, cfg.run.name)
+    except ValueError as err:  # nothing to score: a failed run (exit 1), not a bad config
+        raise StageFailed(f"evaluate: {err}") from err
     for label, per_bench in results.metrics.items():
         for bench, metrics in per_bench.items():
             summary.stats[f"{label}.{bench}.pass@1"] = metrics["pass@1"]
     summary.report = str(results.results_md)
     summary.stats.update(engine_stats(summary.engine))
     summary.wall_s = time.time() - start
-    summary.check_rejects("evaluate.max_reject_share", cfg.evaluate.max_reject_share)
     return summary

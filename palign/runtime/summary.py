@@ -58,6 +58,7 @@ def fill_totals(summary: StageSummary, out_dir: str) -> None:
     summary.reasons = reject_reasons(out_dir)
     summary.rejected = len(summary.reasons)
     summary.stats = definition.stats({c: _values(index[c]) for c in definition.index_columns})
+    summary.stats.update(definition.reject_stats(summary.reasons, summary.rows_out))
 
 
 def _values(column: Any) -> Any:

@@ -1,12 +1,17 @@
 """align: the student continues from the chosen prefix; the result is the training target.
 
 Output row: the truncate record plus continuation, target
-(``<Begin_of_Draft>{prefix}<End_of_Draft>\\n{continuation}``), predicted_answer, answer_correct,
-grade_status, answer_extract (the extraction mode, ``align.extract``: strict grades the last
-box, flexible math-verify's own extraction), answer_source (continuation or prefix: the
-continuation is graded first, the prefix when the continuation has no answer) and the
-continuation's token count. With ``align.policy: drop_wrong`` rows whose answer does not match
-the gold one go to rejects, with the reason.
+(``<Begin_of_Draft>{prefix}<End_of_Draft>\\n{continuation}``; with ``align.target: teacher`` the
+teacher's own text, no continuation), target_kind, gold_answer and gold_source (with
+``align.gold: solution`` the final answer found in a worked solution: boxed, answer phrase, or
+none), predicted_answer, answer_correct (None: no gold answer to check), grade_status,
+answer_extract (the extraction mode, ``align.extract``: strict grades the last box, flexible
+math-verify's own extraction), answer_source (continuation, prefix or teacher: the continuation
+is graded first, the prefix when the continuation has no answer) and the continuation's token
+count. With ``align.policy: drop_wrong`` (the paper's Eq. 9) rows whose answer does not match
+the gold one go to rejects, with the reason; rows without a gold answer are kept unchecked or
+rejected (``align.uncheckable``). The summary counts right, wrong and unchecked rows, those
+dropped, and the share kept.
 """
 
 from __future__ import annotations
@@ -15,16 +20,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from palign.core.config import AlignSection
-from palign.core.grading import Grader
+from palign.core.grading import STATUS_UNCHECKED, Grade, Grader
 from palign.core.prompts import align_chat, training_target
-from palign.engines.base import Engine
+from palign.engines.base import Completion, Engine
 from palign.stages.definition import Stage, field_tokens
 from palign.stages.generate import sampling_for
 from palign.stages.outcome import Outcome, rejected
 
 
 def align_rows(
-    rows: list[dict[str, Any]], engine: Engine, grader: Grader, cfg: AlignSection
+    rows: list[dict[str, Any]], engine: Engine | None, grader: Grader, cfg: AlignSection
 ) -> list[Outcome]:
     outcomes: dict[int, Outcome] = {}
     todo = []
@@ -33,60 +38,115 @@ def align_rows(
             outcomes[i] = rejected(row, "no prefix (run the truncate stage first)")
         else:
             todo.append(i)
-    chats = [align_chat(rows[i]["question"], rows[i]["prefix"]) for i in todo]
-    completions = engine.generate(chats, sampling_for(cfg)) if todo else []
-    for i, comp in zip(todo, completions):
-        row = rows[i]
-        if comp.error:
+    if cfg.target == "teacher":  # the teacher's own text: nothing for the student to write
+        texts = {i: teacher_text(rows[i]) for i in todo}
+        finished = {i: None for i in todo}
+    else:
+        assert engine is not None, "align.target: draft needs the student's engine"
+        chats = [align_chat(rows[i]["question"], rows[i]["prefix"]) for i in todo]
+        completions = engine.generate(chats, sampling_for(cfg)) if todo else []
+        finished = dict(zip(todo, completions))
+        texts = {i: c.text for i, c in finished.items()}
+    for i in todo:
+        row, comp = rows[i], finished[i]
+        if comp is not None and comp.error:
             outcomes[i] = rejected(row, f"student: {comp.error}")
             continue
-        # The target's final answer is graded: the continuation's, else the prefix's.
-        grade, source = grader.grade(comp.text, row["answer"], cfg.extract), "continuation"
-        if grade.status == "no_answer":
-            grade, source = grader.grade(row["prefix"], row["answer"], cfg.extract), "prefix"
-            if grade.status == "no_answer":
-                source = None
-        record = {
-            **row,
-            "continuation": comp.text,
-            "target": training_target(row["prefix"], comp.text),
-            "predicted_answer": grade.predicted,
-            "answer_correct": grade.correct,
-            "grade_status": grade.status,
-            "answer_extract": cfg.extract,
-            "answer_source": source,  # which part of the target held the graded answer
-            "continuation_tokens": comp.completion_tokens,
-            "continuation_finish": comp.finish_reason,
-        }
-        if cfg.policy == "drop_wrong" and not grade.correct:
-            outcomes[i] = rejected(
-                row, f"wrong answer: predicted {grade.predicted!r}, gold {row['answer']!r} "
-                     f"(grade status {grade.status})")
-        else:
-            outcomes[i] = Outcome(row["id"], record)
+        outcomes[i] = _graded(row, comp, texts[i], grader, cfg)
     return [outcomes[i] for i in range(len(rows))]
 
 
+def teacher_text(row: dict[str, Any]) -> str:
+    """The teacher's own text for ``row``: its (truncated) CoT, then its attempt if any."""
+    attempt = row.get("attempt")
+    return f"{row['prefix']}\n\n{attempt}" if attempt else row["prefix"]
+
+
+def _graded(row: dict[str, Any], comp: Completion | None, text: str, grader: Grader,
+            cfg: AlignSection) -> Outcome:
+    """The align record of one row: its target and its answer graded against the gold one
+    (found in a worked solution with ``align.gold: solution``), or its reject."""
+    gold, gold_source = row["answer"], "answer"
+    if cfg.gold == "solution":
+        gold, gold_source = grader.final_answer(row["answer"])
+    if gold is None:
+        if cfg.uncheckable == "reject":
+            return rejected(row, "uncheckable: no final answer found in the gold solution "
+                                 "(no \\boxed{}, no answer phrase)")
+        grade, source = Grade(correct=False, status=STATUS_UNCHECKED, predicted=None), None
+    elif cfg.target == "teacher":  # the attempt (or the CoT's end) holds the answer
+        grade, source = grader.grade(text, gold, cfg.extract), "teacher"
+    else:  # the target's final answer: the continuation's, else the prefix's
+        grade, source = grader.grade(text, gold, cfg.extract), "continuation"
+        if grade.status == "no_answer":
+            grade, source = grader.grade(row["prefix"], gold, cfg.extract), "prefix"
+    if grade.status == "no_answer":
+        source = None
+    checked = gold is not None
+    record = {
+        **row,
+        "continuation": comp.text if comp is not None else None,
+        "target": training_target(row["prefix"], text) if cfg.target == "draft" else text,
+        "target_kind": cfg.target,
+        "gold_answer": gold,
+        "gold_source": gold_source,  # answer (as given), boxed, answer phrase or none
+        "predicted_answer": grade.predicted,
+        "answer_correct": grade.correct if checked else None,
+        "grade_status": grade.status,
+        "answer_extract": cfg.extract,
+        "answer_source": source,  # which part of the target held the graded answer
+        "continuation_tokens": comp.completion_tokens if comp is not None else 0,
+        "continuation_finish": comp.finish_reason if comp is not None else None,
+    }
+    if cfg.policy == "drop_wrong" and checked and not grade.correct:
+        return rejected(row, f"wrong answer: predicted {grade.predicted!r}, gold {gold!r} "
+                             f"(grade status {grade.status})")
+    return Outcome(row["id"], record)
+
+
+def grade_of(record: Mapping[str, Any]) -> str:
+    """right, wrong or unchecked: what a kept record's answer was."""
+    correct = record.get("answer_correct")
+    return "unchecked" if correct is None else ("right" if correct else "wrong")
+
+
 def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
-    """The share of targets whose answer matched the gold one, and the continuations' length."""
-    n = len(columns.get("answer_correct", ()))
+    """How the targets' answers graded (right, wrong, unchecked: no gold answer found), and the
+    continuations' length."""
+    grades = list(columns.get("grade", ()))
+    n = len(grades)
     if not n:
         return {}
+    right, unchecked = grades.count("right"), grades.count("unchecked")
     return {
-        "answer_correct_share": sum(bool(v) for v in columns["answer_correct"]) / n,
+        "answer_correct_share": right / n,
+        "kept_right": right,
+        "kept_wrong": grades.count("wrong"),
+        "kept_unchecked": unchecked,
         "mean_continuation_tokens": float(sum(columns["continuation_tokens"])) / n,
     }
+
+
+def reject_stats(reasons: Sequence[str], kept: int) -> dict[str, float]:
+    """From the rejects: the rows dropped for a wrong answer (``policy: drop_wrong``, the
+    paper's Eq. 9) or an uncheckable gold, and the share of the stage's rows kept."""
+    dropped = sum(r.startswith("wrong answer") for r in reasons)
+    uncheckable = sum(r.startswith("uncheckable") for r in reasons)
+    total = kept + len(reasons)
+    return {"dropped_wrong": dropped, "rejected_uncheckable": uncheckable,
+            "retention": kept / total if total else 0.0}
 
 
 ALIGN = Stage(
     name="align",
     model=lambda cfg: cfg.models.student,
-    needs_engine=lambda cfg: True,
+    needs_engine=lambda cfg: cfg.align.target == "draft",
     grades=True,
     process=lambda rows, engine, grader, section: align_rows(rows, engine, grader, section),
     metrics=field_tokens("continuation_tokens"),
-    index=lambda r: {"answer_correct": bool(r.get("answer_correct")),
+    index=lambda r: {"grade": grade_of(r),
                      "continuation_tokens": int(r.get("continuation_tokens") or 0)},
-    index_columns=("answer_correct", "continuation_tokens"),
+    index_columns=("grade", "continuation_tokens"),
     stats=summary_stats,
+    reject_stats=reject_stats,
 )

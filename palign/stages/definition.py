@@ -70,6 +70,8 @@ class Stage:
     index_columns: tuple[str, ...] = ()
     # The summary statistics, from the index columns of all finished rows (column -> values).
     stats: Callable[[Mapping[str, Sequence[Any]]], dict[str, float]] = _no_stats
+    # More statistics from the rejects' reasons and the count of kept rows (align: dropped).
+    reject_stats: Callable[[Sequence[str], int], dict[str, float]] = lambda reasons, kept: {}
 
     def index_values(self, records: Sequence[Row]) -> dict[str, list[Any]]:
         """The index columns for these finished records, one value per record."""

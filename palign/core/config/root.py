@@ -26,6 +26,10 @@ from palign.core.config.stage_sections import (
 )
 from palign.core.config.train_section import TrainSection
 
+# The fewest tokens any stage's prompt takes (chat template, instruction, a short question):
+# an output budget must leave at least this much of the context.
+MIN_PROMPT_TOKENS = 64
+
 
 class Config(Strict):
     run: RunSection = Field(
@@ -63,6 +67,28 @@ class Config(Strict):
             raise ValueError("models.teacher: required when the data has no CoT field")
         if "evaluate" in self.run.stages and not self.evaluate.benchmarks:
             raise ValueError("evaluate.benchmarks: list at least one benchmark to evaluate on")
+        return self
+
+    @model_validator(mode="after")
+    def _outputs_fit_the_context(self) -> Config:
+        """Every engine stage's output budget must leave room in its context for a prompt,
+        or every row would be rejected: caught here, naming both fields."""
+        budgets = [("generate", "sampling.max_tokens", self.generate.sampling.max_tokens),
+                   ("align", "sampling.max_tokens", self.align.sampling.max_tokens),
+                   ("evaluate", "sampling.max_tokens", self.evaluate.sampling.max_tokens),
+                   ("truncate", "judge_max_tokens",
+                    self.truncate.judge_max_tokens if self.truncate.verdict == "generate" else 1)]
+        problems = []
+        for stage, field, new in budgets:
+            context = getattr(self, stage).engine.max_model_len
+            if new is not None and new + MIN_PROMPT_TOKENS > context:
+                problems.append(
+                    f"{stage}.{field}: {new} new tokens leave {context - new} of "
+                    f"{stage}.engine.max_model_len ({context}) for the prompt, under the "
+                    f"{MIN_PROMPT_TOKENS} the shortest prompt takes: raise max_model_len, lower "
+                    "max_tokens, or set it to null (up to the context)")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property
@@ -124,8 +150,15 @@ def _merge_engine(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _format_errors(err: ValidationError) -> str:
-    return format_problems(
-        f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors())
+    lines = []
+    for e in err.errors():
+        where, msg = ".".join(str(p) for p in e["loc"]), e["msg"]
+        if not where and e["type"] == "value_error":
+            # a check across sections: its message names each field itself, one per "; "
+            lines += msg.removeprefix("Value error, ").split("; ")
+        else:
+            lines.append(f"{where or '(top level)'}: {msg}")
+    return format_problems(lines)
 
 
 def parse_config(raw: Any) -> Config:

@@ -78,6 +78,11 @@ class FieldNames(ProblemColumns):
         default="cot",
         description="Column of the chain of thought; null: the data has none and the teacher "
                     "writes every CoT.")
+    attempt: str | None = Field(
+        default=None,
+        description="Column of the teacher's answer written after its CoT (s1K-1.1: "
+                    "deepseek_attempt); kept as the row's attempt. align.target: teacher trains "
+                    "on the CoT followed by it. Null: none.")
 
 
 class ProblemSource(Strict):

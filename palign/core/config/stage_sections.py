@@ -30,7 +30,11 @@ class _Rejects(Strict):
 
 
 class SamplingConfig(Strict):
-    max_tokens: int = Field(default=1024, ge=1, description="Most tokens generated per output.")
+    max_tokens: int | None = Field(
+        default=1024, ge=1,
+        description="Most tokens generated per output; null: up to the context (the output "
+                    "may take whatever the prompt leaves of the engine's max_model_len, as the "
+                    "paper's evaluation does).")
     temperature: float = Field(
         default=0.6, ge=0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(
@@ -85,6 +89,12 @@ class AlignSection(_Rejects):
     sampling: SamplingConfig = Field(
         default=SamplingConfig(),
         description="How the student continues from the prefix (the paper's 0.6 / 0.9 / 1.05).")
+    target: Literal["draft", "teacher"] = Field(
+        default="draft",
+        description="What the student trains on: draft, <Begin_of_Draft>{prefix}<End_of_Draft> "
+                    "then its own continuation (P-ALIGN; the student continues here); teacher, "
+                    "the teacher's own text, the CoT then its attempt (data.fields.attempt), no "
+                    "markers, no continuation (the paper's plain-SFT baseline; no engine runs).")
     policy: Literal["keep_all", "drop_wrong"] = Field(
         default="keep_all",
         description="keep_all keeps every row; drop_wrong drops rows whose graded answer is "
@@ -95,6 +105,16 @@ class AlignSection(_Rejects):
         default="strict",
         description="How the target's answer is found: strict, its last \\boxed{}; flexible, "
                     "math-verify's own extraction over the text (also unboxed numbers).")
+    gold: Literal["answer", "solution"] = Field(
+        default="answer",
+        description="What the data's answer column holds: answer, the final answer; solution, "
+                    "a worked solution (s1K-1.1's), whose final answer is its last \\boxed{}, "
+                    "else what math-verify extracts after an answer phrase (\"the answer is "
+                    "...\"), else none (a proof).")
+    uncheckable: Literal["keep", "reject"] = Field(
+        default="keep",
+        description="A row whose gold answer cannot be found (gold: solution): keep it, "
+                    "trained on unchecked, or reject it (kind row). The summary counts them.")
 
 
 class Benchmark(ProblemSource):
@@ -132,7 +152,7 @@ class EvaluateSection(_Rejects):
         description="The models under test, one results row each; labels are unique.")
     n: int = Field(default=3, ge=1, description="Samples per problem (the paper: 3).")
     sampling: SamplingConfig = Field(
-        default=SamplingConfig(max_tokens=4096, repetition_penalty=1.0),
+        default=SamplingConfig(max_tokens=None, repetition_penalty=1.0),
         description="How the models under test sample their answers.")
     grade_timeout_s: float = Field(
         default=5.0, gt=0, description="Seconds per answer check; past it the answer is wrong.")
