@@ -25,7 +25,8 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
     return out
 
 
-def _compare(paths: list[str], json_out: str | None) -> int:
+def _compare(paths: list[str], json_out: str | None, reference: str | None = None,
+             plot: str | None = None) -> int:
     import json
     from pathlib import Path
 
@@ -33,13 +34,31 @@ def _compare(paths: list[str], json_out: str | None) -> int:
 
     try:
         arms = load_arms(paths)
+        ref = None
+        if reference:
+            from palign.core.report.reference import load_reference
+
+            ref = load_reference(reference)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_comparison(arms))
+    merged = merge_arms(arms)
+    if ref is not None:
+        from palign.core.report.reference import format_reference, plot_reference, reference_rows
+
+        print("\n" + format_reference(arms, ref))
+        merged["reference"] = {"name": ref.get("name"), "rows": reference_rows(arms, ref)}
+        plot = plot or "compare_reference.png"
+        try:
+            if plot_reference(arms, ref, plot):
+                print(f"\nplot: {plot}")
+        except OSError as err:
+            print(f"error: cannot write {plot}: {err}", file=sys.stderr)
+            return 2
     if json_out:
         try:
-            Path(json_out).write_text(json.dumps(merge_arms(arms), indent=2) + "\n")
+            Path(json_out).write_text(json.dumps(merged, indent=2) + "\n")
         except OSError as err:
             print(f"error: cannot write {json_out}: {err}", file=sys.stderr)
             return 2
@@ -80,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("results", nargs="+",
                       help="a run's output_dir, its evaluate/ folder, or a results.json")
     comp.add_argument("--json", dest="json_out", help="also write the merged results here")
+    comp.add_argument("--reference", metavar="NAME_OR_FILE",
+                      help="also put each arm's numbers beside published ones, with the "
+                           "differences: 'paper' (P-ALIGN's table, with each number's source) "
+                           "or a reference JSON file")
+    comp.add_argument("--plot", help="with --reference: the bar chart's path "
+                                     "(default compare_reference.png)")
     args = parser.parse_args(argv)
     setup_driver_logging()
 
@@ -108,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
         return 0
     if args.command == "compare":
-        return _compare(args.results, args.json_out)
+        return _compare(args.results, args.json_out, args.reference, args.plot)
     try:
         cfg = load_config(args.config, _overrides(args.set))
     except ConfigError as err:

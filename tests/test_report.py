@@ -247,3 +247,36 @@ def test_rows_graded_before_flexible_grading_have_no_flexible_figures(tmp_path):
     mixed = [row("a", "math", "base", [sample(0, True)]),
              row("b", "math", "base", [sample(0, True, flexible=None)])]
     assert benchmark_metrics(mixed)["flexible"] is None
+
+
+def test_cli_compare_against_the_papers_numbers(tmp_path, capsys):
+    """Two small runs named as the paper preset's arms, on the paper's benchmark names: each
+    arm's flexible figures beside the paper's, the differences, the rows each arm trained on,
+    where each paper number comes from, and a plot."""
+    # palign: aime24 flexible pass@1 1/3, pass@3 1; sft: no reference rows in the paper file
+    three = [sample(0, True), sample(1, False), sample(2, False)]
+    palign = make_run(tmp_path / "palign", {("trained", "aime24"): [three, three]})
+    sft = make_run(tmp_path / "sft", {("trained", "aime24"): [three, three]})
+    ShardWriter(palign / "align").write([{"id": str(i)} for i in range(5)])
+    (palign / "train").mkdir()
+    (palign / "train" / "summary.json").write_text(json.dumps({"rows_used": 4}))
+    write_results(palign, "palign")
+    write_results(sft, "sft")
+    plot, merged = tmp_path / "ref.png", tmp_path / "merged.json"
+    assert main(["compare", str(palign), str(sft), "--reference", "paper", "--plot", str(plot),
+                 "--json", str(merged)]) == 0
+    out = capsys.readouterr().out
+    against = out.split("# Against ")[1]
+    row = next(line for line in against.splitlines()
+               if line.startswith("| palign") and "Table 1" in line)
+    # ours pass@1 | paper pass@1 | ours pass@3 | paper pass@3 | diff pass@1 | diff pass@3
+    assert "| 0.3333 | 0.1667 | 1.0000 | 0.2667 | +0.1666 | +0.7333 |" in row
+    assert "released outputs" in against and "No reference numbers for: sft" in against
+    assert "| palign | 5 | 4 |" in against  # aligned rows kept, rows trained on
+    assert "not verified against the paper" in against and "Not found:" in against
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+    rows = json.loads(merged.read_text())["reference"]["rows"]
+    assert {r["reference"] for r in rows} == {"P-ALIGN (Table 1, as transcribed)",
+                                              "P-ALIGN (authors' released outputs)"}
+    assert main(["compare", str(palign), "--reference", "nope"]) == 2
+    assert "neither a shipped reference" in capsys.readouterr().err

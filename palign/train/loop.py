@@ -285,7 +285,8 @@ def _run_steps(cfg: Config, engine: Any, source: StepSource, backend: Backend,
             checkpoints.save(engine, local, backend.rank, client_state,
                              adapters_only=tc.lora is not None)
             if is_last:
-                metrics.update(_finish(cfg, engine, tokenizer, backend, progress))
+                metrics.update(_finish(cfg, engine, tokenizer, backend, progress,
+                                       (prepared.rows_used, prepared.rows_rejected)))
             _log_step(backend, metrics, done, short)
             try:
                 backend.publish(cfg, metrics, local, done)
@@ -332,7 +333,9 @@ def _export(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
 
 
 def _finish(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
-            progress: _Progress) -> dict[str, Any]:
+            progress: _Progress, engine_rows: tuple[int, int]) -> dict[str, Any]:
+    """Export, then the run's summary (also ``<output_dir>/train/summary.json``);
+    ``engine_rows``: the rows trained on and those rejected by the preparation."""
     out = cfg.trained_model_dir()
     _export(cfg, engine, tokenizer, backend,
             {"train": cfg.train.model_dump(mode="json"), "steps": len(progress.losses),
@@ -345,6 +348,7 @@ def _finish(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
         "final_loss": progress.losses[-1] if progress.losses else None,
         "run_tokens_per_s": progress.tokens / progress.seconds if progress.seconds else 0.0,
         "model_dir": str(out),
+        "rows_used": engine_rows[0], "rows_rejected": engine_rows[1],
         **progress.params,
     }
     if cfg.train.lora is not None:

@@ -12,7 +12,7 @@ from palign.core import storage
 from palign.core.report.scores import benchmark_names, flexible_figures
 
 
-def _save_figure(fig: Any, path: Path | str) -> None:
+def save_figure(fig: Any, path: Path | str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     storage.write_bytes(path, buf.getvalue())
@@ -50,7 +50,7 @@ def plot_pass_at_1(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]], path:
     ax.set_title(f"{title}: pass@1 per benchmark (strict and flexible extraction)")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_prefix_ratio(prefix: Mapping[str, Any], path: Path | str, title: str) -> None:
@@ -71,4 +71,4 @@ def plot_prefix_ratio(prefix: Mapping[str, Any], path: Path | str, title: str) -
     ax.set_title(f"{title}: prefix ratios ({prefix['count']} rows)")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)

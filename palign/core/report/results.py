@@ -24,7 +24,7 @@ from palign.core.report.scores import (
     has_flexible,
     prefix_ratio_summary,
 )
-from palign.core.shards import REJECTS, read_index, read_rows
+from palign.core.shards import REJECTS, count_rows, read_index, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,11 @@ class Results:
     pass_at_1_png: Path | str | None
     prefix_ratio_png: Path | str | None
 
+    data: dict[str, Any] | None = None  # the rows the run's align kept and train used
+
     def to_json(self) -> dict[str, Any]:
         return {"format": RESULTS_FORMAT, "run_name": self.run_name, "models": self.metrics,
-                "prefix_ratio": self.prefix_ratio}
+                "prefix_ratio": self.prefix_ratio, "data": self.data}
 
 
 def _subdirs(folder: str) -> list[str]:
@@ -122,7 +124,7 @@ def write_results(output_dir: str | Path, run_name: str | None = None) -> Result
     prefix = prefix_ratio_summary(_prefix_ratios(storage.join(output_dir, TRUNCATE)))
 
     results = Results(
-        run_name=name, metrics=metrics, prefix_ratio=prefix,
+        run_name=name, metrics=metrics, prefix_ratio=prefix, data=_data_counts(output_dir),
         results_json=_at(eval_dir, RESULTS_JSON), results_md=_at(eval_dir, RESULTS_MD),
         samples_jsonl=samples_path, pass_at_1_png=_at(eval_dir, PASS_AT_1_PNG),
         prefix_ratio_png=_at(eval_dir, PREFIX_RATIO_PNG) if prefix else None)
@@ -136,6 +138,18 @@ def write_results(output_dir: str | Path, run_name: str | None = None) -> Result
         plot_prefix_ratio(prefix, stale, name)
     log.info("evaluation results for %d model(s) written to %s", len(metrics), eval_dir)
     return results
+
+
+def _data_counts(output_dir: str) -> dict[str, Any]:
+    """The rows this run's align stage kept and its train stage trained on (from the align
+    index and train/summary.json; None where the run has no such stage)."""
+    align = storage.join(output_dir, "align")
+    summary = storage.join(output_dir, "train", "summary.json")
+    train_rows = None
+    if storage.is_file(summary):
+        train_rows = json.loads(storage.read_text(summary)).get("rows_used")
+    return {"align_rows": count_rows(align) if storage.is_dir(align) else None,
+            "train_rows": train_rows}
 
 
 def _prefix_ratios(truncate_dir: str | Path) -> list[float]:
