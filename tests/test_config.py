@@ -240,3 +240,21 @@ def test_readme_config_table_names_only_fields_that_exist():
              if name not in Config.model_fields[section].annotation.model_fields]
     assert not wrong, f"README.md names fields that do not exist: {wrong}"
     assert "seq_len" in rows["train"] and "max_in_flight" in rows["engine"]
+
+
+def test_an_output_budget_that_leaves_no_room_for_a_prompt_fails_only_where_it_runs():
+    small = {**MINIMAL, "engine": {"max_model_len": 256}}
+    # generate's default budget (1024) does not fit 256 tokens: a run with generate fails,
+    # naming both fields; a run without generate leaves generate's defaults alone
+    message = errors_of({**small, "run": {"stages": ["generate", "align"]},
+                         "align": {"sampling": {"max_tokens": 64}},
+                         "models": {"student": "s", "teacher": "t"}})
+    assert "generate.sampling.max_tokens" in message
+    assert "generate.engine.max_model_len (256)" in message and "align." not in message
+    cfg = parse_config({**small, "run": {"stages": ["align"]},
+                        "align": {"sampling": {"max_tokens": 64}}})
+    assert cfg.generate.sampling.max_tokens == 1024
+    # null means up to the context: always fits
+    parse_config({**small, "run": {"stages": ["evaluate"]},
+                  "evaluate": {"benchmarks": [{"name": "b", "path": "b.jsonl"}],
+                               "sampling": {"max_tokens": None}}})

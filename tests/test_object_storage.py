@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,12 +32,29 @@ BUCKET = "palign-test"
 
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server on a free port, its bucket, and the environment that reaches it."""
-    from moto.server import ThreadedMotoServer
+    """A moto S3 server on a free port, its bucket, and the environment that reaches it.
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    The server runs in its own process: moto serves with Flask, and a Flask imported into the
+    test process leaves a ``current_app`` proxy in ``sys.modules`` that raises when vLLM's CPU
+    platform scans every module's globals (as it does on starting an engine), so a later
+    test's vLLM engine would fail for a reason no user meets."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("the moto S3 server did not start") from None
+            time.sleep(0.2)
+    host = "127.0.0.1"
     env = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
@@ -52,7 +70,8 @@ def s3():
         else:
             os.environ[key] = value
     storage._filesystem.cache_clear()
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
 
 
 def upload(uri: str, rows: list[dict]) -> None:

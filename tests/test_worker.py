@@ -37,7 +37,7 @@ def outcomes(worker: StageWorker, out: dict) -> dict[str, dict]:
 @pytest.fixture
 def worker(tiny_model, tmp_path):
     cfg = parse_config({
-        "run": {"output_dir": str(tmp_path)}, "data": {"path": "unused.jsonl"},
+        "run": {"output_dir": str(tmp_path), "stages": ["align"]}, "data": {"path": "unused.jsonl"},
         "models": {"student": tiny_model},
         "engine": {"backend": "transformers", "max_model_len": 256},
         "align": {"sampling": {"max_tokens": 4}, "max_row_attempts": 2}})

@@ -71,8 +71,9 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _outputs_fit_the_context(self) -> Config:
-        """Every engine stage's output budget must leave room in its context for a prompt,
-        or every row would be rejected: caught here, naming both fields."""
+        """Every engine stage this run executes must leave room in its context for a prompt
+        after its output budget, or every row would be rejected: caught here, naming both
+        fields. A stage the run does not execute keeps its defaults unchecked."""
         budgets = [("generate", "sampling.max_tokens", self.generate.sampling.max_tokens),
                    ("align", "sampling.max_tokens", self.align.sampling.max_tokens),
                    ("evaluate", "sampling.max_tokens", self.evaluate.sampling.max_tokens),
@@ -80,6 +81,8 @@ class Config(Strict):
                     self.truncate.judge_max_tokens if self.truncate.verdict == "generate" else 1)]
         problems = []
         for stage, field, new in budgets:
+            if stage not in self.run.stages:
+                continue
             context = getattr(self, stage).engine.max_model_len
             if new is not None and new + MIN_PROMPT_TOKENS > context:
                 problems.append(
