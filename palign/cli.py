@@ -86,6 +86,16 @@ def main(argv: list[str] | None = None) -> int:
                                 "its dotted path, value, default and description")
     fetch = sub.add_parser("fetch-model", help="materialise a short-name model in the cache")
     fetch.add_argument("name")
+    fetch_data = sub.add_parser(
+        "fetch-data", help="save the paper's training set or a benchmark (from the hub) in the "
+                           "columns configs/paper/ reads")
+    fetch_data.add_argument("names", nargs="+", metavar="NAME",
+                            help="s1k-1.1, aime24, aime25, amc12, math500, or all")
+    fetch_data.add_argument("--to", required=True,
+                            help="folder (or s3:// / gs:// URI) to write <NAME>.parquet into")
+    fetch_data.add_argument("--source", help="a folder saved with datasets' save_to_disk to "
+                                             "read instead of the hub (one NAME)")
+    fetch_data.add_argument("--limit", type=int, help="only the first N rows")
     grade = sub.add_parser("grade", help="grade a JSONL of generations: pass@1 and pass@k")
     grade.add_argument("file")
     grade.add_argument("--json", dest="json_out", help="also write the report here")
@@ -112,6 +122,23 @@ def main(argv: list[str] | None = None) -> int:
         from palign.engines.models import resolve_model
 
         print(resolve_model(args.name))
+        return 0
+    if args.command == "fetch-data":
+        from palign.core.fetch_data import DATASETS, fetch
+
+        names = list(DATASETS) if args.names == ["all"] else args.names
+        unknown = [n for n in names if n not in DATASETS]
+        if unknown or (args.source and len(names) != 1):
+            why = (f"unknown dataset {', '.join(unknown)}; known: {', '.join(DATASETS)}"
+                   if unknown else "--source reads one dataset: name one")
+            print(f"error: {why}", file=sys.stderr)
+            return 2
+        try:
+            for name in names:
+                print(fetch(name, args.to, args.source, args.limit))
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "grade":
         import json
