@@ -63,7 +63,8 @@ def make_run(root, models, ratios=None):
         ShardWriter(folder / "rejects").write([reject_row("bad", "evaluate", "why")])
     if ratios is not None:
         ShardWriter(root / "truncate", index=REGISTRY["truncate"].index_values).write(
-            [{"id": str(i), "prefix_ratio": r} for i, r in enumerate(ratios)])
+            [{"id": str(i), "prefix_ratio": r, "sentences_kept": i + 1, "sentences_total": 4}
+             for i, r in enumerate(ratios)])
     return root
 
 
@@ -121,6 +122,9 @@ def test_write_results_files(tmp_path):
     assert prefix["count"] == 4 and prefix["mean"] == pytest.approx(0.3875)
     assert prefix["median"] == pytest.approx(0.25)
     assert prefix["histogram"] == [1, 0, 2, 0, 0, 0, 0, 0, 0, 1]
+    # the same prefixes counted in sentences, as the paper counts: 1, 2, 3 and 4 of 4
+    assert prefix["sentence_mean"] == pytest.approx(0.625)
+    assert prefix["sentence_median"] == pytest.approx(0.625)
 
     md = (ev / "results.md").read_text()
     assert md.count("## math") == 1 and md.count("## aime") == 1
@@ -192,7 +196,8 @@ def test_compare_two_arms(tmp_path):
             in lines["palign-arm"])
     assert ("| 0.6667 | 1.0000 | 0.6667 | 1.0000 | 150.0 | 100.0% | 0.0% | 0.0% |"
             in lines["full-cot-arm"])
-    assert "| palign-arm | 2 | 0.300 |" in prefix  # mean of 0.2 and 0.4
+    # characters: the mean of 0.2 and 0.4; sentences: of 1 and 2 of 4
+    assert "| palign-arm | 2 | 0.300 | 0.375 |" in prefix
     assert "full-cot-arm" not in prefix  # that run has no truncate rows
 
 

@@ -107,9 +107,12 @@ def format_comparison(arms: list[Arm]) -> str:
     with_prefix = [a for a in arms if isinstance(a.results.get("prefix_ratio"), dict)]
     if with_prefix:
         rows = [[cell(a.name), str(a.results["prefix_ratio"].get("count", MISSING)),
-                 num(a.results["prefix_ratio"].get("mean"), ".3f")] for a in with_prefix]
+                 num(a.results["prefix_ratio"].get("mean"), ".3f"),
+                 num(a.results["prefix_ratio"].get("sentence_mean"), ".3f")]
+                for a in with_prefix]
         lines += ["", "## Prefix ratio (truncate stage)", "",
-                  *table(["arm", "rows", "mean prefix ratio"], rows)]
+                  *table(["arm", "rows", "mean prefix ratio (characters)",
+                          "mean prefix ratio (sentences)"], rows)]
     return "\n".join(lines)
 
 

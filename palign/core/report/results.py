@@ -121,7 +121,7 @@ def write_results(output_dir: str | Path, run_name: str | None = None) -> Result
         storage.delete(samples_path)
         raise ValueError(f"no scorable evaluation rows under {eval_dir}/<model>/<benchmark>/")
     storage.write_text(samples_path, samples.getvalue())
-    prefix = prefix_ratio_summary(_prefix_ratios(storage.join(output_dir, TRUNCATE)))
+    prefix = prefix_ratio_summary(*_prefix_ratios(storage.join(output_dir, TRUNCATE)))
 
     results = Results(
         run_name=name, metrics=metrics, prefix_ratio=prefix, data=_data_counts(output_dir),
@@ -152,13 +152,17 @@ def _data_counts(output_dir: str) -> dict[str, Any]:
             "train_rows": train_rows}
 
 
-def _prefix_ratios(truncate_dir: str | Path) -> list[float]:
-    """The truncate stage's prefix ratios, from its index (no CoT is read)."""
-    ratios = []
-    for r in read_index(truncate_dir, ("prefix_ratio",))["prefix_ratio"].to_pylist():
-        if isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r):
-            ratios.append(float(r))
-    return ratios
+def _finite(values: list[Any]) -> list[float]:
+    return [float(r) for r in values if isinstance(r, (int, float)) and not isinstance(r, bool)
+            and math.isfinite(r)]
+
+
+def _prefix_ratios(truncate_dir: str | Path) -> tuple[list[float], list[float]]:
+    """The truncate stage's prefix ratios in characters and in sentences (the share of the
+    CoT's sentences kept, as the paper counts), from its index (no CoT is read)."""
+    index = read_index(truncate_dir, ("prefix_ratio", "sentence_ratio"))  # absent: null
+    return (_finite(index["prefix_ratio"].to_pylist()),
+            _finite(index["sentence_ratio"].to_pylist()))
 
 
 # -- results.md
@@ -167,8 +171,10 @@ def _prefix_ratios(truncate_dir: str | Path) -> list[float]:
 def _prefix_lines(prefix: Mapping[str, Any]) -> list[str]:
     edges, counts = prefix["bin_edges"], prefix["histogram"]
     lines = ["## Prefix ratio (truncate stage)", "",
-             f"{prefix['count']} rows, mean {prefix['mean']:.3f}, "
-             f"median {prefix['median']:.3f}", ""]
+             f"{prefix['count']} rows; share of the CoT's characters kept: mean "
+             f"{prefix['mean']:.3f}, median {prefix['median']:.3f}; share of its sentences "
+             f"kept: mean {num(prefix.get('sentence_mean'), '.3f')}, median "
+             f"{num(prefix.get('sentence_median'), '.3f')}", ""]
     return lines + table(["prefix ratio", "rows"], [
         [f"{edges[i]:.1f}-{edges[i + 1]:.1f}", str(c)] for i, c in enumerate(counts)])
 

@@ -88,10 +88,13 @@ def benchmark_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def prefix_ratio_summary(ratios: Iterable[float]) -> dict[str, Any] | None:
+def prefix_ratio_summary(ratios: Iterable[float],
+                         sentence_ratios: Iterable[float] = ()) -> dict[str, Any] | None:
     """Count, mean, median and a 10-bin histogram over [0, 1] of the truncate stage's prefix
-    ratios; None when there are none."""
+    ratios (the share of the CoT's characters kept), and the mean and median share of its
+    sentences kept (the paper's count; None without them); None when there are none."""
     values = [min(max(float(r), 0.0), 1.0) for r in ratios]
+    sentences = [min(max(float(r), 0.0), 1.0) for r in sentence_ratios]
     if not values:
         return None
     counts = [0] * HISTOGRAM_BINS
@@ -104,6 +107,8 @@ def prefix_ratio_summary(ratios: Iterable[float]) -> dict[str, Any] | None:
         "median": statistics.median(values),
         "bin_edges": [i / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS + 1)],
         "histogram": counts,
+        "sentence_mean": statistics.fmean(sentences) if sentences else None,
+        "sentence_median": statistics.median(sentences) if sentences else None,
     }
 
 
