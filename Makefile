@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.palign-setup
 
-.PHONY: setup demo arms test test-fast lint bench clean
+.PHONY: setup demo paper-demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh requirements/cpu.lock requirements/gpu.lock
 	bash scripts/setup_env.sh $(VENV)
@@ -14,8 +14,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/palign run configs/demo.yaml
 
-arms: $(STAMP)
-	PALIGN=$(VENV)/bin/palign bash scripts/run_arms.sh configs/arms/demo
+# The paper's experiment (every arm, then the comparison with its table) at demo scale.
+paper-demo: $(STAMP)
+	PALIGN=$(VENV)/bin/palign bash scripts/run_paper.sh configs/paper/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check palign tests benchmarks

@@ -113,24 +113,35 @@ def test_extends_merges_mappings_and_replaces_lists(tmp_path):
         load_config(tmp_path / "loop.yaml")
 
 
-@pytest.mark.parametrize("scale", ["demo", "cluster"])
-def test_arm_configs_differ_only_in_name_and_truncation(scale):
-    arms = {a: load_config(ROOT / "configs/arms" / scale / f"{a}.yaml")
+def test_cluster_arm_configs_differ_only_in_name_and_method():
+    arms = {a: load_config(ROOT / "configs/arms/cluster" / f"{a}.yaml")
             for a in ("full_cot", "fixed_ratio", "palign")}
     assert {a: c.truncate.strategy for a, c in arms.items()} == {
         "full_cot": "full", "fixed_ratio": "fixed_ratio", "palign": "binary"}
     assert arms["fixed_ratio"].truncate.ratio == 0.25
+    # plain SFT trains on the teacher's own text, every row; the others on the student's
+    # continuation, filtered by Eq. 9
+    assert {a: (c.align.target, c.align.policy) for a, c in arms.items()} == {
+        "full_cot": ("teacher", "keep_all"), "fixed_ratio": ("draft", "drop_wrong"),
+        "palign": ("draft", "drop_wrong")}
     dumps = []
     for c in arms.values():
         d = c.model_dump(mode="json")
         d.pop("run")
         d["truncate"].pop("strategy")
+        d["align"].pop("target")
+        d["align"].pop("policy")
         dumps.append(d)
     assert dumps[0] == dumps[1] == dumps[2]
     assert len({c.run.output_dir for c in arms.values()}) == 3
-    shared = load_config(ROOT / "configs/arms" / scale / "shared.yaml")
+    shared = load_config(ROOT / "configs/arms/cluster/shared.yaml")
     assert shared.run.stages == ["generate", "evaluate"]
     assert all(c.data.path == f"{shared.run.output_dir}/generate" for c in arms.values())
+    # the paper's evaluation protocol
+    ev = shared.evaluate
+    assert [b.name for b in ev.benchmarks] == ["aime24", "aime25", "amc12", "math500"]
+    assert (ev.sampling.max_tokens, ev.sampling.repetition_penalty) == (None, 1.05)
+    assert ev.engine.max_model_len == 4096 and ev.n == 3
 
 
 def test_failure_settings_are_checked_by_name():

@@ -158,6 +158,24 @@ def test_too_long_prompt_fails_alone(engine: Engine) -> None:
     assert scores[0].error is None and set(scores[0].logprobs) == set(LABELS)
 
 
+def test_no_max_tokens_writes_up_to_the_context(engine: Engine) -> None:
+    """max_tokens None: a prompt of p tokens may take max_model_len - p new tokens, no more
+    (vLLM's behaviour when max_tokens is left to the context; the paper's 4,096 in all)."""
+    def words(k: int) -> list[dict[str, str]]:  # a story's opening, k words of it repeated
+        return chat("Write a very long story about a fox. "
+                    + " ".join(["The quick brown fox jumps over the lazy dog."] * 85)
+                    + " fox" * k)
+
+    probe = engine.generate([words(0)], Sampling(max_tokens=1))[0]
+    assert probe.error is None
+    k = (MAX_LEN - 6) - probe.prompt_tokens  # one token per " fox"
+    near = engine.generate([words(k)], Sampling(max_tokens=None))[0]
+    assert near.error is None and near.prompt_tokens == MAX_LEN - 6
+    assert near.completion_tokens == 6 and near.finish_reason == "length"  # stopped by the context
+    full = engine.generate([words(k + 6)], Sampling(max_tokens=None))[0]
+    assert full.error is not None and full.error.startswith("prompt too long: ")
+
+
 class _WordTokenizer:
     """One token per word of the rendered chat: enough for the fit check."""
 

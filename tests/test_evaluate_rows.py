@@ -1,6 +1,6 @@
 """The evaluate stage's row logic with the real grader: every sample is graded in both
 extraction modes; the outputs are scripted so the expected grades are known (the real engines
-run in test_arms.py)."""
+run in test_paper_demo.py)."""
 
 import pytest
 

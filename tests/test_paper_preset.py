@@ -17,7 +17,10 @@ PAPER = ROOT / "configs" / "paper"
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.mark.parametrize("name", ["palign.yaml", "qwen3-8b.yaml"])
+ARMS = ["palign", "sft", "fixed_ratio_25", "fixed_ratio_50", "fixed_ratio_75", "base"]
+
+
+@pytest.mark.parametrize("name", [f"{arm}.yaml" for arm in ARMS] + ["qwen3-8b.yaml"])
 def test_the_paper_presets_validate(name, capsys):
     assert palign_main(["validate", "--skip-paths", str(PAPER / name)]) == 0
     assert "config OK" in capsys.readouterr().out
@@ -36,7 +39,9 @@ def test_the_preset_holds_the_papers_recipe():
     assert tc.adam_betas == (0.9, 0.999) and tc.weight_decay == 0.0
     assert (tc.warmup_ratio, tc.min_lr_ratio) == (0.1, 0.0)  # cosine to 0 after 10% warm-up
     assert tc.seq_len == 32768
-    assert cfg.data.fields.cot == "deepseek_thinking_trajectory"
+    assert cfg.data.path == "paper-data/s1k-1.1.parquet"  # palign fetch-data s1k-1.1
+    fields = cfg.data.fields
+    assert (fields.answer, fields.cot, fields.attempt) == ("solution", "cot", "attempt")
     qwen3 = load_config(PAPER / "qwen3-8b.yaml")
     assert qwen3.models.student == "Qwen/Qwen3-8B"
     assert qwen3.models.chat_template_kwargs == {"enable_thinking": False}
@@ -87,3 +92,58 @@ def test_lora_and_rows_fields_are_checked_by_name():
     cfg = parse_config({**base, "train": {"lora": {}}})
     assert cfg.train.lora is not None and cfg.train.lora.target_modules == "all-linear"
     assert parse_config(base).train.lora is None  # full fine-tuning by default
+
+
+def test_the_preset_aligns_filters_and_evaluates_as_the_paper():
+    cfg = load_config(PAPER / "palign.yaml")
+    assert cfg.run.stages == ["truncate", "align", "train", "evaluate"]
+    assert (cfg.truncate.strategy, cfg.truncate.verdict) == ("binary", "generate")
+    align = cfg.align
+    assert (align.target, align.policy, align.extract) == ("draft", "drop_wrong", "flexible")
+    assert (align.gold, align.uncheckable) == ("solution", "keep")  # Eq. 9 on s1K's solutions
+    s = align.sampling
+    assert (s.temperature, s.top_p, s.repetition_penalty) == (0.6, 0.9, 1.05)
+    ev = cfg.evaluate
+    assert [b.name for b in ev.benchmarks] == ["aime24", "aime25", "amc12", "math500"]
+    assert ev.n == 3 and ev.grade_timeout_s == 10
+    s = ev.sampling
+    assert (s.temperature, s.top_p, s.repetition_penalty) == (0.6, 0.9, 1.05)
+    assert s.max_tokens is None and ev.engine.max_model_len == 4096  # 4,096 tokens in all
+
+
+def test_each_arm_differs_from_palign_only_where_its_method_does():
+    palign = load_config(PAPER / "palign.yaml").model_dump()
+    differs = {"sft": {"truncate": {"strategy": "full"},
+                       "align": {"target": "teacher", "policy": "keep_all"}},
+               "base": {}}
+    for ratio in (25, 50, 75):
+        differs[f"fixed_ratio_{ratio}"] = {"truncate": {"strategy": "fixed_ratio",
+                                                        "ratio": ratio / 100}}
+    for arm, changes in differs.items():
+        cfg = load_config(PAPER / f"{arm}.yaml")
+        dumped = cfg.model_dump()
+        assert cfg.run.name == arm and cfg.run.output_dir == f"runs/paper/{arm}"
+        for section in ("data", "models", "engine", "train", "truncate", "align"):
+            expected = {**palign[section], **changes.get(section, {})}
+            assert dumped[section] == expected, (arm, section)
+        if arm == "base":  # the student as released, on the same protocol
+            assert cfg.run.stages == ["evaluate"]
+            assert [m.model for m in cfg.evaluate.models] == ["student"]
+        else:
+            assert dumped["evaluate"] == palign["evaluate"]
+
+
+def test_the_demo_arms_mirror_the_real_ones():
+    """configs/paper/demo/ runs each arm's method on SmolLM2: the same truncation, targets,
+    filter and evaluation protocol; only the scale (model, data, sizes) differs."""
+    for arm in ARMS:
+        real, demo = load_config(PAPER / f"{arm}.yaml"), load_config(PAPER / "demo" / f"{arm}.yaml")
+        assert demo.run.name == real.run.name and demo.run.stages == real.run.stages
+        assert demo.models.student == "smollm2-135m" and not demo.train.use_gpu
+        assert (demo.truncate.strategy, demo.truncate.ratio) == (
+            real.truncate.strategy, real.truncate.ratio)
+        assert (demo.align.target, demo.align.policy) == (real.align.target, real.align.policy)
+        assert demo.evaluate.n == real.evaluate.n
+        assert demo.evaluate.sampling == real.evaluate.sampling
+        assert demo.evaluate.engine.max_model_len == real.evaluate.engine.max_model_len
+        assert demo.train.lora == real.train.lora

@@ -54,7 +54,9 @@ def evaluate_rows(
                 "output_tokens": comp.completion_tokens,
                 "finish_reason": comp.finish_reason,
             })
-        outcomes.append(Outcome(row["id"], {**row, "samples": samples}))
+        # the prompt's tokens: with max_tokens null an output may take what they leave
+        outcomes.append(Outcome(row["id"], {**row, "prompt_tokens": mine[0].prompt_tokens,
+                                            "samples": samples}))
     return outcomes
 
 
