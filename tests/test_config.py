@@ -189,7 +189,7 @@ def test_every_config_field_has_a_description():
 
 
 def test_explain_lists_every_field_with_value_and_the_default_where_it_sits():
-    cfg = load_config(ROOT / "configs" / "arms" / "demo" / "shared.yaml")
+    cfg = load_config(ROOT / "configs" / "paper" / "demo" / "base.yaml")
     rows = {row.path: row for row in explain(cfg)}
     seq_len = rows["train.seq_len"]
     assert seq_len.value == cfg.train.seq_len and seq_len.default == 4096
