@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -21,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from synthetic_rows import addition_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from palign.core.config import Config, parse_config
-from palign.core.prompts import training_target
 from palign.core.shards import REJECTS, ShardWriter, read_rows
 from palign.train.checkpoints import check_global_batch
 from palign.train.engine import lr_lambda
@@ -48,19 +47,9 @@ LONG_ID = "row-overlong"
 
 def align_rows() -> list[dict]:
     """Synthetic align-stage rows: short arithmetic with a draft and a continuation."""
-    rng = random.Random(0)
-    rows = []
-    for i in range(N_ROWS):
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        steps = " ".join(f"Add {k} to get {a + k}." for k in range(1, rng.randint(2, 9)))
-        rows.append({
-            "id": f"row-{i:02d}", "question": f"What is {a} + {b}?", "answer": str(a + b),
-            "target": training_target(f"We add {a} and {b}. {steps}",
-                                      f"So the sum is \\boxed{{{a + b}}}."),
-        })
-    rows.append({"id": LONG_ID, "question": "Sum these.", "answer": "0",
-                 "target": " ".join(["one plus one is two."] * 200)})
-    return rows
+    return addition_rows(N_ROWS, seed=0, max_steps=9) + [
+        {"id": LONG_ID, "question": "Sum these.", "answer": "0",
+         "target": " ".join(["one plus one is two."] * 200)}]
 
 
 def make_config(tmp: Path, model: str, name: str, **train) -> Config:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic_rows import addition_rows
 
 import palign.train.prepare as prepare_module
 from palign.core import storage
 from palign.core.config import Config, parse_config
-from palign.core.prompts import training_target
 from palign.core.shards import REJECTS, ShardWriter, read_rows
 from palign.train.data import collate_packs, example_from_row, pack, pad_batch
 from palign.train.prepare import NoTrainableRows, plan_windows, prepare
@@ -24,18 +24,10 @@ LONG_ID = "row-overlong"
 
 
 def align_rows(n: int) -> list[dict]:
-    rng = random.Random(1)
-    rows = []
-    for i in range(n):
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        steps = " ".join(f"Add {k} to get {a + k}." for k in range(1, rng.randint(2, 12)))
-        rows.append({"id": f"row-{i:03d}", "question": f"What is {a} + {b}?",
-                     "target": training_target(f"We add {a} and {b}. {steps}",
-                                               f"So the sum is \\boxed{{{a + b}}}.")})
-    rows.append({"id": LONG_ID, "question": "Sum these.",
-                 "target": " ".join(["one plus one is two."] * 200)})
-    rows.append({"id": "row-no-target", "question": "Q?", "target": None})
-    return rows
+    return addition_rows(n, seed=1, max_steps=12, id_width=3, answer=False) + [
+        {"id": LONG_ID, "question": "Sum these.",
+         "target": " ".join(["one plus one is two."] * 200)},
+        {"id": "row-no-target", "question": "Q?", "target": None}]
 
 
 def config(tmp: Path, rows: list[dict], **train) -> Config:

@@ -13,14 +13,13 @@ About 1.5 minutes on 2 cores."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
+from synthetic_rows import addition_rows
 from test_train import assert_same_steps, torchrun_steps
 
 from palign.core.config import Config, parse_config
-from palign.core.prompts import training_target
 from palign.core.shards import ShardWriter
 
 pytestmark = pytest.mark.model
@@ -29,17 +28,8 @@ N_ROWS = 70
 
 
 def rows() -> list[dict]:
-    """Align-stage rows of unequal lengths (1 to 30 steps of working)."""
-    rng = random.Random(1)
-    out = []
-    for i in range(N_ROWS):
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        steps = " ".join(f"Add {k} to get {a + k}." for k in range(1, rng.randint(2, 30)))
-        out.append({"id": f"row-{i:02d}", "question": f"What is {a} + {b}?",
-                    "answer": str(a + b),
-                    "target": training_target(f"We add {a} and {b}. {steps}",
-                                              f"So the sum is \\boxed{{{a + b}}}.")})
-    return out
+    """Align-stage rows of unequal lengths (1 to 29 steps of working)."""
+    return addition_rows(N_ROWS, seed=1, max_steps=30)
 
 
 def config(tmp: Path, model: str, **train) -> Config:

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +98,15 @@ def _merged(adapter: str, cache_dir: str | None, root: Path) -> str:
 
     base = resolve_model(adapter_base(adapter), cache_dir)
     dest = root / "merged" / f"{Path(adapter).name}-{folder_key(adapter)}"
+    return _once_per_machine(dest, lambda staging: merge_adapter(
+        base, adapter, staging, extra={"merged_from": {"adapter": adapter, "base": base}}),
+        f"merged the adapter {adapter} into {base}")
+
+
+def _once_per_machine(dest: Path, build: Callable[[Path], None], what: str) -> str:
+    """``dest`` made once per machine: the first process builds it with ``build(staging)`` in
+    a staging folder beside it and renames that into place; the others wait on its lock and
+    find it complete. A failed build leaves nothing behind."""
     if is_complete(dest):
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -106,15 +115,13 @@ def _merged(adapter: str, cache_dir: str | None, root: Path) -> str:
             started = time.monotonic()
             staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
             try:
-                merge_adapter(base, adapter, staging,
-                              extra={"merged_from": {"adapter": adapter, "base": base}})
+                build(staging)
                 _make_shareable(staging)
                 os.rename(staging, dest)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            logger.info("merged the adapter %s into %s: %s (%.1f s)", adapter, base, dest,
-                        time.monotonic() - started)
+            logger.info("%s: %s (%.1f s)", what, dest, time.monotonic() - started)
     return str(dest)
 
 
@@ -123,23 +130,12 @@ def stage_model(uri: str, cache_dir: str | None = None) -> str:
     and train worker on a node shares it instead of each downloading the model."""
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     dest = root / "staged" / f"{storage.name(uri)}-{_version_key(uri)}"
-    if is_complete(dest):
-        return str(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(dest.with_name(dest.name + ".lock")):
-        if not is_complete(dest):
-            started = time.monotonic()
-            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-            try:
-                if storage.download_dir(uri, staging) == 0:
-                    raise FileNotFoundError(f"{uri}: no model folder there (no files)")
-                _make_shareable(staging)
-                os.rename(staging, dest)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            logger.info("staged %s to %s in %.1f s", uri, dest, time.monotonic() - started)
-    return str(dest)
+
+    def download(staging: Path) -> None:
+        if storage.download_dir(uri, staging) == 0:
+            raise FileNotFoundError(f"{uri}: no model folder there (no files)")
+
+    return _once_per_machine(dest, download, f"staged {uri}")
 
 
 def _version_key(uri: str) -> str:

@@ -67,8 +67,33 @@ def permute(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
     return x.astype(np.int64)
 
 
+class _Epochs:
+    """Steps per epoch, total steps and each step's epoch for a plan that takes ``_sizes()``'s
+    items per step (the last step of an epoch takes the rest)."""
+
+    epochs: int
+    max_steps: int | None
+
+    def _sizes(self) -> tuple[int, int]:
+        """(items per epoch, items per step)."""
+        raise NotImplementedError
+
+    @property
+    def steps_per_epoch(self) -> int:
+        items, per_step = self._sizes()
+        return max(1, math.ceil(items / per_step))
+
+    @property
+    def total_steps(self) -> int:
+        total = self.epochs * self.steps_per_epoch
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+
 @dataclass(frozen=True)
-class StepPlan:
+class StepPlan(_Epochs):
     """Which units every rank's micro-batches hold at every optimizer step."""
 
     n_units: int
@@ -83,17 +108,8 @@ class StepPlan:
     def per_step(self) -> int:
         return self.world * self.micro * self.accum
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.n_units / self.per_step))
-
-    @property
-    def total_steps(self) -> int:
-        total = self.epochs * self.steps_per_epoch
-        return min(total, self.max_steps) if self.max_steps else total
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
+    def _sizes(self) -> tuple[int, int]:
+        return self.n_units, self.per_step
 
     def _units(self, step: int, offsets: np.ndarray) -> list[int]:
         start = (step % self.steps_per_epoch) * self.per_step
@@ -108,7 +124,7 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
-class RowPlan:
+class RowPlan(_Epochs):
     """``train.rows_per_step``: which rows each optimizer step takes, in any world size.
 
     Epoch ``e``'s order is ``permute(.., seed, e)`` over the rows (the prepared units are single
@@ -122,17 +138,8 @@ class RowPlan:
     max_steps: int | None
     seed: int
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.n_rows / self.rows_per_step))
-
-    @property
-    def total_steps(self) -> int:
-        total = self.epochs * self.steps_per_epoch
-        return min(total, self.max_steps) if self.max_steps else total
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
+    def _sizes(self) -> tuple[int, int]:
+        return self.n_rows, self.rows_per_step
 
     def rows(self, step: int) -> list[int]:
         """The rows (unit indices) of 0-based ``step``, the same on every rank."""
