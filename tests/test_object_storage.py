@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ports import free_port
 
 from palign.cli import main as palign_main
 from palign.core import storage
@@ -38,9 +39,7 @@ def s3():
     test process leaves a ``current_app`` proxy in ``sys.modules`` that raises when vLLM's CPU
     platform scans every module's globals (as it does on starting an engine), so a later
     test's vLLM engine would fail for a reason no user meets."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                "-p", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import free_port
 
 from palign.runtime import telemetry
 from palign.stages.registry import REGISTRY
@@ -175,12 +175,6 @@ def test_dashboard_uses_exactly_the_exported_names() -> None:
 # ------------------------------------------------------------------------------ measured on Ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _record_all(stage: str) -> int:
     """Record every palign metric once under ``stage`` (and train); returns the process id."""
     import os
@@ -216,7 +210,7 @@ def test_exported_names_on_a_local_ray(no_ray) -> None:
     ``/metrics`` on ``_metrics_export_port``; values appear after about 10-15 s."""
     import ray
 
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING",
              _metrics_export_port=port,
              runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}})

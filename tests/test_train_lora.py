@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 
 from palign.core.config import Config, parse_config
 from palign.pipeline import run_pipeline
@@ -211,14 +212,6 @@ def test_vllm_serves_the_merged_export(zero3_run):
     finally:
         engine.close()
     assert out[0].error is None and out[0].completion_tokens > 0 and out[0].text
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _checkpoint_bytes(rank: int, port: int, model: str, out: str) -> None:
