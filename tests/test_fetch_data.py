@@ -46,6 +46,11 @@ def test_fetch_data_writes_the_presets_columns(tmp_path, capsys):
     amc12 = next(b for b in preset.evaluate.benchmarks if b.name == "amc12")
     bench_rows, _ = read_problems(amc12.as_data(str(out / "amc12.parquet")))
     assert [r["answer"] for r in bench_rows] == ["2", "142"]
+    # --limit: the first N rows only
+    assert main(["fetch-data", "amc12", "--to", str(tmp_path / "one"), "--limit", "1",
+                 "--source", save(tmp_path, "amc1", AMC, "train")]) == 0
+    one = pq.read_table(tmp_path / "one/amc12.parquet").to_pylist()
+    assert one == [{"id": "amc12-0000", "question": "What is 1+1?", "answer": "2"}]
 
 
 def test_fetch_data_names_what_is_wrong(tmp_path, capsys):

@@ -93,15 +93,14 @@ def convert(name: str, dataset: Any, limit: int | None = None) -> Any:
     if missing:
         raise ValueError(f"{name}: the data has no column {', '.join(missing)} (it has "
                          f"{', '.join(dataset.column_names)})")
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    out: dict[str, list[Any]] = {"id": []}
-    out.update({ours: [] for ours in spec.columns})
-    for i in range(n):
-        row = dataset[i]
-        out["id"].append(str(row[spec.id_column]) if spec.id_column else f"{name}-{i:04d}")
-        for ours, theirs in spec.columns.items():
-            value = row[theirs]
-            out[ours].append(answer_text(value) if ours == "answer" else value)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    out: dict[str, list[Any]] = {
+        "id": ([str(v) for v in dataset[spec.id_column]] if spec.id_column
+               else [f"{name}-{i:04d}" for i in range(len(dataset))])}
+    for ours, theirs in spec.columns.items():
+        values = list(dataset[theirs])  # a column at a time, not a row at a time
+        out[ours] = [answer_text(v) for v in values] if ours == "answer" else values
     return pa.table(out)
 
 
