@@ -9,9 +9,11 @@ transformers, vLLM or DeepSpeed model), ``gpu`` (needs CUDA: skipped without it)
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
+import s3_server
 
 from palign.engines.guard import EXIT_ON_PROMPT_ENV
 
@@ -47,6 +49,35 @@ def no_ray():
     if ray is not None and ray.is_initialized():
         ray.shutdown()
     yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """The session's S3-compatible server (``s3_server``): its URL."""
+    server, url = s3_server.start()
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def s3(s3_endpoint):
+    """The environment that reaches the session's S3 server (set in this process for the
+    module, pyarrow's cached file systems dropped), with bucket ``s3_server.BUCKET`` made."""
+    from palign.core import storage
+
+    env = {"AWS_ENDPOINT_URL_S3": s3_endpoint, **s3_server.CREDENTIALS}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    storage._filesystem.cache_clear()
+    s3_server.make_bucket(s3_endpoint)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    storage._filesystem.cache_clear()
 
 
 @pytest.fixture(scope="session")

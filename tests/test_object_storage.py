@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ports import free_port
+from s3_server import BUCKET
 
 from palign.cli import main as palign_main
 from palign.core import storage
@@ -28,49 +27,6 @@ from palign.core.shards import read_index, read_rows, write_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [json.loads(line) for line in (ROOT / "data/demo/problems.jsonl").read_text().splitlines()]
-BUCKET = "palign-test"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on a free port, its bucket, and the environment that reaches it.
-
-    The server runs in its own process: moto serves with Flask, and a Flask imported into the
-    test process leaves a ``current_app`` proxy in ``sys.modules`` that raises when vLLM's CPU
-    platform scans every module's globals (as it does on starting an engine), so a later
-    test's vLLM engine would fail for a reason no user meets."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError("the moto S3 server did not start") from None
-            time.sleep(0.2)
-    host = "127.0.0.1"
-    env = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    storage._filesystem.cache_clear()
-    import boto3
-
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"]).create_bucket(Bucket=BUCKET)
-    yield env
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    storage._filesystem.cache_clear()
-    server.terminate()
-    server.wait(timeout=30)
 
 
 def upload(uri: str, rows: list[dict]) -> None:
