@@ -1,5 +1,8 @@
 """One run per output folder: a second holder refuses and names the first; a lock whose holder
-is gone (its process exited, or its heartbeat stopped) is taken over."""
+is gone (its process exited, or its heartbeat stopped) is taken over. On object storage (the
+suite's S3-compatible server) the same holds however the drivers' requests interleave: a proxy
+in front of the server holds one driver's request while the other acts, as a slow network or a
+paused machine would."""
 
 from __future__ import annotations
 
@@ -8,9 +11,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from collections.abc import Callable
+from urllib.parse import urlparse
 
 import pytest
+from s3_server import BUCKET
 
 from palign.core.runlock import LOCK_NAME, RunLock, RunLocked
 
@@ -92,3 +100,224 @@ def test_a_holder_whose_lock_was_taken_over_stops_with_a_failure(tmp_path):
     finally:
         taker.release()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+# -- object storage ----------------------------------------------------------------------------
+
+DRIVER = """
+import sys, time
+from palign.core.runlock import RunLock, RunLocked
+try:
+    with RunLock(sys.argv[1], stale_s=float(sys.argv[2]), heartbeat_s=0.1):
+        print("held", flush=True)
+        time.sleep(20)
+    print("went on", flush=True)
+except RunLocked as err:
+    print("refused:", err, flush=True)
+"""
+
+
+def _s3():
+    import boto3
+
+    return boto3.client("s3")  # the s3 fixture's environment: the suite's server
+
+
+def _folder() -> tuple[str, str]:
+    """A fresh s3:// output folder and its lock's key."""
+    prefix = f"runlock-{uuid.uuid4().hex[:8]}"
+    return f"s3://{BUCKET}/{prefix}", f"{prefix}/{LOCK_NAME}"
+
+
+def _lock_info(key: str) -> dict | None:
+    try:
+        return json.loads(_s3().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    except _s3().exceptions.NoSuchKey:
+        return None
+
+
+def _put_lock(key: str, **info) -> None:
+    """A lock written by another palign run (an unconditional write, as its heartbeat was)."""
+    info = {"host": "another-host", "pid": 1, "token": "old", "started": "then", **info}
+    _s3().put_object(Bucket=BUCKET, Key=key, Body=json.dumps(info).encode())
+
+
+def _is_lock_write(request: bytes) -> bool:
+    line = request.split(b"\r\n", 1)[0]
+    return line.split(b" ", 1)[0] in (b"PUT", b"POST", b"DELETE") and LOCK_NAME.encode() in line
+
+
+def _not_a_create(request: bytes) -> bool:
+    return _is_lock_write(request) and b"if-none-match" not in request.lower()
+
+
+class HoldingProxy:
+    """A TCP proxy to the S3 server that holds the first request ``pick`` chooses until
+    ``meanwhile()`` has run, then passes it on: a request that lands late. The result (or the
+    exception) of ``meanwhile`` is kept in ``outcome``."""
+
+    def __init__(self, upstream: str, pick: Callable[[bytes], bool],
+                 meanwhile: Callable[[], object]) -> None:
+        self.upstream = urlparse(upstream)
+        self.pick, self.meanwhile = pick, meanwhile
+        self.held = threading.Event()
+        self.done = threading.Event()
+        self.outcome: object = None
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((self.upstream.hostname, self.upstream.port))
+            threading.Thread(target=self._pump, args=(upstream, client, False),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if requests and not self.held.is_set() and self.pick(data):
+                    self.held.set()
+                    try:
+                        self.outcome = self.meanwhile()
+                    except Exception as err:  # noqa: BLE001 - the test reads it
+                        self.outcome = err
+                    self.done.set()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _driver(folder: str, stale_s: float, proxy: HoldingProxy) -> subprocess.Popen:
+    """A palign driver in its own process that reaches the store through ``proxy``."""
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": proxy.url}
+    return subprocess.Popen([sys.executable, "-c", DRIVER, folder, str(stale_s)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _acquire_when_stale(lock: RunLock, within_s: float = 15.0) -> RunLock:
+    """``lock.acquire()``, again until the lock there has gone stale and is taken over."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            lock.acquire()
+            return lock
+        except RunLocked:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)
+
+
+def test_two_drivers_started_at_once_on_s3_one_wins(s3):
+    folder, key = _folder()
+    locks = [RunLock(folder, stale_s=60, heartbeat_s=30) for _ in range(2)]
+    start = threading.Barrier(2)
+    outcome: dict[int, object] = {}
+
+    def drive(i: int) -> None:
+        start.wait()
+        try:
+            locks[i].acquire()
+            outcome[i] = "held"
+        except RunLocked as err:
+            outcome[i] = err
+
+    threads = [threading.Thread(target=drive, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    winners = [i for i, out in outcome.items() if out == "held"]
+    assert len(winners) == 1, outcome
+    refused = str(outcome[1 - winners[0]])
+    assert f"pid {os.getpid()}" in refused and socket.gethostname() in refused
+    assert _lock_info(key)["token"] == locks[winners[0]].token
+    locks[winners[0]].release()
+    assert _lock_info(key) is None  # released: deleted, being still the winner's
+
+
+def test_a_create_that_lands_late_on_s3_loses(s3):
+    """Driver B's create is held on its way while driver A takes the folder: when B's write
+    lands, it must not replace A's lock; B refuses, naming A."""
+    folder, key = _folder()
+    taker = RunLock(folder, stale_s=60, heartbeat_s=30)
+    proxy = HoldingProxy(s3["AWS_ENDPOINT_URL_S3"], _is_lock_write, taker.acquire)
+    try:
+        late = _driver(folder, 60, proxy)
+        out, err = late.communicate(timeout=60)
+        assert proxy.done.is_set() and proxy.outcome is None, (proxy.outcome, err)
+        assert out.startswith("refused:"), (out, err)
+        assert f"pid {os.getpid()}" in out  # names the run that holds it
+        assert _lock_info(key)["token"] == taker.token
+    finally:
+        proxy.close()
+        taker.release()
+    assert _lock_info(key) is None
+
+
+def test_lock_age_on_s3_is_the_stores_not_the_writers(s3):
+    """A lock just written by a run whose clock is an hour behind is live; one that has not
+    been rewritten for longer than stale_s is stale, though its writer's clock says it is
+    from the future."""
+    folder, key = _folder()
+    _put_lock(key, beat=time.time() - 3600)
+    with pytest.raises(RunLocked, match="another-host"):
+        RunLock(folder, stale_s=60).acquire()
+    _put_lock(key, beat=time.time() + 3600)
+    with _acquire_when_stale(RunLock(folder, stale_s=1, heartbeat_s=30)) as lock:
+        assert _lock_info(key)["token"] == lock.token
+    assert _lock_info(key) is None
+
+
+def test_a_heartbeat_on_s3_that_finds_its_lock_taken_over_stops_the_holder(s3):
+    """Holder B's heartbeat is held on its way until its lock goes stale and run A takes the
+    folder over; when B's heartbeat lands it must not overwrite A's lock: B stops with
+    LockLost, naming A, and leaves A's lock in place."""
+    folder, key = _folder()
+    taker = RunLock(folder, stale_s=1, heartbeat_s=30)
+    proxy = HoldingProxy(s3["AWS_ENDPOINT_URL_S3"], _not_a_create,
+                         lambda: _acquire_when_stale(taker))
+    try:
+        holder = _driver(folder, 60, proxy)
+        out, err = holder.communicate(timeout=60)
+        assert proxy.done.is_set() and proxy.outcome is taker, (proxy.outcome, err)
+        assert holder.returncode == 1 and out.strip() == "held", (out, err)
+        assert "LockLost" in err and f"pid {os.getpid()}" in err
+        assert _lock_info(key)["token"] == taker.token
+    finally:
+        proxy.close()
+        taker.release()
+    assert _lock_info(key) is None
+
+
+def test_a_stale_lock_on_s3_is_broken_only_if_unchanged(s3):
+    """Driver T finds the lock stale and takes it over, but its takeover is held on its way
+    while the old holder beats again: the takeover must fail, and T refuse, naming the holder."""
+    folder, key = _folder()
+    _put_lock(key, beat=time.time() - 100)
+    time.sleep(2.1)  # stale for stale_s=1 by the store's clock
+    proxy = HoldingProxy(s3["AWS_ENDPOINT_URL_S3"], _not_a_create,
+                         lambda: _put_lock(key, beat=time.time()))
+    try:
+        breaker = _driver(folder, 1, proxy)
+        out, err = breaker.communicate(timeout=60)
+        assert proxy.done.is_set() and proxy.outcome is None, (proxy.outcome, err)
+        assert out.startswith("refused:") and "another-host" in out, (out, err)
+        assert _lock_info(key)["token"] == "old"
+    finally:
+        proxy.close()
