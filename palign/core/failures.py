@@ -11,6 +11,8 @@
   as its reason, so the stage goes on; a rerun retries ``system`` rejects by default.
 - A stage that cannot go on (an engine that keeps failing its health check, too many rejects, no
   rows out) raises :class:`StageFailed`, whose message is what the user reads.
+- Storage: a store that keeps failing through its retries is :class:`StorageUnavailable` (the
+  machinery's fault); a full disk is :class:`DiskFull` (the stage fails, naming the folder).
 """
 
 from __future__ import annotations
@@ -44,6 +46,18 @@ class GraderUnavailable(MachineryError):
 
 class StageFailed(RuntimeError):
     """A stage that must not report success; the message says why, for a person to read."""
+
+
+class StorageUnavailable(MachineryError, OSError):
+    """A store that kept failing with errors that usually pass (throttling, 5xx, time-outs,
+    dropped connections) through every retry (``palign.core.retrying``). The machinery's
+    fault, never a row's: an ``OSError`` still for code that handles storage errors."""
+
+
+class DiskFull(StageFailed, OSError):
+    """No space left on the disk a run writes to. The stage fails at once (waiting frees no
+    space), naming the folder; nothing half-written is kept, and a rerun after space is freed
+    resumes."""
 
 
 def describe(err: BaseException) -> str:
