@@ -80,6 +80,48 @@ def test_load_config_overrides_and_unreadable_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize(("arg", "said"), [
+    ("=1", "--set '=1': expected KEY=VALUE"),
+    ("data.limit", "--set 'data.limit': expected KEY=VALUE"),
+    ("a..b=1", "--set a..b: a path is field names joined by '.'"),
+    ("data.=1", "--set data.: a path is field names joined by '.'"),
+    ("run.nosuch=1", "--set run.nosuch: run has no field 'nosuch'"),
+    ("run.outptu_dir=x", "run has no field 'outptu_dir' (did you mean output_dir?)"),
+    ("nosuch=1", "--set nosuch: the config has no field 'nosuch'"),
+    ("run.output_dir.x=1", "--set run.output_dir.x: run.output_dir is a value, not a section"),
+    ("data.fields.id.x=1", "data.fields.id is a value, not a section"),
+    ("evaluate.benchmarks.0.name=x", "evaluate.benchmarks is a list; set it whole"),
+    ("data.limit=[1", "--set 'data.limit=[1': data.limit: the value is not valid YAML"),
+    ("data.limit=!!python/object/apply:os.getcwd []", "data.limit: the value is not valid YAML"),
+    ("data.limit=x", "data.limit: Input should be a valid integer, unable to parse string as "
+                     "an integer (set by --set data.limit)"),
+])
+def test_a_malformed_set_fails_as_a_config_error_naming_it(capsys, monkeypatch, arg, said):
+    """``--set``: a path that is empty, has an empty part, names no field, indexes into a value
+    or a list, or a value YAML cannot read, fails with exit 2 naming the argument and the
+    field, never with a traceback (before: TypeError for run.output_dir.x, a raw YAML error
+    for [1, an error about the field it happened to land in for a..b)."""
+    monkeypatch.chdir(ROOT)
+    assert palign_main(["validate", "configs/demo.yaml", "--set", arg]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("invalid config:\n") and said in err, err
+    assert "Traceback" not in err
+
+
+def test_set_reaches_free_mappings_and_sections_left_empty(tmp_path):
+    """What a path may name: a key inside a free mapping (chat_template_kwargs), a field of a
+    section the file leaves null (train.lora); a file whose section is not a mapping is named."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "train": {"lora": None}}))
+    cfg = load_config(path, {"models.chat_template_kwargs.enable_thinking": False,
+                             "train.lora.r": 4})
+    assert cfg.models.chat_template_kwargs == {"enable_thinking": False}
+    assert cfg.train.lora is not None and cfg.train.lora.r == 4
+    path.write_text(yaml.safe_dump({**MINIMAL, "run": ["not", "a", "section"]}))
+    with pytest.raises(ConfigError, match="--set run.name: run in the config file is a list"):
+        load_config(path, {"run.name": "x"})
+
+
 def test_evaluate_needs_benchmarks_and_folder_safe_unique_names():
     on = {**MINIMAL, "run": {"stages": ["evaluate"]}}
     assert "evaluate.benchmarks" in errors_of(on)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +27,14 @@ from palign.core import storage
 from palign.core.config import DataSection
 
 log = logging.getLogger(__name__)
+
+# An id is one line of printable text of at most this many characters: ids name rows in
+# shards, indexes, rejects and logs, where a line break or a control character would split
+# or disguise them. A source id that breaks the rule is rejected, never rewritten.
+MAX_ID_CHARS = 512
+# Unicode's control characters (category Cc: \0, \t, \n, \r, ESC, DEL, NEL ...) and its line
+# and paragraph separators
+_ID_BREAK = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass
@@ -157,15 +166,18 @@ def _arrow_files(path: str, split: str | None) -> list[str]:
     return [storage.join(path, f["filename"]) for f in state["_data_files"]]
 
 
-def read_file(source: SourceFile) -> Iterator[tuple[str, Any]]:
+def read_file(source: SourceFile, max_line: int = storage.MAX_LINE_BYTES
+              ) -> Iterator[tuple[str, Any]]:
     """(position, raw row) for every row of one source file, streamed; raw rows may be
-    anything (an unreadable line comes as ``storage.Unreadable``)."""
+    anything (an unreadable line, or one over ``max_line`` bytes, comes as
+    ``storage.Unreadable``)."""
     name = storage.name(source.path)
     if source.kind == "jsonl" and source.whole:
-        for lineno, row in storage.iter_jsonl(source.path):
+        for lineno, row in storage.iter_jsonl(source.path, max_line):
             yield f"{name}:{lineno}", row
     elif source.kind == "jsonl":  # a piece: its rows are named by their byte offset
-        for offset, row in storage.iter_jsonl_range(source.path, source.start, source.stop):
+        for offset, row in storage.iter_jsonl_range(source.path, source.start, source.stop,
+                                                     max_line):
             yield f"{name}@{offset}", row
     elif source.kind == "json":
         yield from _json_file(name, storage.read_bytes(source.path))
@@ -193,7 +205,7 @@ def read_file(source: SourceFile) -> Iterator[tuple[str, Any]]:
 def iter_source(data: DataSection) -> Iterator[tuple[str, Any]]:
     """Yield (position, raw row) for every row of the source, file after file."""
     for source in source_files(data):
-        yield from read_file(source)
+        yield from read_file(source, data.max_line_mib << 20)
 
 
 def _json_file(name: str, data: bytes) -> Iterator[tuple[str, Any]]:
@@ -220,16 +232,17 @@ def validate_row(pos: str, raw: Any, data: DataSection) -> dict[str, Any] | Reje
     row_id = str(given_id) if id_ok and str(given_id).strip() else None
     if given_id is not None and row_id is None:
         return Rejected(pos, f"field {f.id!r} must be a non-empty string or integer", raw)
+    if row_id is not None and (problem := id_problem(row_id)):
+        return Rejected(pos, f"field {f.id!r} {problem}", raw)
     if question is None:
         return Rejected(row_id or pos, f"missing question field {f.question!r}", raw)
     if not isinstance(question, str):
         return Rejected(row_id or pos, f"field {f.question!r} is not a string", raw)
     if not question.strip():
         return Rejected(row_id or pos, f"field {f.question!r} is empty", raw)
-    for name, value in ((f.id, row_id), (f.question, question)):
-        if value is not None and not _is_unicode(value):
-            return Rejected(pos, f"field {name!r} holds a lone surrogate (not valid Unicode)",
-                            raw)
+    if not _is_unicode(question):
+        return Rejected(pos, f"field {f.question!r} holds a lone surrogate (not valid Unicode)",
+                        raw)
     row_id = row_id or question_id(question)
     answer = raw.get(f.answer)
     # Numeric gold answers are common in math datasets; they are kept as their text.
@@ -264,6 +277,18 @@ def validate_row(pos: str, raw: Any, data: DataSection) -> dict[str, Any] | Reje
     if f.attempt:  # only when the data names one: other records keep their four fields
         record["attempt"] = attempt.strip() if attempt and attempt.strip() else None
     return record
+
+
+def id_problem(row_id: str) -> str | None:
+    """What makes ``row_id`` unusable as an id (see ``MAX_ID_CHARS``), or None."""
+    if len(row_id) > MAX_ID_CHARS:
+        return f"has {len(row_id)} characters, over the {MAX_ID_CHARS} an id may have"
+    if found := _ID_BREAK.search(row_id):
+        return (f"holds U+{ord(found.group()):04X}, a control character or line break, at "
+                f"character {found.start() + 1} (an id is one line of printable text)")
+    if not _is_unicode(row_id):
+        return "holds a lone surrogate (not valid Unicode)"
+    return None
 
 
 def _is_unicode(text: str) -> bool:

@@ -67,7 +67,7 @@ def ingest_file(source: SourceFile, data: DataSection, folder: str,
         for buf in (good, bad, good_at, bad_at):
             buf.clear()
 
-    for seq, (pos, raw) in enumerate(read_file(source)):
+    for seq, (pos, raw) in enumerate(read_file(source, data.max_line_mib << 20)):
         if data.limit is not None and seq >= data.limit:
             break
         result = validate_row(pos, raw, data)

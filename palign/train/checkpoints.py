@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 import random
 import shutil
 import tempfile
@@ -56,9 +57,13 @@ def seed_all(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states in tensors and plain values only (numpy's key as a tensor),
+    so that the file they are saved in loads with ``weights_only=True``."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss),
+                  float(gauss)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -68,10 +73,24 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_tensors(path: Path, **kwargs: Any) -> Any:
+    """``torch.load`` of a file palign (or DeepSpeed for it) wrote, with ``weights_only=True``:
+    tensors, numbers, text and containers of them, never an arbitrary pickled object, whose
+    loading could run code planted in a checkpoint folder. A file holding one is refused."""
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as err:
+        found = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln]
+        what = found[0].split(" was not")[0] if found else "an object torch does not allow"
+        raise RuntimeError(f"{path}: refused: it holds more than tensors and plain values "
+                           f"({what}), which palign's checkpoints never do") from None
 
 
 def save(engine: Any, directory: Path, rank: int, client_state: dict[str, Any],
@@ -104,7 +123,7 @@ def load(engine: Any, directory: Path, rank: int, strict: bool = True) -> dict[s
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
     rng_file = directory / "rng" / f"rank_{rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_tensors(rng_file))
     else:  # a rank the writing run did not have (elastic resume): its seeded state stays
         logger.info("no RNG state for rank %d in %s", rank, directory)
     return dict(client_state)
@@ -305,7 +324,7 @@ def _data_parallel_view(ds: Path, view: Path) -> None:
     view.mkdir(parents=True)
     for path in ds.iterdir():
         if path.name.startswith("mp_rank_") and path.name.endswith("_model_states.pt"):
-            states = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            states = load_tensors(path, map_location="cpu", mmap=True)
             states.setdefault(CHECKPOINT_PARALLEL_DIMS, {})[CHECKPOINT_TP_DEGREE] = 1
             torch.save(states, view / path.name)
         else:

@@ -10,6 +10,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from palign.core.config.base import ENGINE_STAGES, ConfigError, Strict, format_problems
+from palign.core.config.overrides import apply_overrides
 from palign.core.config.sections import (
     DataSection,
     EngineConfig,
@@ -181,13 +182,20 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     merged key by key (this file wins), anything else (lists included) is replaced.
     """
     raw = _read_yaml(Path(path), seen=())
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return parse_config(raw)
+    if not overrides:
+        return parse_config(raw)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        return parse_config(raw)  # fails: a config is a mapping
+    apply_overrides(raw, overrides, Config)
+    try:
+        return parse_config(raw)
+    except ConfigError as err:  # a value given by --set: say so where its field is named
+        marks = {f"  {d.strip()}:": f" (set by --set {d.strip()})" for d in overrides}
+        raise ConfigError("\n".join(
+            line + next((m for start, m in marks.items() if line.startswith(start)), "")
+            for line in str(err).split("\n"))) from None
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...]) -> Any:

@@ -105,6 +105,10 @@ class DataSection(ProblemSource):
         default=FieldNames(), description="Names of the data's columns.")
     max_cot_chars: int = Field(
         default=200_000, gt=0, description="CoTs longer than this many characters are rejected.")
+    max_line_mib: int = Field(
+        default=64, ge=1, le=1024,
+        description="A JSONL line longer than this many MiB is rejected unread (skipped to its "
+                    "end, never held in memory whole).")
     max_reject_share: float = Field(
         default=0.5, ge=0, le=1,
         description="Ingest fails when more than this share of the rows is rejected.")
@@ -206,6 +210,12 @@ class EngineConfig(Strict):
         default=3, ge=1,
         description="Engine failures in a row (actor starts, health checks after a crash; "
                     "counted per actor) before the stage fails.")
+    request_timeout_s: float = Field(
+        default=1800, gt=0,
+        description="Longest one engine call may take (a batch's generation, a row's probe "
+                    "or its wait for room in the KV cache, a health check), and longest an "
+                    "engine actor may go without a sign of life; past it the actor is treated "
+                    "as dead: Ray restarts it and its rows in flight count as a crash.")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Any other vLLM engine argument, passed as is (e.g. kv_cache_dtype, "
