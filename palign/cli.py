@@ -9,19 +9,30 @@ import time
 
 import yaml
 
-from palign.core.config import STAGES, ConfigError, format_explain, load_config
+from palign.core.config import STAGES, Config, ConfigError, format_explain, load_config
 from palign.core.failures import MachineryError, StageFailed
 from palign.core.grade_file import EXTRACT_CHOICES
 from palign.core.logs import setup_driver_logging
 
 
 def _overrides(pairs: list[str]) -> dict[str, object]:
+    """``--set KEY=VALUE`` arguments as {dotted path: value parsed as YAML}; ConfigError for
+    an argument without ``=`` or a value YAML cannot read (``load_config`` checks the paths)."""
+    from palign.core.config import format_problems
+
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
-        out[key] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise ConfigError(format_problems([f"--set {pair!r}: expected KEY=VALUE, KEY a "
+                                               "field's dotted path (data.limit=5)"]))
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).split("\n")[0]
+            raise ConfigError(format_problems([
+                f"--set {pair!r}: {key.strip()}: the value is not valid YAML ({problem}); "
+                "quote text that should stay as it is"])) from None
     return out
 
 
@@ -77,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field by its dotted path, e.g. data.limit=5")
+        if name == "run":
+            p.add_argument("--restart", metavar="STAGE", choices=["ingest", *STAGES],
+                           help="move this stage's output and every later stage's aside "
+                                "(kept under <output_dir>/_aside/) and run them afresh: after "
+                                "a config change that a rerun refuses")
         if name == "validate":
             p.add_argument("--skip-paths", action="store_true",
                            help="do not check that data, models and benchmarks exist (for a "
@@ -186,6 +202,20 @@ def main(argv: list[str] | None = None) -> int:
         print("config OK")
         return 0
 
+    from palign.runtime.signals import stop_from, stop_on_signals
+
+    try:  # SIGTERM (ray job stop, a pod's shutdown) and Ctrl-C stop the run the same way
+        with stop_on_signals():
+            return _run(cfg, args.command, getattr(args, "restart", None))
+    except KeyboardInterrupt as err:  # palign.runtime.signals.Stopped, or Ray's stand-in
+        stop = stop_from(err)
+        print(f"stopped by {stop.name}: committed work is kept; run the same command to resume",
+              file=sys.stderr)
+        return stop.exit_code  # as a shell reports a process that signal ends: 143, 130
+
+
+def _run(cfg: Config, command: str, restart: str | None) -> int:
+    """``palign run`` or one stage: the pipeline, its summary and the command's exit status."""
     from palign.core.procmem import lean_driver_memory
     from palign.core.runlock import RunLocked
     from palign.pipeline import run_pipeline
@@ -197,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     # may hold large buffers of its own.
     lean_driver_memory()
     start = time.time()
-    stages = None if args.command == "run" else [args.command]
+    stages = None if command == "run" else [command]
     try:
-        summaries = run_pipeline(cfg, stages)
+        summaries = run_pipeline(cfg, stages, restart)
     except (StageError, RunLocked, FileNotFoundError, ValueError) as err:
         # ConfigError is a ValueError: a config or a folder that cannot run, before any work
         print(f"error: {err}", file=sys.stderr)

@@ -18,9 +18,11 @@ import pytest
 from conftest import POISON
 
 from palign.cli import main as palign_main
+from palign.core import fingerprint
 from palign.core.config import parse_config
 from palign.core.shards import ShardWriter, read_rows, reject_row
 from palign.pipeline import run_pipeline
+from palign.runtime.fingerprints import row_stage_fingerprints
 from palign.runtime.worker import actor_log_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.model]
@@ -130,7 +132,9 @@ def test_rerun_retries_system_rejects_and_keeps_row_rejects(tmp_path, ray_cluste
     rows = WITH_COT[:4]
     cfg = parse_config(truncate_config(tmp_path, rows, truncate={"strategy": "full"}))
     out = tmp_path / "out" / "truncate"
-    # As an earlier run left it: one row rejected for a crash, one for its own fault.
+    # As an earlier run of this config left it: one row rejected for a crash, one for its own
+    # fault (and the fingerprint it ran under).
+    fingerprint.write(str(out), row_stage_fingerprints(cfg, ["truncate"])["truncate"])
     ShardWriter(out / "rejects").write([
         reject_row(rows[0]["id"], "truncate", "the engine failed 3 times", rows[0], "system"),
         reject_row(rows[1]["id"], "truncate", "prompt too long", rows[1], "row"),
@@ -162,3 +166,60 @@ def test_a_model_that_does_not_load_fails_the_stage_and_rejects_nothing(tmp_path
     assert "no-such-architecture" in err  # the loader's own words
     out = tmp_path / "out" / "truncate"
     assert not list(read_rows(out)) and not list(read_rows(out / "rejects"))
+
+
+def test_a_stopped_engine_actor_is_killed_past_the_time_limit_and_its_row_counted(tmp_path,
+                                                                                   ray_cluster):
+    # An engine actor SIGSTOPped with a row in flight cannot time itself out: the stage's
+    # watchdog kills it once it has given no sign of life for engine.request_timeout_s, Ray
+    # restarts it, and the ledger counts the row's attempt (max_row_attempts=1: a system reject).
+    limit = 15  # over any sound probe's time, on this machine under load, a few times over
+    rows = [{"id": f"short-{i}", "question": f"What is {i} + 1?", "answer": str(i + 1),
+             "cot": f"We add {i} and 1. That makes {i + 1}. So the answer is {i + 1}."}
+            for i in range(3)]  # short prompts: cheap probes
+    cfg = parse_config(truncate_config(
+        tmp_path, rows, truncate={"max_row_attempts": 1},
+        engine={"backend": "transformers", "batch_size": 1, "max_in_flight": 1,
+                "request_timeout_s": limit}))
+    out = tmp_path / "out" / "truncate"
+    before = set(actor_logs("truncate"))
+    stopped: list[tuple[int, str, float]] = []  # pid, the row in flight, when
+    done = threading.Event()
+
+    def stop_mid_row() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not stopped:
+            for pid in sorted(set(actor_logs("truncate")) - before):
+                begun = [line.rsplit("in flight: ", 1)[1].strip()
+                         for line in actor_logs("truncate")[pid].read_text().splitlines()
+                         if "in flight: " in line]
+                landed = len(list(out.glob("part-*"))) + len(list(out.glob("rejects/part-*")))
+                if len(begun) > landed:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append((pid, begun[-1], time.monotonic()))
+                    break
+            time.sleep(0.05)
+        # Without the watchdog the stage would wait for ever: end it (as a crash) for the
+        # assertions below to fail by name.
+        if stopped and not done.wait(limit + 90):
+            os.kill(stopped[0][0], signal.SIGKILL)
+
+    stopper = threading.Thread(target=stop_mid_row, daemon=True)
+    stopper.start()
+    try:
+        summary = run_pipeline(cfg)[-1]
+    finally:
+        done.set()
+    ended = time.monotonic()
+    stopper.join(timeout=10)
+
+    assert stopped, "no engine actor was found with a row in flight"
+    pid, row, at = stopped[0]
+    assert ended - at < limit + 60  # the time limit, the watchdog's look, a restart, 2 rows
+    assert not Path(f"/proc/{pid}").exists()  # the stopped process was killed
+    assert ids(out) + ids(out / "rejects") == Counter({r["id"]: 1 for r in rows})
+    (reject,) = list(read_rows(out / "rejects"))
+    assert reject["id"] == row and reject["kind"] == "system"
+    assert "no sign of life" in reject["reason"]
+    assert f"engine.request_timeout_s={limit} s" in reject["reason"]
+    assert summary.rejected == 1 and summary.rows_out == 2

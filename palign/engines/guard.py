@@ -6,6 +6,12 @@ memory, a bug in the backend) says the machinery is unsound, so it becomes an
 :class:`~palign.core.failures.EngineFailure` that the stage worker hands to Ray instead of rejecting
 the rows in flight.
 
+Every call has a time limit (``engine.request_timeout_s``): a call that outlives it (a wedged
+GPU, a dead tensor-parallel rank, a deadlock in the backend) raises an EngineFailure too, and the
+stage worker ends the actor as for any other machinery failure. A process that cannot run at all
+(SIGSTOPped, frozen) cannot time itself out: the stage's watchdog (``palign.runtime.watchdog``)
+kills it from outside.
+
 Test hook: when ``PALIGN_TEST_EXIT_ON_PROMPT`` is set in an engine's environment, a batch with a
 prompt containing that text makes the engine's process exit at once, as a crashing engine would.
 The fault tests use it to make a poison row; nothing else sets it.
@@ -13,10 +19,13 @@ The fault tests use it to make a poison row; nothing else sets it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future, wait
 from typing import Any, TypeVar
 
 from palign.core.failures import EngineFailure, MachineryError, describe
@@ -32,11 +41,14 @@ T = TypeVar("T")
 
 
 class GuardedEngine:
-    """Wraps an :class:`~palign.engines.base.Engine`; same interface, plus ``health_check``."""
+    """Wraps an :class:`~palign.engines.base.Engine`; same interface, plus ``health_check``.
 
-    def __init__(self, engine: Engine) -> None:
+    ``timeout_s``: the most one call may take (None: no limit)."""
+
+    def __init__(self, engine: Engine, timeout_s: float | None = None) -> None:
         self.inner = engine
         self.name = engine.name
+        self.timeout_s = timeout_s
 
     def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
         return self._call(self.inner.generate, chats, sampling)
@@ -47,18 +59,17 @@ class GuardedEngine:
     async def agenerate(self, chat: Chat, sampling: Sampling) -> Completion:
         """One request, awaited (the inner engine must be an ``EngineServer``)."""
         _exit_if_asked([chat])
-        with self._engine_faults():
-            return await self.inner.agenerate(chat, sampling)
+        return await self._await(self.inner.agenerate(chat, sampling))
 
     async def ascore_labels(self, chat: Chat, labels: list[str]) -> LabelScores:
         _exit_if_asked([chat])
-        with self._engine_faults():
-            return await self.inner.ascore_labels(chat, labels)
+        return await self._await(self.inner.ascore_labels(chat, labels))
 
     async def admit(self, chat: Chat) -> int:
-        """Reserve a row's longest prompt against the engine's KV cache (see EngineServer)."""
-        with self._engine_faults():
-            return await self.inner.admit(chat)
+        """Reserve a row's longest prompt against the engine's KV cache (see EngineServer).
+        Its wait counts as a call: an engine that hangs while counting the prompt's tokens, or
+        whose admitted rows never finish, must not hang the row."""
+        return await self._await(self.inner.admit(chat))
 
     def release(self, tokens: int) -> None:
         self.inner.release(tokens)
@@ -87,7 +98,24 @@ class GuardedEngine:
     def _call(self, fn: Callable[..., T], chats: list[Chat], arg: Any) -> T:
         _exit_if_asked(chats)
         with self._engine_faults():
-            return fn(chats, arg)
+            if self.timeout_s is None:
+                return fn(chats, arg)
+            return _within(self.timeout_s, fn, chats, arg, self._timed_out)
+
+    async def _await(self, call: Awaitable[T]) -> T:
+        with self._engine_faults():
+            if self.timeout_s is None:
+                return await call
+            task = asyncio.ensure_future(call)
+            done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
+            if not done:
+                task.cancel()
+                raise self._timed_out()
+            return task.result()
+
+    def _timed_out(self) -> EngineFailure:
+        return EngineFailure(f"{self.name} engine: no answer within engine.request_timeout_s="
+                             f"{self.timeout_s:g} s (a hung engine or device)")
 
     @contextlib.contextmanager
     def _engine_faults(self) -> Iterator[None]:
@@ -98,6 +126,26 @@ class GuardedEngine:
             raise
         except Exception as err:  # noqa: BLE001 - whatever the engine raises is its own fault
             raise EngineFailure(f"{self.name} engine: {describe(err)}") from err
+
+
+def _within(seconds: float, fn: Callable[..., T], chats: list[Chat], arg: Any,
+            timed_out: Callable[[], Exception]) -> T:
+    """``fn(chats, arg)`` on a thread of its own, waited for at most ``seconds``. A call that
+    hangs keeps its (daemon) thread: the actor is about to end anyway, and a thread cannot be
+    stopped from outside."""
+    result: Future = Future()
+
+    def run() -> None:
+        try:
+            result.set_result(fn(chats, arg))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller as it is
+            result.set_exception(err)
+
+    threading.Thread(target=run, name="palign-engine-call", daemon=True).start()
+    done, _ = wait([result], timeout=seconds)
+    if not done:
+        raise timed_out()
+    return result.result()
 
 
 def _exit_if_asked(chats: list[Chat]) -> None:

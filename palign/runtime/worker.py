@@ -20,6 +20,10 @@ Failures (``palign.core.failures``):
   health, and serves those rows one by one; a row that was in flight for ``max_row_attempts``
   crashes is rejected with kind ``system``. An engine that fails its health check
   ``engine.max_failures`` times in a row fails the stage.
+- Storage tries every call again on transient faults (``palign.core.retrying``). A batch whose
+  write still fails is retried the same way (the actor exits once no batch of it is at the
+  engine, so no row counts a crash), ``engine.max_failures`` times in a row at most, then the
+  stage fails naming the folder; never a reject. A full disk fails the stage at once.
 
 Batches in flight: Ray Data hands a replica ``ceil(engine.max_in_flight / engine.batch_size)``
 batches at a time (one thread each); they share the actor's engine through an
@@ -44,7 +48,14 @@ from typing import Any
 from palign.core import storage
 from palign.core.attempts import AttemptLedger
 from palign.core.config import Config, EngineConfig
-from palign.core.failures import SYSTEM, MachineryError, StageFailed, describe, is_machinery
+from palign.core.failures import (
+    SYSTEM,
+    MachineryError,
+    StageFailed,
+    StorageUnavailable,
+    describe,
+    is_machinery,
+)
 from palign.core.logs import FILE_ONLY, setup_actor_logging
 from palign.core.shards import (
     INDEX,
@@ -61,6 +72,7 @@ from palign.core.shards import (
 from palign.engines.base import EngineSpec
 from palign.engines.guard import GuardedEngine
 from palign.runtime import telemetry
+from palign.runtime.watchdog import give_signs_of_life
 from palign.stages.outcome import Outcome, rejected
 from palign.stages.registry import REGISTRY
 
@@ -128,6 +140,8 @@ class StageWorker:
         self.ledger = ledger if ledger is not None else AttemptLedger(
             self.section.max_row_attempts, self.section.engine.max_failures)
         self.actor = _actor_id()
+        if self.actor != "local":  # from now on, a frozen process is killed from outside
+            give_signs_of_life(self.ledger, self.actor, self.section.engine.request_timeout_s)
         self.gate = _Gate()
         self._reported = {"prompt_tokens": 0, "cached_tokens": 0}
         self._report_lock = threading.Lock()
@@ -143,7 +157,8 @@ class StageWorker:
         engine = build_engine(engine_spec(self.section.engine, path, self.cfg.run.seed,
                                           self.stage, self.cfg.template_kwargs_for(self.model)))
         log.info("%s: engine %s ready for %s", self.stage, engine.name, self.model)
-        return GuardedEngine(EngineServer(engine, self.section.engine.max_in_flight))
+        return GuardedEngine(EngineServer(engine, self.section.engine.max_in_flight),
+                             self.section.engine.request_timeout_s)
 
     def _start_grader(self) -> Any:
         from palign.core.grading import Grader
@@ -208,15 +223,43 @@ class StageWorker:
 
     def _write(self, sub: str, stem: str, good: list[dict[str, Any]],
                bad: list[dict[str, Any]]) -> None:
-        """The rejects first, then the output with its index: the batch's commit."""
+        """The rejects first, then the output with its index: the batch's commit. Storage
+        tries each call again on transient faults; a write that fails through all of that
+        is retried with the batch (``_storage_failed``). A full disk fails the stage."""
         folder = self._folder(sub)
-        if bad:
-            write_shard(storage.join(folder, REJECTS), stem, bad, "jsonl", reject_columns(bad))
-        else:
-            storage.delete(storage.join(folder, REJECTS, INDEX,
-                                        data_name(stem, "jsonl") + ".parquet"))
-        write_shard(folder, stem, good, self.cfg.output.format,
-                    self.definition.index_values(good))
+        try:
+            if bad:
+                write_shard(storage.join(folder, REJECTS), stem, bad, "jsonl",
+                            reject_columns(bad))
+            else:
+                storage.delete(storage.join(folder, REJECTS, INDEX,
+                                            data_name(stem, "jsonl") + ".parquet"))
+            write_shard(folder, stem, good, self.cfg.output.format,
+                        self.definition.index_values(good))
+        except StorageUnavailable as err:
+            self._storage_failed(folder, err)
+        if not getattr(self, "_wrote", False):  # this process's first commit: the store works
+            self._wrote = True
+            self._ledger("end", [], _storage_key(self.actor))
+
+    def _storage_failed(self, folder: str, err: StorageUnavailable) -> None:
+        """A batch whose write failed through storage's retries (``palign.core.retrying``,
+        about 8 to 16 s of them per call): the machinery's fault, never the rows'. This actor
+        exits, once no batch of it has rows at the engine (so none is counted as a crash),
+        and Ray restarts it and retries the batch. Bounded: the ledger counts such failures
+        per actor until one of its writes succeeds, and the ``engine.max_failures``-th fails
+        the stage, naming the folder (a store down for good fails it within minutes)."""
+        reason = describe(err)
+        limit = self.section.engine.max_failures
+        if self._ledger("engine_failed", _storage_key(self.actor), reason):
+            raise StageFailed(
+                f"{self.stage}: writing to {folder} failed {limit} times in a row on actor "
+                f"{self.actor} (engine.max_failures), each after storage's own retries; last "
+                f"error: {reason}. What was written is kept: run again once the store "
+                "answers") from err
+        with self.gate.exclusive():
+            self._exit(f"{self.stage}: writing a batch to {folder} failed after storage's "
+                       f"retries: {reason}")
 
     def _committed_counts(self, stems: dict[str, str], n: int) -> dict[str, list[Any]]:
         fmt = self.cfg.output.format
@@ -258,7 +301,7 @@ class StageWorker:
 
     def _attempt(self, rows: list[dict[str, Any]]) -> list[Outcome]:
         ids = [str(r["id"]) for r in rows]
-        self._ledger("begin", ids)
+        self._ledger("begin", ids, self.actor)
         # a line per batch: the actor's log file only (Ray would forward each to the driver)
         log.info("%s: %d row(s) in flight: %s", self.stage, len(ids),
                  ids[0] if len(ids) == 1 else f"{ids[0]} .. {ids[-1]}", extra=FILE_ONLY)
@@ -381,6 +424,12 @@ class _Gate:
             with self._cv:
                 self._exclusive = False
                 self._cv.notify_all()
+
+
+def _storage_key(actor: str) -> str:
+    """The ledger's name for an actor's failed batch writes (counted as its engine's failed
+    health checks are, apart from them)."""
+    return f"storage:{actor}"
 
 
 def _actor_id() -> str:
