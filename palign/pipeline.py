@@ -8,23 +8,34 @@ above both, so that neither the stages nor training imports the other's driver.
 
 from __future__ import annotations
 
+import signal
+
 from palign.core import storage
 from palign.core.config import Config
 from palign.core.failures import StageFailed
 from palign.core.shards import reject_reasons
+from palign.runtime import signals
 from palign.runtime.evaluate import run_evaluate_stage
 from palign.runtime.runner import StageError, init_ray, run_stage
 from palign.runtime.summary import StageSummary, ingest_summary, last_error_line
 
 
 def run_train_stage(cfg: Config) -> StageSummary:
-    """Student SFT on Ray Train + DeepSpeed; resumes from its latest checkpoint."""
+    """Student SFT on Ray Train + DeepSpeed; resumes from its latest checkpoint, unless that
+    was made under another model, data or optimizer setting: then ``ConfigChanged`` (exit 2)
+    before Ray starts (``palign.train.identity``)."""
+    from palign.core.fingerprint import ConfigChanged
+    from palign.train.identity import check_resume
     from palign.train.trainer import run_train
 
+    check_resume(cfg)  # run_train checks again (its own callers); cheap: a listing and a stat
     init_ray(cfg)
     try:
-        res = run_train(cfg)
-    except StageError:
+        # Ray Train sets a Ctrl-C handler of its own in fit(), one that aborts the training
+        # run and exits 0: a stop all the same, and palign's handlers come back after fit.
+        with signals.reclaimed(exit_is=signal.SIGINT):
+            res = run_train(cfg)
+    except (StageError, ConfigChanged):
         raise
     except Exception as err:  # noqa: BLE001 - Ray Train's wrapping of what failed the workers
         raise StageFailed(f"train failed (its checkpoints stay; run again to resume): "
@@ -42,22 +53,37 @@ def run_train_stage(cfg: Config) -> StageSummary:
     return summary
 
 
-def run_pipeline(cfg: Config, stages: list[str] | None = None) -> list[StageSummary]:
+def run_pipeline(cfg: Config, stages: list[str] | None = None,
+                 restart: str | None = None) -> list[StageSummary]:
     """Run the given stages (default: the config's) in order; the ingest summary comes first.
 
     Before any work: the config's paths are checked (``palign.preflight``), the cluster plan is
     made, and the output folder is locked for this run (``RunLocked`` if another run holds it).
+    Then ``restart`` (a stage, or ``ingest``) moves that stage's output and every later one's
+    aside, and every folder the run resumes is checked against this config's fingerprints
+    (``ConfigChanged`` when its rows were made under another: ``palign.runtime.fingerprints``).
+    Under ``signals.stop_on_signals`` (as the command runs it) SIGTERM and SIGINT end the run
+    with ``Stopped``, its committed work kept and the lock released.
     """
     from palign.core.runlock import RunLock
     from palign.preflight import check_engine_kwargs, check_paths
+    from palign.runtime.fingerprints import check_run
+    from palign.runtime.fingerprints import restart as move_aside
     from palign.runtime.resources import plan_resources
+    from palign.train.identity import checkpoints_folder
 
     stages = stages or list(cfg.run.stages)
     check_engine_kwargs(cfg, stages)  # a misspelt vLLM engine argument fails here
     check_paths(cfg, stages)  # a missing data file or model folder fails here
     plan_resources(cfg)  # a config the cluster cannot place fails here, before any work
     runners = {"train": run_train_stage, "evaluate": run_evaluate_stage}
-    with RunLock(cfg.run.output_dir, stale_s=cfg.run.lock_stale_s):
+    # A stop by signal (palign.runtime.signals) while the lock is taken or released waits for
+    # that to finish, so that no lock is left behind for the next run to wait out.
+    with signals.shielded(RunLock(cfg.run.output_dir, stale_s=cfg.run.lock_stale_s)):
+        if restart is not None:
+            with signals.held():  # a stop waits: no stage is left half moved
+                move_aside(cfg, restart, checkpoints_folder(cfg))
+        check_run(cfg, stages)  # a folder holding another config's rows fails here
         summaries = [runners[s](cfg) if s in runners else run_stage(cfg, s) for s in stages]
     first = ingest_summary(cfg)
     return [first, *summaries] if first else summaries

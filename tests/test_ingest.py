@@ -188,8 +188,10 @@ def test_iter_jsonl_numbers_lines_and_yields_unreadable_lines_in_place(tmp_path)
 def test_a_finished_ingest_that_does_not_hold_its_rows_fails_the_run(tmp_path):
     """An ingest folder marked finished whose indexes lack the rows its marker counts (an older
     palign wrote data without indexes, or a file went missing) is never taken as zero rows."""
+    from palign.core import fingerprint
     from palign.core.config import parse_config
     from palign.core.failures import StageFailed
+    from palign.runtime.fingerprints import ingest_fingerprint
     from palign.runtime.runner import ingest_once
     from palign.runtime.source import ingest_here
 
@@ -199,6 +201,7 @@ def test_a_finished_ingest_that_does_not_hold_its_rows_fails_the_run(tmp_path):
                         "models": {"student": "smollm2-135m"}})
     folder = str(tmp_path / "run" / "ingest")
     ingest_here(folder, data, shard_rows=10)
+    fingerprint.write(folder, ingest_fingerprint(data))  # made under this data section
     ingest_once(cfg, folder, data)  # finished and whole: kept as it is
     for index in (tmp_path / "run" / "ingest" / "_index").iterdir():
         index.unlink()
@@ -322,3 +325,136 @@ def test_the_runner_reads_a_large_file_with_a_task_per_piece(tmp_path, ray_clust
         assert list(read_rows(tmp_path / "run" / "ingest" / sub)) == \
             list(read_rows(tmp_path / "here" / sub))
     assert len(list(read_rows(tmp_path / "here"))) == 2600 - 4
+
+
+# -- bad input: ids that are not one line of text, lines over the cap ----------------------
+
+def test_ids_with_control_characters_or_over_the_length_cap_are_rejected_not_rewritten(
+        tmp_path):
+    """An id is one line of printable text of at most ``MAX_ID_CHARS`` characters: one holding
+    a control character (\\n, \\r, \\t, \\0, DEL, NEL) or a line separator, or a longer one, is
+    a row reject named by the row's position (never by the bad id), in the one-process and
+    the sharded ingest alike; an id at the cap, and one with inner spaces, are kept as given."""
+    from palign.core.ingest import MAX_ID_CHARS
+    from palign.core.shards import read_rows
+    from palign.runtime.source import ingest_here
+
+    bad = {"a\nb": "U+000A", "a\rb": "U+000D", "tab\there": "U+0009", "nul\x00": "U+0000",
+           "del\x7f": "U+007F", "nel\x85": "U+0085", "ls\u2028": "U+2028",
+           "x" * (MAX_ID_CHARS + 1): f"has {MAX_ID_CHARS + 1} characters"}
+    good = ["y" * MAX_ID_CHARS, "with inner space", 7]
+    rows = [{"id": i, "question": f"Q{n}?", "answer": "1"} for n, i in enumerate([*bad, *good])]
+    rows.append({"id": "no\nquestion", "answer": "1"})  # the id is what is reported
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    data = DataSection(path=str(tmp_path / "p.jsonl"))
+    problems, rejects = read_problems(data)
+    assert [p["id"] for p in problems] == ["y" * MAX_ID_CHARS, "with inner space", "7"]
+    assert [r.id for r in rejects] == [f"p.jsonl:{n}" for n in (*range(1, 9), 12)]
+    for rej, why in zip(rejects, [*bad.values(), "U+000A"]):
+        assert rej.reason.startswith("field 'id' ") and why in rej.reason, rej.reason
+    counts = ingest_here(str(tmp_path / "out"), data, shard_rows=4)
+    assert counts == {"rows": 3, "rejects": 9}
+    assert [r["id"] for r in read_rows(tmp_path / "out")] == [p["id"] for p in problems]
+    assert sorted(r["id"] for r in read_rows(tmp_path / "out" / "rejects")) == \
+        sorted(r.id for r in rejects)
+
+
+def test_a_line_over_the_cap_is_rejected_unread_with_its_position(tmp_path):
+    """``data.max_line_mib``: a line longer is a reject naming its position and the cap, the
+    lines around it are read, whether the file is read whole or in pieces by byte range (the
+    long line starts in one piece and runs through the next) or ends without a newline."""
+    from palign.core.shards import read_rows
+    from palign.runtime.source import ingest_here
+
+    cap = 1 << 20
+    long_row = json.dumps({"id": "long", "question": "x" * cap, "answer": "1"})
+    lines = [json.dumps({"id": "a", "question": "Q?", "answer": "1"}), long_row,
+             json.dumps({"id": "b", "question": "Q?", "answer": "2"}), long_row]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines))  # the last line has no \n
+    reason = f"line over {cap} bytes ({len(long_row)} bytes): not read"
+    data = DataSection(path=str(tmp_path / "p.jsonl"), max_line_mib=1, piece_mib=1)
+    problems, rejects = read_problems(data)
+    assert [p["id"] for p in problems] == ["a", "b"]
+    assert [(r.id, r.reason, r.row) for r in rejects] == [
+        ("p.jsonl:2", reason, None), ("p.jsonl:4", reason, None)]
+    counts = ingest_here(str(tmp_path / "out"), data, shard_rows=10)  # 2 pieces of 1 MiB
+    assert counts == {"rows": 2, "rejects": 2}
+    assert [r["id"] for r in read_rows(tmp_path / "out")] == ["a", "b"]
+    starts = [0, len(lines[0]) + 1, len(lines[0]) + len(long_row) + 2]
+    starts.append(starts[-1] + len(lines[2]) + 1)
+    assert sorted((r["id"], r["reason"]) for r in read_rows(tmp_path / "out" / "rejects")) == \
+        sorted([(f"p.jsonl@{starts[1]}", reason), (f"p.jsonl@{starts[3]}", reason)])
+    # the same file under the default cap is read in full
+    assert len(read_problems(DataSection(path=str(tmp_path / "p.jsonl")))[0]) == 3
+
+
+def test_a_long_line_is_read_past_in_bounded_memory(tmp_path):
+    """Linear, not quadratic: a 24 MB line without a newline, read in 64 KiB chunks under a
+    4 KiB cap, is never accumulated (the old reader grew it by ``rest + block``, copying it
+    once per chunk and holding it whole): Python's allocations stay under cap + a few chunks,
+    and the line comes out as a ``LongLine`` of its exact size, the next line read as usual.
+    The public line readers raise ``LineTooLong`` naming the line."""
+    import tracemalloc
+
+    from palign.core import storage
+
+    size, chunk, cap = 24 << 20, 64 << 10, 4 << 10
+    path = tmp_path / "long.jsonl"
+    with open(path, "wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write(b"7" * (1 << 20))
+        f.write(b'\n{"after": 1}\n')
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        lines = list(storage._file_lines(path, chunk, cap))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lines == [storage.LongLine(size, cap), b'{"after": 1}']
+    assert peak < cap + 4 * chunk, peak
+    assert list(storage.iter_jsonl(path, max_line=cap)) == [
+        (1, storage.Unreadable(f"line over {cap} bytes ({size} bytes): not read")),
+        (2, {"after": 1})]
+    with pytest.raises(storage.LineTooLong, match="line 1: line over 4096 bytes"):
+        list(storage.iter_lines(path, chunk, max_line=cap))
+    with pytest.raises(storage.LineTooLong, match="line at byte 0: line over"):
+        list(storage.iter_line_range(path, 0, None, chunk, max_line=cap))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from([b"", b"a", b"bc\r", b"4" * 9, b"5" * 25]), max_size=10),
+       st.booleans(), st.lists(st.integers(0, 200), max_size=4), st.integers(1, 12),
+       st.integers(1, 12))
+def test_ranges_under_a_cap_give_each_long_line_its_size_and_offset(
+        tmp_path_factory, lines, newline_at_end, cuts, chunk, cap):
+    """Whatever the cuts, chunk and cap: every line comes out once, at its byte offset, whole
+    when it is at most ``cap`` bytes and as a ``LongLine`` of its exact size when longer."""
+    from palign.core import storage
+
+    data = b"\n".join(lines) + (b"\n" if newline_at_end and lines else b"")
+    path = tmp_path_factory.mktemp("capped") / "x.jsonl"
+    path.write_bytes(data)
+    want, at = [], 0
+    for line in data.split(b"\n"):
+        want.append((at, line if len(line) <= cap else storage.LongLine(len(line), cap)))
+        at += len(line) + 1
+    if want and want[-1][1] == b"":
+        want.pop()
+    assert list(storage._file_lines(path, chunk, cap)) == [line for _, line in want]
+    bounds = sorted({0, *(c % (len(data) + 2) for c in cuts)})
+    got = [pair for start, stop in zip(bounds, [*bounds[1:], None])
+           for pair in storage._range_lines(path, start, stop, chunk, cap)]
+    assert got == want
+
+
+def test_a_number_past_pythons_digit_limit_is_an_unreadable_line_not_a_crash(tmp_path):
+    """``json.loads`` raises a plain ValueError (not a JSONDecodeError) for an integer of more
+    than 4300 digits: the line is unreadable, the rows after it are read."""
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "question": "Q?", "answer": "1"}],
+                extra_lines=['{"id": ' + "1" * 5000 + ', "question": "Q?", "answer": "1"}',
+                             json.dumps({"id": "b", "question": "Q?", "answer": "1"})])
+    problems, rejects = read_problems(DataSection(path=str(tmp_path / "p.jsonl")))
+    assert [p["id"] for p in problems] == ["a", "b"]
+    assert rejects[0].id == "p.jsonl:2" and "invalid JSON: Exceeds the limit" in \
+        rejects[0].reason

@@ -193,7 +193,8 @@ def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not storage.list_files(f"{out}/truncate/_index"):
+    while time.time() < deadline and not storage.list_files(f"{out}/truncate/_index",
+                                                            prefix="part-"):
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.5)
     # A second run on the busy output refuses before any work, naming the holder.

@@ -95,6 +95,19 @@ def test_benchmark_metrics_n_is_the_smallest_sample_count():
         benchmark_metrics([row("c", "b", "m", [])])
 
 
+def test_write_results_scores_only_the_pairs_it_is_given(tmp_path):
+    """The evaluate stage passes its config's models and benchmarks: a folder an earlier
+    config left (another model, another benchmark) is not scored with this one's."""
+    run = make_run(tmp_path / "run", {("student", "math"): STUDENT_MATH,
+                                      ("base", "math"): BASE_MATH,
+                                      ("student", "aime"): STUDENT_AIME})
+    res = write_results(run, pairs=[("student", "math")])
+    assert {m: set(b) for m, b in res.metrics.items()} == {"student": {"math"}}
+    samples = (run / "evaluate" / "samples.jsonl").read_text().splitlines()
+    assert {(json.loads(x)["model"], json.loads(x)["benchmark"]) for x in samples} == {
+        ("student", "math")}
+
+
 def test_write_results_files(tmp_path):
     run = make_run(tmp_path / "run", {("student", "math"): STUDENT_MATH,
                                       ("base", "math"): BASE_MATH,

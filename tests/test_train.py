@@ -24,6 +24,7 @@ from synthetic_rows import addition_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from palign.core.config import Config, parse_config
+from palign.core.fingerprint import FILE as FINGERPRINT
 from palign.core.shards import REJECTS, ShardWriter, read_rows
 from palign.train.checkpoints import check_global_batch
 from palign.train.engine import lr_lambda
@@ -290,4 +291,6 @@ def test_sequence_parallel_rows_split_over_two_workers_train_as_on_one(tiny_mode
     shutil.copytree(theirs / "train" / "ray" / "sp-train" / "checkpoint_00000003",
                     ours / "train" / "ray" / "sp-train" / "checkpoint_00000003")
     shutil.copytree(theirs / "align", ours / "align")
+    # with the fingerprint it was made under (a checkpoint without one is refused)
+    shutil.copy(theirs / "train" / FINGERPRINT, ours / "train" / FINGERPRINT)
     assert_same_steps(torchrun_steps(back, 2), whole[3:])

@@ -57,6 +57,7 @@ FILE = "_file"  # the column read_index adds: the data shard each id is in
 DIGEST = "_digest"  # in _index/: ``_digest-000000.parquet``...: the indexes in a few files
 DIGEST_KEY = b"palign.digest"  # a part's metadata: the index files it holds, size and time
 DIGEST_ROWS = 65_536  # rows a digest part gathers (at least): what its writer holds at once
+EPOCH = "_epoch.json"  # in _index/: the token of the run that writes the folder now (the fence)
 
 Columns = dict[str, Sequence[Any]]
 
@@ -65,9 +66,32 @@ Columns = dict[str, Sequence[Any]]
 
 def batch_stem(token: str, ids: Iterable[str]) -> str:
     """A batch's shard name: the run's token and a hash of its ids, so a retried batch writes
-    the same names (and finds its own commit) while a later run never meets an earlier one's."""
-    digest = hashlib.sha256("\n".join(sorted(ids)).encode("utf-8")).hexdigest()[:20]
+    the same names (and finds its own commit) while a later run never meets an earlier one's.
+    Each id is hashed with its length before it (``5:a\nb``), so no two sets of ids hash the
+    same text, whatever characters the ids hold."""
+    text = "".join(f"{len(i)}:{i}" for i in sorted(ids))
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
     return f"part-{token}-{digest}"
+
+
+def token_of(name: str) -> str:
+    """The run token in a shard's name (``part-<token>-<hash>.jsonl``); "" for other names."""
+    return name.split("-", 2)[1].split(".")[0] if name.startswith("part-") else ""
+
+
+def read_epoch(folder: str | Path) -> str | None:
+    """The token of the run that now writes ``folder`` (None: no run has fenced it)."""
+    try:
+        return str(json.loads(storage.read_text(storage.join(folder, INDEX, EPOCH)))["token"])
+    except FileNotFoundError:
+        return None
+
+
+def write_epoch(folder: str | Path, token: str) -> None:
+    """Fence ``folder`` for the run of ``token``: from now on an index is visible only if the
+    digest holds it (sealed before this) or it is this run's. Under the run's lock, after
+    ``write_digest`` has sealed what is there."""
+    storage.write_text(storage.join(folder, INDEX, EPOCH), json.dumps({"token": token}))
 
 
 def new_token() -> str:
@@ -158,9 +182,13 @@ class ShardWriter:
 def clean_uncommitted(folder: str | Path) -> int:
     """Remove data shards without an index and temporary files (what a killed write left).
     Only while no one writes the folder: at the start of a stage, under the run's lock."""
-    committed = {n.removesuffix(".parquet") for n in storage.list_files(
-        storage.join(folder, INDEX), suffixes=(".parquet",))}
+    listing = _Listing.of(folder)
+    visible = set(_visible(folder, listing))
+    committed = {n.removesuffix(".parquet") for n in visible}
     removed = 0
+    for name in set(listing.files) - visible:  # a superseded run's commit, after the seal
+        storage.delete(storage.join(folder, INDEX, name))
+        removed += 1
     for name in storage.list_files(folder):
         orphan = name.startswith("part-") and name.endswith(tuple(FORMATS.values())) \
             and name not in committed
@@ -174,9 +202,16 @@ def clean_uncommitted(folder: str | Path) -> int:
 
 def shard_files(folder: str | Path) -> list[str]:
     """The committed data shards of ``folder`` (their paths), in name order."""
-    names = storage.list_files(storage.join(folder, INDEX), prefix="part-",
-                               suffixes=(".parquet",))
-    return [storage.join(folder, n.removesuffix(".parquet")) for n in names]
+    return [storage.join(folder, n.removesuffix(".parquet"))
+            for n in _visible(folder, _Listing.of(folder))]
+
+
+def _visible(folder: str | Path, listing: _Listing) -> list[str]:
+    """The index files of ``folder`` that readers see, in name order: those its digest holds
+    as they are now, and the others the fence admits (``_Listing.admits``)."""
+    with _Digest.of(folder, listing) as digest:
+        current = digest.current
+    return sorted({*current, *listing.rest(current)})
 
 
 def _index_path(data_path: str) -> str:
@@ -245,7 +280,8 @@ def write_digest(folder: str | Path, threads: int = 16, part_rows: int = DIGEST_
     for name in stale:
         storage.delete(storage.join(folder, INDEX, name))
     held = {n for p in digest.parts if p.complete for n in p.current}
-    rest = listing.rest(held)
+    still = {n for p in digest.parts if not p.complete for n in p.current}
+    rest = listing.rest(held, also=still)
     number = max((int(n.split("-")[1].split(".")[0]) for n in listing.parts
                   if n.count("-") == 1 and n.split("-")[1].split(".")[0].isdigit()), default=-1)
     tables: list[pa.Table] = []
@@ -287,22 +323,30 @@ def write_digests(stage_dir: str | Path) -> None:
 
 
 class _Listing:
-    """A folder's committed index files as listed now (name -> [size, mtime ns]), and its
-    digest parts' names."""
+    """A folder's committed index files as listed now (name -> [size, mtime ns]), its digest
+    parts' names, and its epoch (the token of the run that writes it now, if one fenced it)."""
 
-    def __init__(self, files: dict[str, list[int]], parts: list[str]) -> None:
-        self.files, self.parts = files, parts
+    def __init__(self, files: dict[str, list[int]], parts: list[str],
+                 epoch: str | None = None) -> None:
+        self.files, self.parts, self.epoch = files, parts, epoch
 
     @classmethod
     def of(cls, folder: str | Path) -> _Listing:
         found = storage.stat_files(storage.join(folder, INDEX), suffixes=(".parquet",))
         files = {n: [size, mtime] for n, size, mtime in found if n.startswith("part-")}
-        return cls(files, [n for n, _, _ in found if n.startswith(DIGEST)])
+        return cls(files, [n for n, _, _ in found if n.startswith(DIGEST)], read_epoch(folder))
 
-    def rest(self, held: Iterable[str]) -> list[str]:
-        """The listed index files not in ``held``, in name order."""
-        skip = set(held)
-        return [n for n in sorted(self.files) if n not in skip]
+    def admits(self, name: str) -> bool:
+        """Whether an index the digest does not hold is visible: in an unfenced folder all
+        are; in a fenced one only the current run's (a superseded run's late commit is not)."""
+        return self.epoch is None or token_of(name) == self.epoch
+
+    def rest(self, held: Iterable[str], also: Iterable[str] = ()) -> list[str]:
+        """The listed index files not in ``held`` that the fence admits (or that are in
+        ``also``: held by a digest part being dropped), in name order."""
+        skip, extra = set(held), set(also)
+        return [n for n in sorted(self.files)
+                if n not in skip and (n in extra or self.admits(n))]
 
 
 class _Part:
@@ -464,11 +508,13 @@ def done_index(stage_dir: str | Path) -> pa.Array:
     return pa.chunked_array([*out.chunks, *rej.chunks], pa.string()).combine_chunks()
 
 
-def release_rejects(stage_dir: str | Path, retry: str) -> int:
+def release_rejects(stage_dir: str | Path, retry: str, token: str | None = None) -> int:
     """Move the rejects a rerun retries out of ``rejects/`` (to ``rejects_retried/``), shard by
     shard; returns how many were released. Per shard: the record first (a kill after it leaves
     the reject done, never a row neither done nor pending), then the shard's index without
-    them (the commit), then its data."""
+    them (the commit), then its data. With the run's ``token`` (a fenced folder), the rejects
+    kept are written anew under it, after the old index is gone (a kill in between leaves them
+    to do again, never twice)."""
     if retry == "none":
         return 0
     folder = storage.join(stage_dir, REJECTS)
@@ -493,7 +539,12 @@ def release_rejects(stage_dir: str | Path, retry: str) -> int:
                     reject_columns(again))
         keep = [r for r in rows if not retried(r, retry)]
         stem = name.rsplit(".", 1)[0]
-        if keep:
+        if keep and token is not None:
+            storage.delete(_index_path(path))
+            write_shard(folder, batch_stem(token, [str(r["id"]) for r in keep]), keep, "jsonl",
+                        reject_columns(keep))
+            storage.delete(path)
+        elif keep:
             write_shard(folder, stem, keep, "jsonl", reject_columns(keep))
         else:
             storage.delete(_index_path(path))

@@ -10,8 +10,10 @@ import time
 from palign.core import storage
 from palign.core.config import Config, EvalModel
 from palign.core.failures import StageFailed
-from palign.core.shards import count_rows, done_index, reject_reasons
+from palign.core.shards import count_rows, done_index, new_token, reject_reasons
+from palign.runtime.accounting import account
 from palign.runtime.dataplane import Plan, plan
+from palign.runtime.fingerprints import check_and_record, evaluate_fingerprint, ingest_fingerprint
 from palign.runtime.runner import (
     StageError,
     ingest_once,
@@ -50,17 +52,24 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
     cfg = with_absolute_paths(cfg)
     root = cfg.stage_dir("evaluate")
     summary = StageSummary("evaluate", output_dir=root)
-    benchmarks = {}
+    benchmarks, inputs = {}, {}
     for b in cfg.evaluate.benchmarks:
         folder = storage.join(root, "_ingest", b.name)
-        ingest_once(cfg, folder, b.as_data(storage.absolute(b.path)))
-        benchmarks[b.name] = folder
+        data = b.as_data(storage.absolute(b.path))
+        ingest_once(cfg, folder, data, restart="evaluate")
+        benchmarks[b.name], inputs[b.name] = folder, ingest_fingerprint(data)
     paths = {m.label: eval_model_path(cfg, m) for m in cfg.evaluate.models}  # fail early
+    for m in cfg.evaluate.models:  # before any work: no folder holds another config's rows
+        for name in benchmarks:
+            check_and_record(storage.join(root, m.label, name),
+                             evaluate_fingerprint(cfg, paths[m.label], inputs[name]),
+                             f"evaluate's output for {m.label} on {name}", "evaluate")
+    token = new_token()  # this stage run's: its shards' names and its folders' fence
     for m in cfg.evaluate.models:
         work = Plan()
         for name, folder in benchmarks.items():
             out = storage.join(root, m.label, name)
-            prepare_output(out, cfg.run.retry_rejects)
+            prepare_output(out, cfg.run.retry_rejects, token)
             work.add(plan(folder, done_index(out), extra={
                 "benchmark": name, "model": m.label, "model_path": paths[m.label]}))
         summary.rows_in += work.rows_in
@@ -68,21 +77,23 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
         log.info("evaluate %s (%s): %d problem(s) to do", m.label, paths[m.label], work.pending)
         if not work.pending:
             continue
-        done, tally = stream(cfg, "evaluate", work, paths[m.label])
+        done, tally = stream(cfg, "evaluate", work, paths[m.label], token)
         summary.processed += done
         for key, value in tally.items():
             summary.engine[key] = (max if key == "peak_in_flight" else sum)(
                 (summary.engine.get(key, 0), value))
     for m in cfg.evaluate.models:
-        for name in benchmarks:
+        for name, folder in benchmarks.items():
             out = storage.join(root, m.label, name)
+            account(f"evaluate {m.label} on {name}", folder, out, "evaluate")
             summary.rows_out += count_rows(out)
             summary.reasons += reject_reasons(out)
     summary.rejected = len(summary.reasons)
     # too many rejects (every prompt too long, say) fail the run with their reasons first
     summary.check_rejects("evaluate.max_reject_share", cfg.evaluate.max_reject_share)
     try:
-        results = write_results(cfg.run.output_dir, cfg.run.name)
+        results = write_results(cfg.run.output_dir, cfg.run.name,
+                                [(m.label, b) for m in cfg.evaluate.models for b in benchmarks])
     except ValueError as err:  # nothing to score: a failed run (exit 1), not a bad config
         raise StageFailed(f"evaluate: {err}") from err
     for label, per_bench in results.metrics.items():

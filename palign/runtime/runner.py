@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from palign.core import storage
+from palign.core import fingerprint, storage
 from palign.core.config import STAGES, Config, DataSection
 from palign.core.failures import StageFailed
 from palign.core.ingest import source_pieces
@@ -38,10 +38,15 @@ from palign.core.shards import (
     done_index,
     new_token,
     release_rejects,
+    write_digest,
     write_digests,
+    write_epoch,
 )
+from palign.runtime import signals
+from palign.runtime.accounting import account
 from palign.runtime.dataplane import Plan, dataset, plan
 from palign.runtime.environment import forwarded_env
+from palign.runtime.fingerprints import check_and_record, ingest_fingerprint, row_stage_fingerprints
 from palign.runtime.placement import batches_per_replica, engine_pool_kwargs
 from palign.runtime.resources import engine_request
 from palign.runtime.source import finish_ingest, ingest_block
@@ -52,6 +57,7 @@ from palign.runtime.summary import (
     ingest_summary,
     last_error_line,
 )
+from palign.runtime.watchdog import Watchdog
 from palign.runtime.worker import StageWorker
 from palign.stages.registry import REGISTRY
 
@@ -83,7 +89,10 @@ def init_ray(cfg: Config) -> None:
         if dashboard is None:
             dashboard = "train" in cfg.run.stages
         kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=dashboard)
-    ray.init(address=address, logging_level=logging.WARNING, **kwargs)
+    # ray.init sets Ray's own SIGTERM handler (an exit with a stack dump): a run's stop by
+    # signal stays palign's (palign.runtime.signals).
+    with signals.reclaimed():
+        ray.init(address=address, logging_level=logging.WARNING, **kwargs)
     ctx = ray.data.DataContext.get_current()
     # Off a terminal (a log file, `ray job logs`) Ray Data would log a progress block every
     # 10 s; the driver's progress line (``ProgressLine``) says the same in one line.
@@ -102,21 +111,24 @@ def ingest(cfg: Config) -> str:
     """Ingest the source once per output folder (rejects written once); the ingest folder.
     Fails when more than ``data.max_reject_share`` of the source is unusable."""
     folder = storage.join(cfg.run.output_dir, "ingest")
-    ingest_once(cfg, folder, cfg.data)
+    ingest_once(cfg, folder, cfg.data, restart="ingest")
     summary = ingest_summary(cfg)
     if summary is not None:
         summary.check_rejects("data.max_reject_share", cfg.data.max_reject_share)
     return folder
 
 
-def ingest_once(cfg: Config, folder: str, data: DataSection) -> None:
+def ingest_once(cfg: Config, folder: str, data: DataSection, restart: str = "ingest") -> None:
     """Validate the source into ``folder`` with one Ray Data task per source file (or per piece
     of a large file: ``data.piece_mib``), then settle limits and repeated ids from the indexes
     (``palign.runtime.source``). A finished ingest (``_DONE``) is kept; an unfinished one is
     redone. A finished one whose indexes do not hold the rows its marker counts (written by an
-    older palign, or damaged) fails the run."""
+    older palign, or damaged) fails the run, and so does one made from another data section
+    or source (``ConfigChanged``, naming the fields; ``--restart restart`` redoes it)."""
     marker = storage.join(folder, DONE_MARKER)
+    expected = ingest_fingerprint(data)
     if storage.exists(marker):
+        fingerprint.check(folder, expected, "the ingested data", restart, has_rows=True)
         rows = json.loads(storage.read_text(marker)).get("rows")
         write_digests(folder)  # kept as it is when up to date
         found = count_rows(folder)
@@ -126,6 +138,7 @@ def ingest_once(cfg: Config, folder: str, data: DataSection) -> None:
                               "remove the folder to ingest again")
         return
     storage.delete_dir(folder)
+    fingerprint.write(folder, expected)
     files = source_pieces(data, data.piece_mib << 20)
     if files:
         import ray
@@ -159,12 +172,16 @@ def stage_input(cfg: Config, stage: str) -> str:
     return folder
 
 
-def prepare_output(folder: str, retry: str) -> None:
-    """Before a stage writes ``folder``: drop what a killed write left, release the rejects a
-    rerun retries, gather the indexes into their digests (``shards.write_digest``)."""
-    clean_uncommitted(folder)
-    clean_uncommitted(storage.join(folder, REJECTS))
-    release_rejects(folder, retry)
+def prepare_output(folder: str, retry: str, token: str) -> None:
+    """Before the stage run of ``token`` writes ``folder`` (under the run's lock): seal what is
+    there into the digests and fence the folder for this run (``shards.write_epoch``: a late
+    commit of a superseded run's worker is never seen), drop what a killed write left, release
+    the rejects a rerun retries, and gather the indexes into their digests again."""
+    for part in (folder, storage.join(folder, REJECTS)):
+        write_digest(part)  # the seal: what readers see now
+        write_epoch(part, token)
+        clean_uncommitted(part)  # data of no visible index, and indexes past the seal
+    release_rejects(folder, retry, token)
     write_digests(folder)  # a resumed stage reads what it has done from one file
 
 
@@ -174,7 +191,10 @@ def run_stage(cfg: Config, stage: str) -> StageSummary:
     cfg = with_absolute_paths(cfg)
     source = stage_input(cfg, stage)
     out_dir = cfg.stage_dir(stage)
-    prepare_output(out_dir, cfg.run.retry_rejects)
+    token = new_token()  # this stage run's: its shards' names and the folder's fence
+    prepare_output(out_dir, cfg.run.retry_rejects, token)
+    check_and_record(out_dir, row_stage_fingerprints(cfg, [stage])[stage], f"{stage}'s output",
+                     stage)
     definition = REGISTRY[stage]
     work = plan(source, done_index(out_dir), columns=definition.input_columns)
     summary = StageSummary(stage, rows_in=work.rows_in, skipped=work.skipped,
@@ -184,17 +204,18 @@ def run_stage(cfg: Config, stage: str) -> StageSummary:
     if work.pending:
         needs = definition.needs_engine(cfg) and definition.engine_for(work.columns)
         model = definition.model(cfg) if needs else None
-        summary.processed, summary.engine = stream(cfg, stage, work, model)
+        summary.processed, summary.engine = stream(cfg, stage, work, model, token)
         write_digests(out_dir)  # for the summary below, the next stage and reruns
     summary.wall_s = time.time() - start
+    account(stage, source, out_dir)  # every input id out or rejected, exactly once
     fill_totals(summary, out_dir)
     summary.stats.update(engine_stats(summary.engine))
     summary.check_rejects(f"{stage}.max_reject_share", getattr(cfg, stage).max_reject_share)
     return summary
 
 
-def stream(cfg: Config, stage: str, work: Plan,
-            model: str | None) -> tuple[int, dict[str, int]]:
+def stream(cfg: Config, stage: str, work: Plan, model: str | None,
+           token: str) -> tuple[int, dict[str, int]]:
     """Run the planned rows through the stage's actor pool (serving ``model``); the workers
     write the results. Returns (rows done, engine tallies: see
     ``StageSummary.engine``)."""
@@ -217,11 +238,14 @@ def stream(cfg: Config, stage: str, work: Plan,
     # palign.runtime.resources; its placement groups are removed when the stage ends.
     try:
         per_replica = batches_per_replica(engine.max_in_flight, engine.batch_size)
-        with engine_pool_kwargs(engine_request(stage, engine), per_replica) as pool:
+        # The watchdog kills an actor that stops running (SIGSTOPped, frozen): a hung process
+        # cannot time its own engine calls out (palign.runtime.watchdog).
+        with engine_pool_kwargs(engine_request(stage, engine), per_replica) as pool, \
+                Watchdog(stage, ledger, engine.request_timeout_s):
             ds = dataset(work.items).map_batches(
                 StageWorker,
                 fn_constructor_kwargs={"cfg_raw": cfg.model_dump(mode="json"), "stage": stage,
-                                       "model": model, "ledger": ledger, "token": new_token()},
+                                       "model": model, "ledger": ledger, "token": token},
                 batch_size=engine.batch_size,
                 # A replica that dies (a machinery failure, an OOM kill, a lost node) is
                 # restarted and the batch it held is retried, so no row is lost: Ray Data gives
@@ -280,5 +304,24 @@ def _stage_failure(stage: str, err: BaseException, done: int, total: int) -> Sta
         if isinstance(cause, StageFailed):
             return StageFailed(f"{cause} ({done} of {total} rows were written)")
         cause = getattr(cause, "cause", None) or cause.__cause__
+    own = _remote_stage_failed(str(err))
+    if own is not None:
+        return StageFailed(f"{own} ({done} of {total} rows were written)")
     return StageFailed(f"{stage} failed after {done} of {total} rows were written: "
                        f"{last_error_line(err)}")
+
+
+def _remote_stage_failed(text: str) -> str | None:
+    """The message of the last ``StageFailed`` (or subclass, such as ``DiskFull``) a worker
+    raised, from the remote traceback in Ray's error text: Ray Data's ``UserCodeException``
+    keeps no cause to walk."""
+    import re
+
+    from palign.core import failures
+
+    found = None
+    for match in re.finditer(r"^palign\.core\.failures\.(\w+): (.+)$", text, re.M):
+        cls = getattr(failures, match.group(1), None)
+        if isinstance(cls, type) and issubclass(cls, StageFailed):
+            found = match.group(2).strip()
+    return found

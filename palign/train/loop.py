@@ -81,11 +81,13 @@ import torch
 
 from palign.core import storage
 from palign.core.config import Config, parse_config
+from palign.core.fingerprint import ConfigChanged
 from palign.core.logs import setup_rank_logging
 from palign.train import checkpoints
 from palign.train.backend import Backend, start
 from palign.train.batches import MicroBatch, StepSource
 from palign.train.engine import deepspeed_engine, gradient_divisor, optimizer_elements
+from palign.train.identity import guard_resume
 from palign.train.lora import parameter_counts
 from palign.train.model import load_student, sequence_parallel, train_dtype
 from palign.train.paths import DATA_KEY
@@ -385,6 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("config", help="the run's YAML config")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    try:  # every rank refuses a checkpoint of another config alike; rank 0 records this one
+        guard_resume(cfg, writer=int(os.environ.get("RANK", 0)) == 0)
+    except ConfigChanged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     raw = cfg.model_dump(mode="json")
     raw["run"]["output_dir"] = str(Path(cfg.run.output_dir).absolute())
     train_worker(raw)

@@ -24,7 +24,10 @@ storage path and name both start with ``ray.train.get_checkpoint()`` returning t
 checkpoint, from which the loop restores weights, optimizer, scheduler, RNG and data position.
 So rerunning the same config after a crash continues the run; to start over, delete that run
 folder or change ``run.name``. Ray keeps the newest ``train.keep_checkpoints`` checkpoints.
-Resuming needs the same number of workers.
+A rerun whose model, data or a setting that changes the weights differs from the one the
+checkpoints were made under is refused before Ray starts (``palign.train.identity``: the train
+fingerprint, recorded in ``<output_dir>/train/_FINGERPRINT.json``); the number of workers may
+change while the global batch stays (an elastic resume, ``palign.train.checkpoints``).
 
 Without Ray (``torchrun``)::
 
@@ -48,6 +51,7 @@ from palign.core import storage
 from palign.core.config import Config
 from palign.core.shards import shard_files
 from palign.runtime.environment import forwarded_env
+from palign.train.identity import guard_resume
 from palign.train.paths import DATA_KEY, run_name, storage_path
 from palign.train.prepare import NoTrainableRows, prepare
 
@@ -116,7 +120,9 @@ def run_train(cfg: Config) -> TrainResult:
     ``<output_dir>/train/model/``; resumes a run of the same name from its latest checkpoint.
 
     Starts (or joins, per ``ray.address``) Ray. Raises ``TrainStageError`` when there are no
-    aligned shards, and Ray's ``TrainingFailedError`` when the workers fail more than
+    aligned shards, ``palign.core.fingerprint.ConfigChanged`` (before Ray starts) when the
+    latest checkpoint was made under another model, data or optimizer setting
+    (``palign.train.identity``), and Ray's ``TrainingFailedError`` when the workers fail more than
     ``train.max_failures`` times (the checkpoints stay; run again to resume).
     """
     from palign.engines.models import resolve_model
@@ -128,6 +134,10 @@ def run_train(cfg: Config) -> TrainResult:
     if not shard_files(align):
         raise TrainStageError(f"train reads the align stage's shards in {align}, and there are "
                               "none: run `palign align` first")
+    # Before any work: a checkpoint made under another model, data or optimizer setting is
+    # refused (ConfigChanged); otherwise this run's fingerprint is recorded before its first
+    # checkpoint.
+    guard_resume(cfg)
     # Materialise a short-name student once here, not in every worker at once (a folder on
     # object storage is staged by each node's workers instead: the driver needs no copy).
     if not storage.is_uri(cfg.models.student):

@@ -7,7 +7,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,14 +83,17 @@ def _sample_record(row: Mapping[str, Any], model: str, benchmark: str,
             "finish_reason": sample.get("finish_reason")}
 
 
-def write_results(output_dir: str | Path, run_name: str | None = None) -> Results:
+def write_results(output_dir: str | Path, run_name: str | None = None,
+                  pairs: Sequence[tuple[str, str]] | None = None) -> Results:
     """Score every ``<output_dir>/evaluate/<model>/<benchmark>/`` folder and write
     results.json, results.md, samples.jsonl, pass_at_1.png and (when the run has truncate rows)
     prefix_ratio.png into ``<output_dir>/evaluate/``. ``run_name`` defaults to the folder's name.
 
     The model label and benchmark come from the folder names, which is how the evaluate stage
-    groups its rows. Raises FileNotFoundError without an evaluate folder and ValueError when it
-    holds no scorable rows.
+    groups its rows. ``pairs`` (model label, benchmark) limits the scoring to those folders
+    (the evaluate stage passes its config's, so that folders an earlier config left are never
+    scored with this one's). Raises FileNotFoundError without an evaluate folder and
+    ValueError when it holds no scorable rows.
     """
     output_dir = storage.absolute(output_dir)
     eval_dir = storage.join(output_dir, EVALUATE)
@@ -102,21 +105,23 @@ def write_results(output_dir: str | Path, run_name: str | None = None) -> Result
     # One benchmark folder in memory at a time; the flat records go into one buffer, written
     # whole at the end.
     samples = io.StringIO()
-    for model in _subdirs(eval_dir):
-        for bench in _subdirs(storage.join(eval_dir, model)):
-            bench_dir = storage.join(eval_dir, model, bench)
-            rows = list(read_rows(bench_dir))
-            try:
-                scored = benchmark_metrics(rows)
-            except ValueError as err:
-                log.warning("%s: not scored: %s", bench_dir, err)
-                continue
-            metrics.setdefault(model, {})[bench] = scored
-            for row in rows:
-                for s in row.get("samples") or []:
-                    if isinstance(s, Mapping):
-                        rec = _sample_record(row, model, bench, s)
-                        samples.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+    if pairs is None:
+        pairs = [(model, bench) for model in _subdirs(eval_dir)
+                 for bench in _subdirs(storage.join(eval_dir, model))]
+    for model, bench in pairs:
+        bench_dir = storage.join(eval_dir, model, bench)
+        rows = list(read_rows(bench_dir))
+        try:
+            scored = benchmark_metrics(rows)
+        except ValueError as err:
+            log.warning("%s: not scored: %s", bench_dir, err)
+            continue
+        metrics.setdefault(model, {})[bench] = scored
+        for row in rows:
+            for s in row.get("samples") or []:
+                if isinstance(s, Mapping):
+                    rec = _sample_record(row, model, bench, s)
+                    samples.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
     if not metrics:
         storage.delete(samples_path)
         raise ValueError(f"no scorable evaluation rows under {eval_dir}/<model>/<benchmark>/")

@@ -1,0 +1,152 @@
+"""Each stage's fingerprint from a config (``palign.core.fingerprint`` says what one is), the
+check that runs before any work, and ``--restart``.
+
+The chain: ingest's fingerprint is the data section and the source files' names and sizes;
+each row stage's is its section, the model its engine serves (when it needs one), its prompt
+texts, the seed, and the digest of its input's (the closest earlier stage the config lists, or
+the ingest; a stage whose input this run does not make takes the input's recorded one).
+Evaluate's is per (model, benchmark) folder: its section without the lists, the model under
+test's identity and the benchmark's ingest. Train records its own (``palign.train``).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from palign.core import fingerprint, storage
+from palign.core.config import STAGES, Config, DataSection
+from palign.core.prompts import (
+    align_chat,
+    judge_chat,
+    student_question,
+    teacher_chat,
+    training_target,
+)
+from palign.core.shards import REJECTS, count_rows
+from palign.core.verdict import LABELS
+from palign.stages.registry import REGISTRY
+
+log = logging.getLogger(__name__)
+
+ASIDE = "_aside"  # <output_dir>/_aside/<time>/<stage>: what --restart moved aside
+INGEST = "ingest"
+
+
+def _prompts(stage: str) -> dict[str, Any]:
+    """The prompt texts a stage sends, with placeholders where a row's text goes."""
+    q, p = "{question}", "{prefix}"
+    return {
+        "generate": lambda: {"teacher": teacher_chat(q)},
+        "truncate": lambda: {"judge": judge_chat(q, p), "labels": list(LABELS)},
+        "align": lambda: {"align": align_chat(q, p),
+                          "target": training_target(p, "{continuation}")},
+        "evaluate": lambda: {"question": student_question(q)},
+    }[stage]()
+
+
+def model_identity(cfg: Config, model: str | None) -> dict[str, Any] | None:
+    """A model's name, the chat template settings it gets, and a hash of its files' names and
+    sizes where they can be seen (a folder, a URI, a short name already fetched); a hub id
+    is its name alone."""
+    if model is None:
+        return None
+    from palign.engines.models import REGISTRY as SHORT_NAMES
+
+    if model in SHORT_NAMES:  # a wheel's GGUF file: its package and member say which
+        entry = SHORT_NAMES[model]
+        files: str | None = f"{entry.package}:{entry.member}"
+    elif storage.is_uri(model) or storage.exists(model):
+        files = fingerprint.files_identity(model)
+    else:
+        files = None
+    return {"name": model, "files": files,
+            "chat_template_kwargs": cfg.template_kwargs_for(model)}
+
+
+def ingest_fingerprint(data: DataSection) -> dict[str, Any]:
+    return {"data": fingerprint.section_fields(data),
+            "source": fingerprint.files_identity(storage.absolute(data.path))}
+
+
+def stage_fingerprint(cfg: Config, stage: str, input_fp: dict[str, Any]) -> dict[str, Any]:
+    definition = REGISTRY[stage]
+    model = definition.model(cfg) if definition.needs_engine(cfg) else None
+    return {stage: fingerprint.section_fields(definition.section(cfg)), "seed": cfg.run.seed,
+            "model": model_identity(cfg, model), "prompts": _prompts(stage),
+            "input": fingerprint.digest(input_fp)}
+
+
+def evaluate_fingerprint(cfg: Config, model_path: str, benchmark_fp: dict[str, Any]
+                         ) -> dict[str, Any]:
+    section = fingerprint.section_fields(cfg.evaluate)
+    section = {k: v for k, v in section.items() if k not in ("models", "benchmarks")}
+    return {"evaluate": section, "seed": cfg.run.seed,
+            "model": model_identity(cfg, model_path), "prompts": _prompts("evaluate"),
+            "input": fingerprint.digest(benchmark_fp)}
+
+
+def _has_rows(folder: str) -> bool:
+    return bool(count_rows(folder) or count_rows(storage.join(folder, REJECTS)))
+
+
+def row_stage_fingerprints(cfg: Config, stages: list[str]) -> dict[str, dict[str, Any]]:
+    """The fingerprints the row stages of this run (and the ingest, when the first of them
+    reads it) will write under: name -> fingerprint."""
+    out: dict[str, dict[str, Any]] = {}
+    row_stages = [s for s in stages if s in REGISTRY and s != "evaluate"]
+    for stage in row_stages:
+        earlier = [s for s in cfg.run.stages if STAGES.index(s) < STAGES.index(stage)]
+        if not earlier:
+            out.setdefault(INGEST, ingest_fingerprint(cfg.data))
+            upstream = out[INGEST]
+        elif earlier[-1] in out:
+            upstream = out[earlier[-1]]
+        else:  # made by an earlier run: what it recorded
+            upstream = fingerprint.read(cfg.stage_dir(earlier[-1])) or {"missing": earlier[-1]}
+        out[stage] = stage_fingerprint(cfg, stage, upstream)
+    return out
+
+
+def check_run(cfg: Config, stages: list[str]) -> dict[str, dict[str, Any]]:
+    """Before any work: refuse (``ConfigChanged``) when a folder this run resumes holds rows
+    made under another config. Returns the fingerprints to record as the stages start."""
+    expected = row_stage_fingerprints(cfg, stages)
+    for name, fp in expected.items():
+        folder = cfg.stage_dir(name)
+        what = "the ingested data" if name == INGEST else f"{name}'s output"
+        fingerprint.check(folder, fp, what, name,
+                          storage.exists(storage.join(folder, "_DONE")) if name == INGEST
+                          else _has_rows(folder))
+    return expected
+
+
+def check_and_record(folder: str, fp: dict[str, Any], what: str, restart: str) -> None:
+    """At a stage's start, under the run's lock: refuse rows of another config, else record
+    the fingerprint the rows that follow are made under."""
+    fingerprint.check(folder, fp, what, restart, _has_rows(folder))
+    fingerprint.record(folder, fp)
+
+
+def restart(cfg: Config, stage: str, train_checkpoints: str | None = None) -> str | None:
+    """Move ``stage``'s output and every later stage's (and, for ``ingest``, every stage's)
+    aside, under ``<output_dir>/_aside/<UTC time>/``, with the train checkpoints when train is
+    among them and ``train_checkpoints`` is outside its folder (``train.storage_path``); returns
+    that folder (None: nothing to move). Under the run's lock: nothing else writes them."""
+    later = STAGES if stage == INGEST else STAGES[STAGES.index(stage):]
+    names = ([INGEST] if stage == INGEST else []) + list(later)
+    folders = {n: cfg.stage_dir(n) for n in names}
+    if "train" in later and train_checkpoints and not storage.absolute(
+            train_checkpoints).startswith(storage.absolute(cfg.stage_dir("train"))):
+        folders["train-checkpoints"] = train_checkpoints
+    moving = {n: f for n, f in folders.items() if storage.exists(f)}
+    if not moving:
+        return None
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    aside = storage.join(cfg.run.output_dir, ASIDE, stamp)
+    for name, folder in moving.items():
+        storage.move_dir(folder, storage.join(aside, name))
+        log.warning("--restart %s: moved %s aside to %s", stage, folder,
+                    storage.join(aside, name))
+    return aside

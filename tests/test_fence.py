@@ -1,0 +1,90 @@
+"""Fenced writers: a run that takes a folder over never sees a late commit of the run it
+superseded. The old run's worker is slowed just before its commit (its index write is held
+back by a proxy in front of the S3-compatible server, as a slow network would) while a new run
+takes the folder over, cleans it and plans; then the late index lands. No id is written twice
+and no index is left without its data."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from s3_proxy import S3Proxy
+from s3_server import BUCKET
+
+from palign.core import storage
+from palign.core.config import parse_config
+from palign.core.shards import ShardWriter, done_index, read_ids, write_digests
+from palign.runtime.accounting import account
+from palign.runtime.dataplane import plan
+from palign.runtime.runner import prepare_output
+from palign.runtime.worker import StageWorker
+
+ROWS = [{"id": f"p{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i),
+         "cot": f"We add {i} and {i}. That makes {2 * i}."} for i in range(4)]
+
+
+def batch(rows: list[dict]) -> dict:
+    return {"record": [json.dumps(r) for r in rows]}
+
+
+@pytest.fixture
+def proxied(s3, monkeypatch):
+    """The S3 server behind a proxy whose ``hold`` the test sets; storage reaches it."""
+    proxy = S3Proxy(s3["AWS_ENDPOINT_URL_S3"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+    storage._filesystem.cache_clear()
+    yield proxy
+    proxy.close()
+    storage._filesystem.cache_clear()
+
+
+def test_a_superseded_writer_slowed_before_its_commit_is_never_seen(proxied):
+    base = f"s3://{BUCKET}/fence-{time.time_ns()}"
+    source = f"{base}/ingest"
+    ShardWriter(source, shard_rows=2).write(ROWS)
+    cfg = parse_config({"run": {"output_dir": base, "stages": ["truncate"]},
+                        "data": {"path": "unused.jsonl"}, "models": {"student": "unused"},
+                        "truncate": {"strategy": "full"}})
+    out = cfg.stage_dir("truncate")
+    old = "00000000000000000001aaaaaa"
+    held, release = threading.Event(), threading.Event()
+
+    def hold(method: str, path: str) -> None:
+        if method == "PUT" and f"/_index/part-{old}-" in path:
+            held.set()
+            release.wait(60)
+
+    proxied.hold = hold
+    prepare_output(out, "system", old)
+    slow = StageWorker(cfg.model_dump(mode="json"), "truncate", token=old)
+    writer = threading.Thread(target=lambda: _quietly(slow, batch(ROWS[:2])))
+    writer.start()
+    assert held.wait(60)  # its data is written; its commit is on the way
+
+    new = "00000000000000000002bbbbbb"  # the next run takes the folder over
+    prepare_output(out, "system", new)
+    work = plan(source, done_index(out))
+    assert work.pending == 4
+    release.set()  # the late commit lands now, after the new run planned and cleaned
+    writer.join(120)
+    assert storage.list_files(f"{out}/_index", prefix=f"part-{old}-")  # it did land
+
+    fresh = StageWorker(cfg.model_dump(mode="json"), "truncate", token=new)
+    fresh(batch(ROWS[:2]))
+    fresh(batch(ROWS[2:]))
+    write_digests(out)
+    account("truncate", source, out)  # each id once; every visible index has its data
+    assert read_ids(out) == {r["id"] for r in ROWS}
+    prepare_output(out, "system", "00000000000000000003cccccc")  # the next run tidies it
+    assert not storage.list_files(f"{out}/_index", prefix=f"part-{old}-")
+    assert read_ids(out) == {r["id"] for r in ROWS}
+
+
+def _quietly(worker: StageWorker, rows: dict) -> None:
+    try:
+        worker(rows)
+    except Exception:  # noqa: BLE001 - a superseded writer may fail; only its commit matters
+        pass
