@@ -256,8 +256,14 @@ def test_a_full_disk_fails_the_stage_naming_the_folder_and_a_rerun_completes(tmp
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with small_disk(tmp_path / "disk") as disk:
         cfg = parse_config(truncate_config(str(disk / "out"), str(data)))
-        ingest(with_absolute_paths(cfg))  # the stage's input fits; then the disk fills up
         filler = disk / "filler"
+        # Ingest first, on a disk with room for less than its ~200 kB: it fails the same way
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 100_000))
+        with pytest.raises(StageFailed, match="no space left on the disk that holds") as failed:
+            ingest(with_absolute_paths(cfg))
+        assert str(disk / "out" / "ingest") in str(failed.value)
+        filler.unlink()
+        ingest(with_absolute_paths(cfg))  # the stage's input fits; then the disk fills up
         # Room left for two truncated rows, not three (a tmpfs counts 4 kB pages).
         filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 200_000))
         with pytest.raises(StageFailed) as failed:

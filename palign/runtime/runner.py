@@ -150,9 +150,17 @@ def ingest_once(cfg: Config, folder: str, data: DataSection, restart: str = "ing
             fn_kwargs={"data": data.model_dump(mode="json"), "folder": folder,
                        "shard_rows": cfg.output.shard_rows})
         rows = rejects = 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows += sum(batch["rows"].to_pylist())
-            rejects += sum(batch["rejects"].to_pylist())
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows += sum(batch["rows"].to_pylist())
+                rejects += sum(batch["rejects"].to_pylist())
+        except StageFailed:
+            raise
+        except Exception as err:  # noqa: BLE001 - Ray's wrapping of a task's failure
+            # a task's own StageFailed (a full disk: DiskFull) keeps its message; the ingest
+            # stays unfinished (no _DONE) and is redone by the next run
+            own = _remote_stage_failed(str(err))
+            raise StageFailed(own or f"ingest failed: {last_error_line(err)}") from err
         log.info("ingest: %d file(s) read in %d piece(s): %d rows, %d rejects before limits "
                  "and repeats", len({f.path for f in files}), len(files), rows, rejects)
     finish_ingest(folder, data)
