@@ -23,6 +23,7 @@ pytestmark = pytest.mark.ray
 ROWS = [{"id": f"p{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i),
          "cot": f"We add {i} and {i}. That makes {2 * i}. So the answer is {2 * i}."}
         for i in range(8)]
+NO_COT = {"id": "p-no-cot", "question": "What is 1 + 1?", "answer": "2"}  # a row reject
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def run(tmp_path, ray_cluster):
     """A truncate-only config on 4 of 8 rows (strategy full: no engine); returns a function
     that runs `palign run` on it with overrides and gives (exit code, stderr)."""
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*ROWS[:3], NO_COT, *ROWS[3:]]))
     cfg = {"run": {"output_dir": str(tmp_path / "out"), "stages": ["truncate"]},
            "ray": {"progress_bars": False}, "data": {"path": str(data), "limit": 4},
            "models": {"student": "smollm2-135m"},
@@ -52,10 +53,17 @@ def truncated(out: Path) -> dict[str, float]:
     return {r["id"]: r["prefix_ratio"] for r in read_rows(out / "truncate")}
 
 
+def shards(out: Path) -> set[str]:
+    """The data shards of truncate's output and rejects, as named."""
+    return {p.name for folder in (out / "truncate", out / "truncate/rejects")
+            for p in folder.glob("part-*")}
+
+
 def test_a_changed_config_is_refused_naming_each_field_and_restart_redoes_it(run, capsys):
     assert run() == 0
     first = truncated(run.out)
-    assert len(first) == 4 and set(first.values()) == {1.0}  # strategy full keeps every CoT
+    assert len(first) == 3 and set(first.values()) == {1.0}  # strategy full keeps every CoT
+    written = shards(run.out)
     capsys.readouterr()
 
     # the issue's rerun: another strategy and another limit on the same folder
@@ -69,8 +77,10 @@ def test_a_changed_config_is_refused_naming_each_field_and_restart_redoes_it(run
     assert "--restart truncate" in err
     assert truncated(run.out) == first  # refused before any work: nothing written
 
-    # fields that cannot change a row never count: the stage resumes (nothing to do)
+    # fields that cannot change a row never count: the stage resumes, with nothing to do (its
+    # row reject, made by the earlier run, still counts as done)
     assert run("truncate.engine.batch_size=3", "truncate.max_reject_share=0.9") == 0
+    assert shards(run.out) == written
 
     assert run("truncate.strategy=fixed_ratio", "truncate.ratio=0.5", "--restart",
                "truncate") == 0

@@ -520,15 +520,17 @@ def release_rejects(stage_dir: str | Path, retry: str, token: str | None = None)
     folder = storage.join(stage_dir, REJECTS)
     released = 0
     index = read_index(folder, ("kind",))
-    # rewritten indexes get a new modification time, which readers check against the digest;
-    # dropping the digest first does not rest on the store's time resolution
-    if index.num_rows:
-        delete_digest(folder)
     if retry == "system":
         files = sorted({f for f, k in zip(index[FILE].to_pylist(), index["kind"].to_pylist())
                         if k == SYSTEM})
     else:
         files = sorted(set(index[FILE].to_pylist()))
+    if files and token is None:
+        # indexes rewritten in place get a new modification time, which readers check against
+        # the digest; dropping the digest first does not rest on the store's time resolution.
+        # (A fenced folder's digest is its seal and stays: there, an index is only ever
+        # removed, and a removed one is gone from the digest's view.)
+        delete_digest(folder)
     for name in files:
         path = storage.join(folder, name)
         rows = read_committed(path)
