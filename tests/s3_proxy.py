@@ -6,15 +6,17 @@ points ``AWS_ENDPOINT_URL_S3`` at ``proxy.url`` and chooses, per request, what t
 instead through ``fault``: a callable given the request's number (from 1, across all
 connections), method and path, that returns None (forward it) or a ``Fault`` to answer with.
 ``slow_down_every(n)`` answers S3's throttling error, 503 SlowDown with S3's XML error body, to
-every n-th request. ``hold``, a callable given the method and path, runs (outside the proxy's
-lock) before a request is forwarded: a test that blocks in it holds that request back, as a
-slow network would, while the others go through. The proxy counts what it forwarded and what
-it refused (``counts``)."""
+every n-th request. The proxy counts what it forwarded and what it refused (``counts``).
+
+``HoldingProxy`` is a plainer one, at the level of TCP: it holds back the first request a test
+picks (by its bytes) until the test has done something meanwhile, as a slow network would,
+then lets it land late."""
 
 from __future__ import annotations
 
 import http.client
 import itertools
+import socket
 import threading
 import urllib.parse
 from collections import Counter
@@ -54,10 +56,8 @@ def slow_down_every(n: int) -> FaultRule:
 class S3Proxy:
     """The proxy, serving from a thread of its own until ``close`` (or the ``with`` ends)."""
 
-    def __init__(self, upstream: str, fault: FaultRule | None = None,
-                 hold: Callable[[str, str], None] | None = None) -> None:
+    def __init__(self, upstream: str, fault: FaultRule | None = None) -> None:
         target = urllib.parse.urlsplit(upstream)
-        self.hold = hold
         self.upstream = (target.hostname or "127.0.0.1", target.port or 80)
         self.fault = fault
         self.counts: Counter[str] = Counter()
@@ -131,8 +131,6 @@ class S3Proxy:
                     self._answer(fault.status, [("Content-Type", "application/xml")],
                                  fault.body(number))
                     return
-                if proxy.hold is not None:
-                    proxy.hold(self.command, self.path)
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
@@ -148,3 +146,55 @@ class S3Proxy:
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
 
         return Handler
+
+
+class HoldingProxy:
+    """A TCP proxy to the S3 server that holds the first request ``pick`` chooses until
+    ``meanwhile()`` has run, then passes it on: a request that lands late. The result (or the
+    exception) of ``meanwhile`` is kept in ``outcome``."""
+
+    def __init__(self, upstream: str, pick: Callable[[bytes], bool],
+                 meanwhile: Callable[[], object]) -> None:
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.pick, self.meanwhile = pick, meanwhile
+        self.held = threading.Event()
+        self.done = threading.Event()
+        self.outcome: object = None
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((self.upstream.hostname, self.upstream.port))
+            threading.Thread(target=self._pump, args=(upstream, client, False),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if requests and not self.held.is_set() and self.pick(data):
+                    self.held.set()
+                    try:
+                        self.outcome = self.meanwhile()
+                    except Exception as err:  # noqa: BLE001 - the test reads it
+                        self.outcome = err
+                    self.done.set()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()

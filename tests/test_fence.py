@@ -10,8 +10,7 @@ import json
 import threading
 import time
 
-import pytest
-from s3_proxy import S3Proxy
+from s3_proxy import HoldingProxy
 from s3_server import BUCKET
 
 from palign.core import storage
@@ -30,18 +29,16 @@ def batch(rows: list[dict]) -> dict:
     return {"record": [json.dumps(r) for r in rows]}
 
 
-@pytest.fixture
-def proxied(s3, monkeypatch):
-    """The S3 server behind a proxy whose ``hold`` the test sets; storage reaches it."""
-    proxy = S3Proxy(s3["AWS_ENDPOINT_URL_S3"])
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
-    storage._filesystem.cache_clear()
-    yield proxy
-    proxy.close()
-    storage._filesystem.cache_clear()
+OLD, NEW = "00000000000000000001aaaaaa", "00000000000000000002bbbbbb"  # two runs' tokens
 
 
-def test_a_superseded_writer_slowed_before_its_commit_is_never_seen(proxied):
+def _old_commit(request: bytes) -> bool:
+    """The superseded run's index write (its commit)."""
+    line = request.split(b"\r\n", 1)[0]
+    return line.startswith(b"PUT ") and f"/_index/part-{OLD}-".encode() in line
+
+
+def test_a_superseded_writer_slowed_before_its_commit_is_never_seen(s3, monkeypatch):
     base = f"s3://{BUCKET}/fence-{time.time_ns()}"
     source = f"{base}/ingest"
     ShardWriter(source, shard_rows=2).write(ROWS)
@@ -49,37 +46,36 @@ def test_a_superseded_writer_slowed_before_its_commit_is_never_seen(proxied):
                         "data": {"path": "unused.jsonl"}, "models": {"student": "unused"},
                         "truncate": {"strategy": "full"}})
     out = cfg.stage_dir("truncate")
-    old = "00000000000000000001aaaaaa"
-    held, release = threading.Event(), threading.Event()
+    prepare_output(out, "system", OLD)
 
-    def hold(method: str, path: str) -> None:
-        if method == "PUT" and f"/_index/part-{old}-" in path:
-            held.set()
-            release.wait(60)
+    def takeover() -> int:
+        """The next run takes the folder over (cleans it, plans) while the commit is held."""
+        prepare_output(out, "system", NEW)
+        return plan(source, done_index(out)).pending
 
-    proxied.hold = hold
-    prepare_output(out, "system", old)
-    slow = StageWorker(cfg.model_dump(mode="json"), "truncate", token=old)
-    writer = threading.Thread(target=lambda: _quietly(slow, batch(ROWS[:2])))
-    writer.start()
-    assert held.wait(60)  # its data is written; its commit is on the way
+    proxy = HoldingProxy(s3["AWS_ENDPOINT_URL_S3"], _old_commit, takeover)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+    storage._filesystem.cache_clear()
+    try:
+        slow = StageWorker(cfg.model_dump(mode="json"), "truncate", token=OLD)
+        writer = threading.Thread(target=lambda: _quietly(slow, batch(ROWS[:2])))
+        writer.start()
+        writer.join(120)  # its data written, its commit held until the takeover is done
+        assert proxy.done.is_set() and proxy.outcome == 4, proxy.outcome
+    finally:
+        proxy.close()
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3["AWS_ENDPOINT_URL_S3"])
+        storage._filesystem.cache_clear()
+    assert storage.list_files(f"{out}/_index", prefix=f"part-{OLD}-")  # it did land, late
 
-    new = "00000000000000000002bbbbbb"  # the next run takes the folder over
-    prepare_output(out, "system", new)
-    work = plan(source, done_index(out))
-    assert work.pending == 4
-    release.set()  # the late commit lands now, after the new run planned and cleaned
-    writer.join(120)
-    assert storage.list_files(f"{out}/_index", prefix=f"part-{old}-")  # it did land
-
-    fresh = StageWorker(cfg.model_dump(mode="json"), "truncate", token=new)
+    fresh = StageWorker(cfg.model_dump(mode="json"), "truncate", token=NEW)
     fresh(batch(ROWS[:2]))
     fresh(batch(ROWS[2:]))
     write_digests(out)
     account("truncate", source, out)  # each id once; every visible index has its data
     assert read_ids(out) == {r["id"] for r in ROWS}
     prepare_output(out, "system", "00000000000000000003cccccc")  # the next run tidies it
-    assert not storage.list_files(f"{out}/_index", prefix=f"part-{old}-")
+    assert not storage.list_files(f"{out}/_index", prefix=f"part-{OLD}-")
     assert read_ids(out) == {r["id"] for r in ROWS}
 
 

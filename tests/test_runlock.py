@@ -14,10 +14,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from urllib.parse import urlparse
 
 import pytest
+from s3_proxy import HoldingProxy
 from s3_server import BUCKET
 
 from palign.core.runlock import LOCK_NAME, RunLock, RunLocked
@@ -149,58 +148,6 @@ def _is_lock_write(request: bytes) -> bool:
 
 def _not_a_create(request: bytes) -> bool:
     return _is_lock_write(request) and b"if-none-match" not in request.lower()
-
-
-class HoldingProxy:
-    """A TCP proxy to the S3 server that holds the first request ``pick`` chooses until
-    ``meanwhile()`` has run, then passes it on: a request that lands late. The result (or the
-    exception) of ``meanwhile`` is kept in ``outcome``."""
-
-    def __init__(self, upstream: str, pick: Callable[[bytes], bool],
-                 meanwhile: Callable[[], object]) -> None:
-        self.upstream = urlparse(upstream)
-        self.pick, self.meanwhile = pick, meanwhile
-        self.held = threading.Event()
-        self.done = threading.Event()
-        self.outcome: object = None
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection((self.upstream.hostname, self.upstream.port))
-            threading.Thread(target=self._pump, args=(upstream, client, False),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(client, upstream, True),
-                             daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if requests and not self.held.is_set() and self.pick(data):
-                    self.held.set()
-                    try:
-                        self.outcome = self.meanwhile()
-                    except Exception as err:  # noqa: BLE001 - the test reads it
-                        self.outcome = err
-                    self.done.set()
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.server.close()
 
 
 def _driver(folder: str, stale_s: float, proxy: HoldingProxy) -> subprocess.Popen:
