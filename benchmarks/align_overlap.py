@@ -32,10 +32,9 @@ from host import host_info
 
 from palign.core.config import EngineConfig
 from palign.core.logs import setup_driver_logging
-from palign.engines import Sampling, build_engine
+from palign.engines import EngineSpec, Sampling, build_engine
 from palign.engines.models import resolve_model
 from palign.engines.server import EngineServer
-from palign.runtime.worker import engine_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -95,9 +94,9 @@ def main() -> None:
     rows = chats(args.rows, args.long_every)
     batches = [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
     sampling = Sampling(max_tokens=args.max_tokens, temperature=0.0)
-    engine = build_engine(engine_spec(EngineConfig(backend="vllm", dtype="float32",
-                                                   max_model_len=2048, cpu_kv_cache_gib=2.0,
-                                                   max_num_seqs=64), model))
+    engine = build_engine(EngineSpec.of(EngineConfig(backend="vllm", dtype="float32",
+                                                     max_model_len=2048, cpu_kv_cache_gib=2.0,
+                                                     max_num_seqs=64), model))
     results = []
     texts = {}
     try:

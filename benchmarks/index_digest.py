@@ -85,7 +85,8 @@ def measure(counter: RequestCount, fn) -> tuple[float, int, object]:
 
 
 def reads(counter: RequestCount, folder: str, shards: int) -> dict[str, dict[str, float]]:
-    from palign.core.shards import count_rows, done_index, read_index
+    from palign.core.digest import count_rows, read_index
+    from palign.core.shards import done_index
 
     out = {}
     for name, fn, expect in (
@@ -107,7 +108,7 @@ def main() -> None:
     logging.getLogger("werkzeug").addHandler(counter)
     logging.getLogger("werkzeug").propagate = False
     server = start_server()
-    from palign.core.shards import write_digests
+    from palign.core.digest import write_digests
 
     results = []
     try:

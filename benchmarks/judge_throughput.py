@@ -39,7 +39,7 @@ from typing import Any
 
 from host import host_info
 
-from palign.core.config import EngineConfig, TruncateSection
+from palign.core.config import EngineConfig
 from palign.core.logs import setup_driver_logging
 from palign.core.prompts import judge_chat
 from palign.core.search import BinarySearch
@@ -49,8 +49,7 @@ from palign.engines import EngineSpec, Sampling, build_engine
 from palign.engines.guard import GuardedEngine
 from palign.engines.models import resolve_model
 from palign.engines.server import EngineServer
-from palign.runtime.worker import engine_spec
-from palign.stages.truncate import judge_one, prefill_ratio, truncate_rows
+from palign.stages.truncate import TruncateSection, judge_one, prefill_ratio, truncate_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "demo" / "problems.jsonl"
@@ -75,7 +74,7 @@ def machine() -> dict:
 def spec(model: str, backend: str, **over: Any) -> EngineSpec:
     base = dict(backend=backend, dtype="float32", max_model_len=MAX_LEN, cpu_kv_cache_gib=2.0,
                 max_num_seqs=64)
-    return engine_spec(EngineConfig(**{**base, **over}), model)
+    return EngineSpec.of(EngineConfig(**{**base, **over}), model)
 
 
 def published(rows: list[dict], model: str, max_new: int) -> dict:

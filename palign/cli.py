@@ -9,7 +9,13 @@ import time
 
 import yaml
 
-from palign.core.config import STAGES, Config, ConfigError, format_explain, load_config
+from palign.core.config import (
+    Config,
+    ConfigError,
+    format_explain,
+    load_config,
+    stage_names,
+)
 from palign.core.failures import MachineryError, StageFailed
 from palign.core.grade_file import EXTRACT_CHOICES
 from palign.core.logs import setup_driver_logging
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [
         ("run", "run every stage the config lists"),
-        *[(s, f"run only the {s} stage") for s in STAGES],
+        *[(s, f"run only the {s} stage") for s in stage_names()],
         ("validate", "check a config and print it with defaults filled in"),
     ]:
         p = sub.add_parser(name, help=help_text)
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field by its dotted path, e.g. data.limit=5")
         if name == "run":
-            p.add_argument("--restart", metavar="STAGE", choices=["ingest", *STAGES],
+            p.add_argument("--restart", metavar="STAGE", choices=["ingest", *stage_names()],
                            help="move this stage's output and every later stage's aside "
                                 "(kept under <output_dir>/_aside/) and run them afresh: after "
                                 "a config change that a rerun refuses")

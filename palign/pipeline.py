@@ -1,8 +1,9 @@
 """The whole run: the config's stages in order, each on its runner.
 
 ``run_pipeline`` checks the config's paths and engine arguments and plans the cluster before any
-work, locks the output folder, then runs every stage: the row stages and evaluate on Ray Data
-actor pools (``palign.runtime.runner``), train on Ray Train (``palign.train.trainer``). It sits
+work, locks the output folder, then runs every stage by its ``driver``: the row stages and
+evaluate on Ray Data actor pools (``palign.runtime.runner``), train on Ray Train
+(``palign.train.trainer``). It sits
 above both, so that neither the stages nor training imports the other's driver.
 """
 
@@ -18,6 +19,7 @@ from palign.runtime import signals
 from palign.runtime.evaluate import run_evaluate_stage
 from palign.runtime.runner import StageError, init_ray, run_stage
 from palign.runtime.summary import StageSummary, ingest_summary, last_error_line
+from palign.stages import registry
 
 
 def run_train_stage(cfg: Config) -> StageSummary:
@@ -53,6 +55,17 @@ def run_train_stage(cfg: Config) -> StageSummary:
     return summary
 
 
+def run_one(cfg: Config, stage: str) -> StageSummary:
+    """One stage, by its driver: the generic actor pool for row stages (``run_stage``),
+    evaluate's pools per model under test, or Ray Train."""
+    driver = registry.get(stage).driver
+    if driver == "train":
+        return run_train_stage(cfg)
+    if driver == "evaluate":
+        return run_evaluate_stage(cfg)
+    return run_stage(cfg, stage)
+
+
 def run_pipeline(cfg: Config, stages: list[str] | None = None,
                  restart: str | None = None) -> list[StageSummary]:
     """Run the given stages (default: the config's) in order; the ingest summary comes first.
@@ -76,7 +89,6 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None,
     check_engine_kwargs(cfg, stages)  # a misspelt vLLM engine argument fails here
     check_paths(cfg, stages)  # a missing data file or model folder fails here
     plan_resources(cfg)  # a config the cluster cannot place fails here, before any work
-    runners = {"train": run_train_stage, "evaluate": run_evaluate_stage}
     # A stop by signal (palign.runtime.signals) while the lock is taken or released waits for
     # that to finish, so that no lock is left behind for the next run to wait out.
     with signals.shielded(RunLock(cfg.run.output_dir, stale_s=cfg.run.lock_stale_s)):
@@ -84,6 +96,6 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None,
             with signals.held():  # a stop waits: no stage is left half moved
                 move_aside(cfg, restart, checkpoints_folder(cfg))
         check_run(cfg, stages)  # a folder holding another config's rows fails here
-        summaries = [runners[s](cfg) if s in runners else run_stage(cfg, s) for s in stages]
+        summaries = [run_one(cfg, s) for s in stages]
     first = ingest_summary(cfg)
     return [first, *summaries] if first else summaries

@@ -15,7 +15,8 @@ import logging
 from pathlib import Path
 
 from palign.core import storage
-from palign.core.config import STAGES, Config, ConfigError, format_problems
+from palign.core.config import Config, ConfigError, format_problems, stage_names, stages_before
+from palign.stages import registry
 
 # Fields that take a URI; the others need a path on the machine.
 logger = logging.getLogger(__name__)
@@ -33,7 +34,10 @@ def check_paths(cfg: Config, stages: list[str] | None = None) -> None:
 
 def check_engine_kwargs(cfg: Config, stages: list[str] | None = None) -> None:
     """Raise ConfigError when a stage's ``engine.engine_kwargs`` names something that is not a
-    vLLM engine argument, or one palign sets itself (``palign.engines.engine_args``)."""
+    vLLM engine argument, or one palign sets itself (``palign.engines.engine_args``), or its
+    ``engine.backend`` names by import path a class that cannot be imported here."""
+    from palign.core.plugins import is_import_path
+    from palign.engines import backend_class
     from palign.engines.engine_args import kwargs_problems
 
     problems = []
@@ -42,6 +46,11 @@ def check_engine_kwargs(cfg: Config, stages: list[str] | None = None) -> None:
         if engine is not None:
             problems += kwargs_problems(f"{stage}.engine.engine_kwargs", engine.engine_kwargs,
                                         engine.backend)
+            if is_import_path(engine.backend):
+                try:
+                    backend_class(engine.backend, f"{stage}.engine.backend")
+                except ConfigError as err:
+                    problems.append(str(err))
     if problems:
         raise ConfigError(format_problems(problems))
 
@@ -63,8 +72,8 @@ def path_problems(cfg: Config, stages: list[str] | None = None) -> list[str]:
             problems.append(f"{field}: {value}: {why}")
     if problems:
         return problems
-    earlier = [s for s in cfg.run.stages if STAGES.index(s) < STAGES.index(stages[0])]
-    reads_source = not earlier and stages[0] in ("generate", "truncate", "align")
+    earlier = stages_before(cfg.run.stages, stages[0])
+    reads_source = not earlier and registry.get(stages[0]).driver == "rows"
     ingested = storage.exists(storage.join(cfg.run.output_dir, "ingest", "_DONE"))
     if reads_source and not ingested and not storage.exists(cfg.data.path):
         problems.append(f"data.path: {cfg.data.path} does not exist")
@@ -143,19 +152,7 @@ def _scheme_problem(field: str, value: str | None, stages: list[str]) -> str | N
 
 def _models(cfg: Config, stages: list[str]) -> list[tuple[str, str]]:
     """The models the listed stages will load, with the field that names each."""
-    out: list[tuple[str, str]] = []
-    if "generate" in stages and cfg.models.teacher:
-        out.append(("models.teacher", cfg.models.teacher))
-    if "truncate" in stages and cfg.truncate.strategy == "binary":
-        out.append(("models.judge" if cfg.models.judge else "models.student", cfg.judge_model))
-    if {"align", "train"} & set(stages):
-        out.append(("models.student", cfg.models.student))
-    if "evaluate" in stages:
-        for i, m in enumerate(cfg.evaluate.models):
-            if m.model == "student":
-                out.append(("models.student", cfg.models.student))
-            elif m.model not in ("trained", "adapter"):  # the train stage makes those
-                out.append((f"evaluate.models.{i}.model", m.model))
+    out = [m for s in stage_names() if s in stages for m in registry.get(s).models_used(cfg)]
     return list(dict.fromkeys(out))
 
 

@@ -15,11 +15,13 @@ import sys
 import pytest
 import s3_server
 
-from palign.engines.guard import EXIT_ON_PROMPT_ENV
-
-# A prompt holding this text makes an engine actor's process exit (tests/test_faults.py): the
-# session's Ray gives every actor the hook, and no other test data contains the text.
-POISON = "__palign_poison_row__"
+# tests/support holds what tests name by import path (engine backends, train callbacks, stages):
+# on PYTHONPATH here, so every process the tests start (Ray's workers, Ray Train's, torchrun's,
+# the CLI's) imports it; palign forwards PYTHONPATH to the workers of a Ray it starts.
+SUPPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support")
+if SUPPORT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (SUPPORT, os.environ.get("PYTHONPATH", "")) if p)
 
 # The mark a test gets for using a fixture (directly or through another fixture).
 FIXTURE_MARKS = {"ray_cluster": "ray", "tiny_model": "model", "tokenizer": "model"}
@@ -31,12 +33,15 @@ FIXTURE_MARKS = {"ray_cluster": "ray", "tiny_model": "model", "tokenizer": "mode
 # which a session-scoped fixture (set up once) would not.
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """The session's local Ray: 2 CPUs, no dashboard, engines with the poison-row hook."""
+    """The session's local Ray: 2 CPUs, no dashboard; its workers get the variables palign
+    forwards to a local Ray's (PYTHONPATH among them: they import tests/support)."""
     import ray
+
+    from palign.runtime.environment import forwarded_env
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {EXIT_ON_PROMPT_ENV: POISON}})
+                 runtime_env={"env_vars": forwarded_env()})
     yield
 
 

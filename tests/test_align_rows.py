@@ -5,10 +5,9 @@ plain-SFT target (the teacher's own text)."""
 
 import pytest
 
-from palign.core.config import AlignSection
 from palign.core.grading import Grader
 from palign.engines.base import Completion
-from palign.stages.align import align_rows
+from palign.stages.align import AlignSection, align_rows
 
 
 class ScriptedStudent:

@@ -45,14 +45,13 @@ def thinking_model(tiny_model, tmp_path_factory) -> str:
 def test_the_flag_reaches_the_engines_prompt(thinking_model):
     from transformers import AutoTokenizer
 
-    from palign.engines import Sampling, build_engine
-    from palign.runtime.worker import engine_spec
+    from palign.engines import EngineSpec, Sampling, build_engine
 
     tok = AutoTokenizer.from_pretrained(thinking_model)
     plain, no_think = prompt_token_ids(tok, CHAT), prompt_token_ids(tok, CHAT, NO_THINK)
     assert "<think>" in tok.decode(no_think) and "<think>" not in tok.decode(plain)
-    engine = build_engine(engine_spec(EngineConfig(backend="transformers", max_model_len=256),
-                                      thinking_model, template_kwargs=NO_THINK))
+    engine = build_engine(EngineSpec.of(EngineConfig(backend="transformers", max_model_len=256),
+                                        thinking_model, template_kwargs=NO_THINK))
     try:
         out = engine.generate([CHAT], Sampling(max_tokens=2))[0]
     finally:

@@ -10,7 +10,7 @@ import tracemalloc
 import pytest
 
 from palign.core.config import parse_config
-from palign.core.shards import read_index
+from palign.core.digest import read_index
 from palign.runtime.runner import run_stage
 
 pytestmark = pytest.mark.ray

@@ -14,7 +14,7 @@ import pytest
 from palign.core.attempts import AttemptLedger
 from palign.core.config import ConfigError, parse_config
 from palign.core.failures import EngineFailure
-from palign.engines.base import Chat, Completion, LabelScores, Sampling
+from palign.engines.base import BackendBase, Chat, Completion, LabelScores, Sampling
 from palign.engines.guard import GuardedEngine
 from palign.engines.server import EngineServer
 
@@ -22,7 +22,7 @@ CHAT: Chat = [{"role": "user", "content": "What is 1 + 1?"}]
 LIMIT = 0.3
 
 
-class HangingEngine:
+class HangingEngine(BackendBase):
     """An engine whose calls hang while ``hang`` is set (a wedged device), until released."""
 
     name = "hanging"

@@ -12,15 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from palign.core.config import EngineConfig, TruncateSection
+from palign.core.config import EngineConfig
 from palign.engines import EngineSpec, Sampling, available_backends, build_engine
-from palign.engines.base import Completion, Engine, LabelScores, fit_prompts, label_first_tokens
+from palign.engines.base import (
+    Backend,
+    Completion,
+    LabelScores,
+    fit_prompts,
+    label_first_tokens,
+)
 from palign.engines.dtypes import torch_dtype
 from palign.engines.guard import GuardedEngine
 from palign.engines.models import resolve_model
 from palign.engines.server import EngineServer
-from palign.runtime.worker import engine_spec
-from palign.stages.truncate import truncate_rows
+from palign.stages.truncate import TruncateSection, truncate_rows
 
 pytestmark = pytest.mark.model
 
@@ -56,11 +61,11 @@ def model_path() -> str:
 def _spec(model: str, backend: str) -> EngineSpec:
     engine = EngineConfig(backend=backend, max_model_len=MAX_LEN, cpu_kv_cache_gib=1.0,
                           max_num_seqs=8)
-    return engine_spec(engine, model)
+    return EngineSpec.of(engine, model)
 
 
 @pytest.fixture(scope="module")
-def hf(model_path: str) -> Iterator[Engine]:
+def hf(model_path: str) -> Iterator[Backend]:
     engine = build_engine(_spec(model_path, "transformers"))
     yield engine
     engine.close()
@@ -70,19 +75,20 @@ PASSED_THROUGH = {"max_num_batched_tokens": 3072}  # engine.engine_kwargs, check
 
 
 @pytest.fixture(scope="module")
-def vllm(model_path: str) -> Iterator[Engine]:
+def vllm(model_path: str) -> Iterator[Backend]:
     assert HAS_VLLM, "vLLM is not installed: the suite needs it (make setup installs it)"
-    engine = build_engine(replace(_spec(model_path, "vllm"), engine_kwargs=PASSED_THROUGH))
+    engine = build_engine(_spec(model_path, "vllm").model_copy(
+        update={"engine_kwargs": PASSED_THROUGH}))
     yield engine
     engine.close()
 
 
 @pytest.fixture(params=["transformers", "vllm"])
-def engine(request: pytest.FixtureRequest) -> Engine:
+def engine(request: pytest.FixtureRequest) -> Backend:
     return request.getfixturevalue("hf" if request.param == "transformers" else "vllm")
 
 
-def test_engine_kwargs_reach_vllm(vllm: Engine) -> None:
+def test_engine_kwargs_reach_vllm(vllm: Backend) -> None:
     config = vllm.llm.llm_engine.vllm_config  # type: ignore[attr-defined]
     assert config.scheduler_config.max_num_batched_tokens == 3072
 
@@ -91,10 +97,10 @@ def test_backends_listed() -> None:
     assert "transformers" in available_backends()
     assert ("vllm" in available_backends()) == HAS_VLLM
     with pytest.raises(ValueError, match="unknown engine backend"):
-        build_engine(replace(engine_spec(EngineConfig(), "x"), backend="tgi"))
+        build_engine(EngineSpec.of(EngineConfig(), "x").model_copy(update={"backend": "tgi"}))
 
 
-def test_greedy_text_identical_across_backends(hf: Engine, vllm: Engine) -> None:
+def test_greedy_text_identical_across_backends(hf: Backend, vllm: Backend) -> None:
     chats = [chat(q) for q in QUESTIONS]
     greedy = Sampling(max_tokens=24)
     a, b = hf.generate(chats, greedy), vllm.generate(chats, greedy)
@@ -109,7 +115,7 @@ def test_greedy_text_identical_across_backends(hf: Engine, vllm: Engine) -> None
     assert all(x.cached_tokens == 0 for x in a)
 
 
-def test_label_scores_agree(hf: Engine, vllm: Engine) -> None:
+def test_label_scores_agree(hf: Backend, vllm: Backend) -> None:
     tokenizer = hf.tokenizer  # type: ignore[attr-defined]
     assert len(set(label_first_tokens(tokenizer, LABELS))) == 2
     chats = [
@@ -128,12 +134,12 @@ def test_label_scores_agree(hf: Engine, vllm: Engine) -> None:
             assert abs(x.logprobs[label] - y.logprobs[label]) < 1e-3, (label, x, y)
 
 
-def test_labels_must_start_differently(engine: Engine) -> None:
+def test_labels_must_start_differently(engine: Backend) -> None:
     with pytest.raises(ValueError, match="distinct"):
         engine.score_labels([chat("Hi")], ["NOT_ENOUGH", "NOT ENOUGH"])
 
 
-def test_prefix_cache_reports_cached_tokens(vllm: Engine) -> None:
+def test_prefix_cache_reports_cached_tokens(vllm: Backend) -> None:
     shared = " ".join(f"Step {i}: we note one more fact about the triangle." for i in range(40))
     first = chat(f"{shared}\nQuestion A: what is its area?")
     second = chat(f"{shared}\nQuestion B: what is its perimeter?")
@@ -144,7 +150,7 @@ def test_prefix_cache_reports_cached_tokens(vllm: Engine) -> None:
     assert two.cached_tokens <= two.prompt_tokens
 
 
-def test_too_long_prompt_fails_alone(engine: Engine) -> None:
+def test_too_long_prompt_fails_alone(engine: Backend) -> None:
     long_text = "apple " * (MAX_LEN + 50)
     chats = [chat("What is 2+3?"), chat(long_text), chat("Name a color.")]
     out = engine.generate(chats, Sampling(max_tokens=8))
@@ -158,7 +164,7 @@ def test_too_long_prompt_fails_alone(engine: Engine) -> None:
     assert scores[0].error is None and set(scores[0].logprobs) == set(LABELS)
 
 
-def test_no_max_tokens_writes_up_to_the_context(engine: Engine) -> None:
+def test_no_max_tokens_writes_up_to_the_context(engine: Backend) -> None:
     """max_tokens None: a prompt of p tokens may take max_model_len - p new tokens, no more
     (vLLM's behaviour when max_tokens is left to the context; the paper's 4,096 in all)."""
     def words(k: int) -> list[dict[str, str]]:  # a story's opening, k words of it repeated
@@ -209,7 +215,7 @@ def test_torch_dtype_names() -> None:
         torch_dtype("fp16", on_gpu=True)
 
 
-def test_seeded_sampling_reproduces(engine: Engine) -> None:
+def test_seeded_sampling_reproduces(engine: Backend) -> None:
     chats = [chat("Tell me a short story about a robot."), chat("Name three animals.")] * 2
     sampling = Sampling(max_tokens=16, temperature=1.0, top_p=0.95, seed=1234)
     first = [c.text for c in engine.generate(chats, sampling)]
@@ -219,7 +225,7 @@ def test_seeded_sampling_reproduces(engine: Engine) -> None:
     assert other != first
 
 
-def test_seeded_sampling_survives_chunked_prefill(engine: Engine) -> None:
+def test_seeded_sampling_survives_chunked_prefill(engine: Backend) -> None:
     """Prompts totalling more than one engine step's token budget get their prefill split;
     with seeded sampling that once crashed vLLM's CPU build."""
     filler = " ".join(f"Line {i}: the value {i} plus {i} gives {2 * i}." for i in range(40))
@@ -235,13 +241,13 @@ def test_seeded_sampling_survives_chunked_prefill(engine: Engine) -> None:
 
 
 @pytest.fixture
-def server(engine: Engine) -> Iterator[EngineServer]:
+def server(engine: Backend) -> Iterator[EngineServer]:
     srv = EngineServer(engine, max_in_flight=4)
     yield srv
     srv.stop()  # the module's engine stays open for the other tests
 
 
-def test_server_answers_as_the_engine_does(engine: Engine, server: EngineServer) -> None:
+def test_server_answers_as_the_engine_does(engine: Backend, server: EngineServer) -> None:
     greedy = Sampling(max_tokens=16)
     direct = [c.text for c in engine.generate([chat(q) for q in QUESTIONS], greedy)]
     assert [c.text for c in server.generate([chat(q) for q in QUESTIONS], greedy)] == direct
@@ -253,7 +259,7 @@ def test_server_answers_as_the_engine_does(engine: Engine, server: EngineServer)
         assert g.prompt_tokens == w.prompt_tokens
 
 
-def test_server_serves_threads_and_coroutines_together(engine: Engine,
+def test_server_serves_threads_and_coroutines_together(engine: Backend,
                                                        server: EngineServer) -> None:
     """Two threads' batches and a dozen coroutines' single requests, all in flight together
     (never more than max_in_flight in the engine); each caller gets its own answers."""
@@ -289,7 +295,7 @@ def test_server_too_long_prompt_fails_alone(server: EngineServer) -> None:
     assert out[1].error is None and out[1].text
 
 
-def test_server_engine_that_raises_fails_every_waiter(vllm: Engine) -> None:
+def test_server_engine_that_raises_fails_every_waiter(vllm: Backend) -> None:
     """vLLM refuses max_tokens=0 by raising: that is the engine failing, not the row, so the
     request (and any later one) raises instead of coming back as a row error."""
     srv = EngineServer(vllm, max_in_flight=4)
@@ -303,7 +309,7 @@ def test_server_engine_that_raises_fails_every_waiter(vllm: Engine) -> None:
     assert vllm.generate([chat("Hi")], Sampling(max_tokens=2))[0].error is None
 
 
-def test_per_row_search_chooses_the_lockstep_prefixes(engine: Engine) -> None:
+def test_per_row_search_chooses_the_lockstep_prefixes(engine: Backend) -> None:
     """The same rows searched probe by probe through the server (each row its own coroutine)
     and in lockstep rounds on the engine itself: the same probes, verdicts and prefixes."""
     rows = [r for r in map(json.loads, Path("data/demo/problems.jsonl").open()) if r.get("cot")]
@@ -322,7 +328,7 @@ def test_per_row_search_chooses_the_lockstep_prefixes(engine: Engine) -> None:
         assert a.record["prefix"] == b.record["prefix"]
 
 
-def test_per_row_search_admits_rows_within_the_kv_budget(vllm: Engine) -> None:
+def test_per_row_search_admits_rows_within_the_kv_budget(vllm: Backend) -> None:
     """With a KV budget that holds about two rows' longest prompts, rows wait to be admitted:
     the tokens reserved never pass the budget, and the prefixes are those of lockstep."""
     rows = [r for r in map(json.loads, Path("data/demo/problems.jsonl").open()) if r.get("cot")]
@@ -341,11 +347,11 @@ def test_per_row_search_admits_rows_within_the_kv_budget(vllm: Engine) -> None:
     assert [o.record["prefix"] for o in per_row] == [o.record["prefix"] for o in lockstep]
 
 
-def test_async_llm_driver_answers_as_the_step_driver(vllm: Engine, model_path: str) -> None:
+def test_async_llm_driver_answers_as_the_step_driver(vllm: Backend, model_path: str) -> None:
     """engine.vllm_driver: async_llm serves through vLLM's AsyncLLM (engine core in a child
     process): same greedy texts, label scores and chosen prefixes as the default driver, and a
     too-long prompt still fails alone."""
-    spec = replace(_spec(model_path, "vllm"), vllm_driver="async_llm")
+    spec = _spec(model_path, "vllm").model_copy(update={"vllm_driver": "async_llm"})
     engine = build_engine(spec)
     srv = EngineServer(engine, max_in_flight=8)
     try:

@@ -4,10 +4,9 @@ run in test_paper_demo.py)."""
 
 import pytest
 
-from palign.core.config import EvaluateSection
 from palign.core.grading import Grader
 from palign.engines.base import Completion
-from palign.stages.evaluate import evaluate_rows
+from palign.stages.evaluate import EvaluateSection, evaluate_rows
 
 
 class ScriptedModel:

@@ -1,8 +1,9 @@
 """Failures on a real local Ray with SmolLM2 on vLLM's CPU build: an engine process killed
 mid-batch loses no row and rejects none; a poison row (its prompt makes the engine's process
-exit, through the test hook in ``palign.engines.guard``) is rejected after the bounded retries
-while every other row completes; a stage over its ``max_reject_share`` exits non-zero; a rerun
-retries ``system`` rejects and keeps ``row`` rejects."""
+exit: the stage's engine is ``faulty_engines.PoisonVLLM``, from tests/support) is rejected
+after the bounded retries while every other row completes; a stage over its
+``max_reject_share`` exits non-zero; a rerun retries ``system`` rejects and keeps ``row``
+rejects."""
 
 from __future__ import annotations
 
@@ -15,15 +16,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import POISON
+from faulty_engines import POISON
 
 from palign.cli import main as palign_main
 from palign.core import fingerprint
 from palign.core.config import parse_config
 from palign.core.shards import ShardWriter, read_rows, reject_row
 from palign.pipeline import run_pipeline
+from palign.runtime.environment import actor_log_dir
 from palign.runtime.fingerprints import row_stage_fingerprints
-from palign.runtime.worker import actor_log_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.model]
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,8 @@ def test_poison_row_is_rejected_after_bounded_retries_and_the_rest_completes(tmp
     poison = {"id": "poison", "question": f"What is 1 + 1? {POISON}", "answer": "2",
               "cot": "We add one and one. That makes two. So the answer is 2."}
     rows = [WITH_COT[0], poison, *WITH_COT[1:4]]
-    cfg = parse_config(truncate_config(tmp_path, rows, truncate={"max_row_attempts": 2}))
+    cfg = parse_config(truncate_config(tmp_path, rows, truncate={
+        "max_row_attempts": 2, "engine": {"backend": "faulty_engines:PoisonVLLM"}}))
     summary = run_pipeline(cfg)[-1]
 
     out = tmp_path / "out" / "truncate"

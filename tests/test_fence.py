@@ -15,10 +15,12 @@ from s3_server import BUCKET
 
 from palign.core import storage
 from palign.core.config import parse_config
-from palign.core.shards import ShardWriter, done_index, read_ids, write_digests
+from palign.core.digest import write_digests
+from palign.core.shards import ShardWriter, done_index, read_ids
 from palign.runtime.accounting import account
 from palign.runtime.dataplane import plan
 from palign.runtime.runner import prepare_output
+from palign.runtime.spec import WorkerSpec
 from palign.runtime.worker import StageWorker
 
 ROWS = [{"id": f"p{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i),
@@ -57,7 +59,7 @@ def test_a_superseded_writer_slowed_before_its_commit_is_never_seen(s3, monkeypa
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
     storage._filesystem.cache_clear()
     try:
-        slow = StageWorker(cfg.model_dump(mode="json"), "truncate", token=OLD)
+        slow = StageWorker(WorkerSpec.of(cfg, "truncate", token=OLD))
         writer = threading.Thread(target=lambda: _quietly(slow, batch(ROWS[:2])))
         writer.start()
         writer.join(120)  # its data written, its commit held until the takeover is done
@@ -68,7 +70,7 @@ def test_a_superseded_writer_slowed_before_its_commit_is_never_seen(s3, monkeypa
         storage._filesystem.cache_clear()
     assert storage.list_files(f"{out}/_index", prefix=f"part-{OLD}-")  # it did land, late
 
-    fresh = StageWorker(cfg.model_dump(mode="json"), "truncate", token=NEW)
+    fresh = StageWorker(WorkerSpec.of(cfg, "truncate", token=NEW))
     fresh(batch(ROWS[:2]))
     fresh(batch(ROWS[2:]))
     write_digests(out)

@@ -147,7 +147,8 @@ def test_fuzzed_jsonl_never_crashes_and_accounts_for_every_line(tmp_path_factory
 def test_sharded_ingest_settles_limits_and_repeats_across_files(tmp_path):
     """Each file is read by its own task; the limit (in file order) and ids repeated across
     files are settled afterwards from the indexes alone, as one reading in order would."""
-    from palign.core.shards import read_index, read_rows
+    from palign.core.digest import read_index
+    from palign.core.shards import read_rows
     from palign.runtime.source import ingest_here
 
     src = tmp_path / "src"
@@ -173,14 +174,14 @@ def test_sharded_ingest_settles_limits_and_repeats_across_files(tmp_path):
 def test_iter_jsonl_numbers_lines_and_yields_unreadable_lines_in_place(tmp_path):
     """The one JSONL reader (ingest, shards and `palign grade` use it): line numbers count the
     blank lines it skips; a BOM and CRLF endings are dropped; bad UTF-8 or JSON never raises."""
-    from palign.core import storage
+    from palign.core.lines import Unreadable, iter_jsonl
 
     path = tmp_path / "x.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n\n  \n{broken\n\xff\xfe{"b": 2}\n[1, 2]')
-    rows = list(storage.iter_jsonl(path))
+    rows = list(iter_jsonl(path))
     assert [n for n, _ in rows] == [1, 4, 5, 6]
     assert rows[0][1] == {"a": 1} and rows[3][1] == [1, 2]
-    assert isinstance(rows[1][1], storage.Unreadable)
+    assert isinstance(rows[1][1], Unreadable)
     assert rows[1][1].reason.startswith("invalid JSON") and rows[1][1].raw == "{broken"
     assert rows[2][1].reason.startswith("not valid UTF-8")
 
@@ -220,7 +221,7 @@ def test_byte_ranges_that_tile_a_file_give_each_line_to_exactly_one(tmp_path_fac
     """However a file is cut (at a line's first byte, inside a line, just after a \\n, past
     the end) and whatever the read chunk, the ranges' lines are the file's lines, in order,
     each with the byte offset it starts at."""
-    from palign.core import storage
+    from palign.core.lines import iter_line_range, iter_lines
 
     data = b"\n".join(lines) + (b"\n" if newline_at_end and lines else b"")
     path = tmp_path_factory.mktemp("ranges") / "x.jsonl"
@@ -231,10 +232,10 @@ def test_byte_ranges_that_tile_a_file_give_each_line_to_exactly_one(tmp_path_fac
         at += len(line) + 1
     if want and not want[-1][1]:
         want.pop()  # what follows the last \n
-    assert [line for _, line in want] == list(storage.iter_lines(path))
+    assert [line for _, line in want] == list(iter_lines(path))
     bounds = sorted({0, *(c % (len(data) + 2) for c in cuts)})
     got = [pair for start, stop in zip(bounds, [*bounds[1:], None])
-           for pair in storage.iter_line_range(path, start, stop, chunk=chunk)]
+           for pair in iter_line_range(path, start, stop, chunk=chunk)]
     assert got == want
 
 
@@ -396,7 +397,15 @@ def test_a_long_line_is_read_past_in_bounded_memory(tmp_path):
     The public line readers raise ``LineTooLong`` naming the line."""
     import tracemalloc
 
-    from palign.core import storage
+    from palign.core.lines import (
+        LineTooLong,
+        LongLine,
+        Unreadable,
+        _file_lines,
+        iter_jsonl,
+        iter_line_range,
+        iter_lines,
+    )
 
     size, chunk, cap = 24 << 20, 64 << 10, 4 << 10
     path = tmp_path / "long.jsonl"
@@ -407,19 +416,19 @@ def test_a_long_line_is_read_past_in_bounded_memory(tmp_path):
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        lines = list(storage._file_lines(path, chunk, cap))
+        lines = list(_file_lines(path, chunk, cap))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert lines == [storage.LongLine(size, cap), b'{"after": 1}']
+    assert lines == [LongLine(size, cap), b'{"after": 1}']
     assert peak < cap + 4 * chunk, peak
-    assert list(storage.iter_jsonl(path, max_line=cap)) == [
-        (1, storage.Unreadable(f"line over {cap} bytes ({size} bytes): not read")),
+    assert list(iter_jsonl(path, max_line=cap)) == [
+        (1, Unreadable(f"line over {cap} bytes ({size} bytes): not read")),
         (2, {"after": 1})]
-    with pytest.raises(storage.LineTooLong, match="line 1: line over 4096 bytes"):
-        list(storage.iter_lines(path, chunk, max_line=cap))
-    with pytest.raises(storage.LineTooLong, match="line at byte 0: line over"):
-        list(storage.iter_line_range(path, 0, None, chunk, max_line=cap))
+    with pytest.raises(LineTooLong, match="line 1: line over 4096 bytes"):
+        list(iter_lines(path, chunk, max_line=cap))
+    with pytest.raises(LineTooLong, match="line at byte 0: line over"):
+        list(iter_line_range(path, 0, None, chunk, max_line=cap))
 
 
 @settings(max_examples=80, deadline=None)
@@ -430,21 +439,21 @@ def test_ranges_under_a_cap_give_each_long_line_its_size_and_offset(
         tmp_path_factory, lines, newline_at_end, cuts, chunk, cap):
     """Whatever the cuts, chunk and cap: every line comes out once, at its byte offset, whole
     when it is at most ``cap`` bytes and as a ``LongLine`` of its exact size when longer."""
-    from palign.core import storage
+    from palign.core.lines import LongLine, _file_lines, _range_lines
 
     data = b"\n".join(lines) + (b"\n" if newline_at_end and lines else b"")
     path = tmp_path_factory.mktemp("capped") / "x.jsonl"
     path.write_bytes(data)
     want, at = [], 0
     for line in data.split(b"\n"):
-        want.append((at, line if len(line) <= cap else storage.LongLine(len(line), cap)))
+        want.append((at, line if len(line) <= cap else LongLine(len(line), cap)))
         at += len(line) + 1
     if want and want[-1][1] == b"":
         want.pop()
-    assert list(storage._file_lines(path, chunk, cap)) == [line for _, line in want]
+    assert list(_file_lines(path, chunk, cap)) == [line for _, line in want]
     bounds = sorted({0, *(c % (len(data) + 2) for c in cuts)})
     got = [pair for start, stop in zip(bounds, [*bounds[1:], None])
-           for pair in storage._range_lines(path, start, stop, chunk, cap)]
+           for pair in _range_lines(path, start, stop, chunk, cap)]
     assert got == want
 
 

@@ -79,15 +79,9 @@ def test_a_digest_serves_the_indexes_it_holds_as_they_are_now(tmp_path):
     rewritten) themselves; a removed one is gone."""
     import os
 
-    from palign.core.shards import (
-        DIGEST,
-        INDEX,
-        count_rows,
-        read_index,
-        write_digest,
-        write_digests,
-        write_shard,
-    )
+    from palign.core.digest import count_rows, read_index, write_digest, write_digests
+    from palign.core.layout import DIGEST, INDEX
+    from palign.core.shards import write_shard
 
     out = tmp_path / "truncate"
     for i in range(4):  # the first shard's ratio column is all null: another column type
@@ -142,7 +136,9 @@ def test_digest_parts_are_added_and_dropped_never_grown(tmp_path):
     gathered again, and no index is ever read twice (a copied part claims nothing)."""
     import shutil
 
-    from palign.core.shards import DIGEST, INDEX, count_rows, read_index, write_digest, write_shard
+    from palign.core.digest import count_rows, read_index, write_digest
+    from palign.core.layout import DIGEST, INDEX
+    from palign.core.shards import write_shard
 
     out = tmp_path / "stage"
     want: dict[str, list[str]] = {}

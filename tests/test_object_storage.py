@@ -22,7 +22,7 @@ import yaml
 from s3_server import BUCKET
 
 from palign.cli import main as palign_main
-from palign.core import storage
+from palign.core import lines, storage
 from palign.core.shards import read_index, read_rows, write_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,10 +37,10 @@ def test_storage_round_trip_and_listing(s3):
     base = f"s3://{BUCKET}/unit"
     storage.write_text(f"{base}/a/x.txt", "one\ntwo\n")
     assert storage.read_text(f"{base}/a/x.txt") == "one\ntwo\n"
-    assert list(storage.iter_lines(f"{base}/a/x.txt", chunk=3)) == [b"one", b"two"]
+    assert list(lines.iter_lines(f"{base}/a/x.txt", chunk=3)) == [b"one", b"two"]
     # a piece of a large file: ranged reads, the lines that start in the range
     assert storage.file_size(f"{base}/a/x.txt") == 8
-    assert [list(storage.iter_line_range(f"{base}/a/x.txt", a, b, chunk=3))
+    assert [list(lines.iter_line_range(f"{base}/a/x.txt", a, b, chunk=3))
             for a, b in ((0, 2), (2, 5), (5, None))] == [[(0, b"one")], [(4, b"two")], []]
     assert storage.list_files(f"{base}/a") == ["x.txt"] and storage.list_dirs(base) == ["a"]
     assert storage.is_dir(f"{base}/a") and not storage.exists(f"{base}/none")

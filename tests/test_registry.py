@@ -1,17 +1,36 @@
-"""One definition per engine stage, one registry: what the generic worker and runner ask."""
+"""One class per stage, one list of them: what the generic worker, runner, config and CLI ask."""
 
 from __future__ import annotations
 
-from palign.core.config import ENGINE_STAGES, STAGES, parse_config
+import asyncio
+
+import pytest
+
+from palign.core.config import (
+    ConfigError,
+    engine_stage_names,
+    parse_config,
+    registered,
+    stage_names,
+)
+from palign.core.config.base import Strict
+from palign.stages import registry
+from palign.stages.base import Context, Outcome, RowStage
 from palign.stages.registry import REGISTRY
 
 MINIMAL = {"data": {"path": "x.jsonl"}, "models": {"student": "student-m", "teacher": "t-m"}}
 
 
-def test_every_engine_stage_has_one_definition():
-    assert set(REGISTRY) == set(ENGINE_STAGES) == set(STAGES) - {"train"}
+def test_every_stage_has_one_definition():
+    assert list(REGISTRY) == list(stage_names()) == [
+        "generate", "truncate", "align", "train", "evaluate"]
+    assert set(engine_stage_names()) == set(stage_names()) - {"train"}
     for name, stage in REGISTRY.items():
         assert stage.name == name
+    assert [n for n in stage_names() if registry.get(n).driver == "rows"] == [
+        "generate", "truncate", "align"]
+    assert registry.get("train").driver == "train"
+    assert registry.get("evaluate").driver == "evaluate"
 
 
 def test_models_and_engines_per_stage():
@@ -50,3 +69,54 @@ def test_summary_statistics_come_from_the_index_columns():
                                "student: prompt too long"], 7) == {
         "dropped_wrong": 1, "rejected_uncheckable": 1, "retention": 0.7}
     assert all(s.stats(s.index_values([])) == {} for s in REGISTRY.values())
+
+
+def test_models_and_prompts_per_stage():
+    cfg = parse_config({**MINIMAL, "models": {**MINIMAL["models"], "judge": "j-m"}})
+    assert registry.get("generate").models_used(cfg) == [("models.teacher", "t-m")]
+    assert registry.get("truncate").models_used(cfg) == [("models.judge", "j-m")]
+    assert registry.get("align").models_used(cfg) == [("models.student", "student-m")]
+    assert registry.get("train").models_used(cfg) == [("models.student", "student-m")]
+    assert set(registry.get("truncate").prompts()) == {"judge", "labels"}
+    assert registry.get("train").prompts() == {}
+
+
+class _Section(Strict):
+    pass
+
+
+class Echo(RowStage):
+    """A toy stage: its rows wait for each other, so they finish only when run together."""
+
+    name = "echo"
+    Section = _Section
+
+    async def process_row(self, row, ctx):
+        ctx.section.setdefault("started", 0)
+        ctx.section["started"] += 1
+        while ctx.section["started"] < ctx.section["rows"]:
+            await asyncio.sleep(0.001)
+        return Outcome(row["id"], {**row, "echo": row["id"]})
+
+
+def test_a_row_stage_runs_its_rows_together():
+    rows = [{"id": str(i)} for i in range(5)]
+    outcomes = Echo().process(rows, Context(None, None, {"rows": len(rows)}))
+    assert [o.record["echo"] for o in outcomes] == ["0", "1", "2", "3", "4"]
+
+
+def test_a_stage_registered_for_a_test_joins_the_list_in_place():
+    with registered("echo", f"{__name__}:Echo", after="align"):
+        assert stage_names() == ("generate", "truncate", "align", "echo", "train", "evaluate")
+        assert isinstance(registry.get("echo"), Echo) and "echo" in REGISTRY
+        assert "echo" not in engine_stage_names()
+        assert parse_config({**MINIMAL, "run": {"stages": ["align", "echo"]}})
+        with pytest.raises(ConfigError, match="keep the order"):
+            parse_config({**MINIMAL, "run": {"stages": ["echo", "align"]}})
+        with pytest.raises(ValueError, match="already registered"):
+            with registered("echo", f"{__name__}:Echo"):
+                pass
+    assert "echo" not in stage_names()
+    with pytest.raises(ConfigError, match="Input should be 'generate', 'truncate', 'align', "
+                                          "'train' or 'evaluate'"):
+        parse_config({**MINIMAL, "run": {"stages": ["echo"]}})

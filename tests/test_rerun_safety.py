@@ -16,6 +16,7 @@ import yaml
 from palign.cli import main as palign_main
 from palign.core.config import parse_config
 from palign.core.shards import INDEX, read_ids, read_rows
+from palign.runtime.spec import WorkerSpec
 from palign.runtime.worker import StageWorker
 
 pytestmark = pytest.mark.ray
@@ -119,7 +120,7 @@ def test_ids_whose_newline_joined_texts_collide_are_each_written_once(tmp_path):
     cfg = parse_config({"run": {"output_dir": str(tmp_path), "stages": ["truncate"]},
                         "data": {"path": "unused.jsonl"}, "models": {"student": "unused"},
                         "truncate": {"strategy": "full"}})
-    worker = StageWorker(cfg.model_dump(mode="json"), "truncate")
+    worker = StageWorker(WorkerSpec.of(cfg, "truncate"))
     row = {k: v for k, v in ROWS[0].items() if k != "id"}
     for ids in (["a\nb", "c"], ["a", "b\nc"]):
         out = worker({"record": [json.dumps({**row, "id": i}) for i in ids]})

@@ -35,6 +35,7 @@ from s3_server import BUCKET
 
 from palign.core import retrying, storage
 from palign.core.config import parse_config
+from palign.core.digest import read_index
 from palign.core.failures import (
     DiskFull,
     MachineryError,
@@ -42,7 +43,7 @@ from palign.core.failures import (
     StorageUnavailable,
     is_machinery,
 )
-from palign.core.shards import read_index, read_rows, write_shard
+from palign.core.shards import read_rows, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [json.loads(line) for line in (ROOT / "data/demo/problems.jsonl").read_text().splitlines()]
@@ -127,10 +128,12 @@ def test_transient_storage_errors_are_told_from_lasting_ones():
 # -- a throttling store, call by call -----------------------------------------------------------
 
 def test_reads_inside_open_files_are_tried_again_on_a_throttling_store(through, quick_retries):
-    """Every other GET refused. The S3 client retries a refused request itself, except a 503
-    answered to a small ranged read (its XML body does not fit the read's buffer): palign
-    tries those again, reads inside an open file included (the shard readers' Parquet
-    indexes). A missing object is still FileNotFoundError at once."""
+    """Every other GET of each object refused, the first one included (counted per object:
+    reads on two threads would otherwise share one count, and one read could meet refusals in a
+    row). The S3 client retries a refused request itself, except a 503 answered to a small ranged
+    read (its XML body does not fit the read's buffer): palign tries those again, reads inside
+    an open file included (the shard readers' Parquet indexes). A missing object is still
+    FileNotFoundError at once."""
     base = f"s3://{BUCKET}/flaky-{time.time_ns()}"
     for i in range(2):
         storage.write_text(f"{base}/small-{i}.txt", f"v{i}")
@@ -138,8 +141,10 @@ def test_reads_inside_open_files_are_tried_again_on_a_throttling_store(through, 
     gets = Counter()
 
     def every_other_get(number, method, path):
-        gets[method] += 1
-        return SLOW_DOWN if method == "GET" and gets["GET"] % 2 == 0 else None
+        if method != "GET":
+            return None
+        gets[path] += 1
+        return SLOW_DOWN if gets[path] % 2 == 1 else None
 
     proxy = through(every_other_get)
     assert [storage.read_text(f"{base}/small-{i}.txt") for i in range(2)] == ["v0", "v1"]
@@ -171,6 +176,7 @@ def test_a_batch_write_failing_through_the_retries_is_retried_then_fails_the_sta
     """Writes refused (S3 throttles writes first): the batch is retried, never rejected; the
     third failure in a row fails the stage naming the folder; once writes go through, the
     same batch commits, and the count starts again."""
+    from palign.runtime.spec import WorkerSpec
     from palign.runtime.worker import StageWorker
 
     monkeypatch.setattr(retrying, "S3_ATTEMPTS", 1)  # the client's own tries off: quicker
@@ -179,7 +185,7 @@ def test_a_batch_write_failing_through_the_retries_is_retried_then_fails_the_sta
     writes_down = {"on": True}
     through(lambda n, method, path: SLOW_DOWN
             if writes_down["on"] and method in ("PUT", "POST", "DELETE") else None)
-    worker = StageWorker(cfg.model_dump(mode="json"), "truncate")
+    worker = StageWorker(WorkerSpec.of(cfg, "truncate"))
     batch = {"record": [json.dumps(r) for r in WITH_COT[:2]]}
     for _ in range(2):  # an actor in Ray exits here; Ray restarts it and retries the batch
         with pytest.raises(MachineryError, match="writing a batch to .* failed after storage"):
@@ -245,8 +251,9 @@ def small_disk(folder: Path, size: str = "1m") -> Iterator[Path]:
 @pytest.mark.timeout(240)
 def test_a_full_disk_fails_the_stage_naming_the_folder_and_a_rerun_completes(tmp_path,
                                                                               ray_cluster):
+    from palign.core.config.paths import absolute_paths
     from palign.pipeline import run_pipeline
-    from palign.runtime.runner import ingest, with_absolute_paths
+    from palign.runtime.runner import ingest
 
     # CoTs of ~48 kB: a truncated row (its CoT, and half of it as its prefix) takes ~72 kB.
     cot = " ".join(f"Step {i}: we add {i} and {i + 1} to get {2 * i + 1}." for i in range(1200))
@@ -260,10 +267,10 @@ def test_a_full_disk_fails_the_stage_naming_the_folder_and_a_rerun_completes(tmp
         # Ingest first, on a disk with room for less than its ~200 kB: it fails the same way
         filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 100_000))
         with pytest.raises(StageFailed, match="no space left on the disk that holds") as failed:
-            ingest(with_absolute_paths(cfg))
+            ingest(absolute_paths(cfg))
         assert str(disk / "out" / "ingest") in str(failed.value)
         filler.unlink()
-        ingest(with_absolute_paths(cfg))  # the stage's input fits; then the disk fills up
+        ingest(absolute_paths(cfg))  # the stage's input fits; then the disk fills up
         # Room left for two truncated rows, not three (a tmpfs counts 4 kB pages).
         filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 200_000))
         with pytest.raises(StageFailed) as failed:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from synthetic_rows import addition_rows
+from train_faults import fail_after
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from palign.core.config import Config, parse_config
@@ -28,7 +29,6 @@ from palign.core.fingerprint import FILE as FINGERPRINT
 from palign.core.shards import REJECTS, ShardWriter, read_rows
 from palign.train.checkpoints import check_global_batch
 from palign.train.engine import lr_lambda
-from palign.train.loop import ENV_FAIL_AT_STEP
 from palign.train.prepare import prepare
 from palign.train.steps import StepPlan
 from palign.train.trainer import run_train
@@ -145,7 +145,7 @@ def with_train(cfg: Config, **train) -> Config:
 
 
 def test_failed_runs_resume_elastically_and_retried_with_the_same_losses(
-        zero2_run, tiny_model, tmp_path, monkeypatch):
+        zero2_run, tiny_model, tmp_path):
     """2 workers fail after step 10 (checkpoints every 5 steps); the rerun on 1 worker
     (grad_accum 2: the same global batch) resumes after 10 through a universal checkpoint and
     fails after step 20; the rerun on 2 workers resumes after 20 the same way, fails after step
@@ -154,9 +154,8 @@ def test_failed_runs_resume_elastically_and_retried_with_the_same_losses(
     # sync uploads: each injected failure comes right after a checkpoint, which must be there
     cfg = make_config(tmp_path, tiny_model, "elastic", checkpoint_every=5, keep_checkpoints=2,
                       checkpoint_upload="sync")
-    monkeypatch.setenv(ENV_FAIL_AT_STEP, "10")
     with pytest.raises(Exception, match="injected failure"):
-        run_train(cfg)
+        run_train(with_train(cfg, callbacks=[fail_after(10)]))
     run_folder = Path(cfg.run.output_dir).absolute() / "train" / "ray" / "elastic-train"
 
     def written_by(step: int) -> int:
@@ -164,12 +163,12 @@ def test_failed_runs_resume_elastically_and_retried_with_the_same_losses(
         return json.loads(path.read_text())["world_size"]
 
     assert written_by(10) == 2
-    monkeypatch.setenv(ENV_FAIL_AT_STEP, "20@10")
     with pytest.raises(Exception, match="injected failure after step 20"):
-        run_train(with_train(cfg, num_workers=1, grad_accum=2))
+        run_train(with_train(cfg, num_workers=1, grad_accum=2,
+                             callbacks=[fail_after(20, resumed_from=10)]))
     assert written_by(20) == 1
-    monkeypatch.setenv(ENV_FAIL_AT_STEP, "27@20")
-    result = run_train(with_train(cfg, max_failures=1))  # 2 workers again
+    result = run_train(with_train(cfg, max_failures=1,  # 2 workers again
+                                  callbacks=[fail_after(27, resumed_from=20)]))
     assert result.resumed_from == 25  # the retried worker group's start
     assert len(result.losses) == STEPS
     diffs = [abs(a - b) for a, b in zip(result.losses, zero2_run[1].losses)]
@@ -203,17 +202,22 @@ def test_torchrun_one_process_accumulating_matches_two_workers(zero2_run, tiny_m
     cfg = make_config(tmp_path, tiny_model, "torchrun", num_workers=1, grad_accum=2,
                       checkpoint_every=10, keep_checkpoints=1)
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    config_file = tmp_path / "config.yaml"
+    config_file, failing = tmp_path / "config.yaml", tmp_path / "failing.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "1", "-m", "palign.train.loop", str(config_file)]
+    failing.write_text(yaml.safe_dump(
+        with_train(cfg, callbacks=[fail_after(15)]).model_dump(mode="json")))
+
+    def cmd(config: Path) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "1", "-m", "palign.train.loop", str(config)]
+
     env = {**os.environ, "PYTHONPATH": pythonpath}
-    first = subprocess.run(cmd, env={**env, ENV_FAIL_AT_STEP: "15"}, cwd=tmp_path,
+    first = subprocess.run(cmd(failing), env=env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert first.returncode != 0 and "injected failure" in first.stderr + first.stdout
     run_folder = Path(cfg.run.output_dir) / "train" / "ray" / "torchrun-train"
     assert [p.name for p in run_folder.iterdir()] == ["checkpoint_00000010"]
-    second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+    second = subprocess.run(cmd(config_file), env=env, cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr + second.stdout
@@ -228,16 +232,17 @@ def torchrun_steps(cfg: Config, procs: int, fail_at: int | None = None
                    ) -> list[tuple[int, float, float]]:
     """A torchrun run of ``cfg`` in ``procs`` processes (no Ray), in its output folder's parent:
     (step, loss, grad norm) of each step it logged (the whole log is left in
-    ``torchrun.log`` there); with ``fail_at``, failing after that step."""
+    ``torchrun.log`` there); with ``fail_at``, failing after that step (a train callback in
+    the YAML it runs)."""
     import re
 
     folder = Path(cfg.run.output_dir).parent
     config_file = folder / "config.yaml"
+    if fail_at is not None:
+        cfg = with_train(cfg, callbacks=[fail_after(fail_at)])
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath}
-    if fail_at is not None:
-        env[ENV_FAIL_AT_STEP] = str(fail_at)
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
          str(procs), "-m", "palign.train.loop", str(config_file)],

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from synthetic_rows import addition_rows
+from train_faults import fail_after
 
 from palign.cli import main
 from palign.core.config import Config, parse_config
@@ -69,7 +70,8 @@ def test_the_global_batch_counts_not_its_factors(tiny_model, tmp_path):
                 max_failures=3, checkpoint_upload="async", loss_chunk_size=None,
                 attention="dense", fused_optimizer=False, gradient_checkpointing=True,
                 cpus_per_worker=2, storage_path=str(tmp_path / "elsewhere"),
-                max_reject_share=0.9, offload_optimizer=True, dtype="float32"),
+                max_reject_share=0.9, offload_optimizer=True, dtype="float32",
+                callbacks=[fail_after(1)]),
         changed(cfg, "ray", progress_bars=True),
     ]
     assert all(train_fingerprint(c) == fp for c in same)

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 from ports import free_port
+from train_faults import fail_after
 
 from palign.core.config import Config, parse_config
 from palign.pipeline import run_pipeline
-from palign.train.loop import ENV_FAIL_AT_STEP
 from palign.train.trainer import run_train
 
 pytestmark = [pytest.mark.model, pytest.mark.ray]
@@ -121,7 +121,7 @@ def test_lora_trains_only_the_adapters_and_the_loss_goes_down(zero3_run):
 
 
 def test_a_stopped_zero2_run_resumes_with_the_same_losses_on_2_then_on_1_worker(
-        zero3_run, demo_align, tmp_path, monkeypatch):
+        zero3_run, demo_align, tmp_path):
     """ZeRO-2, 2 workers, checkpoints every 2 steps: fails after step 4; run again on 2
     workers it resumes after 4 and fails after step 6; run again on 1 worker (grad_accum 2:
     the same 2 bins per step) it resumes after 6 through a universal checkpoint and finishes.
@@ -130,21 +130,18 @@ def test_a_stopped_zero2_run_resumes_with_the_same_losses_on_2_then_on_1_worker(
 
     ref = zero3_run[1].losses
     cfg = lora_config(tmp_path, demo_align, "z2", zero_stage=2, checkpoint_every=2)
-    monkeypatch.setenv(ENV_FAIL_AT_STEP, "4")
     with pytest.raises(Exception, match="injected failure after step 4"):
-        run_train(cfg)
+        run_train(with_train(cfg, callbacks=[fail_after(4)]))
     run_folder = Path(cfg.run.output_dir) / "train" / "ray" / "z2-train"
     held = {p.name: p.stat().st_size for p in (run_folder / "checkpoint_00000004" / "ds").iterdir()}
     # the adapters (2.4M parameters) and their optimizer state: no frozen base weight
     weights = (Path(resolve_model("smollm2-135m")) / "model.safetensors").stat().st_size
     assert sum(held.values()) < 0.1 * weights, held
 
-    monkeypatch.setenv(ENV_FAIL_AT_STEP, "6@4")
     with pytest.raises(Exception, match="injected failure after step 6"):
-        run_train(cfg)
+        run_train(with_train(cfg, callbacks=[fail_after(6, resumed_from=4)]))
     assert json.loads((run_folder / "checkpoint_00000006" / "train_state.json").read_text())[
         "world_size"] == 2
-    monkeypatch.delenv(ENV_FAIL_AT_STEP)
     result = run_train(with_train(cfg, num_workers=1, grad_accum=2))
     assert result.resumed_from == 6
     assert_close(result.losses, ref)  # steps 1-4, 5-6 (resumed on 2), 7-8 (resumed on 1)
@@ -199,13 +196,12 @@ def test_exports_adapter_and_merged_model_that_equals_base_plus_adapter(zero3_ru
 
 def test_vllm_serves_the_merged_export(zero3_run):
     from palign.core.config import EngineConfig
-    from palign.engines import Sampling, build_engine
-    from palign.runtime.worker import engine_spec
+    from palign.engines import EngineSpec, Sampling, build_engine
 
     cfg, _ = zero3_run
-    engine = build_engine(engine_spec(EngineConfig(backend="vllm", max_model_len=512,
-                                                   cpu_kv_cache_gib=0.5, max_num_seqs=4),
-                                      cfg.trained_model_dir()))
+    engine = build_engine(EngineSpec.of(EngineConfig(backend="vllm", max_model_len=512,
+                                                     cpu_kv_cache_gib=0.5, max_num_seqs=4),
+                                        cfg.trained_model_dir()))
     try:
         out = engine.generate([[{"role": "user", "content": "What is 2 + 3?"}]],
                               Sampling(max_tokens=8))

@@ -10,16 +10,15 @@ import threading
 
 import pytest
 
-from palign.core.config import TruncateSection
 from palign.core.search import max_probes
 from palign.core.segment import sentence_ends
-from palign.engines.base import Completion, LabelScores
+from palign.engines.base import BackendBase, Completion, LabelScores
 from palign.engines.guard import GuardedEngine
 from palign.engines.server import EngineServer
-from palign.stages.truncate import truncate_rows
+from palign.stages.truncate import TruncateSection, truncate_rows
 
 
-class ScriptedJudge:
+class ScriptedJudge(BackendBase):
     name = "scripted"
 
     def __init__(self):
@@ -39,9 +38,6 @@ class ScriptedJudge:
         self.calls.append(len(chats))
         return [Completion("ENOUGH" if self._enough(c) else "not enough, sorry")
                 for c in chats]
-
-    def close(self):
-        pass
 
 
 def make_rows():
@@ -73,7 +69,7 @@ def check(rows, outcomes, judge):
 
 def test_score_verdicts_many_searches_in_flight():
     rows, judge = make_rows(), ScriptedJudge()
-    outcomes = truncate_rows(rows, judge, TruncateSection(verdict="score"))
+    outcomes = truncate_rows(rows, judge, TruncateSection(verdict="score", search="lockstep"))
     check(rows, outcomes, judge)
     rec = outcomes[0].record
     assert all(p["score"] is not None for p in rec["probes"])
@@ -82,7 +78,8 @@ def test_score_verdicts_many_searches_in_flight():
 
 def test_generated_verdicts_and_baselines():
     rows, judge = make_rows(), ScriptedJudge()
-    outcomes = truncate_rows(rows, judge, TruncateSection(verdict="generate"))
+    outcomes = truncate_rows(rows, judge, TruncateSection(verdict="generate",
+                                                          search="lockstep"))
     check(rows, outcomes, judge)
     full = truncate_rows(rows, None, TruncateSection(strategy="full"))  # no engine to call
     assert all(o.record["prefix"] == r["cot"] and not o.record["probes"]
@@ -93,7 +90,7 @@ def test_generated_verdicts_and_baselines():
 
 def test_rows_without_cot_are_rejected_others_go_on():
     rows = make_rows()[:2] + [{"id": "empty", "question": "Q?", "answer": "1", "cot": "  "}]
-    outcomes = truncate_rows(rows, ScriptedJudge(), TruncateSection())
+    outcomes = truncate_rows(rows, ScriptedJudge(), TruncateSection(search="lockstep"))
     assert [o.ok for o in outcomes] == [True, True, False]
     assert "no CoT" in outcomes[2].reason
 
@@ -162,7 +159,7 @@ def test_server_answers_many_threads_at_once():
             t.join()
     finally:
         server.close()
-    expected = truncate_rows(make_rows(), ScriptedJudge(), TruncateSection())
+    expected = truncate_rows(make_rows(), ScriptedJudge(), TruncateSection(search="lockstep"))
     for n in range(4):
         outcomes = results[n]
         assert [o.record["sentences_kept"] for o in outcomes] == \

@@ -13,6 +13,7 @@ import pytest
 from palign.core.config import parse_config
 from palign.core.failures import MachineryError
 from palign.core.shards import read_rows
+from palign.runtime.spec import WorkerSpec
 from palign.runtime.worker import StageWorker
 
 pytestmark = pytest.mark.model
@@ -41,7 +42,7 @@ def worker(tiny_model, tmp_path):
         "models": {"student": tiny_model},
         "engine": {"backend": "transformers", "max_model_len": 256},
         "align": {"sampling": {"max_tokens": 4}, "max_row_attempts": 2}})
-    return StageWorker(cfg.model_dump(mode="json"), "align", model=tiny_model)
+    return StageWorker(WorkerSpec.of(cfg, "align", tiny_model))
 
 
 def test_a_row_that_makes_our_code_raise_is_rejected_alone(worker):

@@ -26,14 +26,16 @@ from palign.core import storage
 
 FILE = "_FINGERPRINT.json"
 
-# Config fields that say how fast, where, or how patiently rows are made, never what they are:
-# left out of every fingerprint at any depth. (``engine.backend``, ``dtype`` and
+# Config fields that say how fast, where, or how patiently rows are made, never what they are
+# (``callbacks``: what train calls after each step, to watch or stop it): left out of every
+# fingerprint at any depth. (``engine.backend``, ``dtype`` and
 # ``max_model_len`` stay: they change what a model writes, or which prompts fit.)
 OPERATIONAL = frozenset({
     "batch_size", "replicas", "cpus_per_replica", "gpus_per_replica", "tensor_parallel_size",
     "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager", "cpu_kv_cache_gib",
     "max_num_seqs", "max_in_flight", "vllm_driver", "max_failures", "request_timeout_s",
     "max_reject_share", "max_row_attempts", "piece_mib", "progress_bars", "cache_dir",
+    "callbacks",
 })
 
 

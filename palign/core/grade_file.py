@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from palign.core import storage
 from palign.core.grading import FLEXIBLE, STRICT, ExtractMode, Grader
+from palign.core.lines import Unreadable, iter_jsonl
 from palign.core.metrics import GradeTally
 
 # The --extract choices and the modes each one grades.
@@ -25,7 +25,7 @@ EXTRACT_CHOICES: dict[str, tuple[ExtractMode, ...]] = {
 def _read_row(row: Any, lineno: int, answer_field: str,
               output_field: str) -> tuple[str, list[str]] | dict[str, Any]:
     """(gold, outputs) of one JSONL row, or the skip record saying why it cannot be graded."""
-    if isinstance(row, storage.Unreadable):
+    if isinstance(row, Unreadable):
         return {"line": lineno, "reason": row.reason}
     gold = row.get(answer_field) if isinstance(row, dict) else None
     outputs = row.get(output_field) if isinstance(row, dict) else None
@@ -53,7 +53,7 @@ def grade_file(path: str | Path, answer_field: str = "answer", output_field: str
     tallies = {m: GradeTally() for m in modes}
     skipped: list[dict[str, Any]] = []
     with Grader(timeout_s=timeout_s) as grader:
-        for lineno, row in storage.iter_jsonl(path):
+        for lineno, row in iter_jsonl(path):
             parsed = _read_row(row, lineno, answer_field, output_field)
             if isinstance(parsed, dict):
                 skipped.append(parsed)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from palign.core import storage
+from palign.core import lines, storage
 from palign.core.config import DataSection
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def source_pieces(data: DataSection, piece_bytes: int) -> list[SourceFile]:
              if storage.is_dir(root) else {})
     cuts: dict[int, list[tuple[int, int | None, int]]] = {}
     big = [f for f in files if f.kind in ("jsonl", "parquet")
-           and not (f.kind == "jsonl" and f.path.endswith(storage.COMPRESSED))]
+           and not (f.kind == "jsonl" and f.path.endswith(lines.COMPRESSED))]
     with ThreadPoolExecutor(16) as pool:  # a Parquet footer to read per large file
         for f, parts in zip(big, pool.map(lambda f: _cuts(f, piece_bytes, sizes.get(f.path)),
                                           big)):
@@ -166,17 +166,17 @@ def _arrow_files(path: str, split: str | None) -> list[str]:
     return [storage.join(path, f["filename"]) for f in state["_data_files"]]
 
 
-def read_file(source: SourceFile, max_line: int = storage.MAX_LINE_BYTES
+def read_file(source: SourceFile, max_line: int = lines.MAX_LINE_BYTES
               ) -> Iterator[tuple[str, Any]]:
     """(position, raw row) for every row of one source file, streamed; raw rows may be
     anything (an unreadable line, or one over ``max_line`` bytes, comes as
-    ``storage.Unreadable``)."""
+    ``lines.Unreadable``)."""
     name = storage.name(source.path)
     if source.kind == "jsonl" and source.whole:
-        for lineno, row in storage.iter_jsonl(source.path, max_line):
+        for lineno, row in lines.iter_jsonl(source.path, max_line):
             yield f"{name}:{lineno}", row
     elif source.kind == "jsonl":  # a piece: its rows are named by their byte offset
-        for offset, row in storage.iter_jsonl_range(source.path, source.start, source.stop,
+        for offset, row in lines.iter_jsonl_range(source.path, source.start, source.stop,
                                                      max_line):
             yield f"{name}@{offset}", row
     elif source.kind == "json":
@@ -213,7 +213,7 @@ def _json_file(name: str, data: bytes) -> Iterator[tuple[str, Any]]:
     try:
         rows = json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        yield name, storage.Unreadable(f"invalid JSON file: {err}")
+        yield name, lines.Unreadable(f"invalid JSON file: {err}")
         return
     for i, row in enumerate(rows if isinstance(rows, list) else [rows]):
         yield f"{name}[{i}]", row
@@ -221,7 +221,7 @@ def _json_file(name: str, data: bytes) -> Iterator[tuple[str, Any]]:
 
 def validate_row(pos: str, raw: Any, data: DataSection) -> dict[str, Any] | Rejected:
     """A problem record from one source row, or the reason it cannot be used."""
-    if isinstance(raw, storage.Unreadable):
+    if isinstance(raw, lines.Unreadable):
         return Rejected(pos, raw.reason, raw.raw)
     if not isinstance(raw, dict):
         return Rejected(pos, f"row is a {type(raw).__name__}, not an object", raw)

@@ -4,7 +4,7 @@ rank's, and an engine actor's (a console a person can read, the full logs in a f
 Ray streams every actor's stderr to the driver's console. An engine actor logs a great deal
 that matters only when something is wrong (vLLM's start-up report, CPU tuning advice, library
 deprecation warnings), so in an actor everything goes to a file in the Ray session's log folder
-(``<session>/logs/palign-<name>-<pid>.log``, the folder chosen by ``palign.runtime.worker``)
+(``<session>/logs/palign-<name>-<pid>.log``, the folder chosen by ``palign.runtime.environment``)
 and only palign's own lines, and errors from any
 library, reach the console.
 """

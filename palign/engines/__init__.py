@@ -1,10 +1,13 @@
-"""Inference engines: one interface (``Engine``), a vLLM and a transformers backend.
+"""Inference engines: what a backend provides (``Backend``) and what a stage may call
+(``Engine``); a vLLM and a transformers backend, and any other named by import path.
 
 The engines import the core, torch, transformers and vLLM; never Ray, the stages, the Ray
 layer or training (checked by ``lint-imports``).
 
 Backends are imported only when built: importing vLLM alone takes seconds and pulls in a
-large stack that stages without an engine do not need.
+large stack that stages without an engine do not need. ``engine.backend:
+"package.module:Class"`` builds ``Class(spec)``: a backend palign does not ship (the tests'
+faulty engine is one), checked to import before any work (``palign.preflight``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from palign.core.config import ConfigError
+from palign.core.plugins import is_import_path, load_object
 from palign.engines.base import (
+    Backend,
+    BackendBase,
     Chat,
     Completion,
     Engine,
@@ -27,6 +34,8 @@ BACKENDS = ("vllm", "transformers")
 
 __all__ = [
     "BACKENDS",
+    "Backend",
+    "BackendBase",
     "Chat",
     "Completion",
     "Engine",
@@ -34,6 +43,7 @@ __all__ = [
     "LabelScores",
     "Sampling",
     "available_backends",
+    "backend_class",
     "build_engine",
 ]
 
@@ -48,9 +58,26 @@ def available_backends() -> list[str]:
     return found
 
 
-def build_engine(spec: EngineSpec) -> Engine:
-    """Build the engine ``spec.backend`` names; ``"auto"`` picks vLLM where it is installed."""
+def backend_class(path: str, field: str = "engine.backend") -> type:
+    """The class ``engine.backend`` names by import path; ConfigError naming ``field`` when it
+    cannot be imported or is not a class."""
+    cls = load_object(path, field)
+    if not isinstance(cls, type):
+        raise ConfigError(f"{field}: {path!r} is not a class (a Backend taking an EngineSpec)")
+    return cls
+
+
+def build_engine(spec: EngineSpec) -> Backend:
+    """Build the backend ``spec.backend`` names; ``"auto"`` picks vLLM where it is installed,
+    and an import path builds that class from ``spec``."""
     backend = spec.backend
+    if is_import_path(backend):
+        engine = backend_class(backend)(spec)
+        if not isinstance(engine, Backend):
+            raise TypeError(f"engine.backend {backend!r} built a {type(engine).__name__}, "
+                            "which lacks calls of palign.engines.base.Backend (subclass "
+                            "BackendBase, or a backend of palign's)")
+        return engine
     if backend == "auto":
         # Installed means used: a vLLM that is installed but broken fails here, loudly, rather
         # than quietly becoming the slower backend.

@@ -1,16 +1,29 @@
-"""The one interface every inference backend implements.
+"""The two interfaces of inference: what a backend provides, and what a stage may call.
 
 A batch of chats (lists of ``{"role", "content"}`` messages) goes in; texts, or the scores of a
 fixed set of labels, come out. Rows that the engine cannot serve (a prompt over the context
 length, say) come back with ``error`` set instead of failing the whole batch.
+
+- :class:`Backend`: what an inference backend (vLLM, transformers, or a class named by import
+  path in ``engine.backend``) provides to the engine server that drives it
+  (``palign.engines.server``), including how it is driven (``drive``).
+  :class:`BackendBase` holds the defaults, so a backend driven in batches writes only
+  ``generate`` and ``score_labels``.
+- :class:`Engine`: what a stage may call on the engine it is handed (the actor's
+  ``GuardedEngine`` over an ``EngineServer``): batched calls, and one request awaited at a time.
+
+Each declares every call its user makes, so neither side probes the other for what it has.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
+from pydantic import Field
+
+from palign.core.config import EngineConfig
 from palign.core.prompts import Chat
 
 
@@ -45,7 +58,17 @@ class LabelScores:
     error: str | None = None
 
 
-class Engine(Protocol):
+# How the engine server drives a backend:
+# - "batch": whatever is queued when the backend is free, in one generate / score_labels call;
+# - "steps": open_request adds one request to the running engine and step_requests advances
+#   it, answering the requests it finished (vLLM's LLMEngine, in process);
+# - "coroutines": serve awaits one request on the server's event loop (vLLM's AsyncLLM).
+Drive = Literal["batch", "steps", "coroutines"]
+
+
+class Batched(Protocol):
+    """Batched calls, answered by a backend and by the engine a stage is handed alike."""
+
     name: str
 
     def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]: ...
@@ -55,28 +78,117 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True, kw_only=True)
-class EngineSpec:
-    """What an actor needs to build its engine. Every field is given: the defaults live in the
-    run config (``palign.core.config.EngineConfig``), and ``palign.runtime.worker.engine_spec``
-    makes a spec from it."""
+@runtime_checkable
+class Backend(Batched, Protocol):
+    """What an inference backend provides; ``drive`` says which of the request calls the
+    engine server uses (the others are never called)."""
 
-    model: str  # a local Hugging Face folder (short names are resolved before this point)
-    backend: str  # "auto" (vLLM where installed), "vllm" or "transformers"
-    dtype: str  # "auto": float32 on CPU, bfloat16 on GPU
-    max_model_len: int
-    tensor_parallel_size: int
-    gpu_memory_utilization: float
-    enable_prefix_caching: bool
-    enforce_eager: bool | None  # None: True on CPU (compiling takes minutes there)
-    cpu_kv_cache_gib: float
-    max_num_seqs: int
-    seed: int
-    executor_backend: str | None  # vLLM distributed_executor_backend (None: its default)
-    engine_kwargs: dict[str, Any]  # more vLLM engine arguments
-    vllm_driver: str  # "step" (LLMEngine, in process) or "async_llm" (AsyncLLM)
-    # extra variables for the model's chat template (models.chat_template_kwargs, student only)
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    drive: Drive
+
+    def count_tokens(self, chat: Chat) -> int:
+        """The prompt tokens ``chat`` takes, as the backend renders it; asked only when
+        ``kv_cache_tokens`` gives a size (to reserve a row's tokens against it)."""
+        ...
+
+    def kv_cache_tokens(self) -> int | None:
+        """Tokens the backend's KV cache holds; None: no cache to share out."""
+        ...
+
+    def open_request(self, kind: str, chat: Chat, arg: Any, index: int = 0
+                     ) -> tuple[Completion | LabelScores, str | None]:
+        """drive "steps": queue one request; its result and id (None: refused, answered)."""
+        ...
+
+    def step_requests(self) -> list[tuple[str, Completion | LabelScores]]:
+        """drive "steps": one engine step; the requests it finished, with their results."""
+        ...
+
+    async def serve(self, kind: str, chat: Chat, arg: Any, index: int = 0
+                    ) -> Completion | LabelScores:
+        """drive "coroutines": one request, awaited until it is done."""
+        ...
+
+
+class Engine(Batched, Protocol):
+    """What a stage may call on the engine it is handed. The awaited calls serve one request
+    each, so a row's search sends its next probe the moment the last one is answered."""
+
+    async def agenerate(self, chat: Chat, sampling: Sampling) -> Completion: ...
+
+    async def ascore_labels(self, chat: Chat, labels: list[str]) -> LabelScores: ...
+
+    async def admit(self, chat: Chat) -> int:
+        """Reserve ``chat``'s tokens (a row's longest prompt) in the KV cache; what to
+        ``release`` when the row is done (0: nothing reserved)."""
+        ...
+
+    def release(self, tokens: int) -> None: ...
+
+    def stats(self, window: bool = False) -> dict[str, int]:
+        """The engine's counters (requests in flight, prompt and cached tokens)."""
+        ...
+
+
+class BackendBase:
+    """A backend's defaults: driven in batches, no KV cache to share out, nothing to close.
+    A subclass writes ``name``, ``generate`` and ``score_labels``; one driven in steps or
+    coroutines sets ``drive`` and writes those calls too."""
+
+    name = "backend"
+    drive: Drive = "batch"
+
+    def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
+        raise NotImplementedError(f"the {self.name} backend does not generate")
+
+    def score_labels(self, chats: list[Chat], labels: list[str]) -> list[LabelScores]:
+        raise NotImplementedError(f"the {self.name} backend does not score labels")
+
+    def count_tokens(self, chat: Chat) -> int:
+        raise NotImplementedError(f"the {self.name} backend does not count prompt tokens "
+                                  "(it reports no KV cache, so none is reserved)")
+
+    def kv_cache_tokens(self) -> int | None:
+        return None
+
+    def open_request(self, kind: str, chat: Chat, arg: Any, index: int = 0
+                     ) -> tuple[Completion | LabelScores, str | None]:
+        raise NotImplementedError(self._not_driven("steps"))
+
+    def step_requests(self) -> list[tuple[str, Completion | LabelScores]]:
+        raise NotImplementedError(self._not_driven("steps"))
+
+    async def serve(self, kind: str, chat: Chat, arg: Any, index: int = 0
+                    ) -> Completion | LabelScores:
+        raise NotImplementedError(self._not_driven("coroutines"))
+
+    def close(self) -> None:
+        pass
+
+    def _not_driven(self, drive: str) -> str:
+        return f"the {self.name} backend is driven {self.drive!r}, not in {drive}"
+
+
+class EngineSpec(EngineConfig):
+    """What an actor needs to build its engine: the stage's ``engine`` section (every field
+    as the run config merged it, see ``EngineConfig``) plus what the run decides for it."""
+
+    model: str = Field(description="A local Hugging Face folder (short names are resolved "
+                                   "before this point).")
+    seed: int = Field(default=0, description="The engine's seed (run.seed).")
+    executor_backend: str | None = Field(
+        default=None, description="vLLM's distributed_executor_backend (None: its default); "
+                                  "the pool's plan says how a replica runs its ranks.")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra variables for the model's chat template "
+                                          "(models.chat_template_kwargs, student only).")
+
+    @classmethod
+    def of(cls, engine: EngineConfig, model: str, *, seed: int = 0,
+           executor_backend: str | None = None,
+           template_kwargs: Mapping[str, Any] | None = None) -> EngineSpec:
+        """``engine``'s fields as they are, plus the model and what the run decides."""
+        return cls(**dict(engine), model=model, seed=seed, executor_backend=executor_backend,
+                   chat_template_kwargs=dict(template_kwargs or {}))
 
 
 # Helpers both backends share, so that they feed the model identical token ids and reject the

@@ -3,7 +3,8 @@
 Checked before any work: each name must be one of vLLM's own ``EngineArgs`` fields (from the
 installed vLLM, so the check follows its version), and none may be one that palign sets from
 its own fields (``RESERVED`` names which field to use instead). Only the vLLM backend takes
-them: a stage whose engine is the transformers backend and has any fails.
+them: a stage whose engine is the transformers backend and has any fails; a backend named by
+import path gets them unchecked.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def vllm_engine_arg_names() -> frozenset[str] | None:
 
 
 def kwargs_problems(where: str, kwargs: dict[str, object], backend: str) -> list[str]:
-    """The problems of one stage's ``engine_kwargs`` (``where``: its dotted path)."""
-    if not kwargs:
+    """The problems of one stage's ``engine_kwargs`` (``where``: its dotted path). A backend
+    named by import path takes what it takes: its arguments are its own to check."""
+    if not kwargs or ":" in backend:
         return []
     names = vllm_engine_arg_names()
     if backend == "transformers" or (backend == "auto" and names is None):

@@ -11,10 +11,6 @@ GPU, a dead tensor-parallel rank, a deadlock in the backend) raises an EngineFai
 stage worker ends the actor as for any other machinery failure. A process that cannot run at all
 (SIGSTOPped, frozen) cannot time itself out: the stage's watchdog (``palign.runtime.watchdog``)
 kills it from outside.
-
-Test hook: when ``PALIGN_TEST_EXIT_ON_PROMPT`` is set in an engine's environment, a batch with a
-prompt containing that text makes the engine's process exit at once, as a crashing engine would.
-The fault tests use it to make a poison row; nothing else sets it.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, wait
@@ -33,15 +28,14 @@ from palign.engines.base import Chat, Completion, Engine, LabelScores, Sampling
 
 log = logging.getLogger(__name__)
 
-EXIT_ON_PROMPT_ENV = "PALIGN_TEST_EXIT_ON_PROMPT"
-EXIT_CODE = 86
 HEALTH_CHAT: Chat = [{"role": "user", "content": "Reply with the word OK."}]
 
 T = TypeVar("T")
 
 
 class GuardedEngine:
-    """Wraps an :class:`~palign.engines.base.Engine`; same interface, plus ``health_check``.
+    """Wraps an :class:`~palign.engines.base.Engine` (the actor's ``EngineServer``); same
+    interface, plus ``health_check``.
 
     ``timeout_s``: the most one call may take (None: no limit)."""
 
@@ -57,12 +51,10 @@ class GuardedEngine:
         return self._call(self.inner.score_labels, chats, labels)
 
     async def agenerate(self, chat: Chat, sampling: Sampling) -> Completion:
-        """One request, awaited (the inner engine must be an ``EngineServer``)."""
-        _exit_if_asked([chat])
+        """One request, awaited."""
         return await self._await(self.inner.agenerate(chat, sampling))
 
     async def ascore_labels(self, chat: Chat, labels: list[str]) -> LabelScores:
-        _exit_if_asked([chat])
         return await self._await(self.inner.ascore_labels(chat, labels))
 
     async def admit(self, chat: Chat) -> int:
@@ -74,14 +66,8 @@ class GuardedEngine:
     def release(self, tokens: int) -> None:
         self.inner.release(tokens)
 
-    @property
-    def concurrent(self) -> bool:
-        """True when requests may be awaited one by one (``agenerate``, ``ascore_labels``)."""
-        return callable(getattr(self.inner, "ascore_labels", None))
-
     def stats(self, window: bool = False) -> dict[str, int]:
-        stats = getattr(self.inner, "stats", None)
-        return stats(window) if callable(stats) else {}
+        return self.inner.stats(window)
 
     def health_check(self) -> None:
         """One token for a trivial prompt; raises EngineFailure if the engine cannot serve it."""
@@ -96,7 +82,6 @@ class GuardedEngine:
             log.warning("closing the %s engine raised", self.name, exc_info=True)
 
     def _call(self, fn: Callable[..., T], chats: list[Chat], arg: Any) -> T:
-        _exit_if_asked(chats)
         with self._engine_faults():
             if self.timeout_s is None:
                 return fn(chats, arg)
@@ -147,13 +132,3 @@ def _within(seconds: float, fn: Callable[..., T], chats: list[Chat], arg: Any,
         raise timed_out()
     return result.result()
 
-
-def _exit_if_asked(chats: list[Chat]) -> None:
-    marker = os.environ.get(EXIT_ON_PROMPT_ENV)
-    if not marker:
-        return
-    if any(marker in message.get("content", "") for chat in chats for message in chat):
-        log.error("test hook %s: a prompt holds %r; exiting the engine's process",
-                  EXIT_ON_PROMPT_ENV, marker)
-        logging.shutdown()
-        os._exit(EXIT_CODE)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from palign.engines.base import (
+    BackendBase,
     Chat,
     Completion,
     EngineSpec,
@@ -21,13 +22,15 @@ from palign.engines.base import (
     fit_prompts,
     label_first_tokens,
     new_token_budget,
+    prompt_token_ids,
 )
 from palign.engines.dtypes import torch_dtype
 
 logger = logging.getLogger(__name__)
 
-class TransformersEngine:
-    """An :class:`~palign.engines.base.Engine` on ``AutoModelForCausalLM``."""
+class TransformersEngine(BackendBase):
+    """A :class:`~palign.engines.base.Backend` on ``AutoModelForCausalLM``, driven in batches
+    (no paged KV cache to share out)."""
 
     name = "transformers"
 
@@ -147,6 +150,10 @@ class TransformersEngine:
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
     # -- shared -------------------------------------------------------------------------
+
+    def count_tokens(self, chat: Chat) -> int:
+        """The prompt tokens ``chat`` takes, rendered as ``generate`` renders it."""
+        return len(prompt_token_ids(self.tokenizer, chat, self.spec.chat_template_kwargs))
 
     def _chunks(self, rows: list[tuple[int, list[int]]]) -> list[list[tuple[int, list[int]]]]:
         # Similar lengths together waste less padding.

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from palign.core import storage
+from palign.core import storage, transfer
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def stage_model(uri: str, cache_dir: str | None = None) -> str:
     dest = root / "staged" / f"{storage.name(uri)}-{_version_key(uri)}"
 
     def download(staging: Path) -> None:
-        if storage.download_dir(uri, staging) == 0:
+        if transfer.download_dir(uri, staging) == 0:
             raise FileNotFoundError(f"{uri}: no model folder there (no files)")
 
     return _once_per_machine(dest, download, f"staged {uri}")

@@ -4,13 +4,15 @@ A stage actor runs several Ray Data batches at the same time (one thread each), 
 truncate stage runs one coroutine per row. They all share the actor's engine through an
 :class:`EngineServer`, which owns the engine and drives it from a single thread:
 
-- **Continuous backends** (vLLM): each request is added to the engine the moment it arrives, and
-  the thread steps the engine while anything is unfinished. A finished request is answered at
-  once, so a caller's next request (a row's next probe, the next batch's rows) joins the running
-  batch instead of waiting for the slowest request of a batch.
-- **Batch backends** (transformers): whatever is queued when the engine is free is run together,
-  greedy and label-score requests merged into one call per kind; a call with seeded sampling
-  runs alone, exactly as it was submitted, so its samples do not depend on what else was queued.
+- **Continuous backends** (vLLM; ``drive`` "steps" or "coroutines"): each request is added to
+  the engine the moment it arrives, and the thread steps the engine while anything is
+  unfinished. A finished request is answered at once, so a caller's next request (a row's next
+  probe, the next batch's rows) joins the running batch instead of waiting for the slowest
+  request of a batch.
+- **Batch backends** (transformers; ``drive`` "batch"): whatever is queued when the engine is
+  free is run together, greedy and label-score requests merged into one call per kind; a call
+  with seeded sampling runs alone, exactly as it was submitted, so its samples do not depend on
+  what else was queued.
 
 ``max_in_flight`` bounds the requests handed to the engine at once; more wait in the server's
 queue, in arrival order. A caller that will send a row's requests one after another (the
@@ -41,7 +43,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from palign.engines.base import Chat, Completion, LabelScores, Sampling
+from palign.engines.base import Backend, Chat, Completion, LabelScores, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +64,18 @@ class Request:
 
 
 class EngineServer:
-    """Serves an :class:`~palign.engines.base.Engine` to many threads and coroutines."""
+    """Serves a :class:`~palign.engines.base.Backend` to many threads and coroutines, as an
+    :class:`~palign.engines.base.Engine` (what a stage may call). ``engine.drive`` says
+    how: in steps, as coroutines, or in batches."""
 
-    def __init__(self, engine: Any, max_in_flight: int = 64) -> None:
+    def __init__(self, engine: Backend, max_in_flight: int = 64) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.inner = engine
         self.name = engine.name
         self.max_in_flight = max_in_flight
-        self.continuous = callable(getattr(engine, "open_request", None))
-        self.coroutines = callable(getattr(engine, "serve", None))  # vLLM's AsyncLLM
+        self.continuous = engine.drive == "steps"  # vLLM's LLMEngine
+        self.coroutines = engine.drive == "coroutines"  # vLLM's AsyncLLM
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._queue: collections.deque[Request] = collections.deque()
@@ -84,8 +88,7 @@ class EngineServer:
         self._prompt_tokens = 0  # over every answered request
         self._cached_tokens = 0
         self._dead: BaseException | None = None
-        kv = getattr(engine, "kv_cache_tokens", None)
-        kv_tokens = kv() if callable(kv) else None
+        kv_tokens = engine.kv_cache_tokens()
         self.kv_budget: int | None = int(kv_tokens * KV_SHARE) if kv_tokens else None
         self._reserved = 0
         self._peak_reserved = 0

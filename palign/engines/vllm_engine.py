@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from palign.engines.base import (
+    BackendBase,
     Chat,
     Completion,
     EngineSpec,
@@ -80,10 +81,12 @@ def prepare_cpu_environment(spec: EngineSpec) -> None:
         torch.set_num_threads(threads)
 
 
-class VLLMEngine:
-    """An :class:`~palign.engines.base.Engine` on ``vllm.LLM`` (offline, synchronous)."""
+class VLLMEngine(BackendBase):
+    """A :class:`~palign.engines.base.Backend` on ``vllm.LLM`` (offline, synchronous), driven
+    in steps: requests join the running batch as they arrive (``open_request``)."""
 
     name = "vllm"
+    drive = "steps"
 
     def __init__(self, spec: EngineSpec) -> None:
         started = time.monotonic()
@@ -301,6 +304,8 @@ class AsyncVLLMEngine(VLLMEngine):
     """The vLLM backend on ``AsyncLLM`` (``engine.vllm_driver: async_llm``): requests are
     coroutines (``serve``) on the engine server's event loop. vLLM always runs this engine's
     core in a child process; the default driver (``step``) runs it in process instead."""
+
+    drive = "coroutines"
 
     def _start(self, kwargs: dict[str, Any]) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs

@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from palign.core import storage
+from palign.core.digest import read_index
 from palign.core.failures import StageFailed
-from palign.core.shards import FILE, REJECTS, read_index
+from palign.core.layout import FILE, REJECTS
 
 SHOWN = 5  # ids named in a failure's message
 

@@ -5,7 +5,7 @@ and the output's indexes (the ids done), and makes one read item per input shard
 has rows to do, each with the ids to skip in it (usually none: only shards a killed run was
 halfway through have any). Ray Data tasks then read those shards where the data lives and hand
 ``{"id", "record"}`` rows (the record as JSON text) to the stage's actor pool; the workers write
-the results themselves (``palign.runtime.worker``), and only counts come back to the driver.
+the results themselves (``palign.runtime.commit``), and only counts come back to the driver.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from palign.core import storage
-from palign.core.shards import FILE, read_index, read_shard, shard_index
+from palign.core.digest import read_index
+from palign.core.layout import FILE
+from palign.core.lines import iter_lines
+from palign.core.shards import read_shard, shard_index
 
 READ_COLUMNS = ("id", "record")
 
@@ -76,7 +79,7 @@ def read_records(path: str, skip: Sequence[str] = (),
         return [], []
     skipped = set(skip)
     if path.endswith(".jsonl") and not extra:
-        lines = [ln for ln in storage.iter_lines(path) if ln.strip()]
+        lines = [ln for ln in iter_lines(path) if ln.strip()]
         if len(lines) == len(ids):  # as committed (else: a shard being rewritten, below)
             pairs = [(i, ln.decode("utf-8")) for i, ln in zip(ids, lines) if i not in skipped]
             return [p[0] for p in pairs], [p[1] for p in pairs]

@@ -8,9 +8,12 @@ import logging
 import time
 
 from palign.core import storage
-from palign.core.config import Config, EvalModel
+from palign.core.config import Config
+from palign.core.config.paths import absolute_paths
+from palign.core.digest import count_rows
 from palign.core.failures import StageFailed
-from palign.core.shards import count_rows, done_index, new_token, reject_reasons
+from palign.core.layout import new_token
+from palign.core.shards import done_index, reject_reasons
 from palign.runtime.accounting import account
 from palign.runtime.dataplane import Plan, plan
 from palign.runtime.fingerprints import check_and_record, evaluate_fingerprint, ingest_fingerprint
@@ -19,9 +22,9 @@ from palign.runtime.runner import (
     ingest_once,
     prepare_output,
     stream,
-    with_absolute_paths,
 )
 from palign.runtime.summary import StageSummary, engine_stats
+from palign.stages.evaluate import EvalModel
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +52,13 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
     from palign.core.report import write_results
 
     start = time.time()
-    cfg = with_absolute_paths(cfg)
+    cfg = absolute_paths(cfg)  # the benchmarks' paths too, as their ingest records them
     root = cfg.stage_dir("evaluate")
     summary = StageSummary("evaluate", output_dir=root)
     benchmarks, inputs = {}, {}
     for b in cfg.evaluate.benchmarks:
         folder = storage.join(root, "_ingest", b.name)
-        data = b.as_data(storage.absolute(b.path))
+        data = b.as_data(b.path)
         ingest_once(cfg, folder, data, restart="evaluate")
         benchmarks[b.name], inputs[b.name] = folder, ingest_fingerprint(data)
     paths = {m.label: eval_model_path(cfg, m) for m in cfg.evaluate.models}  # fail early

@@ -3,8 +3,9 @@ check that runs before any work, and ``--restart``.
 
 The chain: ingest's fingerprint is the data section and the source files' names and sizes;
 each row stage's is its section, the model its engine serves (when it needs one), its prompt
-texts, the seed, and the digest of its input's (the closest earlier stage the config lists, or
-the ingest; a stage whose input this run does not make takes the input's recorded one).
+texts (``Stage.prompts``), the seed, and the digest of its input's (the closest earlier stage
+the config lists, or the ingest; a stage whose input this run does not make takes the input's
+recorded one).
 Evaluate's is per (model, benchmark) folder: its section without the lists, the model under
 test's identity and the benchmark's ingest. Train records its own (``palign.train``).
 """
@@ -15,35 +16,16 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from palign.core import fingerprint, storage
-from palign.core.config import STAGES, Config, DataSection
-from palign.core.prompts import (
-    align_chat,
-    judge_chat,
-    student_question,
-    teacher_chat,
-    training_target,
-)
-from palign.core.shards import REJECTS, count_rows
-from palign.core.verdict import LABELS
-from palign.stages.registry import REGISTRY
+from palign.core import fingerprint, storage, transfer
+from palign.core.config import Config, DataSection, stage_names, stages_before
+from palign.core.digest import count_rows
+from palign.core.layout import REJECTS
+from palign.stages import registry
 
 log = logging.getLogger(__name__)
 
 ASIDE = "_aside"  # <output_dir>/_aside/<time>/<stage>: what --restart moved aside
 INGEST = "ingest"
-
-
-def _prompts(stage: str) -> dict[str, Any]:
-    """The prompt texts a stage sends, with placeholders where a row's text goes."""
-    q, p = "{question}", "{prefix}"
-    return {
-        "generate": lambda: {"teacher": teacher_chat(q)},
-        "truncate": lambda: {"judge": judge_chat(q, p), "labels": list(LABELS)},
-        "align": lambda: {"align": align_chat(q, p),
-                          "target": training_target(p, "{continuation}")},
-        "evaluate": lambda: {"question": student_question(q)},
-    }[stage]()
 
 
 def model_identity(cfg: Config, model: str | None) -> dict[str, Any] | None:
@@ -71,10 +53,10 @@ def ingest_fingerprint(data: DataSection) -> dict[str, Any]:
 
 
 def stage_fingerprint(cfg: Config, stage: str, input_fp: dict[str, Any]) -> dict[str, Any]:
-    definition = REGISTRY[stage]
+    definition = registry.get(stage)
     model = definition.model(cfg) if definition.needs_engine(cfg) else None
     return {stage: fingerprint.section_fields(definition.section(cfg)), "seed": cfg.run.seed,
-            "model": model_identity(cfg, model), "prompts": _prompts(stage),
+            "model": model_identity(cfg, model), "prompts": definition.prompts(),
             "input": fingerprint.digest(input_fp)}
 
 
@@ -83,7 +65,8 @@ def evaluate_fingerprint(cfg: Config, model_path: str, benchmark_fp: dict[str, A
     section = fingerprint.section_fields(cfg.evaluate)
     section = {k: v for k, v in section.items() if k not in ("models", "benchmarks")}
     return {"evaluate": section, "seed": cfg.run.seed,
-            "model": model_identity(cfg, model_path), "prompts": _prompts("evaluate"),
+            "model": model_identity(cfg, model_path),
+            "prompts": registry.get("evaluate").prompts(),
             "input": fingerprint.digest(benchmark_fp)}
 
 
@@ -95,9 +78,9 @@ def row_stage_fingerprints(cfg: Config, stages: list[str]) -> dict[str, dict[str
     """The fingerprints the row stages of this run (and the ingest, when the first of them
     reads it) will write under: name -> fingerprint."""
     out: dict[str, dict[str, Any]] = {}
-    row_stages = [s for s in stages if s in REGISTRY and s != "evaluate"]
+    row_stages = [s for s in stages if registry.get(s).driver == "rows"]
     for stage in row_stages:
-        earlier = [s for s in cfg.run.stages if STAGES.index(s) < STAGES.index(stage)]
+        earlier = stages_before(cfg.run.stages, stage)
         if not earlier:
             out.setdefault(INGEST, ingest_fingerprint(cfg.data))
             upstream = out[INGEST]
@@ -134,7 +117,8 @@ def restart(cfg: Config, stage: str, train_checkpoints: str | None = None) -> st
     aside, under ``<output_dir>/_aside/<UTC time>/``, with the train checkpoints when train is
     among them and ``train_checkpoints`` is outside its folder (``train.storage_path``); returns
     that folder (None: nothing to move). Under the run's lock: nothing else writes them."""
-    later = STAGES if stage == INGEST else STAGES[STAGES.index(stage):]
+    order = stage_names()
+    later = order if stage == INGEST else order[order.index(stage):]
     names = ([INGEST] if stage == INGEST else []) + list(later)
     folders = {n: cfg.stage_dir(n) for n in names}
     if "train" in later and train_checkpoints and not storage.absolute(
@@ -146,7 +130,7 @@ def restart(cfg: Config, stage: str, train_checkpoints: str | None = None) -> st
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     aside = storage.join(cfg.run.output_dir, ASIDE, stamp)
     for name, folder in moving.items():
-        storage.move_dir(folder, storage.join(aside, name))
+        transfer.move_dir(folder, storage.join(aside, name))
         log.warning("--restart %s: moved %s aside to %s", stage, folder,
                     storage.join(aside, name))
     return aside

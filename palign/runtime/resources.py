@@ -36,8 +36,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from palign.core.config import Config, ConfigError, EngineConfig, TrainSection, format_problems
-from palign.stages.registry import REGISTRY
+from palign.core.config import Config, ConfigError, EngineConfig, format_problems
+from palign.stages import registry
+from palign.stages.train import TrainSection
 
 TP_STRATEGY = "STRICT_PACK"  # every tensor-parallel rank of a replica on one node
 TP_EXECUTOR_BACKEND = "ray"  # vLLM's executor for tp > 1: ranks as Ray actors in our bundles
@@ -206,7 +207,7 @@ def train_request(train: TrainSection) -> TrainRequest:
 
 
 def _definition_needs_engine(cfg: Config, stage: str) -> bool:
-    return stage in REGISTRY and REGISTRY[stage].needs_engine(cfg)
+    return registry.get(stage).needs_engine(cfg)
 
 
 def engine_stages(cfg: Config,

@@ -26,22 +26,15 @@ import time
 from typing import Any
 
 from palign.core import fingerprint, storage
-from palign.core.config import STAGES, Config, DataSection
+from palign.core.config import Config, DataSection, stages_before
+from palign.core.config.paths import absolute_paths
+from palign.core.digest import count_rows, write_digest, write_digests
 from palign.core.failures import StageFailed
+from palign.core.fence import write_epoch
 from palign.core.ingest import source_pieces
+from palign.core.layout import DONE_MARKER, REJECTS, new_token
 from palign.core.logs import ProgressLine
-from palign.core.shards import (
-    DONE_MARKER,
-    REJECTS,
-    clean_uncommitted,
-    count_rows,
-    done_index,
-    new_token,
-    release_rejects,
-    write_digest,
-    write_digests,
-    write_epoch,
-)
+from palign.core.shards import clean_uncommitted, done_index, release_rejects
 from palign.runtime import signals
 from palign.runtime.accounting import account
 from palign.runtime.dataplane import Plan, dataset, plan
@@ -50,6 +43,7 @@ from palign.runtime.fingerprints import check_and_record, ingest_fingerprint, ro
 from palign.runtime.placement import batches_per_replica, engine_pool_kwargs
 from palign.runtime.resources import engine_request
 from palign.runtime.source import finish_ingest, ingest_block
+from palign.runtime.spec import WorkerSpec
 from palign.runtime.summary import (
     StageSummary,
     engine_stats,
@@ -97,14 +91,6 @@ def init_ray(cfg: Config) -> None:
     # Off a terminal (a log file, `ray job logs`) Ray Data would log a progress block every
     # 10 s; the driver's progress line (``ProgressLine``) says the same in one line.
     ctx.enable_progress_bars = cfg.ray.progress_bars and sys.stdout.isatty()
-
-
-def with_absolute_paths(cfg: Config) -> Config:
-    """The config as workers must see it: local paths made absolute (a worker's current folder
-    is not the driver's); URIs as they are."""
-    run = cfg.run.model_copy(update={"output_dir": storage.absolute(cfg.run.output_dir)})
-    data = cfg.data.model_copy(update={"path": storage.absolute(cfg.data.path)})
-    return cfg.model_copy(update={"run": run, "data": data})
 
 
 def ingest(cfg: Config) -> str:
@@ -169,7 +155,7 @@ def ingest_once(cfg: Config, folder: str, data: DataSection, restart: str = "ing
 
 def stage_input(cfg: Config, stage: str) -> str:
     """The folder a stage reads: the closest earlier listed stage's output, or the ingest."""
-    earlier = [s for s in cfg.run.stages if STAGES.index(s) < STAGES.index(stage)]
+    earlier = stages_before(cfg.run.stages, stage)
     if not earlier:
         return ingest(cfg)
     prev = earlier[-1]
@@ -196,7 +182,7 @@ def prepare_output(folder: str, retry: str, token: str) -> None:
 def run_stage(cfg: Config, stage: str) -> StageSummary:
     """Run one stage to completion (resuming where an earlier run stopped)."""
     start = time.time()
-    cfg = with_absolute_paths(cfg)
+    cfg = absolute_paths(cfg)  # as the actors must see it (the fingerprints record it so)
     source = stage_input(cfg, stage)
     out_dir = cfg.stage_dir(stage)
     token = new_token()  # this stage run's: its shards' names and the folder's fence
@@ -252,8 +238,9 @@ def stream(cfg: Config, stage: str, work: Plan, model: str | None,
                 Watchdog(stage, ledger, engine.request_timeout_s):
             ds = dataset(work.items).map_batches(
                 StageWorker,
-                fn_constructor_kwargs={"cfg_raw": cfg.model_dump(mode="json"), "stage": stage,
-                                       "model": model, "ledger": ledger, "token": token},
+                # each actor gets its stage's section and what else it reads, not the config
+                fn_constructor_kwargs={"spec": WorkerSpec.of(cfg, stage, model, token),
+                                       "ledger": ledger},
                 batch_size=engine.batch_size,
                 # A replica that dies (a machinery failure, an OOM kill, a lost node) is
                 # restarted and the batch it held is retried, so no row is lost: Ray Data gives

@@ -22,18 +22,10 @@ import pyarrow.compute as pc
 
 from palign.core import storage
 from palign.core.config import DataSection
+from palign.core.digest import read_index
 from palign.core.ingest import Rejected, SourceFile, read_file, source_pieces, validate_row
-from palign.core.shards import (
-    DONE_MARKER,
-    FILE,
-    REJECTS,
-    read_committed,
-    read_index,
-    reject_columns,
-    reject_row,
-    shard_index,
-    write_shard,
-)
+from palign.core.layout import DONE_MARKER, FILE, REJECTS
+from palign.core.shards import read_committed, reject_columns, reject_row, shard_index, write_shard
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,11 @@ from typing import Any
 
 from palign.core import storage
 from palign.core.config import Config
+from palign.core.digest import count_rows, read_index
 from palign.core.failures import StageFailed, describe, reject_share_error
-from palign.core.shards import DONE_MARKER, REJECTS, count_rows, read_index, reject_reasons
-from palign.stages.registry import REGISTRY
+from palign.core.layout import DONE_MARKER, REJECTS
+from palign.core.shards import reject_reasons
+from palign.stages import registry
 
 
 @dataclass
@@ -52,7 +54,7 @@ def engine_stats(engine: dict[str, int]) -> dict[str, float]:
 
 def fill_totals(summary: StageSummary, out_dir: str) -> None:
     """Counts, reject reasons and statistics from the indexes (no row is read)."""
-    definition = REGISTRY[summary.stage]
+    definition = registry.get(summary.stage)
     index = read_index(out_dir, definition.index_columns)
     summary.rows_out = index.num_rows
     summary.reasons = reject_reasons(out_dir)

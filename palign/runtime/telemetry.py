@@ -19,6 +19,8 @@ What to call, and where (``stage`` is the stage name; it becomes the ``stage`` l
 - ``train_step(loss, tokens_per_s)``               train, rank 0, per reported step
 - ``stage_batch(stage, rows_in, rows_out, rejected, seconds, tokens, probes, ratios)``  all of
   the above that apply, for one actor batch
+- ``EngineReport(stage, engine)()``                an actor's engine after a batch: records
+  ``engine_requests`` and returns the tallies the driver adds to the stage's summary
 
 Exported names, measured with Ray 2.60 (its default OpenTelemetry exporter; see
 ``tests/test_telemetry.py``): Ray prefixes ``ray_``, counters get ``_total`` and histograms
@@ -257,7 +259,7 @@ def stage_batch(m: _Metrics, stage: str, rows_in: int, rows_out: int, rejected: 
     """Everything one actor batch says: rows in, out and rejected, the engine tokens its
     finished records account for (in ``seconds``), and any judge probes and prefix ratios.
     What a stage's records hold is its own definition's business
-    (``palign.stages.definition.Stage.metrics``)."""
+    (``palign.stages.base.Stage.metrics``)."""
     rows(stage, rows_in=rows_in, rows_out=rows_out, rejected=rejected)
     if probes:
         judge_probes(stage, probes)
@@ -269,3 +271,31 @@ def stage_batch(m: _Metrics, stage: str, rows_in: int, rows_out: int, rejected: 
     prefill = list(prefill)
     if prefill:
         prefill_ratios(stage, prefill)
+
+
+class EngineReport:
+    """An actor's engine after each batch: its prompt and cached tokens since the last report
+    (batches in flight share one engine: each token is reported once) and its requests in
+    flight (the most since the last report, and the most ever); recorded as metrics and
+    returned to the driver for the stage's summary. ``engine`` None: an actor without one
+    reports zeros."""
+
+    def __init__(self, stage: str, engine: Any) -> None:
+        self.stage = stage
+        self.engine = engine
+        self._reported = {"prompt_tokens": 0, "cached_tokens": 0}
+        self._lock = threading.Lock()
+
+    def __call__(self) -> dict[str, list[int]]:
+        with self._lock:
+            stats = self.engine.stats(window=True) if self.engine is not None else {}
+            delta = {k: stats.get(k, 0) - self._reported[k] for k in self._reported}
+            self._reported = {k: stats.get(k, 0) for k in self._reported}
+        # The gauge shows the most requests in flight since the last report (a batch's end
+        # alone would often catch a quiet moment).
+        engine_requests(self.stage, in_flight=stats.get("window_peak", 0),
+                        prompt_tokens=delta["prompt_tokens"],
+                        cached_tokens=delta["cached_tokens"])
+        return {"prompt_tokens": [delta["prompt_tokens"]],
+                "cached_tokens": [delta["cached_tokens"]],
+                "peak_in_flight": [stats.get("peak_in_flight", 0)]}

@@ -1,7 +1,8 @@
-"""The stages as Ray-free batch functions: generate, truncate, align, evaluate.
+"""The stages: generate, truncate, align, train, evaluate; one class per module.
 
-Each module applies the core to one batch with an engine and ends with its ``Stage`` definition
-(``definition``: config section, model, whether it needs an engine or a grader, its metrics and
-summary), listed by name in ``registry``. They import the core and the engine interface
-(``palign.engines.base``) only: no Ray (the Ray layer, ``palign.runtime``, runs them), no
-training."""
+Each is a ``palign.stages.base.Stage``: its config section, the model it serves, what it needs
+(an engine, a grader), how it processes a batch of rows, its metrics, the columns its index
+keeps and its summary. The list of stages, in order, is ``palign.core.config.stages``;
+``registry.get(name)`` builds one. They import the core and the engine interface
+(``palign.engines.base``) only: no Ray (the Ray layer, ``palign.runtime``, runs them, and
+``palign.train`` runs train), no training."""

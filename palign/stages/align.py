@@ -17,15 +17,48 @@ dropped, and the share kept.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
-from palign.core.config import AlignSection
+from pydantic import Field
+
+from palign.core.config import Config, EngineStageSection, SamplingConfig
 from palign.core.grading import STATUS_UNCHECKED, Grade, Grader
 from palign.core.prompts import align_chat, training_target
 from palign.engines.base import Completion, Engine
-from palign.stages.definition import Stage, field_tokens
+from palign.stages.base import BatchMetrics, Context, Outcome, Row, Stage, field_tokens, rejected
 from palign.stages.generate import sampling_for
-from palign.stages.outcome import Outcome, rejected
+
+
+class AlignSection(EngineStageSection):
+    sampling: SamplingConfig = Field(
+        default=SamplingConfig(),
+        description="How the student continues from the prefix (the paper's 0.6 / 0.9 / 1.05).")
+    target: Literal["draft", "teacher"] = Field(
+        default="draft",
+        description="What the student trains on: draft, <Begin_of_Draft>{prefix}<End_of_Draft> "
+                    "then its own continuation (P-ALIGN; the student continues here); teacher, "
+                    "the teacher's own text, the CoT then its attempt (data.fields.attempt), no "
+                    "markers, no continuation (the paper's plain-SFT baseline; no engine runs).")
+    policy: Literal["keep_all", "drop_wrong"] = Field(
+        default="keep_all",
+        description="keep_all keeps every row; drop_wrong drops rows whose graded answer is "
+                    "wrong.")
+    grade_timeout_s: float = Field(
+        default=5.0, gt=0, description="Seconds per answer check; past it the answer is wrong.")
+    extract: Literal["strict", "flexible"] = Field(
+        default="strict",
+        description="How the target's answer is found: strict, its last \\boxed{}; flexible, "
+                    "math-verify's own extraction over the text (also unboxed numbers).")
+    gold: Literal["answer", "solution"] = Field(
+        default="answer",
+        description="What the data's answer column holds: answer, the final answer; solution, "
+                    "a worked solution (s1K-1.1's), whose final answer is its last \\boxed{}, "
+                    "else what math-verify extracts after an answer phrase (\"the answer is "
+                    "...\"), else none (a proof).")
+    uncheckable: Literal["keep", "reject"] = Field(
+        default="keep",
+        description="A row whose gold answer cannot be found (gold: solution): keep it, "
+                    "trained on unchecked, or reject it (kind row). The summary counts them.")
 
 
 def align_rows(
@@ -137,16 +170,38 @@ def reject_stats(reasons: Sequence[str], kept: int) -> dict[str, float]:
             "retention": kept / total if total else 0.0}
 
 
-ALIGN = Stage(
-    name="align",
-    model=lambda cfg: cfg.models.student,
-    needs_engine=lambda cfg: cfg.align.target == "draft",
-    grades=True,
-    process=lambda rows, engine, grader, section: align_rows(rows, engine, grader, section),
-    metrics=field_tokens("continuation_tokens"),
-    index=lambda r: {"grade": grade_of(r),
-                     "continuation_tokens": int(r.get("continuation_tokens") or 0)},
-    index_columns=("grade", "continuation_tokens"),
-    stats=summary_stats,
-    reject_stats=reject_stats,
-)
+class Align(Stage):
+    name = "align"
+    description = "The student continues from the prefix; its answer is graded."
+    Section = AlignSection
+    grades = True
+    index_columns = ("grade", "continuation_tokens")
+
+    def model(self, cfg: Config) -> str | None:
+        return cfg.models.student
+
+    def needs_engine(self, cfg: Config) -> bool:
+        return cfg.align.target == "draft"
+
+    def models_used(self, cfg: Config) -> list[tuple[str, str]]:
+        return [("models.student", cfg.models.student)]
+
+    def prompts(self) -> dict[str, Any]:
+        return {"align": align_chat("{question}", "{prefix}"),
+                "target": training_target("{prefix}", "{continuation}")}
+
+    def process(self, rows: list[Row], ctx: Context) -> list[Outcome]:
+        return align_rows(rows, ctx.engine, ctx.grader, ctx.section)
+
+    def metrics(self, records: Sequence[Row]) -> BatchMetrics:
+        return field_tokens(records, "continuation_tokens")
+
+    def index(self, record: Row) -> dict[str, Any]:
+        return {"grade": grade_of(record),
+                "continuation_tokens": int(record.get("continuation_tokens") or 0)}
+
+    def stats(self, columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+        return summary_stats(columns)
+
+    def reject_stats(self, reasons: Sequence[str], kept: int) -> dict[str, float]:
+        return reject_stats(reasons, kept)

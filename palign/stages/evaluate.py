@@ -14,13 +14,72 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from palign.core.config import EvaluateSection
+from pydantic import Field, model_validator
+
+from palign.core.config import (
+    NAME_PATTERN,
+    Config,
+    DataSection,
+    EngineStageSection,
+    FieldNames,
+    ProblemColumns,
+    ProblemSource,
+    SamplingConfig,
+    Strict,
+)
 from palign.core.grading import Grader
 from palign.core.prompts import student_question
 from palign.engines.base import Engine
-from palign.stages.definition import BatchMetrics, Row, Stage
+from palign.stages.base import BatchMetrics, Context, Outcome, Row, Stage, rejected
 from palign.stages.generate import sampling_for
-from palign.stages.outcome import Outcome, rejected
+
+
+class Benchmark(ProblemSource):
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        description="The benchmark's name; results go to evaluate/<model>/<name>/.")
+    fields: ProblemColumns = Field(
+        default=ProblemColumns(), description="Names of the benchmark's columns.")
+
+    def as_data(self, path: str) -> DataSection:
+        """The benchmark read as ingest reads the training data (no CoT column), from
+        ``path`` (the benchmark's path as the workers see it)."""
+        return DataSection(path=path, format=self.format, split=self.split, limit=self.limit,
+                           fields=FieldNames(**self.fields.model_dump(), cot=None))
+
+
+class EvalModel(Strict):
+    label: str = Field(
+        pattern=NAME_PATTERN, description="The model's row name in the results table.")
+    model: str = Field(
+        default="trained",
+        description="trained: this run's train export (<output_dir>/train/model; a LoRA "
+                    "run's merged model); adapter: a LoRA run's adapter "
+                    "(<output_dir>/train/adapter, merged into its base once per machine); "
+                    "student: models.student as given; anything else: a short name, a model "
+                    "or LoRA adapter folder (local or on object storage) or a hub id.")
+
+
+class EvaluateSection(EngineStageSection):
+    benchmarks: list[Benchmark] = Field(
+        default_factory=list, description="The benchmarks to evaluate on; names are unique.")
+    models: list[EvalModel] = Field(
+        default_factory=lambda: [EvalModel(label="trained")], min_length=1,
+        description="The models under test, one results row each; labels are unique.")
+    n: int = Field(default=3, ge=1, description="Samples per problem (the paper: 3).")
+    sampling: SamplingConfig = Field(
+        default=SamplingConfig(max_tokens=None, repetition_penalty=1.0),
+        description="How the models under test sample their answers.")
+    grade_timeout_s: float = Field(
+        default=5.0, gt=0, description="Seconds per answer check; past it the answer is wrong.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> EvaluateSection:
+        for what, names in (("benchmarks", [b.name for b in self.benchmarks]),
+                            ("models", [m.label for m in self.models])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"evaluate.{what}: names must be unique, got {names}")
+        return self
 
 
 def evaluate_rows(
@@ -68,14 +127,39 @@ def batch_metrics(records: Sequence[Row]) -> BatchMetrics:
         if isinstance(s, dict)))
 
 
-# Its engine serves each model under test in turn (the runner names it per run); the results
-# tables are its summary (palign.core.report).
-EVALUATE = Stage(
-    name="evaluate",
-    model=lambda cfg: None,
-    needs_engine=lambda cfg: True,
-    grades=True,
-    process=lambda rows, engine, grader, section: evaluate_rows(rows, engine, grader, section),
-    metrics=batch_metrics,
-    subfolder=lambda row: f"{row['model']}/{row['benchmark']}",
-)
+class Evaluate(Stage):
+    """Its engine serves each model under test in turn (the runner names it per run, so
+    ``model`` is None); the results tables are its summary (palign.core.report)."""
+
+    name = "evaluate"
+    description = ("Sampled answers of each model under test to each benchmark problem, "
+                   "graded.")
+    Section = EvaluateSection
+    driver = "evaluate"
+    grades = True
+
+    def models_used(self, cfg: Config) -> list[tuple[str, str]]:
+        out = []
+        for i, m in enumerate(cfg.evaluate.models):
+            if m.model == "student":
+                out.append(("models.student", cfg.models.student))
+            elif m.model not in ("trained", "adapter"):  # the train stage makes those
+                out.append((f"evaluate.models.{i}.model", m.model))
+        return out
+
+    def check(self, cfg: Config) -> list[str]:
+        if not cfg.evaluate.benchmarks:
+            return ["evaluate.benchmarks: list at least one benchmark to evaluate on"]
+        return []
+
+    def prompts(self) -> dict[str, Any]:
+        return {"question": student_question("{question}")}
+
+    def process(self, rows: list[Row], ctx: Context) -> list[Outcome]:
+        return evaluate_rows(rows, ctx.engine, ctx.grader, ctx.section)
+
+    def metrics(self, records: Sequence[Row]) -> BatchMetrics:
+        return batch_metrics(records)
+
+    def subfolder(self, row: Row) -> str:
+        return f"{row['model']}/{row['benchmark']}"

@@ -8,11 +8,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from palign.core.config import GenerateSection
+from pydantic import Field
+
+from palign.core.config import Config, EngineStageSection, SamplingConfig
 from palign.core.prompts import teacher_chat
 from palign.engines.base import Engine, Sampling
-from palign.stages.definition import Stage, field_tokens
-from palign.stages.outcome import Outcome, rejected
+from palign.stages.base import BatchMetrics, Context, Outcome, Row, Stage, field_tokens, rejected
+
+
+class GenerateSection(EngineStageSection):
+    sampling: SamplingConfig = Field(
+        default=SamplingConfig(repetition_penalty=1.0),
+        description="How the teacher samples the CoTs it writes.")
+    min_cot_chars: int = Field(
+        default=1, ge=1,
+        description="Teacher outputs shorter than this many characters are rejected.")
 
 
 def sampling_for(section: Any) -> Sampling:
@@ -63,17 +73,44 @@ def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
     return {"teacher_written": sum(s == "teacher" for s in sources)} if len(sources) else {}
 
 
-GENERATE = Stage(
-    name="generate",
-    model=lambda cfg: cfg.models.teacher,
-    needs_engine=lambda cfg: cfg.models.teacher is not None,
-    process=lambda rows, engine, grader, section: generate_rows(
-        rows, (lambda: engine) if engine is not None else None, section),
+class Generate(Stage):
+    name = "generate"
+    description = "The teacher writes a CoT for every row without one."
+    Section = GenerateSection
     # Rows that came with a CoT pass through; the teacher is started only for the others.
-    engine_for=lambda columns: not all(columns.get("has_cot") or [False]),
-    input_columns=("has_cot",),
-    metrics=field_tokens("teacher_tokens"),
-    index=lambda r: {"cot_source": r.get("cot_source")},
-    index_columns=("cot_source",),
-    stats=summary_stats,
-)
+    input_columns = ("has_cot",)
+    index_columns = ("cot_source",)
+
+    def model(self, cfg: Config) -> str | None:
+        return cfg.models.teacher
+
+    def needs_engine(self, cfg: Config) -> bool:
+        return cfg.models.teacher is not None
+
+    def engine_for(self, columns: Mapping[str, Sequence[Any]]) -> bool:
+        return not all(columns.get("has_cot") or [False])
+
+    def models_used(self, cfg: Config) -> list[tuple[str, str]]:
+        return [("models.teacher", cfg.models.teacher)] if cfg.models.teacher else []
+
+    def check(self, cfg: Config) -> list[str]:
+        if cfg.data.fields.cot is None and not cfg.models.teacher:
+            return ["models.teacher: required when the data has no CoT field"]
+        return []
+
+    def prompts(self) -> dict[str, Any]:
+        return {"teacher": teacher_chat("{question}")}
+
+    def process(self, rows: list[Row], ctx: Context) -> list[Outcome]:
+        engine = ctx.engine
+        return generate_rows(rows, (lambda: engine) if engine is not None else None,
+                             ctx.section)
+
+    def metrics(self, records: Sequence[Row]) -> BatchMetrics:
+        return field_tokens(records, "teacher_tokens")
+
+    def index(self, record: Row) -> dict[str, Any]:
+        return {"cot_source": record.get("cot_source")}
+
+    def stats(self, columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+        return summary_stats(columns)

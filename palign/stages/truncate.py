@@ -10,7 +10,10 @@ Two ways to drive the searches of a batch (``truncate.search``):
 - ``lockstep``: all searches of a batch advance in rounds; each round gathers every pending
   probe and judges them in ONE engine call (engine calls per batch = the longest search's probe
   count). Every round revisits every row, so with a KV cache smaller than the batch's CoTs the
-  cache has evicted a row's prefix by its next probe. Kept for comparison (the benchmarks).
+  cache has evicted a row's prefix by its next probe. It stays, opt-in only, for two users:
+  ``benchmarks/judge_throughput.py --cache`` measures that eviction against ``per_row``, and the
+  tests use it as the per-row search's oracle. It calls only ``generate`` / ``score_labels``,
+  so it also runs on a bare backend, with no engine server.
 
 Both take the same probes in the same order per row (the search state machine is the same), so
 with a deterministic engine they choose the same prefixes.
@@ -27,9 +30,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
-from palign.core.config import TruncateSection
+from pydantic import Field
+
+from palign.core.config import Config, EngineStageSection
 from palign.core.prompts import judge_chat
 from palign.core.search import PrefixSearch, make_search
 from palign.core.segment import prefix, sentence_ends
@@ -40,9 +45,32 @@ from palign.core.verdict import (
     parse_verdict,
     verdict_from_score,
 )
-from palign.engines.base import Completion, Engine, LabelScores, Sampling
-from palign.stages.definition import BatchMetrics, Row, Stage
-from palign.stages.outcome import Outcome, rejected
+from palign.engines.base import Batched, Completion, Engine, LabelScores, Sampling
+from palign.stages.base import BatchMetrics, Context, Outcome, Row, Stage, rejected
+
+
+class TruncateSection(EngineStageSection):
+    strategy: Literal["binary", "full", "fixed_ratio"] = Field(
+        default="binary",
+        description="binary: search for the shortest prefix the judge calls enough; full: "
+                    "keep the whole CoT; fixed_ratio: keep a fixed share of the sentences.")
+    ratio: float = Field(
+        default=0.25, gt=0, le=1,
+        description="fixed_ratio: the share of the CoT's sentences kept.")
+    verdict: Literal["generate", "score"] = Field(
+        default="score",
+        description="How the judge answers: score compares the two labels' probabilities; "
+                    "generate parses a short greedy reply.")
+    threshold: float = Field(
+        default=0.5, gt=0, lt=1,
+        description="score: the probability of ENOUGH needed to call a prefix enough.")
+    judge_max_tokens: int = Field(
+        default=16, ge=1, description="generate: tokens the judge may write per verdict.")
+    search: Literal["per_row", "lockstep"] = Field(
+        default="per_row",
+        description="per_row: each row's search runs on its own, probe after probe (keeps "
+                    "its prefix cached); lockstep: a batch's searches advance in rounds, one "
+                    "engine call per round.")
 
 
 class _InFlight:
@@ -90,7 +118,7 @@ def _judge_sampling(cfg: TruncateSection) -> Sampling:
     return Sampling(max_tokens=cfg.judge_max_tokens, temperature=0.0)
 
 
-def judge_round(engine: Engine, chats: list[list[dict[str, str]]],
+def judge_round(engine: Batched, chats: list[list[dict[str, str]]],
                 cfg: TruncateSection) -> list[Judged]:
     """One batched engine call: (verdict, score, prompt tokens, cached tokens, error) each."""
     if cfg.verdict == "score":
@@ -98,14 +126,14 @@ def judge_round(engine: Engine, chats: list[list[dict[str, str]]],
     return [_from_text(c) for c in engine.generate(chats, _judge_sampling(cfg))]
 
 
-async def judge_one(engine: Any, chat: list[dict[str, str]], cfg: TruncateSection) -> Judged:
+async def judge_one(engine: Engine, chat: list[dict[str, str]], cfg: TruncateSection) -> Judged:
     """One probe, awaited: the engine answers it as soon as it is done."""
     if cfg.verdict == "score":
         return _from_scores(await engine.ascore_labels(chat, list(LABELS)), cfg)
     return _from_text(await engine.agenerate(chat, _judge_sampling(cfg)))
 
 
-async def _search_row(engine: Any, f: _InFlight, cfg: TruncateSection) -> None:
+async def _search_row(engine: Engine, f: _InFlight, cfg: TruncateSection) -> None:
     """One row's whole search, probe after probe. The row is first
     admitted with its longest judge prompt (the whole CoT) reserved in the engine's KV cache,
     so that the rows searching together fit in it and keep their prefixes cached."""
@@ -117,13 +145,13 @@ async def _search_row(engine: Any, f: _InFlight, cfg: TruncateSection) -> None:
         engine.release(reserved)
 
 
-async def _search_rows(engine: Any, flights: list[_InFlight], cfg: TruncateSection) -> None:
+async def _search_rows(engine: Engine, flights: list[_InFlight], cfg: TruncateSection) -> None:
     # Every row at once: the engine server bounds what is in flight (engine.max_in_flight).
     # A machinery failure of one probe ends them all (the worker hands it to Ray).
     await asyncio.gather(*(_search_row(engine, f, cfg) for f in flights))
 
 
-def _lockstep(flights: dict[int, _InFlight], engine: Engine | None,
+def _lockstep(flights: dict[int, _InFlight], engine: Batched | None,
               cfg: TruncateSection) -> None:
     while True:
         wave = [(i, f.pending()) for i, f in flights.items()]
@@ -140,7 +168,9 @@ def _lockstep(flights: dict[int, _InFlight], engine: Engine | None,
 def truncate_rows(
     rows: list[dict[str, Any]], engine: Engine | None, cfg: TruncateSection
 ) -> list[Outcome]:
-    """Search every row's prefix; an outcome per row (its probes are in its record)."""
+    """Search every row's prefix; an outcome per row (its probes are in its record).
+    ``cfg.search`` picks the driver: ``lockstep`` the rounds (any ``Batched`` engine will do),
+    else each row its own coroutine."""
     outcomes: dict[int, Outcome] = {}
     flights: dict[int, _InFlight] = {}
     for i, row in enumerate(rows):
@@ -154,10 +184,10 @@ def truncate_rows(
     probing = [f for f in flights.values() if f.pending() is not None]
     if probing and engine is None:
         raise RuntimeError(f"strategy {cfg.strategy!r} needs a judge engine")
-    if cfg.search == "per_row" and probing and getattr(engine, "concurrent", False):
-        asyncio.run(_search_rows(engine, probing, cfg))
-    else:
+    if cfg.search == "lockstep":
         _lockstep(flights, engine, cfg)
+    elif probing and engine is not None:
+        asyncio.run(_search_rows(engine, probing, cfg))
 
     for i, f in flights.items():
         if f.error:
@@ -236,14 +266,43 @@ def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
     }
 
 
-TRUNCATE = Stage(
-    name="truncate",
-    model=lambda cfg: cfg.judge_model,
-    needs_engine=lambda cfg: cfg.truncate.strategy == "binary",
-    process=lambda rows, engine, grader, section: truncate_rows(rows, engine, section),
-    metrics=batch_metrics,
-    index=index_entry,
-    index_columns=("prefix_ratio", "sentence_ratio", "probes", "sufficient",
-                   "judge_prompt_tokens", "judge_cached_tokens", "prefill_ratio"),
-    stats=summary_stats,
-)
+class Truncate(Stage):
+    """Its ``process`` is the whole batch's: ``truncate_rows`` runs each row's search as its
+    own coroutine (``per_row``) or every row's in rounds (``lockstep``)."""
+
+    name = "truncate"
+    description = "The prefix search: the shortest CoT prefix the judge calls enough."
+    Section = TruncateSection
+    index_columns = ("prefix_ratio", "sentence_ratio", "probes", "sufficient",
+                     "judge_prompt_tokens", "judge_cached_tokens", "prefill_ratio")
+
+    def model(self, cfg: Config) -> str | None:
+        return cfg.judge_model
+
+    def needs_engine(self, cfg: Config) -> bool:
+        return cfg.truncate.strategy == "binary"
+
+    def models_used(self, cfg: Config) -> list[tuple[str, str]]:
+        if not self.needs_engine(cfg):
+            return []
+        return [("models.judge" if cfg.models.judge else "models.student", cfg.judge_model)]
+
+    def prompts(self) -> dict[str, Any]:
+        return {"judge": judge_chat("{question}", "{prefix}"), "labels": list(LABELS)}
+
+    def output_budget(self, section: Any) -> tuple[str, int | None] | None:
+        # a score verdict reads one token's probabilities; a generated one may write more
+        return ("judge_max_tokens",
+                section.judge_max_tokens if section.verdict == "generate" else 1)
+
+    def process(self, rows: list[Row], ctx: Context) -> list[Outcome]:
+        return truncate_rows(rows, ctx.engine, ctx.section)
+
+    def metrics(self, records: Sequence[Row]) -> BatchMetrics:
+        return batch_metrics(records)
+
+    def index(self, record: Row) -> dict[str, Any]:
+        return index_entry(record)
+
+    def stats(self, columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+        return summary_stats(columns)

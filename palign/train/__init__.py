@@ -1,7 +1,8 @@
 """Student SFT on Ray Train and DeepSpeed ZeRO: data preparation, the step loop and export.
 
 The loop's modules (``loop``, ``model``, ``engine``, ``checkpoints``, ``backend``,
-``attention``, ``data``, ``units``, ``steps``, ``paths``, ``export``, ``identity``: the
+``attention``, ``data``, ``units``, ``steps``, ``paths``, ``export``, ``progress``,
+``callbacks``: what ``train.callbacks`` names, called after each step; ``identity``: the
 train fingerprint that a rerun is checked against) import the core, the
 engines' model helpers (``palign.engines.models``, ``palign.engines.dtypes``), torch,
 transformers and DeepSpeed, never Ray or ``palign.runtime``, so the loop runs under ``torchrun``

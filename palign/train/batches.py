@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from palign.core.config import TrainSection
+from palign.stages.train import TrainSection
 from palign.train.data import (
     IGNORE_INDEX,
     Example,

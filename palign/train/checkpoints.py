@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from palign.core.config import TrainSection
 from palign.core.shards import replace_atomically
+from palign.stages.train import TrainSection
 from palign.train.paths import DS_TAG, STATE_FILE
 
 logger = logging.getLogger("palign.train.checkpoints")

@@ -7,7 +7,7 @@ weights exactly when the model is loaded in bf16; a torch ``AdamW`` as client op
 (0.9, 0.95), eps 1e-8, no weight decay on norms and biases), fused when
 ``train.fused_optimizer`` says so (``auto``: wherever torch has a fused kernel for the device);
 a ``LambdaLR`` with linear warm-up then cosine decay to ``lr * min_lr_ratio``;
-``train.deepspeed`` merged over the result.
+``train.deepspeed`` merged over the result (``palign.core.config.merge.deep_merge``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from palign.core.config import Config, TrainSection
+from palign.core.config import Config
+from palign.core.config.merge import deep_merge
+from palign.stages.train import TrainSection
 from palign.train.data import token_loss_sum
 
 
@@ -102,7 +104,7 @@ def deepspeed_config(tc: TrainSection, world: int, bf16: bool) -> dict[str, Any]
     if tc.offload_optimizer or tc.offload_params:
         # the client optimizer (torch AdamW) steps on the CPU copy: no DeepSpeed CPU Adam to build
         config["zero_force_ds_cpu_optimizer"] = False
-    return merged(config, tc.deepspeed)
+    return deep_merge(config, tc.deepspeed)
 
 
 def gradient_divisor(tc: TrainSection, world: int) -> int:
@@ -114,15 +116,6 @@ def gradient_divisor(tc: TrainSection, world: int) -> int:
     batch's mean whatever the layout."""
     sp = tc.sequence_parallel_size
     return world if sp > 1 and tc.zero_stage == 3 else world // sp
-
-
-def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` laid on ``base``: mappings merged key by key, anything else replaced."""
-    out = dict(base)
-    for key, value in over.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = merged(out[key], value) if both else value
-    return out
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -179,7 +172,7 @@ def deepspeed_engine(cfg: Config, model: torch.nn.Module, world: int, total_step
         opt, lr_lambda(total_steps, tc.warmup_ratio, tc.min_lr_ratio))
     config = deepspeed_config(tc, world, bf16)
     if load_universal:
-        config = merged(config, {"checkpoint": {"load_universal": True}})
+        config = deep_merge(config, {"checkpoint": {"load_universal": True}})
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=scheduler,
                                            config=config, mpu=mpu)
     return engine

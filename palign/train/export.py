@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from palign.core import storage
+from palign.core import storage, transfer
 from palign.engines.adapters import EXPORT_INFO
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def writing_folder(target: str, last: str) -> Iterator[Path]:
             local = Path(work) / "out"
             local.mkdir()
             yield local
-            storage.upload_dir(local, target, last=(last,))
+            transfer.upload_dir(local, target, last=(last,))
         return
     out_dir = Path(target)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

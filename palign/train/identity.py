@@ -9,7 +9,7 @@ before Ray Train starts (no worker, GPU or data preparation). ``record(cfg, fp)`
 before the first checkpoint. ``guard_resume`` does both: the Ray driver (``trainer.run_train``)
 and every torchrun rank (``loop.main``; rank 0 records) call it.
 
-What counts, field by field of ``train`` (``palign.core.config.train_section``):
+What counts, field by field of ``train`` (``palign.stages.train.TrainSection``):
 
 - counts, as it changes what the weights become: ``seq_len``, ``packing``, ``overlong`` and
   ``pack_window`` (which rows are trained on, and which share a packed row), ``rows_per_step``,
@@ -34,7 +34,8 @@ What counts, field by field of ``train`` (``palign.core.config.train_section``):
   (implementations of the same attention, optimizer and loss), ``offload_optimizer``,
   ``offload_params``, ``checkpoint_upload``, ``report_every``, ``checkpoint_every``,
   ``keep_checkpoints``, ``max_failures``, ``storage_path`` (another one is another run folder,
-  with no checkpoint to resume) and ``max_reject_share`` (a threshold, not a weight).
+  with no checkpoint to resume), ``max_reject_share`` (a threshold, not a weight) and
+  ``callbacks`` (called after each step, to watch or stop the run: ``palign.train.callbacks``).
 
 Beside the train fields: the student (``models.student`` as written, and what tells its files
 apart, as the row stages' fingerprints do: a short name's wheel and member, a hash of the names
@@ -51,7 +52,8 @@ from __future__ import annotations
 from typing import Any
 
 from palign.core import fingerprint, storage
-from palign.core.config import Config, TrainSection
+from palign.core.config import Config
+from palign.stages.train import TrainSection
 from palign.train.paths import CHECKPOINT_PREFIX, STATE_FILE, run_name, storage_path
 
 TRAIN_OPERATIONAL = frozenset({
@@ -59,7 +61,7 @@ TRAIN_OPERATIONAL = frozenset({
     "sequence_parallel_size", "gradient_checkpointing", "attention", "fused_optimizer",
     "loss_chunk_size", "offload_optimizer", "offload_params", "checkpoint_upload",
     "report_every", "checkpoint_every", "keep_checkpoints", "max_failures", "storage_path",
-    "max_reject_share",
+    "max_reject_share", "callbacks",
 })
 
 

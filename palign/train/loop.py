@@ -17,6 +17,8 @@ The parts, one job each (none of them imports Ray but ``ray_backend``):
   read and collated for this rank;
 - ``lora``: LoRA adapters with ``train.lora`` (applied by ``model``), and their export;
 - ``checkpoints``: what a checkpoint holds, saved and restored;
+- ``progress``: the run's tally and its step lines; ``callbacks``: what ``train.callbacks``
+  names, called after each step;
 - this module: the steps themselves.
 
 What one worker does:
@@ -47,7 +49,8 @@ What one worker does:
    input tokens of all ranks per second), the step's rows and tokens, epoch, step,
    packing_efficiency and the parameter counts. Every ``checkpoint_every`` steps and at the
    end, saves a checkpoint (``palign.train.checkpoints``; a LoRA run's holds no frozen weight)
-   and publishes it with the metrics.
+   and publishes it with the metrics. Then every rank calls ``train.callbacks``
+   (``palign.train.callbacks``): one that raises fails the run after that step.
 7. On start, the backend's checkpoint to resume from restores weights, optimizer, scheduler, RNG
    states and the data position, and training continues with the next step; since the data
    order is a function of (seed, epoch, step) the resumed run computes exactly what an
@@ -57,10 +60,6 @@ What one worker does:
    ``<output_dir>/train/model/``; a LoRA run writes its adapter to ``<output_dir>/train/adapter/``
    and the base with the adapter merged to ``train/model/`` (``palign.train.lora``). The final
    report carries the loss and rows history and a summary.
-
-Fault injection for tests: with ``PALIGN_TRAIN_FAIL_AT_STEP=N`` in the workers' environment every
-rank raises right after step N (and its checkpoint, if any), but only in a run that started
-from scratch (a resumed one goes through); ``N@S``: only in a run that resumed after step S.
 """
 
 from __future__ import annotations
@@ -71,19 +70,17 @@ import logging
 import os
 import sys
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from palign.core import storage
 from palign.core.config import Config, parse_config
+from palign.core.config.paths import absolute_paths
 from palign.core.fingerprint import ConfigChanged
-from palign.core.logs import setup_rank_logging
-from palign.train import checkpoints
+from palign.train import callbacks, checkpoints
 from palign.train.backend import Backend, start
 from palign.train.batches import MicroBatch, StepSource
 from palign.train.engine import deepspeed_engine, gradient_divisor, optimizer_elements
@@ -92,11 +89,10 @@ from palign.train.lora import parameter_counts
 from palign.train.model import load_student, sequence_parallel, train_dtype
 from palign.train.paths import DATA_KEY
 from palign.train.prepare import prepare
+from palign.train.progress import Progress, log_step, setup_logging
 from palign.train.units import UnitReader
 
 logger = logging.getLogger("palign.train.loop")  # also when run as __main__
-
-ENV_FAIL_AT_STEP = "PALIGN_TRAIN_FAIL_AT_STEP"
 
 
 @dataclass
@@ -106,16 +102,6 @@ class StepResult:
     real: int  # all ranks
     lr: float  # the learning rate the step used
     rows: int = 0  # all ranks
-
-
-@dataclass
-class _Progress:
-    params: dict[str, int] = field(default_factory=dict)  # trainable and total parameters
-    losses: list[float] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)  # rows each step took (all ranks)
-    tokens: int = 0  # real tokens trained on by this process's run (all ranks)
-    seconds: float = 0.0
-    slots: int = 0  # token positions computed (rows_per_step: what packing efficiency is of)
 
 
 def train_step(engine: Any, micro: Sequence[MicroBatch], divisor: int,
@@ -161,7 +147,8 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
     data_folder = cfg_raw.pop(DATA_KEY, None)
     cfg = parse_config(cfg_raw)
     tc = cfg.train
-    _setup_logging()
+    setup_logging()
+    hooks = callbacks.load(tc)  # a callback that cannot be made fails here, before any work
     if data_folder is not None:  # the Ray trainer put the prepared data there: a Ray Train worker
         from palign.train.ray_backend import ray_train_backend
 
@@ -191,7 +178,7 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
         logger.info("sequence parallel: %d groups of %d ranks, each row split %d ways",
                     backend.world // sp, sp, sp)
 
-    progress = _Progress(params={"trainable_params": trainable, "total_params": total_params})
+    progress = Progress(params={"trainable_params": trainable, "total_params": total_params})
     start_step = 0
     with backend.resume(cfg) as resume:
         elastic = resume is not None and int(resume.state["world_size"]) != backend.world
@@ -219,7 +206,7 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
     if backend.rank == 0:
         logger.info("the optimizer holds %s parameters over %d ranks", f"{int(held[0]):,}",
                     backend.world)
-    _run_steps(cfg, engine, source, backend, start_step, progress, tokenizer)
+    _run_steps(cfg, engine, source, backend, start_step, progress, tokenizer, hooks)
 
 
 def _prepare_here(cfg: Config, backend: Backend) -> str:
@@ -233,13 +220,11 @@ def _prepare_here(cfg: Config, backend: Backend) -> str:
 
 
 def _run_steps(cfg: Config, engine: Any, source: StepSource, backend: Backend,
-               start_step: int, progress: _Progress, tokenizer: Any) -> None:
+               start_step: int, progress: Progress, tokenizer: Any,
+               hooks: Sequence[callbacks.StepCallback] = ()) -> None:
     tc = cfg.train
     plan = source.plan
     total = plan.total_steps
-    # "N" or "N@S": fail after step N in a run that started at step S (default 0)
-    fail_at, _, fail_from_text = (os.environ.get(ENV_FAIL_AT_STEP, "") or "0").partition("@")
-    fail_at, fail_from = int(fail_at), int(fail_from_text or 0)
     divisor = gradient_divisor(tc, backend.world)
     prepared = source.data.prepared
     base = {"packing_efficiency": prepared.packing_efficiency, "rows_used": prepared.rows_used,
@@ -289,31 +274,21 @@ def _run_steps(cfg: Config, engine: Any, source: StepSource, backend: Backend,
             if is_last:
                 metrics.update(_finish(cfg, engine, tokenizer, backend, progress,
                                        (prepared.rows_used, prepared.rows_rejected)))
-            _log_step(backend, metrics, done, short)
+            log_step(backend.rank, metrics, done, short)
             try:
                 backend.publish(cfg, metrics, local, done)
             finally:
                 backend.after_checkpoint(cfg, local)
         elif done % tc.report_every == 0:
-            _log_step(backend, metrics, done, short)
+            log_step(backend.rank, metrics, done, short)
             backend.publish(cfg, metrics, None, done)
-        if fail_at and done == fail_at and start_step == fail_from:
-            raise RuntimeError(f"{ENV_FAIL_AT_STEP}={fail_at}: injected failure after step {done}")
+        for hook in hooks:  # after the step's checkpoint: a raise here resumes from it
+            hook.on_step_end(done, start_step, backend.rank)
     if start_step >= total:  # a finished run started again: only make sure of the export
         if backend.rank == 0:
             logger.info("run already complete (%d steps); exporting the model", total)
         if not storage.is_file(storage.join(cfg.trained_model_dir(), "config.json")):
             _export(cfg, engine, tokenizer, backend, {})
-
-
-def _log_step(backend: Backend, metrics: dict[str, Any], step: int, short: bool) -> None:
-    if backend.rank == 0:  # one line per step, from one rank
-        note = " (the epoch's last step: the rest of its rows)" if short else ""
-        logger.info("train step %d/%s: loss %.4f, lr %.3g, grad norm %.3g, %.0f tokens/s, "
-                    "%d rows, %d tokens%s", step, metrics.get("total_steps", "?"),
-                    metrics.get("loss", float("nan")), metrics.get("lr", float("nan")),
-                    metrics.get("grad_norm") or float("nan"), metrics.get("tokens_per_s", 0.0),
-                    metrics.get("rows", 0), metrics.get("tokens", 0), note)
 
 
 def _export(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
@@ -335,7 +310,7 @@ def _export(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
 
 
 def _finish(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
-            progress: _Progress, engine_rows: tuple[int, int]) -> dict[str, Any]:
+            progress: Progress, engine_rows: tuple[int, int]) -> dict[str, Any]:
     """Export, then the run's summary (also ``<output_dir>/train/summary.json``);
     ``engine_rows``: the rows trained on and those rejected by the preparation."""
     out = cfg.trained_model_dir()
@@ -361,22 +336,6 @@ def _finish(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
     return summary
 
 
-def _setup_logging() -> None:
-    setup_rank_logging()
-    # Said once per rank and about DeepSpeed's own calls into torch, not about this run.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    try:
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.WARNING)
-    except ImportError:
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m palign.train.loop CONFIG`` (under torchrun): one worker of a torchrun job."""
     from palign.core.config import load_config
@@ -392,9 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigChanged as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    raw = cfg.model_dump(mode="json")
-    raw["run"]["output_dir"] = str(Path(cfg.run.output_dir).absolute())
-    train_worker(raw)
+    # torchrun's ranks share this folder, and the student as written keeps the units' key
+    train_worker(absolute_paths(cfg).model_dump(mode="json"))
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from palign.core.config import LoraSection
+from palign.stages.train import LoraSection
 
 logger = logging.getLogger(__name__)
 

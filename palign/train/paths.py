@@ -13,6 +13,7 @@ from pathlib import Path
 
 from palign.core import storage
 from palign.core.config import Config
+from palign.core.config.paths import train_storage_path
 
 DS_TAG = "ds"  # DeepSpeed's checkpoint tag (sub-folder) inside each checkpoint directory
 STATE_FILE = "train_state.json"  # written by rank 0 last: marks a checkpoint complete
@@ -22,8 +23,9 @@ DATA_KEY = "_train_data"  # in the workers' config dict under Ray: the prepared 
 
 def storage_path(cfg: Config) -> str:
     """Ray Train storage: ``train.storage_path``, default ``<output_dir>/train/ray``: an
-    absolute path or a URI (Ray Train writes checkpoints to object storage itself)."""
-    return storage.absolute(cfg.train.storage_path or storage.join(cfg.stage_dir("train"), "ray"))
+    absolute path or a URI (Ray Train writes checkpoints to object storage itself). The
+    default lives with the config (``absolute_paths`` fills it in for the workers)."""
+    return train_storage_path(cfg)
 
 
 def run_name(cfg: Config) -> str:

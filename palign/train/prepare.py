@@ -40,15 +40,9 @@ import pyarrow.parquet as pq
 
 from palign.core import storage
 from palign.core.config import Config
-from palign.core.shards import (
-    FILE,
-    REJECTS,
-    read_committed,
-    read_index,
-    reject_columns,
-    reject_row,
-    write_shard,
-)
+from palign.core.digest import read_index
+from palign.core.layout import FILE, REJECTS
+from palign.core.shards import read_committed, reject_columns, reject_row, write_shard
 from palign.train.data import IGNORE_INDEX, Untrainable, build_example, pack_lengths
 from palign.train.units import (
     DATA,

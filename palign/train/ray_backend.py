@@ -29,8 +29,9 @@ from typing import Any
 import ray.train
 import torch
 
-from palign.core.config import Config, TrainSection
+from palign.core.config import Config
 from palign.runtime import telemetry
+from palign.stages.train import TrainSection
 from palign.train.backend import Backend, device_for
 from palign.train.checkpoints import LocalResume, RemoteResume, Resume
 from palign.train.paths import checkpoint_name

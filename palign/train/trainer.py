@@ -49,14 +49,15 @@ from typing import Any
 
 from palign.core import storage
 from palign.core.config import Config
+from palign.core.config.paths import absolute_paths
 from palign.core.shards import shard_files
 from palign.runtime.environment import forwarded_env
+from palign.train import callbacks
 from palign.train.identity import guard_resume
 from palign.train.paths import DATA_KEY, run_name, storage_path
 from palign.train.prepare import NoTrainableRows, prepare
 
 logger = logging.getLogger(__name__)
-
 
 
 class TrainStageError(RuntimeError):
@@ -84,18 +85,6 @@ class TrainResult:
     total_params: int = 0
     optimizer_params: int = 0  # parameter elements the optimizer holds, all workers
     adapter_dir: str | None = None  # a LoRA run's adapter (PEFT's format)
-
-
-def absolute_config(cfg: Config) -> dict[str, Any]:
-    """``cfg`` as the JSON-able dict the workers get, with every local path made absolute."""
-    raw = cfg.model_dump(mode="json")
-    raw["run"]["output_dir"] = storage.absolute(cfg.run.output_dir)
-    raw["train"]["storage_path"] = storage_path(cfg)
-    if os.path.isdir(cfg.models.student):
-        raw["models"]["student"] = str(Path(cfg.models.student).absolute())
-    if cfg.models.cache_dir:
-        raw["models"]["cache_dir"] = str(Path(cfg.models.cache_dir).expanduser().absolute())
-    return raw
 
 
 def worker_env() -> dict[str, str]:
@@ -134,9 +123,10 @@ def run_train(cfg: Config) -> TrainResult:
     if not shard_files(align):
         raise TrainStageError(f"train reads the align stage's shards in {align}, and there are "
                               "none: run `palign align` first")
-    # Before any work: a checkpoint made under another model, data or optimizer setting is
-    # refused (ConfigChanged); otherwise this run's fingerprint is recorded before its first
-    # checkpoint.
+    # Before any work: a callback that cannot be made fails here (ConfigError), not in every
+    # worker; a checkpoint made under another model, data or optimizer setting is refused
+    # (ConfigChanged); otherwise this run's fingerprint is recorded before its first checkpoint.
+    callbacks.load(tc)
     guard_resume(cfg)
     # Materialise a short-name student once here, not in every worker at once (a folder on
     # object storage is staged by each node's workers instead: the driver needs no copy).
@@ -153,7 +143,8 @@ def run_train(cfg: Config) -> TrainResult:
     logger.info("train: %d workers (%s), ZeRO-%d, storage %s/%s", tc.num_workers,
                 "GPU" if tc.use_gpu else "CPU", tc.zero_stage, storage_path(cfg), run_name(cfg))
     result = ray_backend.fit(cfg, train_worker,
-                             {**absolute_config(cfg), DATA_KEY: prepared.folder}, worker_env())
+                             {**absolute_paths(cfg, student=True).model_dump(mode="json"),
+                              DATA_KEY: prepared.folder}, worker_env())
     metrics: dict[str, Any] = dict(result.metrics or {})
     losses = [float(x) for x in metrics.get("losses", [])]
     out = TrainResult(

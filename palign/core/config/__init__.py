@@ -6,16 +6,19 @@ prints them all); ``configs/demo.yaml`` shows them in use.
 Engine settings live under ``engine:`` and can be overridden per stage under
 ``<stage>.engine:``; the two are merged before validation, so errors name the stage's path.
 
-The parts: ``base`` (stage names, ``ConfigError`` and its message), ``sections`` (run, ray,
-data, models, engine, output), ``stage_sections`` (generate, truncate, align, evaluate),
-``train_section``, ``root`` (``Config``, reading and validating) and ``field_docs`` (``explain``).
+The parts: ``base`` (``ConfigError`` and its message), ``stages`` (the list of stages, each
+named by its class's import path: the only import of ``palign.stages`` from here, at run
+time), ``sections`` (run, ray, data, models, engine, output), ``stage_base`` (what the stages'
+sections share: rejects, engine, sampling; each stage's own section lives in its stage module,
+``palign.stages.truncate.TruncateSection``), ``root`` (``Config``, and ``config_model()``: it
+with a section per stage of the list; reading and validating) and ``field_docs``
+(``explain``).
 """
 
 from palign.core.config.base import (
-    ENGINE_STAGES,
     NAME_PATTERN,
-    STAGES,
     ConfigError,
+    Strict,
     format_problems,
 )
 from palign.core.config.field_docs import (
@@ -25,7 +28,7 @@ from palign.core.config.field_docs import (
     explain,
     format_explain,
 )
-from palign.core.config.root import Config, load_config, parse_config
+from palign.core.config.root import Config, config_model, load_config, parse_config
 from palign.core.config.sections import (
     DataSection,
     EngineConfig,
@@ -38,23 +41,29 @@ from palign.core.config.sections import (
     ReplicaRange,
     RunSection,
 )
-from palign.core.config.stage_sections import (
-    AlignSection,
-    Benchmark,
-    EvalModel,
-    EvaluateSection,
-    GenerateSection,
+from palign.core.config.stage_base import (
+    STAGE_ENGINE,
+    EngineStageSection,
     SamplingConfig,
-    TruncateSection,
+    StageSection,
 )
-from palign.core.config.train_section import LoraSection, TrainSection
+from palign.core.config.stages import (
+    engine_stage_names,
+    registered,
+    stage_class,
+    stage_entries,
+    stage_names,
+    stage_path,
+    stages_before,
+)
 
 __all__ = [
-    "ENGINE_STAGES", "NAME_PATTERN", "REQUIRED", "STAGES", "AlignSection", "Benchmark",
-    "Config", "ConfigError", "DataSection", "EngineConfig", "EvalModel",
-    "EvaluateSection", "FieldDoc", "FieldNames", "GenerateSection", "LoraSection", "ModelsSection",
+    "NAME_PATTERN", "REQUIRED", "STAGE_ENGINE",
+    "Config", "ConfigError", "DataSection", "EngineConfig", "EngineStageSection",
+    "FieldDoc", "FieldNames", "ModelsSection",
     "OutputSection", "ProblemColumns", "ProblemSource", "RaySection", "ReplicaRange",
-    "RunSection", "SamplingConfig",
-    "TrainSection", "TruncateSection", "config_models", "explain", "format_explain",
-    "format_problems", "load_config", "parse_config",
+    "RunSection", "SamplingConfig", "StageSection", "Strict",
+    "config_model", "config_models", "explain", "format_explain",
+    "engine_stage_names", "format_problems", "load_config", "parse_config", "registered",
+    "stage_class", "stage_entries", "stage_names", "stage_path", "stages_before",
 ]

@@ -1,5 +1,5 @@
-"""What every part of the config shares: the stage names, the strict base model and the
-error a config that cannot run raises, with the one formatter of its message."""
+"""What every part of the config shares: the strict base model and the error a config that
+cannot run raises, with the one formatter of its message. The stage names are in ``stages``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict
 
-STAGES = ("generate", "truncate", "align", "train", "evaluate")
-ENGINE_STAGES = ("generate", "truncate", "align", "evaluate")  # stages that run inference engines
 # Folder-safe names for benchmarks and evaluated models (they become output folder names).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 

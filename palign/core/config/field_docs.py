@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from palign.core.config.root import Config
+from palign.core.config.root import Config, config_model
 
 
 class _Required:
@@ -43,9 +43,10 @@ def _nested_model(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
     return None, False
 
 
-def config_models(root: type[BaseModel] = Config) -> list[type[BaseModel]]:
-    """Every model reachable from ``root`` through its fields, ``root`` first."""
-    seen: list[type[BaseModel]] = [root]
+def config_models(root: type[BaseModel] | None = None) -> list[type[BaseModel]]:
+    """Every model reachable from ``root`` (default: ``config_model()``, the whole config with
+    a section per stage) through its fields, ``root`` first."""
+    seen: list[type[BaseModel]] = [root or config_model()]
     for model in seen:
         for field in model.model_fields.values():
             nested, _ = _nested_model(field.annotation)

@@ -1,15 +1,23 @@
 """The whole config and how it is read: a YAML file (which may extend another), merged with
-overrides and the top-level engine, validated into a ``Config``."""
+overrides and the top-level engine, validated into a ``Config``.
+
+``Config`` holds the run-wide sections and what a run asks of them; the sections of the stages
+come from the list of stages (``palign.core.config.stages``): ``config_model()`` builds the
+model with one field per stage (its class's ``Section``), and every whole config is validated
+with it. A stage added to the list adds its section; nothing here names a stage.
+"""
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
-from palign.core.config.base import ENGINE_STAGES, ConfigError, Strict, format_problems
+from palign.core.config.base import ConfigError, Strict, format_problems
+from palign.core.config.merge import deep_merge
 from palign.core.config.overrides import apply_overrides
 from palign.core.config.sections import (
     DataSection,
@@ -19,20 +27,21 @@ from palign.core.config.sections import (
     RaySection,
     RunSection,
 )
-from palign.core.config.stage_sections import (
-    AlignSection,
-    EvaluateSection,
-    GenerateSection,
-    TruncateSection,
-)
-from palign.core.config.train_section import TrainSection
+from palign.core.config.stages import engine_stage_names, stage_class, stage_entries
 
 # The fewest tokens any stage's prompt takes (chat template, instruction, a short question):
 # an output budget must leave at least this much of the context.
 MIN_PROMPT_TOKENS = 64
 
+# The last section, after the stages' (config_model() places it there, so it prints last).
+_OUTPUT = Field(default=OutputSection(), description="How stages write their shards.")
+
 
 class Config(Strict):
+    """The run-wide sections (run, ray, data, models, engine, output) and the checks across
+    sections. A config to validate is ``config_model()``, this class with a field per stage
+    (``cfg.truncate``); type hints name this class."""
+
     run: RunSection = Field(
         default=RunSection(), description="The run: its name, output folder and stages.")
     ray: RaySection = Field(
@@ -42,49 +51,35 @@ class Config(Strict):
     engine: EngineConfig = Field(
         default=EngineConfig(),
         description="Engine defaults for every stage; each stage's engine overrides them.")
-    generate: GenerateSection = Field(
-        default=GenerateSection(),
-        description="The teacher writes a CoT for every row without one.")
-    truncate: TruncateSection = Field(
-        default=TruncateSection(),
-        description="The prefix search: the shortest CoT prefix the judge calls enough.")
-    align: AlignSection = Field(
-        default=AlignSection(),
-        description="The student continues from the prefix; its answer is graded.")
-    train: TrainSection = Field(
-        default=TrainSection(),
-        description="Student SFT on Ray Train with DeepSpeed ZeRO.")
-    evaluate: EvaluateSection = Field(
-        default=EvaluateSection(),
-        description="Sampled answers of each model under test to each benchmark "
-                    "problem, graded.")
-    output: OutputSection = Field(
-        default=OutputSection(), description="How stages write their shards.")
+
+    if TYPE_CHECKING:  # fields config_model() adds: output, and a section per stage
+        output: OutputSection
+
+        def __getattr__(self, stage: str) -> Any: ...
 
     @model_validator(mode="after")
     def _models_present(self) -> Config:
-        no_cot = self.data.fields.cot is None
-        if "generate" in self.run.stages and no_cot and not self.models.teacher:
-            raise ValueError("models.teacher: required when the data has no CoT field")
-        if "evaluate" in self.run.stages and not self.evaluate.benchmarks:
-            raise ValueError("evaluate.benchmarks: list at least one benchmark to evaluate on")
+        """What each stage the run executes needs of the rest (``Stage.check``: generate a
+        teacher when the data has no CoT, evaluate a benchmark)."""
+        problems = [p for stage in self.run.stages for p in stage_class(stage)().check(self)]
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")
     def _outputs_fit_the_context(self) -> Config:
         """Every engine stage this run executes must leave room in its context for a prompt
-        after its output budget, or every row would be rejected: caught here, naming both
-        fields. A stage the run does not execute keeps its defaults unchecked."""
-        budgets = [("generate", "sampling.max_tokens", self.generate.sampling.max_tokens),
-                   ("align", "sampling.max_tokens", self.align.sampling.max_tokens),
-                   ("evaluate", "sampling.max_tokens", self.evaluate.sampling.max_tokens),
-                   ("truncate", "judge_max_tokens",
-                    self.truncate.judge_max_tokens if self.truncate.verdict == "generate" else 1)]
+        after its output budget (``Stage.output_budget``), or every row would be rejected:
+        caught here, naming both fields. A stage the run does not execute keeps its defaults
+        unchecked."""
         problems = []
-        for stage, field, new in budgets:
-            if stage not in self.run.stages:
+        for stage in self.run.stages:
+            section = getattr(self, stage)
+            budget = stage_class(stage)().output_budget(section)
+            if budget is None:
                 continue
-            context = getattr(self, stage).engine.max_model_len
+            field, new = budget
+            context = section.engine.max_model_len
             if new is not None and new + MIN_PROMPT_TOKENS > context:
                 problems.append(
                     f"{stage}.{field}: {new} new tokens leave {context - new} of "
@@ -94,6 +89,11 @@ class Config(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The model is built at run time, so pickle cannot find it by name: a copy is rebuilt
+        # from the list of stages of the process that loads it (the same, for the built-ins).
+        return _blank, (), self.__getstate__()
 
     @property
     def judge_model(self) -> str:
@@ -127,13 +127,38 @@ class Config(Strict):
         return dict(self.models.chat_template_kwargs) if model in student else {}
 
 
+def config_model() -> type[Config]:
+    """``Config`` with a section per stage of the list, in the list's order, then ``output``:
+    the model every whole config is validated with. Built once per list (a test that registers
+    a stage gets a model with its section, and today's again once it is gone)."""
+    return _built(stage_entries())
+
+
+@cache
+def _built(entries: tuple[tuple[str, str], ...]) -> type[Config]:
+    stages: dict[str, Any] = {}
+    for name, _ in entries:
+        cls = stage_class(name)
+        stages[name] = (cls.Section, Field(default_factory=cls.Section,
+                                           description=cls.description))
+    return create_model("Config", __base__=Config, __module__=__name__, **stages,
+                        output=(OutputSection, _OUTPUT))
+
+
+def _blank() -> Config:
+    model = config_model()
+    return model.__new__(model)
+
+
 def _merge_engine(raw: dict[str, Any]) -> dict[str, Any]:
-    """Give each stage the top-level engine settings, overridden by its own."""
+    """Give each stage the top-level engine settings, its own merged over them
+    (``deep_merge``: ``replicas`` and ``engine_kwargs`` key by key, down to a mapping inside
+    ``engine_kwargs``)."""
     base = raw.get("engine") or {}
     if not isinstance(base, dict):
         return raw
     merged = dict(raw)
-    for stage in ENGINE_STAGES:
+    for stage in engine_stage_names():
         section = raw.get(stage)
         if section is None:
             section = {}
@@ -142,14 +167,7 @@ def _merge_engine(raw: dict[str, Any]) -> dict[str, Any]:
         own = section.get("engine") or {}
         if not isinstance(own, dict):
             continue
-        replicas = {**(base.get("replicas") or {}), **(own.get("replicas") or {})}
-        engine = {**base, **own}
-        if replicas:
-            engine["replicas"] = replicas
-        kwargs = [k for k in (base.get("engine_kwargs"), own.get("engine_kwargs")) if k]
-        if kwargs and all(isinstance(k, dict) for k in kwargs):  # merged key by key too
-            engine["engine_kwargs"] = {key: v for k in kwargs for key, v in k.items()}
-        merged[stage] = {**section, "engine": engine}
+        merged[stage] = {**section, "engine": deep_merge(base, own)}
     return merged
 
 
@@ -170,7 +188,7 @@ def parse_config(raw: Any) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(format_problems(["(top level): expected a mapping of sections"]))
     try:
-        return Config.model_validate(_merge_engine(raw))
+        return config_model().model_validate(_merge_engine(raw))
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
 
@@ -188,7 +206,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raw = {}
     if not isinstance(raw, dict):
         return parse_config(raw)  # fails: a config is a mapping
-    apply_overrides(raw, overrides, Config)
+    apply_overrides(raw, overrides, config_model())
     try:
         return parse_config(raw)
     except ConfigError as err:  # a value given by --set: say so where its field is named
@@ -214,14 +232,4 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> Any:
     base = _read_yaml(base_path, (*seen, path.resolve()))
     if not isinstance(base, dict):
         raise ConfigError(f"invalid config {base_path}: expected a mapping of sections")
-    return _deep_merge(base, raw)
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+    return deep_merge(base, raw)

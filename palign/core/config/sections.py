@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from palign.core.config.base import STAGES, Strict
+from palign.core.config.base import Strict
+from palign.core.config.stages import stage_names
+
+
+def _known_stage(name: str) -> str:
+    """A name from the list of stages; the error reads as pydantic's own for a choice."""
+    names = [repr(n) for n in stage_names()]
+    if name not in stage_names():
+        expected = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                  {"expected": expected})
+    return name
 
 
 class RunSection(Strict):
@@ -18,7 +31,7 @@ class RunSection(Strict):
         default="runs/palign",
         description="Where each stage writes <output_dir>/<stage>/; a local path or an "
                     "s3:// or gs:// URI.")
-    stages: list[Literal["generate", "truncate", "align", "train", "evaluate"]] = Field(
+    stages: list[Annotated[str, AfterValidator(_known_stage)]] = Field(
         default_factory=lambda: ["generate", "truncate", "align"], min_length=1,
         description="The stages this run executes, each at most once and in pipeline order.",
     )
@@ -39,8 +52,8 @@ class RunSection(Strict):
     def _ordered(cls, stages: list[str]) -> list[str]:
         if len(set(stages)) != len(stages):
             raise ValueError("each stage at most once")
-        if list(stages) != [s for s in STAGES if s in stages]:
-            raise ValueError(f"stages must keep the order {list(STAGES)}")
+        if list(stages) != [s for s in stage_names() if s in stages]:
+            raise ValueError(f"stages must keep the order {list(stage_names())}")
         return stages
 
 
@@ -155,10 +168,15 @@ class ReplicaRange(Strict):
         return self
 
 
+BACKEND_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # engine.backend by import path
+
+
 class EngineConfig(Strict):
-    backend: Literal["auto", "vllm", "transformers"] = Field(
+    backend: str = Field(
         default="auto",
-        description="Inference backend; auto: vLLM where installed, else transformers.")
+        description="Inference backend: auto (vLLM where installed, else transformers), vllm, "
+                    "transformers, or a class by import path (package.module:Class, a "
+                    "palign.engines.base.Backend built from the stage's EngineSpec).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
         description="Model weights' dtype; auto: float32 on CPU, bfloat16 on GPU.")
@@ -221,6 +239,15 @@ class EngineConfig(Strict):
         description="Any other vLLM engine argument, passed as is (e.g. kv_cache_dtype, "
                     "max_num_batched_tokens); checked by name against vLLM's EngineArgs "
                     "before any work.")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        # The shape only: preflight imports a path (palign.preflight.check_engine_kwargs).
+        if value not in ("auto", "vllm", "transformers") and not re.match(BACKEND_PATH, value):
+            raise ValueError("use auto, vllm, transformers or a class by import path "
+                             f"(package.module:Class), not {value!r}")
+        return value
 
 
 class OutputSection(Strict):

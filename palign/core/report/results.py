@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from palign.core import storage
+from palign.core.digest import count_rows, read_index
+from palign.core.layout import REJECTS
 from palign.core.report.markdown import cell, num, pass_keys, table
 from palign.core.report.plots import plot_pass_at_1, plot_prefix_ratio
 from palign.core.report.scores import (
@@ -24,7 +26,7 @@ from palign.core.report.scores import (
     has_flexible,
     prefix_ratio_summary,
 )
-from palign.core.shards import REJECTS, count_rows, read_index, read_rows
+from palign.core.shards import read_rows
 
 log = logging.getLogger(__name__)
 

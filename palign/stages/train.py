@@ -1,4 +1,10 @@
-"""The train section: student SFT on Ray Train + DeepSpeed ZeRO."""
+"""train: the student's SFT on the aligned rows, on Ray Train with DeepSpeed (``palign.train``).
+
+Its rows are not served batch by batch by an actor pool, so it has no ``process``: the
+pipeline hands it to Ray Train by its ``driver``. It is a stage all the same for everything
+else that asks about stages: its place in the list, its config section, the model preflight
+checks for it. Its section, ``TrainSection``, is here too; ``palign.train`` reads it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from palign.core.config.base import Strict
+from palign.core.config import Config, Strict
+from palign.core.config.sections import BACKEND_PATH as IMPORT_PATH
+from palign.stages.base import Context, Outcome, Row, Stage
 
 
 class LoraSection(Strict):
@@ -33,6 +41,17 @@ class LoraSection(Strict):
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules: name at least one module, or all-linear")
         return self
+
+
+class CallbackRef(Strict):
+    """A train callback named by import path, and the keyword arguments it is made with."""
+
+    path: str = Field(
+        pattern=IMPORT_PATH,
+        description="The callback's class as package.module:Name, importable on every "
+                    "training process (palign.train.callbacks says what it is called with).")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments the class is made with.")
 
 
 class TrainSection(Strict):
@@ -133,6 +152,11 @@ class TrainSection(Strict):
     max_failures: int = Field(
         default=0, ge=-1,
         description="Worker-group restarts after a failure (-1: unbounded).")
+    callbacks: list[CallbackRef] = Field(
+        default_factory=list,
+        description="Objects every training process calls after each step (after that "
+                    "step's checkpoint, if any), e.g. to log elsewhere or to stop a run; "
+                    "operational: a resume with other callbacks goes on.")
     storage_path: str | None = Field(
         default=None,
         description="Ray Train storage for checkpoints; null: <output_dir>/train/ray.")
@@ -173,3 +197,16 @@ class TrainSection(Strict):
                     "with sequence_parallel_size > 1 under ZeRO-3 (DeepSpeed then averages "
                     "some gradients over the data-parallel ranks and others over all ranks)")
         return self
+
+
+class Train(Stage):
+    name = "train"
+    description = "Student SFT on Ray Train with DeepSpeed ZeRO."
+    Section = TrainSection
+    driver = "train"
+
+    def models_used(self, cfg: Config) -> list[tuple[str, str]]:
+        return [("models.student", cfg.models.student)]
+
+    def process(self, rows: list[Row], ctx: Context) -> list[Outcome]:
+        raise NotImplementedError("train runs on Ray Train (palign.train), not per batch")

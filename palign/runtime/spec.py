@@ -1,0 +1,78 @@
+"""What an engine actor is told: its stage's own config section and the few run settings it reads.
+
+The driver builds a :class:`WorkerSpec` (``WorkerSpec.of``) from the whole config, where the
+config has its paths made absolute (``palign.core.config.paths``), and hands it to the stage's
+actor pool; each actor validates only its section, with the stage's own section class
+(``Stage.Section``), and never builds a ``Config``. What Ray ships to every actor stays small
+and plain: strings, numbers and the section as JSON.
+
+Training is different: Ray Train's workers (and ``torchrun`` ranks) get the whole config, since
+the training loop also runs from a YAML file under ``torchrun`` and its identity
+(``palign.train.identity``) reads ``models``, ``data`` and ``train`` together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from palign.core import storage
+from palign.core.config import stage_path
+from palign.core.layout import new_token
+from palign.runtime.resources import engine_request
+from palign.stages.base import Stage
+from palign.stages.registry import by_path
+from palign.stages.registry import get as get_stage
+
+if TYPE_CHECKING:
+    from palign.core.config import Config
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a ``StageWorker`` reads from the run's config."""
+
+    stage: str  # the stage's name
+    section: dict[str, Any]  # the stage's config section, as JSON (its engine merged in)
+    out_dir: str  # the stage's output folder: an absolute path or a URI
+    output_format: str  # output.format: the shards' format
+    token: str  # the stage run's: shard names derive from it, and the folder's fence
+    # Its class's import path: the actor builds the stage from it, not from its own stage
+    # list, which lacks a stage the driver registered (a test's, ``registered``).
+    stage_class: str
+    model: str | None = None  # the model the engine serves (None: no engine here)
+    cache_dir: str | None = None  # models.cache_dir: where short model names are staged
+    seed: int = 0  # run.seed: the engine's seed
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # the model's template vars
+    executor_backend: str | None = None  # how a replica runs its ranks (the pool's plan)
+
+    @classmethod
+    def of(cls, cfg: Config, stage: str, model: str | None = None,
+           token: str | None = None) -> WorkerSpec:
+        """The spec of ``stage``'s actors serving ``model`` for the stage run ``token`` (a
+        fresh token when None), from ``cfg`` as the driver holds it."""
+        section = get_stage(stage).section(cfg)
+        executor = None
+        if model is not None:  # the pool's plan says how a replica runs its ranks
+            executor = engine_request(stage, section.engine).executor_backend
+        return cls(
+            stage=stage,
+            section=section.model_dump(mode="json"),
+            out_dir=storage.absolute(cfg.stage_dir(stage)),
+            output_format=cfg.output.format,
+            token=token or new_token(),
+            stage_class=stage_path(stage),
+            model=model,
+            cache_dir=cfg.models.cache_dir,
+            seed=cfg.run.seed,
+            template_kwargs=cfg.template_kwargs_for(model) if model is not None else {},
+            executor_backend=executor,
+        )
+
+    def definition(self) -> Stage:
+        """The stage, built from its class's import path."""
+        return by_path(self.stage_class)
+
+    def validated_section(self) -> Any:
+        """The section as its stage's own class (``Stage.Section``) validates it."""
+        return self.definition().Section.model_validate(self.section)
