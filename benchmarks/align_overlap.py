@@ -30,8 +30,8 @@ from pathlib import Path
 
 from host import host_info
 
-from palign.core.config import EngineConfig
-from palign.core.logs import setup_driver_logging
+from palign.common.logs import setup_driver_logging
+from palign.config import EngineConfig
 from palign.engines import EngineSpec, Sampling, build_engine
 from palign.engines.models import resolve_model
 from palign.engines.server import EngineServer

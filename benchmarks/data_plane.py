@@ -42,8 +42,8 @@ SEQ_LEN = 4096
 
 def write_align(folder: Path, rows: int) -> None:
     """Synthetic align-stage shards (id, question, target), 1024 rows each, a chunk at a time."""
-    from palign.core.prompts import training_target
-    from palign.core.shards import write_shard
+    from palign.data.shards import write_shard
+    from palign.method.targets import training_target
 
     for start in range(0, rows, 1024):
         chunk = [{"id": f"r{i}", "question": f"What is {i} + {i}?",
@@ -56,7 +56,7 @@ def rank_probe(folder: str) -> dict:
     """Rank 0 of 2 (micro-batch 1): every micro-batch of one epoch read and collated; the
     process's peak RSS over its RSS before the data path was opened."""
     sys.path.insert(0, str(ROOT))
-    from palign.core.procmem import peak_rss_mib, rss_mib
+    from palign.data.procmem import peak_rss_mib, rss_mib
     from palign.train.batches import collate  # the loop's imports, before the baseline
     from palign.train.steps import StepPlan
     from palign.train.units import UnitReader
@@ -88,8 +88,8 @@ def rank_probe(folder: str) -> dict:
 def one(rows: int, work: Path) -> dict:
     """One size, in this process: write the source, run ingest + truncate, then resume."""
     sys.path.insert(0, str(ROOT))
-    from palign.core.config import parse_config
-    from palign.core.procmem import peak_rss_mib
+    from palign.config import parse_config
+    from palign.data.procmem import peak_rss_mib
     from palign.runtime.runner import run_stage
 
     data = work / "data.jsonl"
@@ -115,7 +115,7 @@ def one(rows: int, work: Path) -> dict:
         "models": {"student": "smollm2-135m"}, "truncate": {"strategy": "full"},
         "engine": {"batch_size": 256, "cpus_per_replica": 1, "replicas": {"min": 2, "max": 2}},
         "output": {"shard_rows": 1024}, "train": {"seq_len": SEQ_LEN}})
-    from palign.core.procmem import lean_driver_memory
+    from palign.data.procmem import lean_driver_memory
     from palign.runtime.runner import init_ray
 
     lean_driver_memory()  # as `palign run` does in its driver
@@ -165,7 +165,7 @@ def main() -> None:
         print("RESULT " + json.dumps(rank_probe(args.rank_probe)), flush=True)
         return
     if args.one:
-        from palign.core.logs import setup_driver_logging
+        from palign.common.logs import setup_driver_logging
 
         setup_driver_logging(logging.WARNING)
         print("RESULT " + json.dumps(one(args.one, args.work)), flush=True)

@@ -66,7 +66,7 @@ def start_server() -> object:
 def write_shards(folder: str, first: int, count: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from palign.core.shards import write_shard
+    from palign.data.shards import write_shard
 
     def one(i: int) -> None:
         rows = [{"id": f"r{i:07d}-{j:02d}", "prefix_ratio": 0.5} for j in range(ROWS_PER_SHARD)]
@@ -85,8 +85,8 @@ def measure(counter: RequestCount, fn) -> tuple[float, int, object]:
 
 
 def reads(counter: RequestCount, folder: str, shards: int) -> dict[str, dict[str, float]]:
-    from palign.core.digest import count_rows, read_index
-    from palign.core.shards import done_index
+    from palign.data.digest import count_rows, read_index
+    from palign.data.shards import done_index
 
     out = {}
     for name, fn, expect in (
@@ -108,7 +108,7 @@ def main() -> None:
     logging.getLogger("werkzeug").addHandler(counter)
     logging.getLogger("werkzeug").propagate = False
     server = start_server()
-    from palign.core.digest import write_digests
+    from palign.data.digest import write_digests
 
     results = []
     try:

@@ -68,10 +68,10 @@ def write_sources(work: Path, rows: int) -> dict[str, Path]:
 def one(source: Path, piece_mib: int, work: Path) -> dict:
     """One ingest, in this process."""
     sys.path.insert(0, str(ROOT))
-    from palign.core.config import parse_config
-    from palign.core.ingest import source_pieces
-    from palign.core.procmem import peak_rss_mib
-    from palign.core.shards import count_rows
+    from palign.config import parse_config
+    from palign.data.ingest import source_pieces
+    from palign.data.procmem import peak_rss_mib
+    from palign.data.shards import count_rows
     from palign.runtime.runner import ingest_once, init_ray
 
     size_mib = source.stat().st_size / 2**20
@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        from palign.core.logs import setup_driver_logging
+        from palign.common.logs import setup_driver_logging
 
         setup_driver_logging(logging.WARNING)
         print("RESULT " + json.dumps(one(args.one, args.piece, args.work)), flush=True)

@@ -39,16 +39,16 @@ from typing import Any
 
 from host import host_info
 
-from palign.core.config import EngineConfig
-from palign.core.logs import setup_driver_logging
-from palign.core.prompts import judge_chat
-from palign.core.search import BinarySearch
-from palign.core.segment import prefix, sentence_ends
-from palign.core.verdict import parse_verdict
+from palign.common.logs import setup_driver_logging
+from palign.config import EngineConfig
 from palign.engines import EngineSpec, Sampling, build_engine
 from palign.engines.guard import GuardedEngine
 from palign.engines.models import resolve_model
 from palign.engines.server import EngineServer
+from palign.method.prompts import judge_chat
+from palign.method.search import BinarySearch
+from palign.method.segment import prefix, sentence_ends
+from palign.method.verdict import parse_verdict
 from palign.stages.truncate import TruncateSection, judge_one, prefill_ratio, truncate_rows
 
 ROOT = Path(__file__).resolve().parents[1]

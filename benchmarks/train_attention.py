@@ -63,7 +63,7 @@ def documents(bin_len: int, n_rows: int, median: int, seed: int, vocab: int) -> 
 def child(attention: str, bin_len: int, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from palign.core.config import parse_config
+    from palign.config import parse_config
     from palign.train.backend import start
     from palign.train.batches import collate
     from palign.train.engine import deepspeed_engine
@@ -98,7 +98,7 @@ def child(attention: str, bin_len: int, args: argparse.Namespace) -> dict[str, A
 
     for i in range(args.warmup):
         step(i)
-    from palign.core.procmem import RssSampler, rss_mib
+    from palign.data.procmem import RssSampler, rss_mib
 
     base = rss_mib()
     with RssSampler(period=0.005, label="steps") as sampler:
@@ -116,7 +116,7 @@ def probe(attention: str, bin_len: int, threads: int) -> dict[str, Any]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from palign.core import procmem
+    from palign.data import procmem
     from palign.train import attention as attn
     from palign.train.data import IGNORE_INDEX, token_loss_sum
 

@@ -49,7 +49,7 @@ def packed_rows(seq_len: int, n_rows: int, seed: int) -> tuple[list[Any], str]:
     from train_throughput import DEMO_ALIGN, synthetic_rows
     from transformers import AutoTokenizer
 
-    from palign.core.shards import read_rows
+    from palign.data.shards import read_rows
     from palign.engines.models import resolve_model
     from palign.train.data import Example, example_from_row, pack
 
@@ -67,8 +67,8 @@ def child(mode: str, args: argparse.Namespace, out: Path) -> None:
     """One mode in this process: load, train, save a checkpoint; JSON to ``out``."""
     import torch
 
-    from palign.core.config import parse_config
-    from palign.core.procmem import RssSampler
+    from palign.config import parse_config
+    from palign.data.procmem import RssSampler
     from palign.train import checkpoints
     from palign.train.backend import start
     from palign.train.batches import collate

@@ -51,10 +51,10 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere, without installi
 import torch  # noqa: E402
 from host import host_info  # noqa: E402
 
-from palign.core.config import Config, parse_config  # noqa: E402
-from palign.core.logs import setup_driver_logging  # noqa: E402
-from palign.core.procmem import RssSampler  # noqa: E402
-from palign.core.shards import read_rows  # noqa: E402
+from palign.common.logs import setup_driver_logging  # noqa: E402
+from palign.config import Config, parse_config  # noqa: E402
+from palign.data.procmem import RssSampler  # noqa: E402
+from palign.data.shards import read_rows  # noqa: E402
 from palign.train.data import (  # noqa: E402
     IGNORE_INDEX,
     Example,

@@ -9,22 +9,22 @@ import time
 
 import yaml
 
-from palign.core.config import (
+from palign.common.failures import MachineryError, StageFailed
+from palign.common.logs import setup_driver_logging
+from palign.config import (
     Config,
     ConfigError,
     format_explain,
     load_config,
     stage_names,
 )
-from palign.core.failures import MachineryError, StageFailed
-from palign.core.grade_file import EXTRACT_CHOICES
-from palign.core.logs import setup_driver_logging
+from palign.report.grade_file import EXTRACT_CHOICES
 
 
 def _overrides(pairs: list[str]) -> dict[str, object]:
     """``--set KEY=VALUE`` arguments as {dotted path: value parsed as YAML}; ConfigError for
     an argument without ``=`` or a value YAML cannot read (``load_config`` checks the paths)."""
-    from palign.core.config import format_problems
+    from palign.config import format_problems
 
     out = {}
     for pair in pairs:
@@ -47,13 +47,13 @@ def _compare(paths: list[str], json_out: str | None, reference: str | None = Non
     import json
     from pathlib import Path
 
-    from palign.core.report import format_comparison, load_arms, merge_arms
+    from palign.report import format_comparison, load_arms, merge_arms
 
     try:
         arms = load_arms(paths)
         ref = None
         if reference:
-            from palign.core.report.reference import load_reference
+            from palign.report.reference import load_reference
 
             ref = load_reference(reference)
     except ValueError as err:
@@ -62,7 +62,7 @@ def _compare(paths: list[str], json_out: str | None, reference: str | None = Non
     print(format_comparison(arms))
     merged = merge_arms(arms)
     if ref is not None:
-        from palign.core.report.reference import format_reference, plot_reference, reference_rows
+        from palign.report.reference import format_reference, plot_reference, reference_rows
 
         print("\n" + format_reference(arms, ref))
         merged["reference"] = {"name": ref.get("name"), "rows": reference_rows(arms, ref)}
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(resolve_model(args.name))
         return 0
     if args.command == "fetch-data":
-        from palign.core.fetch_data import DATASETS, fetch
+        from palign.data.fetch_data import DATASETS, fetch
 
         names = list(DATASETS) if args.names == ["all"] else args.names
         unknown = [n for n in names if n not in DATASETS]
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         import json
         from pathlib import Path
 
-        from palign.core.grade_file import format_report, grade_file
+        from palign.report.grade_file import format_report, grade_file
 
         try:
             report = grade_file(args.file, args.answer_field, args.output_field, args.timeout,
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(cfg: Config, command: str, restart: str | None) -> int:
     """``palign run`` or one stage: the pipeline, its summary and the command's exit status."""
-    from palign.core.procmem import lean_driver_memory
-    from palign.core.runlock import RunLocked
+    from palign.data.procmem import lean_driver_memory
+    from palign.data.runlock import RunLocked
     from palign.pipeline import run_pipeline
     from palign.runtime.runner import StageError
     from palign.runtime.summary import format_summary

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import signal
 
-from palign.core import storage
-from palign.core.config import Config
-from palign.core.failures import StageFailed
-from palign.core.shards import reject_reasons
+from palign.common.failures import StageFailed
+from palign.config import Config
+from palign.data import storage
+from palign.data.shards import reject_reasons
 from palign.runtime import signals
 from palign.runtime.evaluate import run_evaluate_stage
 from palign.runtime.runner import StageError, init_ray, run_stage
@@ -26,7 +26,7 @@ def run_train_stage(cfg: Config) -> StageSummary:
     """Student SFT on Ray Train + DeepSpeed; resumes from its latest checkpoint, unless that
     was made under another model, data or optimizer setting: then ``ConfigChanged`` (exit 2)
     before Ray starts (``palign.train.identity``)."""
-    from palign.core.fingerprint import ConfigChanged
+    from palign.data.fingerprint import ConfigChanged
     from palign.train.identity import check_resume
     from palign.train.trainer import run_train
 
@@ -78,7 +78,7 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None,
     Under ``signals.stop_on_signals`` (as the command runs it) SIGTERM and SIGINT end the run
     with ``Stopped``, its committed work kept and the lock released.
     """
-    from palign.core.runlock import RunLock
+    from palign.data.runlock import RunLock
     from palign.preflight import check_engine_kwargs, check_paths
     from palign.runtime.fingerprints import check_run
     from palign.runtime.fingerprints import restart as move_aside

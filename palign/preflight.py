@@ -1,7 +1,7 @@
 """What a config's paths must be before any work starts; ``palign validate`` and every run check.
 
 The run's data, output, train storage, benchmarks and model folders may be local paths or
-``s3://``/``gs://`` URIs (``palign.core.storage``). An unknown scheme fails here, naming the field,
+``s3://``/``gs://`` URIs (``palign.data.storage``). An unknown scheme fails here, naming the field,
 and so does a bucket that does not exist or cannot be reached. ``models.cache_dir`` is each
 machine's own disk and refuses a URI by name. The data a run reads, the model folders it
 serves and the benchmarks it evaluates must exist (a model folder may be a LoRA adapter). Hub
@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from palign.core import storage
-from palign.core.config import Config, ConfigError, format_problems, stage_names, stages_before
+from palign.config import Config, ConfigError, format_problems, stage_names, stages_before
+from palign.data import storage
 from palign.stages import registry
 
 # Fields that take a URI; the others need a path on the machine.
@@ -36,7 +36,7 @@ def check_engine_kwargs(cfg: Config, stages: list[str] | None = None) -> None:
     """Raise ConfigError when a stage's ``engine.engine_kwargs`` names something that is not a
     vLLM engine argument, or one palign sets itself (``palign.engines.engine_args``), or its
     ``engine.backend`` names by import path a class that cannot be imported here."""
-    from palign.core.plugins import is_import_path
+    from palign.common.plugins import is_import_path
     from palign.engines import backend_class
     from palign.engines.engine_args import kwargs_problems
 

@@ -5,7 +5,13 @@ cluster), ``model`` (runs a model: SmolLM2's files through palign.engines.models
 transformers, vLLM or DeepSpeed model), ``gpu`` (needs CUDA: skipped without it) and ``slow``
 (minutes for another reason). A test that uses a fixture below gets that fixture's mark here
 (pytest_collection_modifyitems); a file that starts Ray or a model itself says so with
-``pytestmark``. ``make test-fast`` runs the tests with none of the marks."""
+``pytestmark``. ``make test-fast`` runs the tests with none of the marks.
+
+The folders say the same by layer: ``unit/`` holds the files whose tests are all in the fast
+tier (pure, or talking to the S3 server at most), ``integration/`` the files that start Ray or a
+model (some also hold fast tests: the marks, not the folder, pick the tier), ``e2e/`` the CLI,
+submitted Ray jobs and whole pipelines; ``support/`` the helpers and what tests name by import
+path."""
 
 from __future__ import annotations
 
@@ -69,7 +75,7 @@ def s3_endpoint():
 def s3(s3_endpoint):
     """The environment that reaches the session's S3 server (set in this process for the
     module, pyarrow's cached file systems dropped), with bucket ``s3_server.BUCKET`` made."""
-    from palign.core import storage
+    from palign.data import storage
 
     env = {"AWS_ENDPOINT_URL_S3": s3_endpoint, **s3_server.CREDENTIALS}
     saved = {k: os.environ.get(k) for k in env}

@@ -6,10 +6,10 @@
 # The GPU machine (Python 3.12, torch, transformers, triton, numpy, pyyaml, pyarrow, psutil,
 # py-cpuinfo, msgpack, einops, ninja, packaging, tqdm) has no deepspeed, pydantic, hjson or peft,
 # and no network. What palign's imported modules need there:
-#   palign.train.data   torch (+ palign.core.prompts, palign.engines.base: standard library)
-#   palign.core.config       pyyaml, pydantic (-> pydantic-core, annotated-types, typing-inspection,
+#   palign.train.data   torch (+ palign.method.prompts, palign.engines.base: standard library)
+#   palign.config       pyyaml, pydantic (-> pydantic-core, annotated-types, typing-inspection,
 #                       typing-extensions >= 4.16)
-#   palign.train.loop   numpy, torch, pyarrow (palign.core.shards), deepspeed (-> hjson; its other
+#   palign.train.loop   numpy, torch, pyarrow (palign.data.shards), deepspeed (-> hjson; its other
 #                       requirements are on the machine already)
 # so the folder gets: a pure-Python deepspeed wheel built here (no C++ ops: the benchmark uses
 # torch's AdamW), and binary wheels of the rest for CPython 3.12 on manylinux x86_64.

@@ -151,7 +151,7 @@ def make_packs(n_rows: int, seq_len: int, layout: str, args: argparse.Namespace,
 
 
 def train_config(args: argparse.Namespace, mode: str, total_steps: int) -> Any:
-    from palign.core.config import parse_config
+    from palign.config import parse_config
 
     long = mode in LONG_MODES
     lora = mode in LORA_MODES
@@ -240,7 +240,7 @@ def run_child(args: argparse.Namespace, shape: str, mode: str) -> dict[str, Any]
     cuda = not args.smoke
     if cuda and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device (use --smoke on a CPU)")
-    from palign.core.logs import setup_driver_logging
+    from palign.common.logs import setup_driver_logging
 
     setup_driver_logging(logging.WARNING)
     for name in ("DeepSpeed", "deepspeed", "palign"):

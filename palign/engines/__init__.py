@@ -1,8 +1,9 @@
 """Inference engines: what a backend provides (``Backend``) and what a stage may call
 (``Engine``); a vLLM and a transformers backend, and any other named by import path.
 
-The engines import the core, torch, transformers and vLLM; never Ray, the stages, the Ray
-layer or training (checked by ``lint-imports``).
+The engines may import the data plane (model folders staged from buckets), the config, the
+method (``Chat``), ``palign.common``, torch, transformers and vLLM; never Ray, the stages, the
+reports, the Ray layer or training (checked by ``lint-imports``).
 
 Backends are imported only when built: importing vLLM alone takes seconds and pulls in a
 large stack that stages without an engine do not need. ``engine.backend:
@@ -15,8 +16,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from palign.core.config import ConfigError
-from palign.core.plugins import is_import_path, load_object
+from palign.common.plugins import is_import_path, load_object
+from palign.config import ConfigError
 from palign.engines.base import (
     Backend,
     BackendBase,

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from palign.core import storage
+from palign.data import storage
 
 logger = logging.getLogger(__name__)
 

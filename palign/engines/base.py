@@ -23,8 +23,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import Field
 
-from palign.core.config import EngineConfig
-from palign.core.prompts import Chat
+from palign.config import EngineConfig
+from palign.method.prompts import Chat
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """The engine as the stages see it: every exception it raises is a machinery failure.
 
 A row the engine cannot serve comes back with its ``error`` set (a row fault, see
-``palign.core.failures``); anything the engine *raises* (a dead engine core, a CUDA error, out of
-memory, a bug in the backend) says the machinery is unsound, so it becomes an
-:class:`~palign.core.failures.EngineFailure` that the stage worker hands to Ray instead of rejecting
-the rows in flight.
+``palign.common.failures``); anything the engine *raises* (a dead engine core, a CUDA error,
+out of memory, a bug in the backend) says the machinery is unsound, so it becomes an
+:class:`~palign.common.failures.EngineFailure` that the stage worker hands to Ray instead of
+rejecting the rows in flight.
 
 Every call has a time limit (``engine.request_timeout_s``): a call that outlives it (a wedged
 GPU, a dead tensor-parallel rank, a deadlock in the backend) raises an EngineFailure too, and the
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, wait
 from typing import Any, TypeVar
 
-from palign.core.failures import EngineFailure, MachineryError, describe
+from palign.common.failures import EngineFailure, MachineryError, describe
 from palign.engines.base import Chat, Completion, Engine, LabelScores, Sampling
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from palign.core import storage, transfer
+from palign.data import storage, transfer
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from palign.core import storage
-from palign.core.digest import read_index
-from palign.core.failures import StageFailed
-from palign.core.layout import FILE, REJECTS
+from palign.common.failures import StageFailed
+from palign.data import storage
+from palign.data.digest import read_index
+from palign.data.layout import FILE, REJECTS
 
 SHOWN = 5  # ids named in a failure's message
 

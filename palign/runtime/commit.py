@@ -1,11 +1,11 @@
 """An engine actor's writes: a batch's results committed where the run's output lives.
 
-The worker writes its batch's results itself (``palign.core.shards``): per subfolder, a shard
+The worker writes its batch's results itself (``palign.data.shards``): per subfolder, a shard
 named after the stage's run token and the batch's ids, rejects first, the output's index last
 as the batch's commit; only counts go back to the driver. A batch whose commit is already there
 (Ray retried a task whose write had finished) is not served again: its counts are read back.
 
-Storage tries every call again on transient faults (``palign.core.retrying``). A batch whose
+Storage tries every call again on transient faults (``palign.data.retrying``). A batch whose
 write still fails is retried the same way as a machinery fault (the actor exits once no batch of
 it is at the engine, so no row counts a crash), ``engine.max_failures`` times in a row at most,
 then the stage fails naming the folder; never a reject. A full disk fails the stage at once.
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from palign.core import storage
-from palign.core.failures import StageFailed, StorageUnavailable, describe
-from palign.core.layout import INDEX, REJECTS, batch_stem, data_name, is_committed
-from palign.core.shards import read_committed_ids, reject_columns, write_shard
+from palign.common.failures import StageFailed, StorageUnavailable, describe
+from palign.data import storage
+from palign.data.layout import INDEX, REJECTS, batch_stem, data_name, is_committed
+from palign.data.shards import read_committed_ids, reject_columns, write_shard
 from palign.runtime.isolation import FaultIsolation
 from palign.stages.base import Row, Stage
 
@@ -72,7 +72,7 @@ class Commit:
             self.isolation.call("end", [], storage_key(self.isolation.actor))
 
     def _storage_failed(self, folder: str, err: StorageUnavailable) -> None:
-        """A batch whose write failed through storage's retries (``palign.core.retrying``,
+        """A batch whose write failed through storage's retries (``palign.data.retrying``,
         about 8 to 16 s of them per call): the machinery's fault, never the rows'. This actor
         exits, once no batch of it has rows at the engine (so none is counted as a crash),
         and Ray restarts it and retries the batch. Bounded: the ledger counts such failures

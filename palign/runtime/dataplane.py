@@ -18,11 +18,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from palign.core import storage
-from palign.core.digest import read_index
-from palign.core.layout import FILE
-from palign.core.lines import iter_lines
-from palign.core.shards import read_shard, shard_index
+from palign.data import storage
+from palign.data.digest import read_index
+from palign.data.layout import FILE
+from palign.data.lines import iter_lines
+from palign.data.shards import read_shard, shard_index
 
 READ_COLUMNS = ("id", "record")
 

@@ -4,7 +4,7 @@ of names), and the folder their log files go to.
 A local Ray (``init_ray`` without an address) and the train stage's workers get these from the
 driver's environment, when set. A Ray job's workers get the job's ``runtime_env``
 (``ray_jobs/runtime_env.yaml``), whose variables are names from this list too (checked by
-``tests/test_cluster_files.py``)."""
+``tests/unit/test_cluster_files.py``)."""
 
 from __future__ import annotations
 

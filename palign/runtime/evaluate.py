@@ -1,19 +1,19 @@
 """The evaluate stage's driver: every model under test on every benchmark, each (model,
 benchmark) pair a folder resumed by id, through the same actor pools as the other stages; then
-the results table (``palign.core.report``)."""
+the results table (``palign.report``)."""
 
 from __future__ import annotations
 
 import logging
 import time
 
-from palign.core import storage
-from palign.core.config import Config
-from palign.core.config.paths import absolute_paths
-from palign.core.digest import count_rows
-from palign.core.failures import StageFailed
-from palign.core.layout import new_token
-from palign.core.shards import done_index, reject_reasons
+from palign.common.failures import StageFailed
+from palign.config import Config
+from palign.config.paths import absolute_paths
+from palign.data import storage
+from palign.data.digest import count_rows
+from palign.data.layout import new_token
+from palign.data.shards import done_index, reject_reasons
 from palign.runtime.accounting import account
 from palign.runtime.dataplane import Plan, plan
 from palign.runtime.fingerprints import check_and_record, evaluate_fingerprint, ingest_fingerprint
@@ -49,7 +49,7 @@ def eval_model_path(cfg: Config, model: EvalModel) -> str:
 def run_evaluate_stage(cfg: Config) -> StageSummary:
     """Every model under test on every benchmark, n graded samples per problem; then the
     results table and plots. Resumes per (model, benchmark) folder by id."""
-    from palign.core.report import write_results
+    from palign.report import write_results
 
     start = time.time()
     cfg = absolute_paths(cfg)  # the benchmarks' paths too, as their ingest records them

@@ -1,4 +1,4 @@
-"""Each stage's fingerprint from a config (``palign.core.fingerprint`` says what one is), the
+"""Each stage's fingerprint from a config (``palign.data.fingerprint`` says what one is), the
 check that runs before any work, and ``--restart``.
 
 The chain: ingest's fingerprint is the data section and the source files' names and sizes;
@@ -16,10 +16,10 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from palign.core import fingerprint, storage, transfer
-from palign.core.config import Config, DataSection, stage_names, stages_before
-from palign.core.digest import count_rows
-from palign.core.layout import REJECTS
+from palign.config import Config, DataSection, stage_names, stages_before
+from palign.data import fingerprint, storage, transfer
+from palign.data.digest import count_rows
+from palign.data.layout import REJECTS
 from palign.stages import registry
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Fault isolation on an engine actor: whose fault a failure is, and what happens to the rows.
 
-``palign.core.failures`` sorts failures; this module acts on them for one actor
+``palign.common.failures`` sorts failures; this module acts on them for one actor
 (``palign.runtime.worker``):
 
 - A row fault becomes a reject of kind ``row``; an exception our own stage code raises on one
@@ -15,7 +15,7 @@
   flight wait: :class:`Gate`), so a second crash names its one row, not whatever else was in
   flight.
 
-The ledger (``palign.core.attempts``) outlives the actor: a Ray actor of its own on the driver's
+The ledger (``palign.runtime.attempts``) outlives the actor: a Ray actor of its own on the driver's
 node, or an ``AttemptLedger`` in this process when the worker runs outside Ray (tests), where
 there is no actor to restart and a machinery fault is raised instead.
 """
@@ -29,10 +29,10 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from palign.core.attempts import AttemptLedger
-from palign.core.failures import SYSTEM, MachineryError, StageFailed, describe, is_machinery
-from palign.core.logs import FILE_ONLY
+from palign.common.failures import SYSTEM, MachineryError, StageFailed, describe, is_machinery
+from palign.common.logs import FILE_ONLY
 from palign.engines.guard import GuardedEngine
+from palign.runtime.attempts import AttemptLedger
 from palign.stages.base import Outcome, Row, rejected
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ class PlacementGroupFactory:
     stage could not get them. Until then a replica dropped by autoscaling keeps its group, and
     so does one extra group per execution: Ray Data 2.60's high-memory issue detector calls this
     function once more, after the first actors start, only to read ``memory`` from its result
-    (measured in ``tests/test_resources.py``). With ``replicas.min == max`` filling the GPUs,
-    that group stays pending and holds nothing. ``ray_remote_args_fn`` is deprecated in Ray 2.60
-    (removal announced for 2.64), though ``ray.data.llm`` still relies on it.
+    (measured in ``tests/integration/test_resources.py``). With ``replicas.min == max`` filling
+    the GPUs, that group stays pending and holds nothing. ``ray_remote_args_fn`` is deprecated in
+    Ray 2.60 (removal announced for 2.64), though ``ray.data.llm`` still relies on it.
     """
 
     def __init__(self, bundles: tuple[dict[str, float], ...], strategy: str) -> None:

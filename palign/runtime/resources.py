@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from palign.core.config import Config, ConfigError, EngineConfig, format_problems
+from palign.config import Config, ConfigError, EngineConfig, format_problems
 from palign.stages import registry
 from palign.stages.train import TrainSection
 

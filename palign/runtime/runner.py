@@ -6,12 +6,12 @@ A stage's input is the output of the closest earlier stage the config lists; the
 stage reads the ingested data (``<output_dir>/ingest/``, written once by parallel tasks,
 ``palign.runtime.source``). The driver only plans from indexes (``palign.runtime.dataplane``),
 watches progress and adds up counts: no row passes through it, so ``run.output_dir`` may be a
-local folder, a shared mount or ``s3://``/``gs://`` (``palign.core.storage``).
+local folder, a shared mount or ``s3://``/``gs://`` (``palign.data.storage``).
 
-A stage ends in one of two ways: its summary, or :class:`~palign.core.failures.StageFailed` with a
+A stage ends in one of two ways: its summary, or :class:`~palign.common.failures.StageFailed` with a
 message for a person, after keeping what it wrote. It fails when its engine keeps failing, when
 its rejects pass ``<stage>.max_reject_share`` of its rows, or when no row came out of it. A
-whole run holds ``<output_dir>/_LOCK`` (``palign.core.runlock``): a second run on the same folder
+whole run holds ``<output_dir>/_LOCK`` (``palign.data.runlock``): a second run on the same folder
 refuses to start.
 """
 
@@ -25,16 +25,16 @@ import sys
 import time
 from typing import Any
 
-from palign.core import fingerprint, storage
-from palign.core.config import Config, DataSection, stages_before
-from palign.core.config.paths import absolute_paths
-from palign.core.digest import count_rows, write_digest, write_digests
-from palign.core.failures import StageFailed
-from palign.core.fence import write_epoch
-from palign.core.ingest import source_pieces
-from palign.core.layout import DONE_MARKER, REJECTS, new_token
-from palign.core.logs import ProgressLine
-from palign.core.shards import clean_uncommitted, done_index, release_rejects
+from palign.common.failures import StageFailed
+from palign.common.logs import ProgressLine
+from palign.config import Config, DataSection, stages_before
+from palign.config.paths import absolute_paths
+from palign.data import fingerprint, storage
+from palign.data.digest import count_rows, write_digest, write_digests
+from palign.data.fence import write_epoch
+from palign.data.ingest import source_pieces
+from palign.data.layout import DONE_MARKER, REJECTS, new_token
+from palign.data.shards import clean_uncommitted, done_index, release_rejects
 from palign.runtime import signals
 from palign.runtime.accounting import account
 from palign.runtime.dataplane import Plan, dataset, plan
@@ -264,12 +264,12 @@ def stream(cfg: Config, stage: str, work: Plan, model: str | None,
 
 
 def start_ledger(max_row_attempts: int, max_failures: int) -> Any:
-    """The stage's attempt ledger (``palign.core.attempts``), a Ray actor on this (the driver's)
+    """The stage's attempt ledger (``palign.runtime.attempts``), a Ray actor on this (the driver's)
     node, so that it outlives any engine actor and any worker node."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from palign.core.attempts import AttemptLedger
+    from palign.runtime.attempts import AttemptLedger
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return (ray.remote(AttemptLedger)
@@ -312,10 +312,12 @@ def _remote_stage_failed(text: str) -> str | None:
     keeps no cause to walk."""
     import re
 
-    from palign.core import failures
+    from palign.common import failures
 
     found = None
-    for match in re.finditer(r"^palign\.core\.failures\.(\w+): (.+)$", text, re.M):
+    # The module's own name, so that a move of failures cannot silently stop the match.
+    pattern = rf"^{re.escape(failures.__name__)}\.(\w+): (.+)$"
+    for match in re.finditer(pattern, text, re.M):
         cls = getattr(failures, match.group(1), None)
         if isinstance(cls, type) and issubclass(cls, StageFailed):
             found = match.group(2).strip()

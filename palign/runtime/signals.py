@@ -19,7 +19,7 @@ What would get in the way is handled here:
   (on object storage, one that refuses the next run for ``run.lock_stale_s``): :func:`shielded`
   enters and leaves a context manager with stops held back until it is done.
 
-The run lock's heartbeat stops a run that lost its lock with SIGINT (``palign.core.runlock``):
+The run lock's heartbeat stops a run that lost its lock with SIGINT (``palign.data.runlock``):
 that too raises ``Stopped`` here, and the lock's exit turns it into ``LockLost``, a failure.
 """
 

@@ -20,12 +20,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from palign.core import storage
-from palign.core.config import DataSection
-from palign.core.digest import read_index
-from palign.core.ingest import Rejected, SourceFile, read_file, source_pieces, validate_row
-from palign.core.layout import DONE_MARKER, FILE, REJECTS
-from palign.core.shards import read_committed, reject_columns, reject_row, shard_index, write_shard
+from palign.config import DataSection
+from palign.data import storage
+from palign.data.digest import read_index
+from palign.data.ingest import Rejected, SourceFile, read_file, source_pieces, validate_row
+from palign.data.layout import DONE_MARKER, FILE, REJECTS
+from palign.data.shards import read_committed, reject_columns, reject_row, shard_index, write_shard
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """What an engine actor is told: its stage's own config section and the few run settings it reads.
 
 The driver builds a :class:`WorkerSpec` (``WorkerSpec.of``) from the whole config, where the
-config has its paths made absolute (``palign.core.config.paths``), and hands it to the stage's
+config has its paths made absolute (``palign.config.paths``), and hands it to the stage's
 actor pool; each actor validates only its section, with the stage's own section class
 (``Stage.Section``), and never builds a ``Config``. What Ray ships to every actor stays small
 and plain: strings, numbers and the section as JSON.
@@ -16,16 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from palign.core import storage
-from palign.core.config import stage_path
-from palign.core.layout import new_token
+from palign.config import stage_path
+from palign.data import storage
+from palign.data.layout import new_token
 from palign.runtime.resources import engine_request
 from palign.stages.base import Stage
 from palign.stages.registry import by_path
 from palign.stages.registry import get as get_stage
 
 if TYPE_CHECKING:
-    from palign.core.config import Config
+    from palign.config import Config
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from palign.core import storage
-from palign.core.config import Config
-from palign.core.digest import count_rows, read_index
-from palign.core.failures import StageFailed, describe, reject_share_error
-from palign.core.layout import DONE_MARKER, REJECTS
-from palign.core.shards import reject_reasons
+from palign.common.failures import StageFailed, describe, reject_share_error
+from palign.config import Config
+from palign.data import storage
+from palign.data.digest import count_rows, read_index
+from palign.data.layout import DONE_MARKER, REJECTS
+from palign.data.shards import reject_reasons
 from palign.stages import registry
 
 

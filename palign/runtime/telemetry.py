@@ -23,8 +23,8 @@ What to call, and where (``stage`` is the stage name; it becomes the ``stage`` l
   ``engine_requests`` and returns the tallies the driver adds to the stage's summary
 
 Exported names, measured with Ray 2.60 (its default OpenTelemetry exporter; see
-``tests/test_telemetry.py``): Ray prefixes ``ray_``, counters get ``_total`` and histograms
-``_bucket`` (label ``le``), ``_sum`` and ``_count``; gauges keep their name::
+``tests/integration/test_telemetry.py``): Ray prefixes ``ray_``, counters get ``_total`` and
+histograms ``_bucket`` (label ``le``), ``_sum`` and ``_count``; gauges keep their name::
 
     ray_palign_rows_in_total{stage}            counter
     ray_palign_rows_out_total{stage}           counter

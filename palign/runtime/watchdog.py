@@ -5,7 +5,7 @@ A hung engine call inside a running actor raises at ``engine.request_timeout_s``
 SIGSTOPped or frozen process, a thread that holds the interpreter's lock for ever) cannot; Ray
 does not notice either, and its batches would hang the stage for ever while the run's lock
 heartbeat goes on. So every stage actor gives the stage's attempt ledger
-(``palign.core.attempts``) a sign of life every few seconds (:func:`give_signs_of_life`), and a
+(``palign.runtime.attempts``) a sign of life every few seconds (:func:`give_signs_of_life`), and a
 thread of the driver (:class:`Watchdog`) asks the ledger for actors silent past the limit and
 kills each with ``ray.kill(handle, no_restart=False)``: Ray ends the process (SIGKILL, which a
 stopped process obeys too), restarts the actor and retries its batches, and the ledger counts
@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from palign.core.attempts import AttemptLedger
+from palign.runtime.attempts import AttemptLedger
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,12 @@ import logging
 import time
 from typing import Any
 
-from palign.core.attempts import AttemptLedger
-from palign.core.logs import setup_actor_logging
-from palign.core.shards import reject_row
+from palign.common.logs import setup_actor_logging
+from palign.data.shards import reject_row
 from palign.engines.base import EngineSpec
 from palign.engines.guard import GuardedEngine
 from palign.runtime import telemetry
+from palign.runtime.attempts import AttemptLedger
 from palign.runtime.commit import Commit
 from palign.runtime.environment import actor_log_dir
 from palign.runtime.isolation import FaultIsolation, actor_id
@@ -89,7 +89,7 @@ class StageWorker:
         return GuardedEngine(EngineServer(engine, config.max_in_flight), config.request_timeout_s)
 
     def _start_grader(self) -> Any:
-        from palign.core.grading import Grader
+        from palign.method.grading import Grader
 
         grader = Grader(timeout_s=self.section.grade_timeout_s)
         grader.start()  # GraderUnavailable: the actor does not start

@@ -21,10 +21,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from palign.core.config import Config, EngineStageSection, SamplingConfig
-from palign.core.grading import STATUS_UNCHECKED, Grade, Grader
-from palign.core.prompts import align_chat, training_target
+from palign.config import Config, EngineStageSection, SamplingConfig
 from palign.engines.base import Completion, Engine
+from palign.method.grading import STATUS_UNCHECKED, Grade, Grader
+from palign.method.prompts import align_chat
+from palign.method.targets import training_target
 from palign.stages.base import BatchMetrics, Context, Outcome, Row, Stage, field_tokens, rejected
 from palign.stages.generate import sampling_for
 

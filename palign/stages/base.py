@@ -8,7 +8,7 @@ preflight checks for it, and what the config asks of a run that executes it (``c
 ``output_budget`` that must leave room for a prompt). The defaults are those of a stage that
 needs nothing special; each stage module (``generate``, ``truncate``, ``align``, ``train``,
 ``evaluate``) overrides what it differs in, and holds its section class beside it. The list of
-stages lives once, in ``palign.core.config.stages``.
+stages lives once, in ``palign.config.stages``.
 
 A stage holds no state: a Ray actor builds its own instance by import, so anything a batch
 needs comes in its :class:`Context`. Pure: no Ray.
@@ -22,10 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from palign.core.failures import ROW
+from palign.common.failures import ROW
 
 if TYPE_CHECKING:
-    from palign.core.config import Config
+    from palign.config import Config
     from palign.engines.base import Engine
 
 Row = dict[str, Any]
@@ -38,7 +38,7 @@ class Outcome:
     id: str
     record: dict[str, Any] | None = None  # the output row, when the row went through
     reason: str | None = None  # why it was rejected, otherwise
-    kind: str = ROW  # whose fault the reject is: "row" or "system" (see palign.core.failures)
+    kind: str = ROW  # whose fault the reject is: "row" or "system" (see palign.common.failures)
 
     @property
     def ok(self) -> bool:
@@ -87,7 +87,7 @@ class Stage(ABC):
     driver: ClassVar[Literal["rows", "evaluate", "train"]] = "rows"
     grades: ClassVar[bool] = False  # needs a grading worker (math-verify)
     input_columns: ClassVar[tuple[str, ...]] = ()  # of its input's index, for engine_for
-    # What a finished record puts in its shard's index (palign.core.shards): the few numbers
+    # What a finished record puts in its shard's index (palign.data.shards): the few numbers
     # the summary needs, so that summaries never read whole rows.
     index_columns: ClassVar[tuple[str, ...]] = ()
 

@@ -2,7 +2,7 @@
 
 Input row: a benchmark problem (id, question, answer, benchmark). Output row: the problem plus
 ``samples``, one record per sample: sample index, output, output tokens, finish reason, and
-its grade in both extraction modes (see palign.core.grading): ``extracted``, ``correct`` and
+its grade in both extraction modes (see palign.method.grading): ``extracted``, ``correct`` and
 ``status`` (ok, no_answer, timeout, error) for the strict mode (the last box), and
 ``flexible_extracted``, ``flexible_correct`` and ``flexible_status`` for the flexible one
 (math-verify's own extraction over the whole output). A time-out counts as wrong and stays
@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from palign.core.config import (
+from palign.config import (
     NAME_PATTERN,
     Config,
     DataSection,
@@ -27,9 +27,9 @@ from palign.core.config import (
     SamplingConfig,
     Strict,
 )
-from palign.core.grading import Grader
-from palign.core.prompts import student_question
 from palign.engines.base import Engine
+from palign.method.grading import Grader
+from palign.method.prompts import student_question
 from palign.stages.base import BatchMetrics, Context, Outcome, Row, Stage, rejected
 from palign.stages.generate import sampling_for
 
@@ -129,7 +129,7 @@ def batch_metrics(records: Sequence[Row]) -> BatchMetrics:
 
 class Evaluate(Stage):
     """Its engine serves each model under test in turn (the runner names it per run, so
-    ``model`` is None); the results tables are its summary (palign.core.report)."""
+    ``model`` is None); the results tables are its summary (palign.report)."""
 
     name = "evaluate"
     description = ("Sampled answers of each model under test to each benchmark problem, "

@@ -10,9 +10,9 @@ from typing import Any
 
 from pydantic import Field
 
-from palign.core.config import Config, EngineStageSection, SamplingConfig
-from palign.core.prompts import teacher_chat
+from palign.config import Config, EngineStageSection, SamplingConfig
 from palign.engines.base import Engine, Sampling
+from palign.method.prompts import teacher_chat
 from palign.stages.base import BatchMetrics, Context, Outcome, Row, Stage, field_tokens, rejected
 
 

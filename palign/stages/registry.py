@@ -1,5 +1,5 @@
 """Every stage by name, as an instance: ``get("truncate")``. The list itself, with its order, is
-``palign.core.config.stages``; this module only builds the stages it names.
+``palign.config.stages``; this module only builds the stages it names.
 
 Stages hold no state, so one instance per class serves every caller (a Ray actor builds its
 own by import)."""
@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from functools import cache
 
-from palign.core.config import stage_class, stage_names
-from palign.core.plugins import load_object
+from palign.common.plugins import load_object
+from palign.config import stage_class, stage_names
 from palign.stages.base import Stage
 
 

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from palign.core.config import Config, Strict
-from palign.core.config.sections import BACKEND_PATH as IMPORT_PATH
+from palign.common.plugins import IMPORT_PATH
+from palign.config import Config, Strict
 from palign.stages.base import Context, Outcome, Row, Stage
 
 

@@ -34,18 +34,18 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from palign.core.config import Config, EngineStageSection
-from palign.core.prompts import judge_chat
-from palign.core.search import PrefixSearch, make_search
-from palign.core.segment import prefix, sentence_ends
-from palign.core.verdict import (
+from palign.config import Config, EngineStageSection
+from palign.engines.base import Batched, Completion, Engine, LabelScores, Sampling
+from palign.method.prompts import judge_chat
+from palign.method.search import PrefixSearch, make_search
+from palign.method.segment import prefix, sentence_ends
+from palign.method.verdict import (
     LABELS,
     NOT_ENOUGH,
     enough_probability,
     parse_verdict,
     verdict_from_score,
 )
-from palign.engines.base import Batched, Completion, Engine, LabelScores, Sampling
 from palign.stages.base import BatchMetrics, Context, Outcome, Row, Stage, rejected
 
 

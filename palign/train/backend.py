@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from palign.core.config import Config
+from palign.config import Config
 from palign.stages.train import TrainSection
 from palign.train.checkpoints import LocalResume, Resume
 from palign.train.paths import CHECKPOINT_PREFIX, STATE_FILE, checkpoint_name, run_dir

@@ -1,7 +1,7 @@
 """Train callbacks: objects named in ``train.callbacks`` that every training process calls.
 
 A callback is a class named by import path (``train.callbacks: [{path: "pkg.module:Name",
-kwargs: {...}}]``, loaded by ``palign.core.plugins``), made once per process with its
+kwargs: {...}}]``, loaded by ``palign.common.plugins``), made once per process with its
 ``kwargs`` and called after each optimizer step, once that step's checkpoint (if it has one)
 is saved and published: whatever it raises fails the run there, as a crash would, and the
 run resumes from that checkpoint. The tests inject their training failures this way
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from palign.core.config import ConfigError
-from palign.core.plugins import load_object
+from palign.common.plugins import load_object
+from palign.config import ConfigError
 from palign.stages.train import TrainSection
 
 

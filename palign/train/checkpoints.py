@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from palign.core.shards import replace_atomically
+from palign.data.shards import replace_atomically
 from palign.stages.train import TrainSection
 from palign.train.paths import DS_TAG, STATE_FILE
 

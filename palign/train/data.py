@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from palign.core.prompts import student_question
+from palign.method.prompts import student_question
 
 logger = logging.getLogger(__name__)
 

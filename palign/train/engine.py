@@ -7,7 +7,7 @@ weights exactly when the model is loaded in bf16; a torch ``AdamW`` as client op
 (0.9, 0.95), eps 1e-8, no weight decay on norms and biases), fused when
 ``train.fused_optimizer`` says so (``auto``: wherever torch has a fused kernel for the device);
 a ``LambdaLR`` with linear warm-up then cosine decay to ``lr * min_lr_ratio``;
-``train.deepspeed`` merged over the result (``palign.core.config.merge.deep_merge``).
+``train.deepspeed`` merged over the result (``palign.config.merge.deep_merge``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from palign.core.config import Config
-from palign.core.config.merge import deep_merge
+from palign.config import Config
+from palign.config.merge import deep_merge
 from palign.stages.train import TrainSection
 from palign.train.data import token_loss_sum
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from palign.core import storage, transfer
+from palign.data import storage, transfer
 from palign.engines.adapters import EXPORT_INFO
 
 logger = logging.getLogger(__name__)

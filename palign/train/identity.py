@@ -3,7 +3,7 @@ resumes a checkpoint made under another model, data or optimizer setting.
 
 ``check_resume(cfg)`` computes the fingerprint and, when the run's folder
 (``<storage_path>/<run.name>-train/``) holds a complete checkpoint, compares it with the one
-recorded in ``<output_dir>/train/_FINGERPRINT.json`` (``palign.core.fingerprint``): any
+recorded in ``<output_dir>/train/_FINGERPRINT.json`` (``palign.data.fingerprint``): any
 difference raises ``ConfigChanged`` (exit 2), naming each field with its old and new value,
 before Ray Train starts (no worker, GPU or data preparation). ``record(cfg, fp)`` writes it
 before the first checkpoint. ``guard_resume`` does both: the Ray driver (``trainer.run_train``)
@@ -51,8 +51,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from palign.core import fingerprint, storage
-from palign.core.config import Config
+from palign.config import Config
+from palign.data import fingerprint, storage
 from palign.stages.train import TrainSection
 from palign.train.paths import CHECKPOINT_PREFIX, STATE_FILE, run_name, storage_path
 

@@ -76,10 +76,10 @@ from typing import Any
 
 import torch
 
-from palign.core import storage
-from palign.core.config import Config, parse_config
-from palign.core.config.paths import absolute_paths
-from palign.core.fingerprint import ConfigChanged
+from palign.config import Config, parse_config
+from palign.config.paths import absolute_paths
+from palign.data import storage
+from palign.data.fingerprint import ConfigChanged
 from palign.train import callbacks, checkpoints
 from palign.train.backend import Backend, start
 from palign.train.batches import MicroBatch, StepSource
@@ -338,7 +338,7 @@ def _finish(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m palign.train.loop CONFIG`` (under torchrun): one worker of a torchrun job."""
-    from palign.core.config import load_config
+    from palign.config import load_config
 
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc-per-node N -m palign.train.loop",

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from palign.core.config import Config
+from palign.config import Config
 from palign.engines.dtypes import torch_dtype
 from palign.stages.train import TrainSection
 from palign.train import attention

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from palign.core import storage
-from palign.core.config import Config
-from palign.core.config.paths import train_storage_path
+from palign.config import Config
+from palign.config.paths import train_storage_path
+from palign.data import storage
 
 DS_TAG = "ds"  # DeepSpeed's checkpoint tag (sub-folder) inside each checkpoint directory
 STATE_FILE = "train_state.json"  # written by rank 0 last: marks a checkpoint complete

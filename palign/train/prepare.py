@@ -38,11 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from palign.core import storage
-from palign.core.config import Config
-from palign.core.digest import read_index
-from palign.core.layout import FILE, REJECTS
-from palign.core.shards import read_committed, reject_columns, reject_row, write_shard
+from palign.config import Config
+from palign.data import storage
+from palign.data.digest import read_index
+from palign.data.layout import FILE, REJECTS
+from palign.data.shards import read_committed, reject_columns, reject_row, write_shard
 from palign.train.data import IGNORE_INDEX, Untrainable, build_example, pack_lengths
 from palign.train.units import (
     DATA,

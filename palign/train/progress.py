@@ -10,7 +10,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from palign.core.logs import setup_rank_logging
+from palign.common.logs import setup_rank_logging
 
 logger = logging.getLogger(__name__)
 

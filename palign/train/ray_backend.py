@@ -29,7 +29,7 @@ from typing import Any
 import ray.train
 import torch
 
-from palign.core.config import Config
+from palign.config import Config
 from palign.runtime import telemetry
 from palign.stages.train import TrainSection
 from palign.train.backend import Backend, device_for
@@ -102,7 +102,7 @@ def fit(cfg: Config, train_fn: Any, worker_config: dict[str, Any], env: dict[str
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from palign.core import storage
+    from palign.data import storage
     from palign.runtime.resources import train_request
     from palign.train.paths import run_name, storage_path
 

@@ -47,10 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from palign.core import storage
-from palign.core.config import Config
-from palign.core.config.paths import absolute_paths
-from palign.core.shards import shard_files
+from palign.config import Config
+from palign.config.paths import absolute_paths
+from palign.data import storage
+from palign.data.shards import shard_files
 from palign.runtime.environment import forwarded_env
 from palign.train import callbacks
 from palign.train.identity import guard_resume
@@ -109,7 +109,7 @@ def run_train(cfg: Config) -> TrainResult:
     ``<output_dir>/train/model/``; resumes a run of the same name from its latest checkpoint.
 
     Starts (or joins, per ``ray.address``) Ray. Raises ``TrainStageError`` when there are no
-    aligned shards, ``palign.core.fingerprint.ConfigChanged`` (before Ray starts) when the
+    aligned shards, ``palign.data.fingerprint.ConfigChanged`` (before Ray starts) when the
     latest checkpoint was made under another model, data or optimizer setting
     (``palign.train.identity``), and Ray's ``TrainingFailedError`` when the workers fail more than
     ``train.max_failures`` times (the checkpoints stay; run again to resume).

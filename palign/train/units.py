@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from palign.core import storage
+from palign.data import storage
 from palign.train.data import IGNORE_INDEX, Example, Pack
 
 VERSION = 1

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field
 
-from palign.core.config import Config, EngineStageSection
+from palign.config import Config, EngineStageSection
 from palign.stages.base import Context, Outcome, Row, RowStage, rejected
 
 

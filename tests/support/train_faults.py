@@ -1,5 +1,6 @@
 """Training failures on purpose, as a train callback (``train.callbacks``): the resume tests
-(tests/test_train.py, tests/test_train_lora.py) stop a run right after a step's checkpoint.
+(tests/integration/test_train.py, tests/integration/test_train_lora.py) stop a run right after
+a step's checkpoint.
 
 Imported by import path on every training process (Ray Train's workers, torchrun's ranks):
 tests/conftest.py puts this folder on ``PYTHONPATH``."""
