@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import urllib.request
@@ -213,7 +214,8 @@ def test_exported_names_on_a_local_ray(no_ray) -> None:
     port = free_port()
     ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING",
              _metrics_export_port=port,
-             runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(  # the actor's class is here
+                 map(str, (ROOT, Path(__file__).parent, ROOT / "tests" / "support")))}})
     try:
         _record_all("truncate")  # the driver (runner) side
 
