@@ -251,7 +251,9 @@ class RunLock:
                 self.lost = lost
                 log.error("%s was taken over by another run while this one held it (%s): "
                           "stopping this run", self.path, lost)
-                os.kill(os.getpid(), signal.SIGINT)  # ends blocking calls, as Ctrl-C does
+                # Ctrl-C, aimed at the main thread: sent to the process, the kernel may hand it
+                # to this thread instead, and the main thread would sleep on in its blocking call
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 return
 
     def _refresh_local(self) -> str | None:
