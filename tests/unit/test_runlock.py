@@ -91,7 +91,12 @@ def test_a_holder_whose_lock_was_taken_over_stops_with_a_failure(tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     try:
-        out, err = proc.communicate(timeout=30)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # say what the holder did before it hung
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the woken holder did not stop in 30 s; its stderr:\n{err[-3000:]}")
         assert proc.returncode == 1 and "went on" not in out
         assert "LockLost" in err and "was taken over by another palign run" in err
         assert f"pid {os.getpid()}" in err  # names the run that holds it now
