@@ -9,11 +9,12 @@ the runner, fingerprints, summaries) asks here or through ``palign.stages.regist
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from typing import Any
+
+from palign.common.plugins import load_object
 
 _STAGES: dict[str, str] = {
     "generate": "palign.stages.generate:Generate",
@@ -48,8 +49,7 @@ def stage_class(name: str) -> Any:
 
 @cache
 def _load(path: str) -> Any:
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return load_object(path, "run.stages")
 
 
 def engine_stage_names() -> tuple[str, ...]:
