@@ -23,7 +23,10 @@ is deleted only if it is still the version this run wrote.
 A holder that stops beating for ``stale_s`` (a paused VM, a driver stuck that long) can find,
 when it wakes, that another run has taken the folder over. It must not go on beside that run:
 its heartbeat interrupts the main thread (as Ctrl-C would, so blocking Ray calls end too) and
-the run ends with ``LockLost``, a failure, whatever the block was doing.
+the run ends with ``LockLost``, a failure, whatever the block was doing. A process started with
+SIGINT ignored (``cmd &`` in a script, ``nohup``) would sleep through that interrupt, so while
+the lock is held such a process gets a handler that acts on it only once the lock is lost: a
+Ctrl-C is ignored as before.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ class RunLock:
         self._object: conditional.ConditionalObject | None = None  # object storage: the lock
         self._tag: str | None = None  # object storage: the version of the lock we last wrote
         self._seq = 0  # object storage: our writes of the lock, so each version differs
+        self._sigint: Any = None  # the SIGINT disposition we replaced while holding, if any
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -148,6 +152,7 @@ class RunLock:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        self._disarm()
         if not self.remote:
             holder = self._holder()
             if holder is not None and holder.info.get("token") == self.token:
@@ -170,8 +175,33 @@ class RunLock:
     # -- parts ----------------------------------------------------------------------------
 
     def _start(self) -> None:
+        self._arm()
         self._thread = threading.Thread(target=self._beat, name="palign-run-lock", daemon=True)
         self._thread.start()
+
+    def _arm(self) -> None:
+        """Make sure the heartbeat's interrupt is heard: a process whose SIGINT is ignored or
+        left to the system gets, while it holds the lock, a handler that raises only once the
+        lock is lost. Only the main thread can set handlers; a Python handler stays as it is."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGINT)
+        if callable(current):
+            return
+        self._sigint = current
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _disarm(self) -> None:
+        if self._sigint is None or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) == self._on_sigint:
+            signal.signal(signal.SIGINT, self._sigint)
+        self._sigint = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.lost is not None or self._sigint == signal.SIG_DFL:
+            raise KeyboardInterrupt  # the lock is lost (or Ctrl-C, which would have ended it)
+        # SIGINT was ignored before this lock was taken: a Ctrl-C still is
 
     def _content(self) -> bytes:
         """The lock object's next version: who holds it, and a count that makes each version's

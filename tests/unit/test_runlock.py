@@ -75,13 +75,20 @@ print("went on", flush=True)
 """
 
 
-def test_a_holder_whose_lock_was_taken_over_stops_with_a_failure(tmp_path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_a_holder_whose_lock_was_taken_over_stops_with_a_failure(tmp_path, sigint):
     """A holder paused past stale_s (SIGSTOP: a frozen VM or driver) loses its lock to a new
-    run; woken, it stops at once, even from a blocking call, instead of going on beside it."""
+    run; woken, it stops at once, even from a blocking call, instead of going on beside it.
+    Also when it was started with SIGINT ignored (``cmd &`` in a script, as CI may start the
+    suite), which the heartbeat's interrupt would otherwise not wake."""
     import signal
 
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore_sigint if sigint == "ignored" else None)
     assert proc.stdout.readline().strip() == "held"
     os.kill(proc.pid, signal.SIGSTOP)
     try:
