@@ -21,7 +21,7 @@ paper-demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check palign tests benchmarks
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q -rfEs --durations=15
+	$(PY) -m pytest -q -rfEs --durations=30
 
 # The pure tests: no Ray, no model, no GPU, no pip install (pyproject.toml's pytest markers).
 test-fast: $(STAMP)

@@ -1,5 +1,6 @@
-"""The `palign` command: run the pipeline or one stage, validate a config, grade generations,
-or compare runs' evaluation results."""
+"""The `palign` command: run the pipeline or one stage, validate a config, audit the judge,
+estimate a run's cost, write a run's report, grade generations, or compare runs' evaluation
+results."""
 
 from __future__ import annotations
 
@@ -18,28 +19,8 @@ from palign.config import (
     load_config,
     stage_names,
 )
+from palign.config.overrides import parse_set_args
 from palign.report.grade_file import EXTRACT_CHOICES
-
-
-def _overrides(pairs: list[str]) -> dict[str, object]:
-    """``--set KEY=VALUE`` arguments as {dotted path: value parsed as YAML}; ConfigError for
-    an argument without ``=`` or a value YAML cannot read (``load_config`` checks the paths)."""
-    from palign.config import format_problems
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(format_problems([f"--set {pair!r}: expected KEY=VALUE, KEY a "
-                                               "field's dotted path (data.limit=5)"]))
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err).split("\n")[0]
-            raise ConfigError(format_problems([
-                f"--set {pair!r}: {key.strip()}: the value is not valid YAML ({problem}); "
-                "quote text that should stay as it is"])) from None
-    return out
 
 
 def _compare(paths: list[str], json_out: str | None, reference: str | None = None,
@@ -137,8 +118,50 @@ def main(argv: list[str] | None = None) -> int:
                            "or a reference JSON file")
     comp.add_argument("--plot", help="with --reference: the bar chart's path "
                                      "(default compare_reference.png)")
+    from palign.runtime import audit, costplan
+
+    audit.add_arguments(sub.add_parser(
+        "audit", help="check the judge on a sample of truncate's input: its P(ENOUGH) curve at "
+                      "every prefix, monotonicity, binary search against a full scan, and "
+                      "rollouts of the student against its verdicts (docs/audit.md)"))
+    costplan.add_arguments(sub.add_parser(
+        "plan", help="project tokens, time and GPU-hours of the whole input from the engine "
+                     "stages run on a sample, or from a finished run (docs/plan.md)"))
+    rep = sub.add_parser("report", help="write <RUN>/report.html, the run's self-contained "
+                                        "report (docs/report.md)")
+    rep.add_argument("run_dir", metavar="RUN",
+                     help="a run's output_dir (a folder or s3:// / gs:// URI)")
     args = parser.parse_args(argv)
     setup_driver_logging()
+
+    if args.command == "report":
+        from palign.report.run_report import main as report_main
+
+        return report_main(args)
+    if args.command in ("audit", "plan"):
+        # the paths and engines they use are checked before any work, as a run's are
+        from palign.preflight import check_engine_kwargs, check_paths
+        from palign.runtime.signals import stop_from, stop_on_signals
+
+        stages = (["truncate", "align"] if args.command == "audit" else
+                  [s.strip() for s in (args.stages or "").split(",")
+                   if s.strip() in stage_names()] or None)  # plan names a bad one itself
+        if not getattr(args, "from_run", None):
+            try:
+                cfg = load_config(args.config, parse_set_args(args.set))
+                check_engine_kwargs(cfg, stages)
+                check_paths(cfg, stages)
+            except ConfigError as err:
+                print(err, file=sys.stderr)
+                return 2
+
+        try:
+            with stop_on_signals():
+                return (audit if args.command == "audit" else costplan).main(args)
+        except KeyboardInterrupt as err:
+            stop = stop_from(err)
+            print(f"stopped by {stop.name}", file=sys.stderr)
+            return stop.exit_code
 
     if args.command == "fetch-model":
         from palign.engines.models import resolve_model
@@ -184,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare":
         return _compare(args.results, args.json_out, args.reference, args.plot)
     try:
-        cfg = load_config(args.config, _overrides(args.set))
+        cfg = load_config(args.config, parse_set_args(args.set))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
@@ -244,6 +267,12 @@ def _run(cfg: Config, command: str, restart: str | None) -> int:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1
     print(format_summary(summaries, time.time() - start))
+    from palign.data import storage
+    from palign.report.run_report import REPORT_HTML
+
+    page = storage.join(storage.absolute(cfg.run.output_dir), REPORT_HTML)
+    if storage.exists(page):
+        print(f"report: {page}")
     return 0
 
 

@@ -4,11 +4,13 @@
 work, locks the output folder, then runs every stage by its ``driver``: the row stages and
 evaluate on Ray Data actor pools (``palign.runtime.runner``), train on Ray Train
 (``palign.train.trainer``). It sits
-above both, so that neither the stages nor training imports the other's driver.
+above both, so that neither the stages nor training imports the other's driver. At the end of
+every run, and after a stage that failed, it writes the run's page, ``report.html``.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 
 from palign.common.failures import StageFailed
@@ -18,8 +20,10 @@ from palign.data.shards import reject_reasons
 from palign.runtime import signals
 from palign.runtime.evaluate import run_evaluate_stage
 from palign.runtime.runner import StageError, init_ray, run_stage
-from palign.runtime.summary import StageSummary, ingest_summary, last_error_line
+from palign.runtime.summary import StageSummary, ingest_summary, last_error_line, save_summary
 from palign.stages import registry
+
+log = logging.getLogger(__name__)
 
 
 def run_train_stage(cfg: Config) -> StageSummary:
@@ -57,13 +61,30 @@ def run_train_stage(cfg: Config) -> StageSummary:
 
 def run_one(cfg: Config, stage: str) -> StageSummary:
     """One stage, by its driver: the generic actor pool for row stages (``run_stage``),
-    evaluate's pools per model under test, or Ray Train."""
+    evaluate's pools per model under test, or Ray Train. A stage that finishes leaves its
+    summary in ``<stage_dir>/_SUMMARY.json`` (``palign.report.summary_file``)."""
     driver = registry.get(stage).driver
     if driver == "train":
-        return run_train_stage(cfg)
-    if driver == "evaluate":
-        return run_evaluate_stage(cfg)
-    return run_stage(cfg, stage)
+        summary = run_train_stage(cfg)
+    elif driver == "evaluate":
+        summary = run_evaluate_stage(cfg)
+    else:
+        summary = run_stage(cfg, stage)
+    save_summary(summary)
+    return summary
+
+
+def write_report(cfg: Config) -> str | None:
+    """Write ``<output_dir>/report.html`` (``palign.report.run_report``); where it is, or None.
+    Best effort: a page that cannot be built is a warning, never a failed run (``palign report
+    RUN`` builds it again)."""
+    from palign.report.run_report import write_run_report
+
+    try:
+        return str(write_run_report(cfg.run.output_dir))
+    except Exception as err:  # noqa: BLE001 - the run's outcome does not depend on its page
+        log.warning("report.html not written: %s: %s", type(err).__name__, err)
+        return None
 
 
 def run_pipeline(cfg: Config, stages: list[str] | None = None,
@@ -96,6 +117,13 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None,
             with signals.held():  # a stop waits: no stage is left half moved
                 move_aside(cfg, restart, checkpoints_folder(cfg))
         check_run(cfg, stages)  # a folder holding another config's rows fails here
-        summaries = [run_one(cfg, s) for s in stages]
+        summaries = []
+        try:
+            for stage in stages:
+                summaries.append(run_one(cfg, stage))
+        except Exception:  # a failed stage: the page shows what was done up to it
+            write_report(cfg)
+            raise
+        write_report(cfg)
     first = ingest_summary(cfg)
     return [first, *summaries] if first else summaries

@@ -14,6 +14,7 @@ import types
 from collections.abc import Mapping
 from typing import Any, Union, get_args, get_origin
 
+import yaml
 from pydantic import BaseModel
 
 from palign.config.base import ConfigError, format_problems
@@ -89,3 +90,23 @@ def _holds(annotation: Any) -> tuple[str, type[BaseModel] | None]:
     if origin in (list, tuple) or annotation in (list, tuple):
         return "list", None
     return "value", None
+
+
+def parse_set_args(pairs: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` arguments (``palign run``, ``audit``, ``plan``) as {dotted path:
+    value parsed as YAML}; ConfigError for an argument without ``=`` or a value YAML cannot
+    read (``apply_overrides`` checks the paths)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(format_problems([f"--set {pair!r}: expected KEY=VALUE, KEY a "
+                                               "field's dotted path (data.limit=5)"]))
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).split("\n")[0]
+            raise ConfigError(format_problems([
+                f"--set {pair!r}: {key.strip()}: the value is not valid YAML ({problem}); "
+                "quote text that should stay as it is"])) from None
+    return out

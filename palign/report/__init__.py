@@ -15,7 +15,9 @@ The parts: ``scores`` (the figures of evaluation rows, on palign.method.metrics)
 (one run's files and its Markdown), ``plots`` (its PNGs), ``comparison`` (several runs),
 ``reference`` (the paper's own figures, ``references/*.json``, shipped as package data),
 ``markdown`` (the table pieces they share) and ``grade_file`` (``palign grade``: a JSONL of
-answers graded outside a run).
+answers graded outside a run). ``run_report`` writes ``<output_dir>/report.html``, the page a
+person reads after a run, from ``rowsample`` (the rows it shows), ``svg`` (its charts) and
+``html`` (its markup).
 
 It may import the standard library, pyarrow, matplotlib, ``palign.data``, ``palign.config``,
 ``palign.method`` and ``palign.common``; never an engine, a stage, Ray or a training library
@@ -44,6 +46,7 @@ from palign.report.results import (
     format_results,
     write_results,
 )
+from palign.report.run_report import REPORT_HTML, build_run_report, write_run_report
 from palign.report.scores import (
     FLEXIBLE_PREFIX,
     HISTOGRAM_BINS,
@@ -53,8 +56,8 @@ from palign.report.scores import (
 
 __all__ = [
     "EVALUATE", "FLEXIBLE_PREFIX", "HISTOGRAM_BINS", "MISSING", "PASS_AT_1_PNG",
-    "PREFIX_RATIO_PNG", "RESULTS_FORMAT", "RESULTS_JSON", "RESULTS_MD", "SAMPLES_JSONL",
-    "TRUNCATE", "Arm", "Results", "benchmark_metrics", "compare", "format_comparison",
-    "format_results", "load_arms", "load_results", "merge_arms", "prefix_ratio_summary",
-    "write_results",
+    "PREFIX_RATIO_PNG", "REPORT_HTML", "RESULTS_FORMAT", "RESULTS_JSON", "RESULTS_MD",
+    "SAMPLES_JSONL", "TRUNCATE", "Arm", "Results", "benchmark_metrics", "build_run_report",
+    "compare", "format_comparison", "format_results", "load_arms", "load_results",
+    "merge_arms", "prefix_ratio_summary", "write_results", "write_run_report",
 ]

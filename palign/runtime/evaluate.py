@@ -23,6 +23,7 @@ from palign.runtime.runner import (
     prepare_output,
     stream,
 )
+from palign.runtime.spec import WorkerSpec
 from palign.runtime.summary import StageSummary, engine_stats
 from palign.stages.evaluate import EvalModel
 
@@ -80,7 +81,8 @@ def run_evaluate_stage(cfg: Config) -> StageSummary:
         log.info("evaluate %s (%s): %d problem(s) to do", m.label, paths[m.label], work.pending)
         if not work.pending:
             continue
-        done, tally = stream(cfg, "evaluate", work, paths[m.label], token)
+        spec = WorkerSpec.of(cfg, "evaluate", paths[m.label], token)
+        done, tally = stream(cfg, spec, work)
         summary.processed += done
         for key, value in tally.items():
             summary.engine[key] = (max if key == "peak_in_flight" else sum)(

@@ -191,43 +191,57 @@ def run_stage(cfg: Config, stage: str) -> StageSummary:
                      stage)
     definition = REGISTRY[stage]
     work = plan(source, done_index(out_dir), columns=definition.input_columns)
-    summary = StageSummary(stage, rows_in=work.rows_in, skipped=work.skipped,
-                           output_dir=out_dir)
-    log.info("%s: %d rows in, %d already done, %d to process", stage, work.rows_in,
-             work.skipped, work.pending)
-    if work.pending:
-        needs = definition.needs_engine(cfg) and definition.engine_for(work.columns)
-        model = definition.model(cfg) if needs else None
-        summary.processed, summary.engine = stream(cfg, stage, work, model, token)
-        write_digests(out_dir)  # for the summary below, the next stage and reruns
-    summary.wall_s = time.time() - start
+    needs = work.pending and definition.needs_engine(cfg) and definition.engine_for(work.columns)
+    model = definition.model(cfg) if needs else None
+    summary = run_planned(cfg, WorkerSpec.of(cfg, stage, model, token), work, start)
     account(stage, source, out_dir)  # every input id out or rejected, exactly once
-    fill_totals(summary, out_dir)
-    summary.stats.update(engine_stats(summary.engine))
     summary.check_rejects(f"{stage}.max_reject_share", getattr(cfg, stage).max_reject_share)
     return summary
 
 
-def stream(cfg: Config, stage: str, work: Plan, model: str | None,
-           token: str) -> tuple[int, dict[str, int]]:
-    """Run the planned rows through the stage's actor pool (serving ``model``); the workers
-    write the results. Returns (rows done, engine tallies: see
-    ``StageSummary.engine``)."""
+def run_planned(cfg: Config, spec: WorkerSpec, work: Plan,
+                start: float | None = None) -> StageSummary:
+    """Run the planned rows through ``spec``'s stage into ``spec.out_dir`` (prepared by the
+    caller: ``prepare_output`` with ``spec.token``), then its summary: counts and statistics
+    from the indexes, the engine's work, the wall time since ``start`` (default: now). How
+    ``run_stage`` runs a listed stage, and how a tool runs a stage of its own on a sample
+    (``WorkerSpec.for_tool``; a sample's plan marks the other rows done)."""
+    start = time.time() if start is None else start
+    summary = StageSummary(spec.stage, rows_in=work.rows_in, skipped=work.skipped,
+                           output_dir=spec.out_dir)
+    log.info("%s: %d rows in, %d already done, %d to process", spec.stage, work.rows_in,
+             work.skipped, work.pending)
+    if work.pending:
+        summary.processed, summary.engine = stream(cfg, spec, work)
+        write_digests(spec.out_dir)  # for the summary below, the next stage and reruns
+    summary.wall_s = time.time() - start
+    fill_totals(summary, spec.out_dir, spec.definition())
+    summary.stats.update(engine_stats(summary.engine))
+    return summary
+
+
+def stream(cfg: Config, spec: WorkerSpec, work: Plan) -> tuple[int, dict[str, float]]:
+    """Run the planned rows through the actor pool of ``spec``'s stage (serving
+    ``spec.model``; its pool and retries from ``spec``'s section); the workers write the
+    results. Returns (rows done, engine tallies: see ``StageSummary.engine``)."""
+    model = spec.model
     if model is not None and not storage.is_uri(model):
         from palign.engines.models import resolve_model
 
         # Materialise short-name models once here, not in every actor at once (a folder on
         # object storage is staged by each node's actors instead: the driver needs no copy).
-        resolve_model(model, cfg.models.cache_dir)
+        resolve_model(model, spec.cache_dir)
     import ray
 
     init_ray(cfg)
-    section = getattr(cfg, stage)
+    stage = spec.stage
+    section = spec.validated_section()
     engine = section.engine
     _bound_actor_starts(engine.max_failures)
     ledger = start_ledger(section.max_row_attempts, engine.max_failures)
     progress = ProgressLine(log, stage, work.pending)  # counts the rows done
-    tally = {"prompt_tokens": 0, "cached_tokens": 0, "peak_in_flight": 0}
+    tally: dict[str, float] = {"prompt_tokens": 0, "cached_tokens": 0, "peak_in_flight": 0,
+                               "init_s": 0.0, "work_tokens": 0}
     # The pool's resources (GPUs, a placement group per tensor-parallel replica) come from
     # palign.runtime.resources; its placement groups are removed when the stage ends.
     try:
@@ -239,8 +253,7 @@ def stream(cfg: Config, stage: str, work: Plan, model: str | None,
             ds = dataset(work.items).map_batches(
                 StageWorker,
                 # each actor gets its stage's section and what else it reads, not the config
-                fn_constructor_kwargs={"spec": WorkerSpec.of(cfg, stage, model, token),
-                                       "ledger": ledger},
+                fn_constructor_kwargs={"spec": spec, "ledger": ledger},
                 batch_size=engine.batch_size,
                 # A replica that dies (a machinery failure, an OOM kill, a lost node) is
                 # restarted and the batch it held is retried, so no row is lost: Ray Data gives
@@ -249,10 +262,11 @@ def stream(cfg: Config, stage: str, work: Plan, model: str | None,
                 **pool,
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                tally["prompt_tokens"] += int(sum(batch["prompt_tokens"]))
-                tally["cached_tokens"] += int(sum(batch["cached_tokens"]))
-                tally["peak_in_flight"] = max(tally["peak_in_flight"],
-                                              int(max(batch["peak_in_flight"], default=0)))
+                for key in ("prompt_tokens", "cached_tokens", "work_tokens"):
+                    tally[key] += int(sum(batch[key]))
+                # Every replica reports its own start with each batch: the slowest one's.
+                for key in ("peak_in_flight", "init_s"):
+                    tally[key] = max(tally[key], max(batch[key].tolist(), default=0))
                 progress.add(int(sum(batch["rows"])), int(sum(batch["rejected"])))
     except StageFailed:
         raise

@@ -3,8 +3,10 @@
 The driver builds a :class:`WorkerSpec` (``WorkerSpec.of``) from the whole config, where the
 config has its paths made absolute (``palign.config.paths``), and hands it to the stage's
 actor pool; each actor validates only its section, with the stage's own section class
-(``Stage.Section``), and never builds a ``Config``. What Ray ships to every actor stays small
-and plain: strings, numbers and the section as JSON.
+(``Stage.Section``), and never builds a ``Config``. A tool that runs a stage outside the config's
+stage list (an audit's probes, a cost plan's sample) builds one with ``WorkerSpec.for_tool``:
+the class by import path, its section and a folder of the tool's choosing. What Ray ships to
+every actor stays small and plain: strings, numbers and the section as JSON.
 
 Training is different: Ray Train's workers (and ``torchrun`` ranks) get the whole config, since
 the training loop also runs from a YAML file under ``torchrun`` and its identity
@@ -51,17 +53,29 @@ class WorkerSpec:
            token: str | None = None) -> WorkerSpec:
         """The spec of ``stage``'s actors serving ``model`` for the stage run ``token`` (a
         fresh token when None), from ``cfg`` as the driver holds it."""
-        section = get_stage(stage).section(cfg)
+        return cls.for_tool(cfg, stage, stage_path(stage), get_stage(stage).section(cfg), model,
+                            cfg.stage_dir(stage), token)
+
+    @classmethod
+    def for_tool(cls, cfg: Config, name: str, stage_class: str, section: Any,
+                 model: str | None, out_dir: str, token: str | None = None) -> WorkerSpec:
+        """The spec of a stage a tool runs (``palign audit``, ``palign plan``) that need not
+        be in the config's stage list: the class at ``stage_class`` (``"module:Class"``),
+        given its ``section`` (an instance of its ``Section`` class, or that as JSON), serving
+        ``model``, writing ``out_dir`` (a folder of the tool's choosing); the run settings
+        (shard format, seed, model cache, chat template) come from ``cfg``."""
+        if isinstance(section, dict):  # checked here, not first in every actor
+            section = by_path(stage_class).Section.model_validate(section)
         executor = None
         if model is not None:  # the pool's plan says how a replica runs its ranks
-            executor = engine_request(stage, section.engine).executor_backend
+            executor = engine_request(name, section.engine).executor_backend
         return cls(
-            stage=stage,
+            stage=name,
             section=section.model_dump(mode="json"),
-            out_dir=storage.absolute(cfg.stage_dir(stage)),
+            out_dir=storage.absolute(out_dir),
             output_format=cfg.output.format,
             token=token or new_token(),
-            stage_class=stage_path(stage),
+            stage_class=stage_class,
             model=model,
             cache_dir=cfg.models.cache_dir,
             seed=cfg.run.seed,

@@ -13,7 +13,8 @@ from palign.data import storage
 from palign.data.digest import count_rows, read_index
 from palign.data.layout import DONE_MARKER, REJECTS
 from palign.data.shards import reject_reasons
-from palign.stages import registry
+from palign.report.summary_file import summary_record, write_summary
+from palign.stages.base import Stage
 
 
 @dataclass
@@ -24,9 +25,11 @@ class StageSummary:
     rejected: int = 0
     skipped: int = 0  # done by an earlier run, not redone
     processed: int = 0  # sent through the actor pool by this run
-    # This run's engine work: prompt tokens answered, how many its prefix caches served, and
-    # the most requests one replica's engine held at once.
-    engine: dict[str, int] = field(default_factory=dict)
+    # This run's engine work: prompt tokens answered, how many its prefix caches served, the
+    # most requests one replica's engine held at once, the slowest replica's start in seconds
+    # (init_s) and the tokens its records account for (work_tokens): see
+    # palign.report.summary_file.ENGINE_KEYS.
+    engine: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
     output_dir: str = ""
@@ -43,7 +46,7 @@ class StageSummary:
             raise StageFailed(f"{error}. What was written is in {self.output_dir}/.")
 
 
-def engine_stats(engine: dict[str, int]) -> dict[str, float]:
+def engine_stats(engine: dict[str, float]) -> dict[str, float]:
     """The summary's view of ``StageSummary.engine``: the prefix-cache hit share of the prompt
     tokens and the peak of requests in flight in one engine (nothing when no engine ran)."""
     if not engine.get("prompt_tokens"):
@@ -52,9 +55,9 @@ def engine_stats(engine: dict[str, int]) -> dict[str, float]:
             "engine_peak_in_flight": float(engine["peak_in_flight"])}
 
 
-def fill_totals(summary: StageSummary, out_dir: str) -> None:
-    """Counts, reject reasons and statistics from the indexes (no row is read)."""
-    definition = registry.get(summary.stage)
+def fill_totals(summary: StageSummary, out_dir: str, definition: Stage) -> None:
+    """Counts, reject reasons and statistics from the indexes (no row is read), by the stage
+    that wrote them (``definition``: a tool's stage may be in no stage list)."""
     index = read_index(out_dir, definition.index_columns)
     summary.rows_out = index.num_rows
     summary.reasons = reject_reasons(out_dir)
@@ -72,6 +75,16 @@ def _values(column: Any) -> Any:
             pa.types.is_boolean(column.type):
         return column.to_numpy()
     return column.to_pylist()
+
+
+def save_summary(summary: StageSummary) -> str:
+    """Keep ``summary`` as ``<its output_dir>/_SUMMARY.json`` (``palign.report.summary_file``:
+    the counts, wall time, engine work and statistics, never the reject reasons); returns
+    where it went."""
+    return write_summary(summary.output_dir, summary_record(
+        summary.stage, rows_in=summary.rows_in, rows_out=summary.rows_out,
+        rejected=summary.rejected, skipped=summary.skipped, processed=summary.processed,
+        wall_s=summary.wall_s, engine=summary.engine, stats=summary.stats))
 
 
 def ingest_summary(cfg: Config) -> StageSummary | None:

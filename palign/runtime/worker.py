@@ -6,7 +6,9 @@ stage's section and the few run settings it reads (``palign.runtime.spec.WorkerS
 the whole config. Its parts, one job each:
 
 - ``StageWorker`` (here): serves a batch: groups its rows by subfolder, asks the stage to
-  process them, hands the outcomes to the commit, and returns only counts to the driver.
+  process them, hands the outcomes to the commit, and returns only counts to the driver (with
+  the engine's tokens, the tokens the records account for and how long the actor took to
+  start: the stage's ``_SUMMARY.json`` keeps them).
 - ``palign.runtime.commit``: writes the batch's shards and rejects where the run's output lives;
   a batch an earlier attempt committed is not served again; a store that keeps failing.
 - ``palign.runtime.isolation``: whose fault a failure is: a row's (a reject) or the machinery's
@@ -53,6 +55,7 @@ class StageWorker:
     of ``AttemptLedger``; None: one in this process, for a worker run outside Ray)."""
 
     def __init__(self, spec: WorkerSpec, ledger: Any = None) -> None:
+        started = time.monotonic()
         setup_actor_logging(spec.stage, actor_log_dir())
         self.spec = spec
         self.stage = spec.stage
@@ -66,13 +69,17 @@ class StageWorker:
         if self.actor != "local":  # from now on, a frozen process is killed from outside
             give_signs_of_life(self.ledger, self.actor, self.section.engine.request_timeout_s)
         self.engine: GuardedEngine | None = self._start_engine() if self.model else None
-        self.grader: Any = self._start_grader() if self.definition.grades else None
+        needs_grader = self.definition.needs_grader(self.section)
+        self.grader: Any = self._start_grader() if needs_grader else None
         self.isolation = FaultIsolation(self.stage, self.ledger, self.actor,
                                         self.section.engine.max_failures, self.engine,
                                         self._process)
         self.commit = Commit(self.stage, self.definition, self.out_dir, spec.output_format,
                              spec.token, self.isolation)
         self.report = telemetry.EngineReport(self.stage, self.engine)
+        # This replica's fixed cost (its engine loaded, its grader started): returned with
+        # every batch's counts, so the driver's summary knows it apart from the rows' time.
+        self.init_s = time.monotonic() - started
 
     def _start_engine(self) -> GuardedEngine:
         from palign.engines import build_engine
@@ -91,7 +98,7 @@ class StageWorker:
     def _start_grader(self) -> Any:
         from palign.method.grading import Grader
 
-        grader = Grader(timeout_s=self.section.grade_timeout_s)
+        grader = Grader(timeout_s=self.definition.grade_timeout(self.section))
         grader.start()  # GraderUnavailable: the actor does not start
         return grader
 
@@ -104,7 +111,8 @@ class StageWorker:
         if self.commit.is_done(stems):
             log.info("%s: a batch of %d rows was written by an earlier attempt", self.stage,
                      len(rows))
-            return self.commit.committed_counts(stems, len(rows))
+            counts = self.commit.committed_counts(stems, len(rows))
+            return {**counts, "init_s": [self.init_s], "work_tokens": [0]}
         start = time.monotonic()
         outcomes = self.isolation.serve(rows)
         records = [o.record for o in outcomes if o.ok]
@@ -122,7 +130,8 @@ class StageWorker:
                    for r in group if not (o := by_id[str(r["id"])][1]).ok]
             self.commit.write(sub, stems[sub], good, bad)
         return {"rows": [len(rows)], "ok": [len(records)],
-                "rejected": [len(rows) - len(records)], **engine}
+                "rejected": [len(rows) - len(records)], **engine,
+                "init_s": [self.init_s], "work_tokens": [metrics.tokens]}
 
     def _process(self, rows: list[Row]) -> list[Outcome]:
         """The stage's own work on some of the batch's rows (``FaultIsolation`` calls it)."""

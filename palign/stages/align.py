@@ -23,7 +23,7 @@ from pydantic import Field
 
 from palign.config import Config, EngineStageSection, SamplingConfig
 from palign.engines.base import Completion, Engine
-from palign.method.grading import STATUS_UNCHECKED, Grade, Grader
+from palign.method.grading import STATUS_UNCHECKED, ExtractMode, Grade, Grader
 from palign.method.prompts import align_chat
 from palign.method.targets import training_target
 from palign.stages.base import BatchMetrics, Context, Outcome, Row, Stage, field_tokens, rejected
@@ -96,26 +96,43 @@ def teacher_text(row: dict[str, Any]) -> str:
     return f"{row['prefix']}\n\n{attempt}" if attempt else row["prefix"]
 
 
+def gold_of(row: Mapping[str, Any], grader: Grader, gold: str) -> tuple[str | None, str]:
+    """A row's gold answer and where it came from: its answer column as given (``gold:
+    answer``), or the final answer found in the worked solution there (``gold: solution``:
+    boxed, answer phrase, or ``(None, "none")``). Shared with truncate's verified prefixes."""
+    if gold == "solution":
+        return grader.final_answer(row["answer"])
+    return row["answer"], "answer"
+
+
+def grade_ending(grader: Grader, prefix: str, text: str, gold: str,
+                 extract: ExtractMode) -> tuple[Grade, str | None]:
+    """Grade the answer a draft's continuation ends with, and say where it was found: the
+    continuation's own (``"continuation"``), else the draft's (``"prefix"``: the prefix already
+    held the answer and the continuation wrote none), else None (no answer at all). How align
+    grades a target, and how truncate's verified prefixes grade each rollout."""
+    grade, source = grader.grade(text, gold, extract), "continuation"
+    if grade.status == "no_answer":
+        grade, source = grader.grade(prefix, gold, extract), "prefix"
+    return grade, None if grade.status == "no_answer" else source
+
+
 def _graded(row: dict[str, Any], comp: Completion | None, text: str, grader: Grader,
             cfg: AlignSection) -> Outcome:
     """The align record of one row: its target and its answer graded against the gold one
     (found in a worked solution with ``align.gold: solution``), or its reject."""
-    gold, gold_source = row["answer"], "answer"
-    if cfg.gold == "solution":
-        gold, gold_source = grader.final_answer(row["answer"])
+    gold, gold_source = gold_of(row, grader, cfg.gold)
+    source: str | None
     if gold is None:
         if cfg.uncheckable == "reject":
             return rejected(row, "uncheckable: no final answer found in the gold solution "
                                  "(no \\boxed{}, no answer phrase)")
         grade, source = Grade(correct=False, status=STATUS_UNCHECKED, predicted=None), None
     elif cfg.target == "teacher":  # the attempt (or the CoT's end) holds the answer
-        grade, source = grader.grade(text, gold, cfg.extract), "teacher"
+        grade = grader.grade(text, gold, cfg.extract)
+        source = None if grade.status == "no_answer" else "teacher"
     else:  # the target's final answer: the continuation's, else the prefix's
-        grade, source = grader.grade(text, gold, cfg.extract), "continuation"
-        if grade.status == "no_answer":
-            grade, source = grader.grade(row["prefix"], gold, cfg.extract), "prefix"
-    if grade.status == "no_answer":
-        source = None
+        grade, source = grade_ending(grader, row["prefix"], text, gold, cfg.extract)
     checked = gold is not None
     record = {
         **row,

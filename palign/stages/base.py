@@ -68,7 +68,7 @@ def field_tokens(records: Sequence[Row], name: str) -> BatchMetrics:
 @dataclass
 class Context:
     """What the worker hands a batch: the engine (None when the stage needs none for these
-    rows), the grading worker (None unless the stage ``grades``) and the stage's section."""
+    rows), the grading worker (None unless the stage ``needs_grader``) and the stage's section."""
 
     engine: Engine | None
     grader: Any
@@ -107,6 +107,16 @@ class Stage(ABC):
         """Whether the rows to do need the engine, from the ``input_columns`` of their
         input's index (column -> values of the rows to do); generate: only rows without a CoT."""
         return True
+
+    def needs_grader(self, section: Any) -> bool:
+        """Whether its actors start a grading worker, from its section (default: ``grades``);
+        a stage that grades only for an optional step says so here (truncate's verify)."""
+        return self.grades
+
+    def grade_timeout(self, section: Any) -> float:
+        """The seconds one grading may take, from its section (default: its
+        ``grade_timeout_s``); asked only when ``needs_grader`` says yes."""
+        return float(section.grade_timeout_s)
 
     def models_used(self, cfg: Config) -> list[tuple[str, str]]:
         """The models it will load, each with the field that names it (preflight checks them)."""

@@ -23,6 +23,11 @@ prefix_ratio, sufficient, probes [{k, verdict, score}], strategy, and the judge'
 (judge_prompt_tokens) how many of them the engine's prefix cache served
 (judge_cached_tokens), and the longest single judge prompt (judge_longest_prompt_tokens): prompt
 minus cached tokens over it is the prefill work the row cost, relative to its prompt.
+
+With ``truncate.verify`` set (off by default; ``palign.stages.verify``), the student's graded
+rollouts check each searched prefix and may move it forward: the record then also holds
+``verify`` (what happened), and its prefix fields describe the final prefix, not the searched
+one (``verify.search_k`` keeps that).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from palign.method.verdict import (
     verdict_from_score,
 )
 from palign.stages.base import BatchMetrics, Context, Outcome, Row, Stage, rejected
+from palign.stages.verify import VerifyConfig, verify_index, verify_prefix, verify_stats
 
 
 class TruncateSection(EngineStageSection):
@@ -71,6 +77,13 @@ class TruncateSection(EngineStageSection):
         description="per_row: each row's search runs on its own, probe after probe (keeps "
                     "its prefix cached); lockstep: a batch's searches advance in rounds, one "
                     "engine call per round.")
+    verify: VerifyConfig | None = Field(
+        default=None,
+        description="Verified prefixes (off by default: the paper trusts the judge): the "
+                    "student continues each searched prefix K times, graded; where fewer "
+                    "than min_pass reach the gold answer, the prefix grows, a bounded number "
+                    "of times. Needs strategy binary, search per_row and the student as "
+                    "judge.")
 
 
 class _InFlight:
@@ -82,6 +95,8 @@ class _InFlight:
         self.cached_tokens = 0
         self.longest_prompt = 0
         self.error: str | None = None
+        self.final_k: int | None = None  # the prefix verification kept (None: the searched)
+        self.verify: dict[str, Any] | None = None  # the verify record, when it is on
 
     def pending(self) -> int | None:
         return None if self.error else self.search.next_probe()
@@ -133,22 +148,30 @@ async def judge_one(engine: Engine, chat: list[dict[str, str]], cfg: TruncateSec
     return _from_text(await engine.agenerate(chat, _judge_sampling(cfg)))
 
 
-async def _search_row(engine: Engine, f: _InFlight, cfg: TruncateSection) -> None:
-    """One row's whole search, probe after probe. The row is first
-    admitted with its longest judge prompt (the whole CoT) reserved in the engine's KV cache,
-    so that the rows searching together fit in it and keep their prefixes cached."""
+async def _search_row(engine: Engine, f: _InFlight, cfg: TruncateSection,
+                      grader: Any = None) -> None:
+    """One row's whole search, probe after probe, then (``truncate.verify``) its rollouts.
+    The row is first admitted with its longest judge prompt (the whole CoT) reserved in the
+    engine's KV cache, so that the rows searching together fit in it and keep their prefixes
+    cached."""
     reserved = await engine.admit(f.chat(f.search.total))
     try:
         while (k := f.pending()) is not None:
             f.take(k, await judge_one(engine, f.chat(k), cfg))
+        if cfg.verify is not None and not f.error:
+            res = f.search.result()
+            done = await verify_prefix(engine, grader, f.row, f.ends, res.kept,
+                                       res.sufficient, cfg.verify)
+            f.final_k, f.verify, f.error = done.final_k, done.record, done.error
     finally:
         engine.release(reserved)
 
 
-async def _search_rows(engine: Engine, flights: list[_InFlight], cfg: TruncateSection) -> None:
+async def _search_rows(engine: Engine, flights: list[_InFlight], cfg: TruncateSection,
+                       grader: Any = None) -> None:
     # Every row at once: the engine server bounds what is in flight (engine.max_in_flight).
     # A machinery failure of one probe ends them all (the worker hands it to Ray).
-    await asyncio.gather(*(_search_row(engine, f, cfg) for f in flights))
+    await asyncio.gather(*(_search_row(engine, f, cfg, grader) for f in flights))
 
 
 def _lockstep(flights: dict[int, _InFlight], engine: Batched | None,
@@ -166,11 +189,17 @@ def _lockstep(flights: dict[int, _InFlight], engine: Batched | None,
 
 
 def truncate_rows(
-    rows: list[dict[str, Any]], engine: Engine | None, cfg: TruncateSection
+    rows: list[dict[str, Any]], engine: Engine | None, cfg: TruncateSection,
+    grader: Any = None,
 ) -> list[Outcome]:
     """Search every row's prefix; an outcome per row (its probes are in its record).
     ``cfg.search`` picks the driver: ``lockstep`` the rounds (any ``Batched`` engine will do),
-    else each row its own coroutine."""
+    else each row its own coroutine. ``grader`` grades ``cfg.verify``'s rollouts (only then
+    needed)."""
+    if cfg.verify is not None and (cfg.search != "per_row" or cfg.strategy != "binary"
+                                   or grader is None):
+        raise RuntimeError("truncate.verify needs strategy binary, search per_row and a "
+                           "grader")
     outcomes: dict[int, Outcome] = {}
     flights: dict[int, _InFlight] = {}
     for i, row in enumerate(rows):
@@ -187,20 +216,21 @@ def truncate_rows(
     if cfg.search == "lockstep":
         _lockstep(flights, engine, cfg)
     elif probing and engine is not None:
-        asyncio.run(_search_rows(engine, probing, cfg))
+        asyncio.run(_search_rows(engine, probing, cfg, grader))
 
     for i, f in flights.items():
         if f.error:
             outcomes[i] = rejected(f.row, f.error)
             continue
         res = f.search.result()
-        offset = f.ends[res.kept - 1]
+        kept = f.final_k or res.kept
+        offset = f.ends[kept - 1]
         cot = f.row["cot"]
         outcomes[i] = Outcome(f.row["id"], {
             **f.row,
             "prefix": cot[:offset],
             "prefix_offset": offset,
-            "sentences_kept": res.kept,
+            "sentences_kept": kept,
             "sentences_total": res.total,
             "prefix_ratio": offset / len(cot),
             "sufficient": res.sufficient,
@@ -209,14 +239,17 @@ def truncate_rows(
             "judge_prompt_tokens": f.prompt_tokens,
             "judge_cached_tokens": f.cached_tokens,
             "judge_longest_prompt_tokens": f.longest_prompt,
+            **({"verify": f.verify} if f.verify is not None else {}),
         })
     return [outcomes[i] for i in range(len(rows))]
 
 
 def batch_metrics(records: Sequence[Row]) -> BatchMetrics:
-    """Judge prompt tokens (its verdicts are one-token reads), probes and prefix ratios."""
+    """Judge prompt tokens (its verdicts are one-token reads) and the tokens verification's
+    rollouts wrote, probes and prefix ratios."""
     return BatchMetrics(
-        tokens=sum(int(r.get("judge_prompt_tokens") or 0) for r in records),
+        tokens=sum(int(r.get("judge_prompt_tokens") or 0)
+                   + int((r.get("verify") or {}).get("tokens") or 0) for r in records),
         probes=sum(len(r.get("probes") or ()) for r in records),
         ratios=tuple(float(r["prefix_ratio"]) for r in records
                      if isinstance(r.get("prefix_ratio"), (float, int))),
@@ -232,7 +265,7 @@ def index_entry(record: Row) -> dict[str, Any]:
             "sufficient": bool(record.get("sufficient")),
             "judge_prompt_tokens": int(record.get("judge_prompt_tokens") or 0),
             "judge_cached_tokens": int(record.get("judge_cached_tokens") or 0),
-            "prefill_ratio": prefill_ratio(record)}
+            "prefill_ratio": prefill_ratio(record), **verify_index(record)}
 
 
 def prefill_ratio(record: Row) -> float | None:
@@ -248,7 +281,8 @@ def prefill_ratio(record: Row) -> float | None:
 
 def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
     """Means over the finished rows: prefix and sentence ratios, probes per example, the share
-    judged sufficient, and the share of judge prompt tokens served from the prefix cache."""
+    judged sufficient, and the share of judge prompt tokens served from the prefix cache; with
+    ``truncate.verify``, the shares of checked rows moved and never passed, and mean moves."""
     n = len(columns.get("prefix_ratio", ()))
     if not n:
         return {}
@@ -263,6 +297,7 @@ def summary_stats(columns: Mapping[str, Sequence[Any]]) -> dict[str, float]:
         "sufficient_share": sum(bool(v) for v in columns["sufficient"]) / n,
         "prompt_cache_share": float(ctok / ptok) if ptok else 0.0,
         "prefill_per_row": float(sum(prefill)) / len(prefill) if prefill else 0.0,
+        **verify_stats(columns.get("verify_moves", ()), columns.get("verified", ())),
     }
 
 
@@ -274,7 +309,8 @@ class Truncate(Stage):
     description = "The prefix search: the shortest CoT prefix the judge calls enough."
     Section = TruncateSection
     index_columns = ("prefix_ratio", "sentence_ratio", "probes", "sufficient",
-                     "judge_prompt_tokens", "judge_cached_tokens", "prefill_ratio")
+                     "judge_prompt_tokens", "judge_cached_tokens", "prefill_ratio",
+                     "verify_moves", "verified")
 
     def model(self, cfg: Config) -> str | None:
         return cfg.judge_model
@@ -290,13 +326,37 @@ class Truncate(Stage):
     def prompts(self) -> dict[str, Any]:
         return {"judge": judge_chat("{question}", "{prefix}"), "labels": list(LABELS)}
 
+    def check(self, cfg: Config) -> list[str]:
+        """``truncate.verify`` rolls the student out on the judge's engine, inside each row's
+        own search: it needs that search (binary, per_row), and the judge to be the student."""
+        t = cfg.truncate
+        if t.verify is None:
+            return []
+        problems = [f"truncate.{name}: truncate.verify needs {need}, not {value!r}"
+                    for name, value, need in (("strategy", t.strategy, "binary"),
+                                              ("search", t.search, "per_row"))
+                    if value != need]
+        if cfg.judge_model != cfg.models.student:
+            problems.append(f"models.judge: truncate.verify rolls the student out on the "
+                            f"judge's engine, so the judge must be the student "
+                            f"({cfg.models.student!r}), not {cfg.judge_model!r}")
+        return problems
+
     def output_budget(self, section: Any) -> tuple[str, int | None] | None:
+        if section.verify is not None:  # the rollouts write the longest outputs
+            return "verify.sampling.max_tokens", section.verify.sampling.max_tokens
         # a score verdict reads one token's probabilities; a generated one may write more
         return ("judge_max_tokens",
                 section.judge_max_tokens if section.verdict == "generate" else 1)
 
+    def needs_grader(self, section: Any) -> bool:
+        return section.verify is not None
+
+    def grade_timeout(self, section: Any) -> float:
+        return section.verify.grade_timeout_s if section.verify is not None else 5.0
+
     def process(self, rows: list[Row], ctx: Context) -> list[Outcome]:
-        return truncate_rows(rows, ctx.engine, ctx.section)
+        return truncate_rows(rows, ctx.engine, ctx.section, ctx.grader)
 
     def metrics(self, records: Sequence[Row]) -> BatchMetrics:
         return batch_metrics(records)

@@ -37,6 +37,8 @@ TRUNCATE_ONLY = ("fixed_ratio_25", "fixed_ratio_75")
 TRAINED = ARMS[1:]
 ON_VLLM = ("sft", "palign")
 PROBLEMS, ROWS, CONTEXT = 1, 4, 4096
+REPORT_SECTIONS = ("overview", "stages", "rejects", "distributions", "rows", "evaluation",
+                   "audit", "files")
 
 
 def write_benchmark(path: Path) -> None:
@@ -121,6 +123,14 @@ def test_arms_train_evaluate_and_compare_with_the_paper(arms, capsys):
         assert (out / "evaluate/results.md").read_text().count(f"| {label} |") == 1
         assert (out / "evaluate/pass_at_1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert len((out / "evaluate/samples.jsonl").read_text().splitlines()) == 3
+        # the run's page: every section, the evaluation's plots inlined, each row (and reject)
+        # of the last row stage shown, since there are fewer than the page samples
+        page = (out / "report.html").read_text()
+        assert all(f'<section id="{s}">' in page for s in REPORT_SECTIONS)
+        assert "data:image/png;base64," in page and "pass@1" in page
+        if arm in TRAINED:
+            shown = summaries["align"].rows_in
+            assert page.count('<details class="row"') == shown
         if arm in TRAINED:
             assert results["data"]["train_rows"] == summaries["train"].rows_out
             prefix = results["prefix_ratio"]  # in characters and in sentences
@@ -197,3 +207,34 @@ def test_only_benchmarks_and_models_set_evaluates_and_scores(arms):
     again = run_pipeline(cfg, ["evaluate"])[-1]
     assert again.processed == 0 and again.skipped == again.rows_in == 1
     assert len(list(read_rows(tmp / "minimal/evaluate/base/demo"))) == 1
+
+
+@pytest.mark.timeout(600)
+def test_plan_on_a_sample_projects_the_arms_stage_times_within_2x(arms, tmp_path):
+    """`palign plan --sample 2 --stages truncate,align` on the P-ALIGN arm's own config (into a
+    scratch folder of its own) projects each stage's time for the arm's 8 rows within [0.5x,
+    2x] of what the arm's run measured (its _SUMMARY.json)."""
+    import argparse
+
+    import yaml
+
+    from palign.report.summary_file import read_summary
+    from palign.runtime import costplan
+
+    tmp, runs = arms
+    raw = runs["palign"][0].model_dump(mode="json")
+    raw["run"]["output_dir"] = str(tmp_path / "plan")
+    config = tmp_path / "palign.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    parser = argparse.ArgumentParser()
+    costplan.add_arguments(parser)
+    out = tmp_path / "plan.json"
+    args = parser.parse_args([str(config), "--sample", "2", "--stages", "truncate,align",
+                              "--json", str(out)])
+    assert costplan.main(args) == 0
+    plan = json.loads(out.read_text())
+    assert plan["rows_total"]["value"] == 8
+    assert [s["stage"] for s in plan["stages"]] == ["truncate", "align"]
+    for s in plan["stages"]:
+        measured = read_summary(tmp / "palign" / s["stage"])["wall_s"]
+        assert 0.5 <= s["time_s"]["value"] / measured <= 2.0, (s, measured)

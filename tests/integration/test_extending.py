@@ -16,6 +16,7 @@ from toy_stage import Shout, ShoutSection
 from palign.cli import main as palign_main
 from palign.config import ConfigError, config_model, parse_config, registered, stage_names
 from palign.data.shards import REJECTS, read_rows
+from palign.report.summary_file import SUMMARY_FILE, read_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = ("shout", "toy_stage:Shout")
@@ -104,3 +105,12 @@ def test_the_toy_stage_runs_through_the_real_runner(tmp_path, ray_cluster):
     [reject] = list(read_rows(out / REJECTS))
     assert reject["id"] == "c" and "no question to shout" in reject["reason"]
     assert shout.reasons and "no question to shout" in shout.reasons[0]
+    # What the run leaves for the report and `palign plan`: its counts and costs, no reasons.
+    kept = read_summary(out)
+    assert kept["stage"] == "shout" and (kept["rows_in"], kept["rows_out"]) == (3, 2)
+    assert (kept["rejected"], kept["processed"]) == (1, 3)
+    assert 0 < kept["wall_s"] == pytest.approx(shout.wall_s, abs=1e-3)
+    assert 0 < kept["engine"]["init_s"] < kept["wall_s"]  # each actor's start, timed by itself
+    assert kept["engine"]["work_tokens"] == 0  # no engine, no tokens
+    assert kept["stats"]["mean_length"] == shout.stats["mean_length"]
+    assert "no question to shout" not in (out / SUMMARY_FILE).read_text()

@@ -13,6 +13,7 @@ from palign.config import parse_config
 from palign.data.shards import read_rows
 from palign.engines import available_backends
 from palign.pipeline import run_pipeline
+from palign.report.summary_file import read_summary
 
 pytestmark = [pytest.mark.ray, pytest.mark.model]
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,6 +96,13 @@ def test_truncate_and_align_write_all_fields(tmp_path, ray_cluster, backend):
     # The rows' searches ran side by side in the engine (one batch of 4 rows here).
     assert summaries["truncate"].stats["engine_peak_in_flight"] > 1
     assert summaries["truncate"].engine["prompt_tokens"] > 0
+    for stage in ("truncate", "align"):  # kept for the report and `palign plan`
+        kept = read_summary(out / stage)
+        assert kept["rows_out"] == len(good_ids) and kept["processed"] == summaries[stage].processed
+        assert kept["engine"]["prompt_tokens"] == summaries[stage].engine["prompt_tokens"] > 0
+        # the judge's prompts, the continuations: what the records account for
+        assert kept["engine"]["work_tokens"] > 0
+        assert 0 < kept["engine"]["init_s"] < kept["wall_s"]  # the engine's load, timed apart
     if backend == "vllm":  # probes of one example share their opening: the cache serves it
         stats = summaries["truncate"].stats
         assert stats["prompt_cache_share"] > 0.2

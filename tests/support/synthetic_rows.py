@@ -1,9 +1,11 @@
-"""Synthetic align-stage rows for the training tests: short additions worked step by step, a
-draft and a continuation each, of unequal lengths (a seeded draw per row)."""
+"""Synthetic rows for tests: align-stage rows for the training tests (short additions worked
+step by step, a draft and a continuation each, of unequal lengths: a seeded draw per row), and
+truncate-input rows whose CoT scripts the judge (``scripted_engines.ScriptedJudge``)."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from palign.method.targets import training_target
 
@@ -23,4 +25,27 @@ def addition_rows(n: int, *, seed: int, max_steps: int, id_width: int = 2,
         row["target"] = training_target(f"We add {a} and {b}. {steps}",
                                         f"So the sum is \\boxed{{{a + b}}}.")
         rows.append(row)
+    return rows
+
+
+def rows_with_curve(curves: Sequence[Sequence[float]],
+                    rates: Sequence[Sequence[tuple[int, int] | None]] | None = None, *,
+                    gold: str = "42", prefix: str = "curve") -> list[dict]:
+    """Truncate-input rows ``<prefix>-<i>`` whose sentence j carries the marker
+    ``[p curves[i][j] r R/D]`` (``rates[i][j]`` = (R, D); None or no ``rates``: no ``r``), so
+    ScriptedJudge scores the prefix of k sentences ``curves[i][k-1]`` and a rollout from it
+    passes R of every D samples (none without an ``r`` up to k). The question names ``gold``
+    as ``(answer gold)``, and ``answer`` is ``gold``."""
+    rows = []
+    for i, curve in enumerate(curves):
+        row_rates = list(rates[i]) if rates is not None else [None] * len(curve)
+        if len(row_rates) != len(curve):
+            raise ValueError(f"row {i}: {len(curve)} scores but {len(row_rates)} rates")
+        sentences = []
+        for j, (p, rate) in enumerate(zip(curve, row_rates)):
+            r = f" r {rate[0]}/{rate[1]}" if rate is not None else ""
+            sentences.append(f"Step {j + 1} works [p {float(p)!r}{r}].")
+        rows.append({"id": f"{prefix}-{i:02d}",
+                     "question": f"Find the value of x. (answer {gold})",
+                     "answer": gold, "cot": " ".join(sentences)})
     return rows

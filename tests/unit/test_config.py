@@ -211,6 +211,32 @@ def test_gpu_only_attention_is_refused_on_cpu_by_name():
     assert parse_config(MINIMAL).train.attention == "auto"
 
 
+def test_truncate_verify_is_off_by_default_and_refused_where_it_cannot_run():
+    assert parse_config(MINIMAL).truncate.verify is None  # the paper's method is the default
+    on = {"verify": {"samples": 4}}
+    cfg = parse_config({**MINIMAL, "truncate": on})
+    assert (cfg.truncate.verify.min_pass, cfg.truncate.verify.max_moves) == (0.5, 3)
+    assert all(f.description for f in type(cfg.truncate.verify).model_fields.values())
+    msg = errors_of({**MINIMAL, "truncate": {**on, "search": "lockstep"}})
+    assert "truncate.search: truncate.verify needs per_row, not 'lockstep'" in msg
+    assert "truncate.strategy: truncate.verify needs binary" in errors_of(
+        {**MINIMAL, "truncate": {**on, "strategy": "full"}})
+    assert "models.judge: truncate.verify" in errors_of(
+        {**MINIMAL, "models": {"student": "s", "judge": "j"}, "truncate": on})
+    parse_config({**MINIMAL, "models": {"student": "s", "judge": "s"}, "truncate": on})
+    # a run that does not execute truncate leaves its verify unchecked
+    parse_config({**MINIMAL, "run": {"stages": ["align"]}, "truncate": {**on, "search": "lockstep"},
+                  "models": {"student": "s", "judge": "j"}})
+    assert "truncate.verify.min_pass" in errors_of({**MINIMAL, "truncate": {"verify": {
+        "min_pass": 0}}})
+    assert "truncate.verify.samples" in errors_of({**MINIMAL, "truncate": {"verify": {
+        "samples": 0}}})
+    # the rollouts' budget must leave room for a prompt, as any generation's
+    assert "truncate.verify.sampling.max_tokens: 1024 new tokens" in errors_of(
+        {**MINIMAL, "engine": {"max_model_len": 512}, "run": {"stages": ["truncate"]},
+         "truncate": on})
+
+
 def all_config_models() -> list[type[BaseModel]]:
     """Every model reachable from Config, and any other model the config package's modules
     define."""
