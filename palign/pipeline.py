@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 
-from palign.common.failures import StageFailed
+from palign.common.failures import MachineryError, StageFailed
 from palign.config import Config
 from palign.data import storage
 from palign.data.shards import reject_reasons
@@ -121,8 +121,8 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None,
         try:
             for stage in stages:
                 summaries.append(run_one(cfg, stage))
-        except Exception:  # a failed stage: the page shows what was done up to it
-            write_report(cfg)
+        except (StageFailed, MachineryError):  # the page shows what was done up to it; a
+            write_report(cfg)  # refusal before any work (ConfigChanged, ...) writes nothing
             raise
         write_report(cfg)
     first = ingest_summary(cfg)

@@ -177,8 +177,11 @@ def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path
                    "max_in_flight": 2},
         "truncate": {"verdict": "score"},
         "align": {"sampling": {"max_tokens": 16}},
+        # LoRA, as the paper trains: its checkpoints hold the adapters, not 1.6 GB of weights
+        # and Adam states for the in-process S3 server to take in
         "train": {"num_workers": 1, "cpus_per_worker": 1, "seq_len": 1024, "max_steps": 1,
-                  "checkpoint_every": 1, "micro_batch_size": 1, "grad_accum": 1},
+                  "checkpoint_every": 1, "micro_batch_size": 1, "grad_accum": 1,
+                  "lora": {"r": 4, "alpha": 8}},
         "evaluate": {"n": 1, "sampling": {"max_tokens": 16},
                      "benchmarks": [{"name": "mini", "path": f"{base}/data/bench.jsonl"}],
                      "models": [{"label": "trained", "model": "trained"}]},
@@ -193,15 +196,20 @@ def test_pipeline_on_s3_killed_midway_resumes_every_id_exactly_once(s3, tmp_path
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 420  # the suite's first vLLM start on a fresh machine is slow
-    while not storage.list_files(f"{out}/truncate/_index", prefix="part-"):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no truncate batch committed in 420 s"
+    while not storage.exists(f"{out}/_LOCK"):
+        assert proc.poll() is None, "the run ended before it took its lock"
+        assert time.time() < deadline, "no lock taken in 420 s"
         time.sleep(0.5)
-    # A second run on the busy output refuses before any work, naming the holder.
+    # A second run on the busy output refuses before any work, naming the holder (checked
+    # while the first is still early on: its truncate may finish during the seconds this takes)
     second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"is in use by another palign run: pid {proc.pid} on host" in second.stderr
+    while not storage.list_files(f"{out}/truncate/_index", prefix="part-"):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no truncate batch committed in 420 s"
+        time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # The dead driver's Ray workers go down with its raylet, a moment later (seconds on a busy
