@@ -12,6 +12,7 @@ the student does not have fails here too (``lora_problems``).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from palign.config import Config, ConfigError, format_problems, stage_names, stages_before
@@ -35,13 +36,17 @@ def check_paths(cfg: Config, stages: list[str] | None = None) -> None:
 def check_engine_kwargs(cfg: Config, stages: list[str] | None = None) -> None:
     """Raise ConfigError when a stage's ``engine.engine_kwargs`` names something that is not a
     vLLM engine argument, or one palign sets itself (``palign.engines.engine_args``), or its
-    ``engine.backend`` names by import path a class that cannot be imported here."""
+    ``engine.backend`` names by import path a class that cannot be imported here; also when a
+    remote engine's key variable is unset where this run's local Ray would hand it on, and when
+    a tracker ``train.report_to`` names is not installed (``palign.train.trackers``)."""
     from palign.common.plugins import is_import_path
-    from palign.engines import backend_class
+    from palign.engines import backend_class, is_remote
     from palign.engines.engine_args import kwargs_problems
+    from palign.train.trackers import tracker_problems
 
     problems = []
-    for stage in stages or cfg.run.stages:
+    stages = stages or cfg.run.stages
+    for stage in stages:
         engine = getattr(getattr(cfg, stage, None), "engine", None)
         if engine is not None:
             problems += kwargs_problems(f"{stage}.engine.engine_kwargs", engine.engine_kwargs,
@@ -51,6 +56,15 @@ def check_engine_kwargs(cfg: Config, stages: list[str] | None = None) -> None:
                     backend_class(engine.backend, f"{stage}.engine.backend")
                 except ConfigError as err:
                     problems.append(str(err))
+            # a local Ray's workers inherit this process's environment: the key must be in it
+            # (on a cluster the nodes hold it; each engine actor checks at its start)
+            if (is_remote(engine.backend) and engine.api_key_env and cfg.ray.address is None
+                    and not os.environ.get(engine.api_key_env)):
+                problems.append(f"{stage}.engine.api_key_env: {engine.api_key_env} is not set "
+                                "in this environment (the local Ray's engine actors read the "
+                                "key from it)")
+    if "train" in stages:
+        problems += tracker_problems(cfg)
     if problems:
         raise ConfigError(format_problems(problems))
 
@@ -115,11 +129,16 @@ def lora_problems(cfg: Config) -> list[str]:
 
 
 def _cached_hub_model(hub_id: str) -> str | None:
-    """The local snapshot folder of a hub model's config, if the hub cache has it."""
+    """The local snapshot folder of a hub model's config (at its pinned revision, for
+    ``org/name@revision``), if the hub cache has it."""
+    from palign.common.modelref import split_revision
+
+    repo, revision = split_revision(hub_id)
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(hub_id, allow_patterns=["config.json"], local_files_only=True)
+        return snapshot_download(repo, revision=revision, allow_patterns=["config.json"],
+                                 local_files_only=True)
     except Exception:  # noqa: BLE001 - not cached (or no hub library): cannot check here
         return None
 
@@ -157,7 +176,10 @@ def _models(cfg: Config, stages: list[str]) -> list[tuple[str, str]]:
 
 
 def _model_problem(field: str, name: str, cache_dir: str | None) -> str | None:
+    from palign.common.modelref import split_revision
     from palign.engines.models import REGISTRY
+
+    name, _ = split_revision(name)  # org/name@revision: the revision is the hub's to check
 
     if name in REGISTRY:
         return None

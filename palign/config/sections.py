@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from palign.common.modelref import revision_problem
 from palign.common.plugins import IMPORT_PATH
 from palign.config.base import Strict
 from palign.config.stages import stage_names
@@ -136,10 +138,12 @@ class DataSection(ProblemSource):
 class ModelsSection(Strict):
     student: str = Field(
         description="The student model: a short name (smollm2-135m), a local Hugging Face "
-                    "folder, a folder on object storage, or a hub id.")
+                    "folder, a folder on object storage, or a hub id (org/name, or "
+                    "org/name@revision to pin a commit, branch or tag).")
     teacher: str | None = Field(
         default=None,
-        description="The model that writes missing CoTs; needed when some rows have none.")
+        description="The model that writes missing CoTs; needed when some rows have none. With "
+                    "generate.engine.backend openai: the model's name as the server knows it.")
     judge: str | None = Field(
         default=None,
         description="The model that judges prefixes in truncate; null: the student, as in "
@@ -154,6 +158,14 @@ class ModelsSection(Strict):
                     "false} for Qwen3: used wherever the student's template renders a chat "
                     "(the judge when it is the student, align, the training tokens, and the "
                     "evaluation of the student and of its trained export).")
+
+    @field_validator("student", "teacher", "judge")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        problem = revision_problem(value) if value else None
+        if problem:
+            raise PydanticCustomError("model_revision", "{problem}", {"problem": problem})
+        return value
 
 
 class ReplicaRange(Strict):
@@ -170,13 +182,25 @@ class ReplicaRange(Strict):
 
 
 BACKEND_PATH = IMPORT_PATH  # engine.backend by import path
+# Backends that reach a model over the network: no model on disk, no GPU, chat completions only.
+REMOTE_BACKENDS = ("openai",)
+# The name of an environment variable: what engine.api_key_env holds, never the key itself.
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def _problem(kind: str, text: str) -> PydanticCustomError:
+    """A field's error read as it is written (no "Value error," before it), and never with the
+    value in it: a key pasted into the wrong field must not reach the terminal."""
+    return PydanticCustomError(kind, "{problem}", {"problem": text})
 
 
 class EngineConfig(Strict):
     backend: str = Field(
         default="auto",
         description="Inference backend: auto (vLLM where installed, else transformers), vllm, "
-                    "transformers, or a class by import path (package.module:Class, a "
+                    "transformers, openai (an OpenAI-compatible endpoint at base_url: a vllm "
+                    "serve or SGLang server, or a provider; generate and evaluate only), or a "
+                    "class by import path (package.module:Class, a "
                     "palign.engines.base.Backend built from the stage's EngineSpec).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
@@ -234,21 +258,120 @@ class EngineConfig(Strict):
         description="Longest one engine call may take (a batch's generation, a row's probe "
                     "or its wait for room in the KV cache, a health check), and longest an "
                     "engine actor may go without a sign of life; past it the actor is treated "
-                    "as dead: Ray restarts it and its rows in flight count as a crash.")
+                    "as dead: Ray restarts it and its rows in flight count as a crash. With "
+                    "backend openai: the limit on one HTTP attempt (a call may take "
+                    "max_retries + 1 attempts and the waits between them).")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Any other vLLM engine argument, passed as is (e.g. kv_cache_dtype, "
                     "max_num_batched_tokens); checked by name against vLLM's EngineArgs "
-                    "before any work.")
+                    "before any work. With backend openai: extra fields of each chat request "
+                    "(e.g. top_k, min_p, reasoning_effort).")
+    base_url: str | None = Field(
+        default=None,
+        description="backend openai: the server's OpenAI-compatible API up to /v1 (e.g. "
+                    "http://host:8000/v1); http or https, no credentials in it.")
+    api_key_env: str | None = Field(
+        default=None,
+        description="backend openai: the NAME of the environment variable that holds the API "
+                    "key, read on each worker (e.g. OPENAI_API_KEY); the key itself is never "
+                    "in the config, logs or records. Null: no key is sent.")
+    max_concurrency: int | None = Field(
+        default=None, ge=1,
+        description="backend openai: requests in flight to the endpoint from the whole stage "
+                    "(for its rate limits), split evenly over replicas.max; null: "
+                    "max_in_flight per replica.")
+    max_retries: int = Field(
+        default=6, ge=0,
+        description="backend openai: retries of one request after a 429, 408, 5xx, time-out "
+                    "or dropped connection; past them the endpoint counts as down and the "
+                    "engine fails (its rows are not rejected).")
+    retry_backoff_s: float = Field(
+        default=1.0, ge=0,
+        description="backend openai: the first wait before a retry, doubled each retry (with "
+                    "jitter) up to retry_backoff_max_s; a Retry-After header wins, capped too.")
+    retry_backoff_max_s: float = Field(
+        default=60, ge=0,
+        description="backend openai: the longest one wait between retries may be.")
 
     @field_validator("backend")
     @classmethod
     def _backend(cls, value: str) -> str:
         # The shape only: preflight imports a path (palign.preflight.check_engine_kwargs).
-        if value not in ("auto", "vllm", "transformers") and not re.match(BACKEND_PATH, value):
-            raise ValueError("use auto, vllm, transformers or a class by import path "
+        if (value not in ("auto", "vllm", "transformers", *REMOTE_BACKENDS)
+                and not re.match(BACKEND_PATH, value)):
+            raise ValueError("use auto, vllm, transformers, openai or a class by import path "
                              f"(package.module:Class), not {value!r}")
         return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value.strip())
+            _ = parts.port  # raises on a port that is not a number
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _problem("base_url", "an http:// or https:// URL of the OpenAI-compatible "
+                                       "API, e.g. http://host:8000/v1")
+        if parts.username is not None or parts.password is not None:
+            raise _problem("base_url", "holds credentials; put the key in the variable "
+                                       "engine.api_key_env names")
+        if parts.query or parts.fragment:
+            raise _problem("base_url", "a query or fragment has no place here (a key there "
+                                       "would reach logs and records; put it in the variable "
+                                       "engine.api_key_env names): give the URL up to /v1")
+        return value.strip().rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _api_key_env(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_NAME.match(value):
+            raise _problem("env_name", "the name of an environment variable (e.g. "
+                                       "OPENAI_API_KEY), not the key itself")
+        return value
+
+    def is_remote(self) -> bool:
+        """Whether this engine is an endpoint over the network (``REMOTE_BACKENDS``)."""
+        return self.backend in REMOTE_BACKENDS
+
+    def in_flight_per_replica(self) -> int:
+        """Requests one replica holds at once: ``max_in_flight``, or a remote engine's share of
+        the stage's ``max_concurrency`` (the worker's server and the runner's batches use it)."""
+        if self.is_remote() and self.max_concurrency is not None:
+            return self.max_concurrency // self.replicas.max
+        return self.max_in_flight
+
+    def call_limit_s(self) -> float:
+        """Longest one engine call may take (the guard's limit): ``request_timeout_s``, or for
+        a remote engine every attempt of a request and the longest waits between them."""
+        if not self.is_remote():
+            return self.request_timeout_s
+        return (self.request_timeout_s * (self.max_retries + 1)
+                + self.max_retries * self.retry_backoff_max_s)
+
+    def problems(self, where: str) -> list[str]:
+        """What is wrong across this engine's fields, a line per problem naming the field under
+        ``where`` (``generate.engine``); asked by the config of each stage's engine."""
+        out = []
+        if self.is_remote():
+            if self.base_url is None:
+                out.append(f"{where}.base_url: required with backend {self.backend} (the "
+                           "server's OpenAI-compatible URL, e.g. http://host:8000/v1)")
+            if self.max_concurrency is not None and self.max_concurrency < self.replicas.max:
+                out.append(f"{where}.max_concurrency: {self.max_concurrency} requests for up "
+                           f"to {self.replicas.max} replicas: at least one each")
+        else:
+            out += [f"{where}.{name}: only for backend openai (this engine's is "
+                    f"{self.backend})" for name in ("base_url", "api_key_env", "max_concurrency")
+                    if getattr(self, name) is not None]
+        if self.retry_backoff_max_s < self.retry_backoff_s:
+            out.append(f"{where}.retry_backoff_max_s: {self.retry_backoff_max_s} s is below "
+                       f"retry_backoff_s ({self.retry_backoff_s} s), the first wait")
+        return out
 
 
 class OutputSection(Strict):

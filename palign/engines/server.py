@@ -43,6 +43,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from palign.common.failures import describe
 from palign.engines.base import Backend, Chat, Completion, LabelScores, Sampling
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class EngineServer:
         self._window_peak = 0  # the peak since the last stats(window=True)
         self._prompt_tokens = 0  # over every answered request
         self._cached_tokens = 0
+        self._completion_tokens = 0  # over every answered generation without an error
         self._dead: BaseException | None = None
         kv_tokens = engine.kv_cache_tokens()
         self.kv_budget: int | None = int(kv_tokens * KV_SHARE) if kv_tokens else None
@@ -104,8 +106,8 @@ class EngineServer:
         """Queue one request per chat; each future holds a Completion or a LabelScores."""
         with self._cv:
             if self._dead is not None:
-                raise RuntimeError(f"the {self.name} engine has failed: {self._dead!r}") \
-                    from self._dead
+                raise RuntimeError(f"the {self.name} engine has failed: "
+                                   f"{describe(self._dead)}") from self._dead
             if self._closing:
                 raise RuntimeError(f"the {self.name} engine is closed")
             self._units += 1
@@ -145,7 +147,8 @@ class EngineServer:
         tokens = min(await asyncio.wrap_future(counted), self.kv_budget)
         with self._cv:
             if self._dead is not None:
-                raise RuntimeError(f"the {self.name} engine has failed: {self._dead!r}")
+                raise RuntimeError(f"the {self.name} engine has failed: "
+                                   f"{describe(self._dead)}")
             granted: Future = Future()
             if not self._waiting_rows and self._reserved + tokens <= self.kv_budget:
                 self._reserved += tokens
@@ -172,18 +175,22 @@ class EngineServer:
             future.set_result(n)
 
     def stats(self, window: bool = False) -> dict[str, int]:
-        """Requests handed to the engine now and at most so far, those waiting, and the prompt
-        tokens of every request served (not refused) and how many the prefix cache served.
-        ``window``: also the most in flight since the last such call (``window_peak``)."""
+        """Requests handed to the engine now and at most so far, those waiting, the prompt
+        tokens of every request served (not refused) and how many the prefix cache served, the
+        tokens generated, and the backend's own ``counters()`` (a remote one's requests and
+        retries). ``window``: also the most in flight since the last such call
+        (``window_peak``)."""
+        counters = self.inner.counters()
         with self._cv:
             extra = {}
             if window:
                 extra["window_peak"] = self._window_peak
                 self._window_peak = self._in_flight
-            return {**extra, "in_flight": self._in_flight, "peak_in_flight": self._peak,
-                    "queued": len(self._queue), "peak_reserved": self._peak_reserved,
-                    "prompt_tokens": self._prompt_tokens,
-                    "cached_tokens": self._cached_tokens}
+            return {**counters, **extra, "in_flight": self._in_flight,
+                    "peak_in_flight": self._peak, "queued": len(self._queue),
+                    "peak_reserved": self._peak_reserved, "prompt_tokens": self._prompt_tokens,
+                    "cached_tokens": self._cached_tokens,
+                    "completion_tokens": self._completion_tokens}
 
     def stop(self) -> None:
         """Finish what is in flight and end the server's thread; the engine stays open."""
@@ -236,6 +243,8 @@ class EngineServer:
             if req.kind != COUNT and not result.error:  # a refused prompt was never computed
                 self._prompt_tokens += result.prompt_tokens
                 self._cached_tokens += result.cached_tokens
+                if isinstance(result, Completion):
+                    self._completion_tokens += result.completion_tokens
         req.future.set_result(result)
 
     def _run_continuous(self) -> None:

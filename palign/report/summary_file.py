@@ -36,7 +36,8 @@ SUMMARY_FORMAT = "palign.summary/1"
 # engine held at once, the slowest replica's start (its engine and grader built, in seconds;
 # summed over evaluate's pools, which start one after another) and the tokens the stage's
 # own records account for (``Stage.metrics``: generated or judged tokens).
-ENGINE_KEYS = ("prompt_tokens", "cached_tokens", "peak_in_flight", "init_s", "work_tokens")
+ENGINE_KEYS = ("prompt_tokens", "cached_tokens", "peak_in_flight", "init_s", "work_tokens",
+               "completion_tokens", "requests", "retries")  # the last two: remote engines
 
 
 def summary_record(stage: str, *, rows_in: int, rows_out: int, rejected: int, skipped: int,

@@ -20,6 +20,7 @@ from palign.data import storage
 from palign.data.layout import INDEX, REJECTS, batch_stem, data_name, is_committed
 from palign.data.shards import read_committed_ids, reject_columns, write_shard
 from palign.runtime.isolation import FaultIsolation
+from palign.runtime.telemetry import ADDITIVE
 from palign.stages.base import Row, Stage
 
 
@@ -95,7 +96,7 @@ class Commit:
         ok = sum(len(read_committed_ids(self.folder(sub), data_name(stem, self.format)))
                  for sub, stem in stems.items())
         return {"rows": [n], "ok": [ok], "rejected": [n - ok],
-                "prompt_tokens": [0], "cached_tokens": [0], "peak_in_flight": [0]}
+                **{key: [0] for key in ADDITIVE}, "peak_in_flight": [0]}
 
 
 def storage_key(actor: str) -> str:

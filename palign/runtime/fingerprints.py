@@ -2,9 +2,10 @@
 check that runs before any work, and ``--restart``.
 
 The chain: ingest's fingerprint is the data section and the source files' names and sizes;
-each row stage's is its section, the model its engine serves (when it needs one), its prompt
-texts (``Stage.prompts``), the seed, and the digest of its input's (the closest earlier stage
-the config lists, or the ingest; a stage whose input this run does not make takes the input's
+each row stage's is its section, the model its engine serves (when it needs one: for a hub id,
+the commit it resolves to, so a moved branch stops a resume), its prompt texts
+(``Stage.prompts``), the seed, and the digest of its input's (the closest earlier stage the
+config lists, or the ingest; a stage whose input this run does not make takes the input's
 recorded one).
 Evaluate's is per (model, benchmark) folder: its section without the lists, the model under
 test's identity and the benchmark's ingest. Train records its own (``palign.train``).
@@ -20,6 +21,7 @@ from palign.config import Config, DataSection, stage_names, stages_before
 from palign.data import fingerprint, storage, transfer
 from palign.data.digest import count_rows
 from palign.data.layout import REJECTS
+from palign.engines import is_remote
 from palign.stages import registry
 
 log = logging.getLogger(__name__)
@@ -28,22 +30,17 @@ ASIDE = "_aside"  # <output_dir>/_aside/<time>/<stage>: what --restart moved asi
 INGEST = "ingest"
 
 
-def model_identity(cfg: Config, model: str | None) -> dict[str, Any] | None:
-    """A model's name, the chat template settings it gets, and a hash of its files' names and
-    sizes where they can be seen (a folder, a URI, a short name already fetched); a hub id
-    is its name alone."""
+def model_identity(cfg: Config, model: str | None, remote: bool = False
+                   ) -> dict[str, Any] | None:
+    """A model's identity (``palign.engines.revisions.identity``: a hub id's commit, a hash of
+    a folder's or a URI's files' names and sizes, a short name's wheel and member; a model a
+    ``remote`` server serves by its name alone) and the chat template settings it gets (from
+    the name as written)."""
     if model is None:
         return None
-    from palign.engines.models import REGISTRY as SHORT_NAMES
+    from palign.engines.revisions import identity
 
-    if model in SHORT_NAMES:  # a wheel's GGUF file: its package and member say which
-        entry = SHORT_NAMES[model]
-        files: str | None = f"{entry.package}:{entry.member}"
-    elif storage.is_uri(model) or storage.exists(model):
-        files = fingerprint.files_identity(model)
-    else:
-        files = None
-    return {"name": model, "files": files,
+    return {**identity(model, remote=remote),
             "chat_template_kwargs": cfg.template_kwargs_for(model)}
 
 
@@ -54,9 +51,11 @@ def ingest_fingerprint(data: DataSection) -> dict[str, Any]:
 
 def stage_fingerprint(cfg: Config, stage: str, input_fp: dict[str, Any]) -> dict[str, Any]:
     definition = registry.get(stage)
+    section = definition.section(cfg)
     model = definition.model(cfg) if definition.needs_engine(cfg) else None
-    return {stage: fingerprint.section_fields(definition.section(cfg)), "seed": cfg.run.seed,
-            "model": model_identity(cfg, model), "prompts": definition.prompts(),
+    remote = model is not None and is_remote(section.engine.backend)
+    return {stage: fingerprint.section_fields(section), "seed": cfg.run.seed,
+            "model": model_identity(cfg, model, remote), "prompts": definition.prompts(),
             "input": fingerprint.digest(input_fp)}
 
 
@@ -65,7 +64,7 @@ def evaluate_fingerprint(cfg: Config, model_path: str, benchmark_fp: dict[str, A
     section = fingerprint.section_fields(cfg.evaluate)
     section = {k: v for k, v in section.items() if k not in ("models", "benchmarks")}
     return {"evaluate": section, "seed": cfg.run.seed,
-            "model": model_identity(cfg, model_path),
+            "model": model_identity(cfg, model_path, is_remote(cfg.evaluate.engine.backend)),
             "prompts": registry.get("evaluate").prompts(),
             "input": fingerprint.digest(benchmark_fp)}
 

@@ -150,6 +150,9 @@ def engine_problems(stage: str, engine: EngineConfig) -> list[str]:
     path = f"{stage}.engine"
     tp, gpus = engine.tensor_parallel_size, engine.gpus_per_replica
     problems = []
+    if engine.is_remote() and (gpus or tp > 1):  # its actors hold HTTP sessions, no model
+        return [f"{path}.gpus_per_replica: a remote engine (backend {engine.backend}) runs on "
+                "CPU workers: set gpus_per_replica to 0 and tensor_parallel_size to 1"]
     if tp > 1:
         if gpus == 0:
             problems.append(f"{path}.tensor_parallel_size: {tp} needs GPUs, and "

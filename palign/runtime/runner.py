@@ -51,6 +51,7 @@ from palign.runtime.summary import (
     ingest_summary,
     last_error_line,
 )
+from palign.runtime.telemetry import ADDITIVE
 from palign.runtime.watchdog import Watchdog
 from palign.runtime.worker import StageWorker
 from palign.stages.registry import REGISTRY
@@ -225,7 +226,9 @@ def stream(cfg: Config, spec: WorkerSpec, work: Plan) -> tuple[int, dict[str, fl
     ``spec.model``; its pool and retries from ``spec``'s section); the workers write the
     results. Returns (rows done, engine tallies: see ``StageSummary.engine``)."""
     model = spec.model
-    if model is not None and not storage.is_uri(model):
+    section = spec.validated_section()
+    engine = section.engine
+    if model is not None and not storage.is_uri(model) and not engine.is_remote():
         from palign.engines.models import resolve_model
 
         # Materialise short-name models once here, not in every actor at once (a folder on
@@ -235,17 +238,15 @@ def stream(cfg: Config, spec: WorkerSpec, work: Plan) -> tuple[int, dict[str, fl
 
     init_ray(cfg)
     stage = spec.stage
-    section = spec.validated_section()
-    engine = section.engine
     _bound_actor_starts(engine.max_failures)
     ledger = start_ledger(section.max_row_attempts, engine.max_failures)
     progress = ProgressLine(log, stage, work.pending)  # counts the rows done
-    tally: dict[str, float] = {"prompt_tokens": 0, "cached_tokens": 0, "peak_in_flight": 0,
+    tally: dict[str, float] = {**{key: 0 for key in ADDITIVE}, "peak_in_flight": 0,
                                "init_s": 0.0, "work_tokens": 0}
     # The pool's resources (GPUs, a placement group per tensor-parallel replica) come from
     # palign.runtime.resources; its placement groups are removed when the stage ends.
     try:
-        per_replica = batches_per_replica(engine.max_in_flight, engine.batch_size)
+        per_replica = batches_per_replica(engine.in_flight_per_replica(), engine.batch_size)
         # The watchdog kills an actor that stops running (SIGSTOPped, frozen): a hung process
         # cannot time its own engine calls out (palign.runtime.watchdog).
         with engine_pool_kwargs(engine_request(stage, engine), per_replica) as pool, \
@@ -262,7 +263,7 @@ def stream(cfg: Config, spec: WorkerSpec, work: Plan) -> tuple[int, dict[str, fl
                 **pool,
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for key in ("prompt_tokens", "cached_tokens", "work_tokens"):
+                for key in (*ADDITIVE, "work_tokens"):
                     tally[key] += int(sum(batch[key]))
                 # Every replica reports its own start with each batch: the slowest one's.
                 for key in ("peak_in_flight", "init_s"):

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from palign.config import stage_path
 from palign.data import storage
 from palign.data.layout import new_token
+from palign.engines import is_remote
+from palign.engines.revisions import pin
 from palign.runtime.resources import engine_request
 from palign.stages.base import Stage
 from palign.stages.registry import by_path
@@ -63,12 +65,17 @@ class WorkerSpec:
         be in the config's stage list: the class at ``stage_class`` (``"module:Class"``),
         given its ``section`` (an instance of its ``Section`` class, or that as JSON), serving
         ``model``, writing ``out_dir`` (a folder of the tool's choosing); the run settings
-        (shard format, seed, model cache, chat template) come from ``cfg``."""
+        (shard format, seed, model cache, chat template) come from ``cfg``. A hub id is pinned
+        here, once, to the commit its revision is now (``palign.engines.revisions.pin``)."""
         if isinstance(section, dict):  # checked here, not first in every actor
             section = by_path(stage_class).Section.model_validate(section)
-        executor = None
+        executor, template_kwargs = None, {}
         if model is not None:  # the pool's plan says how a replica runs its ranks
             executor = engine_request(name, section.engine).executor_backend
+            template_kwargs = cfg.template_kwargs_for(model)  # by the name as written
+            if not is_remote(section.engine.backend):  # a server chooses a remote's weights
+                # one commit for every actor, whatever the hub's branch does meanwhile
+                model = pin(model)
         return cls(
             stage=name,
             section=section.model_dump(mode="json"),
@@ -79,7 +86,7 @@ class WorkerSpec:
             model=model,
             cache_dir=cfg.models.cache_dir,
             seed=cfg.run.seed,
-            template_kwargs=cfg.template_kwargs_for(model) if model is not None else {},
+            template_kwargs=template_kwargs,
             executor_backend=executor,
         )
 

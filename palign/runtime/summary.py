@@ -51,8 +51,12 @@ def engine_stats(engine: dict[str, float]) -> dict[str, float]:
     tokens and the peak of requests in flight in one engine (nothing when no engine ran)."""
     if not engine.get("prompt_tokens"):
         return {}
-    return {"engine_prefix_cache_share": engine["cached_tokens"] / engine["prompt_tokens"],
-            "engine_peak_in_flight": float(engine["peak_in_flight"])}
+    stats = {"engine_prefix_cache_share": engine["cached_tokens"] / engine["prompt_tokens"],
+             "engine_peak_in_flight": float(engine["peak_in_flight"])}
+    if engine.get("requests"):  # a remote engine: its HTTP requests and how many were retries
+        stats.update(engine_requests=float(engine["requests"]),
+                     engine_retries=float(engine.get("retries", 0)))
+    return stats
 
 
 def fill_totals(summary: StageSummary, out_dir: str, definition: Stage) -> None:

@@ -273,6 +273,11 @@ def stage_batch(m: _Metrics, stage: str, rows_in: int, rows_out: int, rejected: 
         prefill_ratios(stage, prefill)
 
 
+# An engine's counters that add up over its reports (EngineServer.stats: tokens; a remote
+# backend's counters: HTTP requests and retries); the summary sums them over the replicas.
+ADDITIVE = ("prompt_tokens", "cached_tokens", "completion_tokens", "requests", "retries")
+
+
 class EngineReport:
     """An actor's engine after each batch: its prompt and cached tokens since the last report
     (batches in flight share one engine: each token is reported once) and its requests in
@@ -283,7 +288,8 @@ class EngineReport:
     def __init__(self, stage: str, engine: Any) -> None:
         self.stage = stage
         self.engine = engine
-        self._reported = {"prompt_tokens": 0, "cached_tokens": 0}
+        # additive counters: completion tokens, and a remote engine's HTTP requests and retries
+        self._reported = {key: 0 for key in ADDITIVE}
         self._lock = threading.Lock()
 
     def __call__(self) -> dict[str, list[int]]:
@@ -296,6 +302,5 @@ class EngineReport:
         engine_requests(self.stage, in_flight=stats.get("window_peak", 0),
                         prompt_tokens=delta["prompt_tokens"],
                         cached_tokens=delta["cached_tokens"])
-        return {"prompt_tokens": [delta["prompt_tokens"]],
-                "cached_tokens": [delta["cached_tokens"]],
+        return {**{key: [delta[key]] for key in ADDITIVE},
                 "peak_in_flight": [stats.get("peak_in_flight", 0)]}

@@ -87,13 +87,17 @@ class StageWorker:
         from palign.engines.server import EngineServer
 
         assert self.model is not None
-        path = resolve_model(self.model, self.spec.cache_dir)
         config = self.section.engine
+        # a remote engine's model is the name its server knows, nothing to load here
+        path = self.model if config.is_remote() else resolve_model(self.model,
+                                                                   self.spec.cache_dir)
         engine = build_engine(EngineSpec.of(
             config, path, seed=self.spec.seed, executor_backend=self.spec.executor_backend,
             template_kwargs=self.spec.template_kwargs))
         log.info("%s: engine %s ready for %s", self.stage, engine.name, self.model)
-        return GuardedEngine(EngineServer(engine, config.max_in_flight), config.request_timeout_s)
+        # a remote engine's call may wait out its retries: the guard's limit covers them all
+        return GuardedEngine(EngineServer(engine, config.in_flight_per_replica()),
+                             config.call_limit_s())
 
     def _start_grader(self) -> Any:
         from palign.method.grading import Grader

@@ -86,6 +86,9 @@ class Stage(ABC):
     # pool per model under test and benchmark (palign.runtime.evaluate), ``train`` Ray Train.
     driver: ClassVar[Literal["rows", "evaluate", "train"]] = "rows"
     grades: ClassVar[bool] = False  # needs a grading worker (math-verify)
+    # Whether its engine may be a remote endpoint (engine.backend: openai): only a stage that
+    # asks its engine for chat completions alone (no label scores, no assistant prefix).
+    remote_engine: ClassVar[bool] = False
     input_columns: ClassVar[tuple[str, ...]] = ()  # of its input's index, for engine_for
     # What a finished record puts in its shard's index (palign.data.shards): the few numbers
     # the summary needs, so that summaries never read whole rows.

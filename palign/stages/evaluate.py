@@ -14,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from palign.common.modelref import revision_problem, split_revision
 from palign.config import (
     NAME_PATTERN,
     Config,
@@ -57,7 +59,16 @@ class EvalModel(Strict):
                     "run's merged model); adapter: a LoRA run's adapter "
                     "(<output_dir>/train/adapter, merged into its base once per machine); "
                     "student: models.student as given; anything else: a short name, a model "
-                    "or LoRA adapter folder (local or on object storage) or a hub id.")
+                    "or LoRA adapter folder (local or on object storage) or a hub id "
+                    "(org/name@revision pins one). With evaluate.engine.backend openai: the "
+                    "model's name as the server knows it.")
+
+    @field_validator("model")
+    @classmethod
+    def _revision(cls, value: str) -> str:
+        if problem := revision_problem(value):
+            raise PydanticCustomError("model_revision", "{problem}", {"problem": problem})
+        return value
 
 
 class EvaluateSection(EngineStageSection):
@@ -137,9 +148,12 @@ class Evaluate(Stage):
     Section = EvaluateSection
     driver = "evaluate"
     grades = True
+    remote_engine = True  # chat completions only: a model under test behind an API
 
     def models_used(self, cfg: Config) -> list[tuple[str, str]]:
-        out = []
+        out: list[tuple[str, str]] = []
+        if cfg.evaluate.engine.is_remote():  # names the server knows, no files here
+            return out
         for i, m in enumerate(cfg.evaluate.models):
             if m.model == "student":
                 out.append(("models.student", cfg.models.student))
@@ -148,9 +162,22 @@ class Evaluate(Stage):
         return out
 
     def check(self, cfg: Config) -> list[str]:
+        problems = []
         if not cfg.evaluate.benchmarks:
-            return ["evaluate.benchmarks: list at least one benchmark to evaluate on"]
-        return []
+            problems.append("evaluate.benchmarks: list at least one benchmark to evaluate on")
+        engine = cfg.evaluate.engine
+        if engine.is_remote():
+            remote = f"a remote engine (evaluate.engine.backend: {engine.backend})"
+            for i, m in enumerate(cfg.evaluate.models):
+                field = f"evaluate.models.{i}.model"
+                if m.model in ("trained", "adapter", "student"):
+                    problems.append(f"{field}: {m.model} is a model this run loads from its "
+                                    f"own files, which {remote} cannot serve: name the model "
+                                    "as the server knows it")
+                elif (rev := split_revision(m.model)[1]) is not None:
+                    problems.append(f"{field}: a revision (@{rev}) cannot be pinned on "
+                                    f"{remote}: the server chooses the weights")
+        return problems
 
     def prompts(self) -> dict[str, Any]:
         return {"question": student_question("{question}")}

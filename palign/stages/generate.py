@@ -1,6 +1,9 @@
 """generate: the teacher writes a CoT for every row that has none; rows with one pass through.
 
-Output row: the problem record with ``cot`` filled and ``cot_source`` ("data" or "teacher").
+Output row: the problem record with ``cot`` filled and ``cot_source`` ("data" or "teacher");
+a CoT the teacher wrote adds its token counts (``teacher_prompt_tokens``, ``teacher_tokens``),
+its ``teacher_finish`` reason and ``teacher_model``, the model a remote server says answered
+(null for a local engine), so a run's cost and its teacher can be read from its rows.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from typing import Any
 
 from pydantic import Field
 
+from palign.common.modelref import split_revision
 from palign.config import Config, EngineStageSection, SamplingConfig
 from palign.engines.base import Engine, Sampling
 from palign.method.prompts import teacher_chat
@@ -62,7 +66,9 @@ def generate_rows(
                 outcomes[i] = Outcome(row["id"], {
                     **row, "cot": comp.text, "cot_source": "teacher",
                     "teacher_tokens": comp.completion_tokens,
+                    "teacher_prompt_tokens": comp.prompt_tokens,
                     "teacher_finish": comp.finish_reason,
+                    "teacher_model": comp.model or None,
                 })
     return [outcomes[i] for i in range(len(rows))]
 
@@ -80,6 +86,7 @@ class Generate(Stage):
     # Rows that came with a CoT pass through; the teacher is started only for the others.
     input_columns = ("has_cot",)
     index_columns = ("cot_source",)
+    remote_engine = True  # chat completions only: a teacher behind an OpenAI-compatible API
 
     def model(self, cfg: Config) -> str | None:
         return cfg.models.teacher
@@ -91,11 +98,20 @@ class Generate(Stage):
         return not all(columns.get("has_cot") or [False])
 
     def models_used(self, cfg: Config) -> list[tuple[str, str]]:
-        return [("models.teacher", cfg.models.teacher)] if cfg.models.teacher else []
+        # a remote teacher is a name the server knows, not files to look for here
+        if not cfg.models.teacher or cfg.generate.engine.is_remote():
+            return []
+        return [("models.teacher", cfg.models.teacher)]
 
     def check(self, cfg: Config) -> list[str]:
         if cfg.data.fields.cot is None and not cfg.models.teacher:
             return ["models.teacher: required when the data has no CoT field"]
+        engine = cfg.generate.engine
+        rev = split_revision(cfg.models.teacher)[1] if cfg.models.teacher else None
+        if rev is not None and engine.is_remote():
+            return [f"models.teacher: a revision (@{rev}) cannot be pinned on a remote engine "
+                    f"(generate.engine.backend: {engine.backend}): the server chooses the "
+                    "weights"]
         return []
 
     def prompts(self) -> dict[str, Any]:

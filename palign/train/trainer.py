@@ -115,6 +115,7 @@ def run_train(cfg: Config) -> TrainResult:
     ``train.max_failures`` times (the checkpoints stay; run again to resume).
     """
     from palign.engines.models import resolve_model
+    from palign.engines.revisions import pin
     from palign.runtime.runner import init_ray
 
     started = time.time()
@@ -128,8 +129,13 @@ def run_train(cfg: Config) -> TrainResult:
     # (ConfigChanged); otherwise this run's fingerprint is recorded before its first checkpoint.
     callbacks.load(tc)
     guard_resume(cfg)
-    # Materialise a short-name student once here, not in every worker at once (a folder on
-    # object storage is staged by each node's workers instead: the driver needs no copy).
+    # One commit of a hub student for the preparation's tokenizer and every rank, whatever
+    # the hub's branch does while they start (the fingerprint above recorded that commit).
+    cfg = cfg.model_copy(update={"models": cfg.models.model_copy(
+        update={"student": pin(cfg.models.student)})})
+    # Materialise a short-name (or a pinned hub) student once here, not in every worker at
+    # once (a folder on object storage is staged by each node's workers instead: the driver
+    # needs no copy).
     if not storage.is_uri(cfg.models.student):
         resolve_model(cfg.models.student, cfg.models.cache_dir)
     init_ray(cfg)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from synthetic_rows import addition_rows
+from tb_events import scalars
 from train_faults import fail_after
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,13 +110,36 @@ def test_step_plan_is_a_partition_per_epoch():
 
 @pytest.fixture(scope="module")
 def zero2_run(ray_cluster, tiny_model, tmp_path_factory):
-    cfg = make_config(tmp_path_factory.mktemp("z2"), tiny_model, "z2")
+    cfg = make_config(tmp_path_factory.mktemp("z2"), tiny_model, "z2",
+                      report_to=["tensorboard", "mlflow"])  # rank 0 logs every step there
     return cfg, run_train(cfg)
 
 
 def test_zero2_learns_and_exports(zero2_run):
     cfg, result = zero2_run
     assert_learns_and_exports(cfg, result)
+
+
+def test_tensorboard_and_mlflow_hold_every_steps_loss(zero2_run, monkeypatch):
+    """report_to: [tensorboard, mlflow]: the event file and MLflow's local store hold the loss
+    of every step (30, reported every 5) as the run's summary has it, and the export's path."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as rank 0 did to write it
+    cfg, result = zero2_run
+    train = Path(cfg.run.output_dir).absolute() / "train"
+    tb = scalars(train / "tensorboard")["loss"]
+    assert sorted(tb) == list(range(1, STEPS + 1))
+    assert [tb[s] for s in sorted(tb)] == pytest.approx(result.losses, rel=1e-6)  # float32
+    state = json.loads((train / "tracking.json").read_text())["mlflow"]
+    assert state["tracking_uri"] == (train / "mlruns").as_uri()
+    client = MlflowClient(state["tracking_uri"])
+    history = client.get_metric_history(state["run_id"], "loss")
+    assert [(m.step, m.value) for m in history] == list(enumerate(result.losses, 1))
+    run = client.get_run(state["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["export_dir"] == result.model_dir
+    assert run.data.params["trainable_params"] == str(result.trainable_params)
+    assert run.data.params["train.zero_stage"] == "2"
 
 
 def test_zero3_learns_and_exports(zero2_run, tiny_model, tmp_path):

@@ -1,5 +1,6 @@
 """LoRA training (``train.lora``) with SmolLM2-135M on a local Ray cluster, on aligned rows the
-pipeline makes from the demo data (truncate + align with vLLM's CPU build):
+pipeline makes from the demo data (truncate + align on the transformers engine, quicker to start
+than vLLM, which serves the merged export below):
 
 - 2 workers under ZeRO-3 and ZeRO-2: the optimizer holds the adapters alone (counted), the loss
   goes down; a ZeRO-2 run stopped after step 4 and run again resumes, stopped again after step
@@ -44,15 +45,15 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 @pytest.fixture(scope="module")
 def demo_align(ray_cluster, tmp_path_factory) -> Path:
     """The demo's first rows through truncate (a fixed share of each CoT) and align (SmolLM2
-    continues on vLLM): the align folder the train stage reads."""
+    continues, on the transformers engine): the align folder the train stage reads."""
     out = tmp_path_factory.mktemp("lora-align") / "out"
     cfg = parse_config({
         "run": {"output_dir": str(out), "stages": ["truncate", "align"]},
         "ray": {"progress_bars": False},
         "data": {"path": str(ROOT / "data/demo/problems.jsonl"), "limit": ROWS},
         "models": {"student": "smollm2-135m"},
-        "engine": {"backend": "vllm", "dtype": "float32", "max_model_len": 2048,
-                   "batch_size": 16, "cpus_per_replica": 2, "cpu_kv_cache_gib": 1},
+        "engine": {"backend": "transformers", "dtype": "float32", "max_model_len": 2048,
+                   "batch_size": 16, "cpus_per_replica": 2},
         "truncate": {"strategy": "fixed_ratio", "ratio": 0.3},
         "align": {"sampling": {"max_tokens": 32, "temperature": 0.0}},
     })

@@ -82,6 +82,6 @@ def test_a_batch_written_by_an_earlier_attempt_is_not_served_again(worker):
     worker.engine.inner.close()  # serving again would now raise
     assert worker(batch(list(reversed(GOOD)))) == {
         **first, "prompt_tokens": [0], "cached_tokens": [0], "peak_in_flight": [0],
-        "work_tokens": [0]}
+        "completion_tokens": [0], "requests": [0], "retries": [0], "work_tokens": [0]}
     assert first["work_tokens"][0] > 0  # the continuations' tokens, counted when served
     assert sorted(r["id"] for r in read_rows(worker.out_dir)) == ["g0", "g1", "g2"]

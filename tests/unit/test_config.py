@@ -337,3 +337,215 @@ def test_an_output_budget_that_leaves_no_room_for_a_prompt_fails_only_where_it_r
     parse_config({**small, "run": {"stages": ["evaluate"]},
                   "evaluate": {"benchmarks": [{"name": "b", "path": "b.jsonl"}],
                                "sampling": {"max_tokens": None}}})
+
+
+# --- remote engines (engine.backend: openai) and pinned revisions ----------------------------
+
+REMOTE = {"backend": "openai", "base_url": "http://127.0.0.1:8000/v1"}
+
+
+def test_remote_engine_fields_have_defaults_that_work_together():
+    cfg = parse_config({**MINIMAL, "generate": {"engine": REMOTE}})
+    engine = cfg.generate.engine
+    assert engine.is_remote() and not cfg.truncate.engine.is_remote()
+    assert (engine.api_key_env, engine.max_concurrency, engine.max_retries) == (None, None, 6)
+    assert (engine.retry_backoff_s, engine.retry_backoff_max_s) == (1.0, 60)
+    # a trailing "/" is dropped: the engine appends /chat/completions itself
+    assert parse_config({**MINIMAL, "generate": {"engine": {
+        **REMOTE, "base_url": "https://api.example.com/v1/"}}}).generate.engine.base_url == (
+        "https://api.example.com/v1")
+    for name in ("base_url", "api_key_env", "max_concurrency", "max_retries",
+                 "retry_backoff_s", "retry_backoff_max_s"):
+        assert EngineConfig.model_fields[name].description
+
+
+@pytest.mark.parametrize(("engine", "said"), [
+    ({"backend": "openai"}, "generate.engine.base_url: required with backend openai (the "
+                            "server's OpenAI-compatible URL, e.g. http://host:8000/v1)"),
+    ({**REMOTE, "base_url": "ftp://host/v1"},
+     "generate.engine.base_url: an http:// or https:// URL of the OpenAI-compatible API"),
+    ({**REMOTE, "base_url": "127.0.0.1:8000/v1"},
+     "generate.engine.base_url: an http:// or https:// URL"),
+    ({**REMOTE, "base_url": "http://host:notaport/v1"},
+     "generate.engine.base_url: an http:// or https:// URL"),
+    ({**REMOTE, "base_url": "https://me:sk-secret-1@host/v1"},
+     "generate.engine.base_url: holds credentials; put the key in the variable "
+     "engine.api_key_env names"),
+    ({**REMOTE, "base_url": "https://host/v1?api-key=sk-secret-1"},
+     "generate.engine.base_url: a query or fragment has no place here"),
+    ({**REMOTE, "api_key_env": "sk-secret-1"},
+     "generate.engine.api_key_env: the name of an environment variable (e.g. OPENAI_API_KEY), "
+     "not the key itself"),
+    ({**REMOTE, "api_key_env": "1KEY"}, "generate.engine.api_key_env: the name of an"),
+    ({**REMOTE, "max_concurrency": 0}, "generate.engine.max_concurrency: Input should be "
+                                       "greater than or equal to 1"),
+    ({**REMOTE, "max_concurrency": 2, "replicas": {"min": 1, "max": 3}},
+     "generate.engine.max_concurrency: 2 requests for up to 3 replicas: at least one each"),
+    ({**REMOTE, "max_retries": -1}, "generate.engine.max_retries: Input should be greater"),
+    ({**REMOTE, "retry_backoff_s": -0.5}, "generate.engine.retry_backoff_s: Input should be"),
+    ({**REMOTE, "retry_backoff_s": 5, "retry_backoff_max_s": 2},
+     "generate.engine.retry_backoff_max_s: 2.0 s is below retry_backoff_s (5.0 s)"),
+    ({"base_url": "http://host/v1"},
+     "generate.engine.base_url: only for backend openai (this engine's is auto)"),
+    ({"backend": "vllm", "api_key_env": "OPENAI_API_KEY"},
+     "generate.engine.api_key_env: only for backend openai (this engine's is vllm)"),
+    ({"max_concurrency": 8}, "generate.engine.max_concurrency: only for backend openai"),
+])
+def test_remote_engine_fields_fail_naming_the_field(engine, said):
+    message = errors_of({**MINIMAL, "generate": {"engine": engine}})
+    assert said in message, message
+    assert "sk-secret-1" not in message  # a key in the wrong field is never echoed
+
+
+def test_in_flight_and_call_limits_of_local_and_remote_engines():
+    cfg = parse_config({**MINIMAL, "engine": {"request_timeout_s": 10, "max_in_flight": 12},
+                        "generate": {"engine": {**REMOTE, "max_concurrency": 7,
+                                                "replicas": {"min": 1, "max": 3},
+                                                "max_retries": 2, "retry_backoff_max_s": 5}}})
+    local, remote = cfg.truncate.engine, cfg.generate.engine
+    assert (local.in_flight_per_replica(), local.call_limit_s()) == (12, 10)
+    # 7 requests over up to 3 replicas: 2 each; every attempt plus the longest waits
+    assert remote.in_flight_per_replica() == 2
+    assert remote.call_limit_s() == 10 * 3 + 2 * 5
+    unbounded = parse_config({**MINIMAL, "engine": {"max_in_flight": 12},
+                              "generate": {"engine": REMOTE}}).generate.engine
+    assert unbounded.in_flight_per_replica() == 12
+
+
+def test_only_generate_and_evaluate_may_be_remote():
+    from palign.config import stage_class
+
+    assert {n: stage_class(n).remote_engine for n in ("generate", "truncate", "align",
+                                                     "evaluate")} == {
+        "generate": True, "truncate": False, "align": False, "evaluate": True}
+    for stage in ("truncate", "align"):
+        message = errors_of({**MINIMAL, stage: {"engine": REMOTE}})
+        assert (f"{stage}.engine.backend: openai serves generate and evaluate only: a chat "
+                "endpoint gives neither") in message, message
+    # the top-level engine reaches every stage, the ones this run skips too: refused by name
+    message = errors_of({**MINIMAL, "run": {"stages": ["generate"]}, "engine": REMOTE})
+    assert "truncate.engine.backend: openai" in message and "align.engine.backend" in message
+    assert "generate.engine.backend" not in message and "evaluate.engine.backend" not in message
+    bench = [{"name": "b", "path": "b.jsonl"}]
+    parse_config({**MINIMAL, "run": {"stages": ["generate", "evaluate"]},
+                  "generate": {"engine": REMOTE},
+                  "evaluate": {"engine": REMOTE, "benchmarks": bench,
+                               "models": [{"label": "r1", "model": "deepseek-reasoner"}]}})
+
+
+def test_a_remote_evaluate_names_models_as_the_server_knows_them():
+    on = {**MINIMAL, "run": {"stages": ["evaluate"]}}
+    bench = [{"name": "b", "path": "b.jsonl"}]
+    models = [{"label": "t", "model": "trained"}, {"label": "a", "model": "adapter"},
+              {"label": "s", "model": "student"}, {"label": "pinned", "model": "org/m@v1"},
+              {"label": "ok", "model": "deepseek-reasoner"}]
+    message = errors_of({**on, "evaluate": {"engine": REMOTE, "benchmarks": bench,
+                                            "models": models}})
+    for i, ref in enumerate(("trained", "adapter", "student")):
+        assert (f"evaluate.models.{i}.model: {ref} is a model this run loads from its own "
+                "files, which a remote engine (evaluate.engine.backend: openai) cannot serve: "
+                "name the model as the server knows it") in message
+    assert ("evaluate.models.3.model: a revision (@v1) cannot be pinned on a remote engine "
+            "(evaluate.engine.backend: openai): the server chooses the weights") in message
+    assert "evaluate.models.4" not in message
+    # the same models are fine on a local engine
+    parse_config({**on, "evaluate": {"benchmarks": bench, "models": models}})
+
+
+def test_remote_models_are_not_looked_for_on_disk(tmp_path):
+    """Preflight checks the models each stage says it loads: a remote teacher or model under
+    test is a name the server knows (deepseek-reasoner), not a folder or hub id here."""
+    from palign.preflight import path_problems
+    from palign.stages import registry
+
+    (tmp_path / "d.jsonl").write_text('{"id": "1", "question": "q", "answer": "1"}\n')
+    raw = {"run": {"stages": ["generate", "evaluate"], "output_dir": str(tmp_path / "out")},
+           "data": {"path": str(tmp_path / "d.jsonl"), "fields": {"cot": None}},
+           "models": {"student": "smollm2-135m", "teacher": "deepseek-reasoner"},
+           "evaluate": {"benchmarks": [{"name": "b", "path": str(tmp_path / "d.jsonl")}],
+                        "models": [{"label": "r1", "model": "deepseek-chat"}]}}
+    local = parse_config(raw)
+    assert registry.get("generate").models_used(local) == [
+        ("models.teacher", "deepseek-reasoner")]
+    assert any(p.startswith("models.teacher: deepseek-reasoner is neither")
+               for p in path_problems(local))
+    remote = parse_config({**raw, "generate": {"engine": REMOTE},
+                           "evaluate": {**raw["evaluate"], "engine": REMOTE}})
+    assert registry.get("generate").models_used(remote) == []
+    assert registry.get("evaluate").models_used(remote) == []
+    assert path_problems(remote) == []
+
+
+@pytest.mark.parametrize(("name", "split"), [
+    ("org/name@v1.0", ("org/name", "v1.0")),
+    ("org/name@0123456789abcdef0123456789abcdef01234567",
+     ("org/name", "0123456789abcdef0123456789abcdef01234567")),
+    ("org/name@refs/pr/1", ("org/name", "refs/pr/1")),
+    ("org/name", ("org/name", None)),
+    ("smollm2-135m@v1", ("smollm2-135m@v1", None)),  # a short name
+    ("/models/m@v1", ("/models/m@v1", None)),  # a path
+    ("./m/x@v1", ("./m/x@v1", None)),
+    ("s3://bucket/m@v1", ("s3://bucket/m@v1", None)),  # a URI
+    ("org/name@", ("org/name@", None)),
+    ("org/name@bad rev", ("org/name@bad rev", None)),
+    ("org/name@" + "a" * 129, ("org/name@" + "a" * 129, None)),
+])
+def test_split_revision_reads_a_revision_only_on_hub_ids(name, split):
+    from palign.common.modelref import split_revision
+
+    assert split_revision(name) == split
+
+
+def test_a_revision_is_accepted_only_on_hub_ids_naming_the_field():
+    cfg = parse_config({**MINIMAL, "models": {"student": "HuggingFaceTB/SmolLM2-135M@main",
+                                              "teacher": "org/t@v2", "judge": "org/j@abc123"}})
+    assert cfg.models.student == "HuggingFaceTB/SmolLM2-135M@main"  # kept as written
+    message = errors_of({**MINIMAL, "models": {"student": "smollm2-135m@v1",
+                                               "teacher": "/models/t@v1",
+                                               "judge": "org/j@bad rev"}})
+    assert "models.student: a revision (@v1) is only for hub ids (org/name@revision)" in message
+    assert "models.teacher: a revision (@v1) is only for hub ids" in message
+    assert "models.judge: revision 'bad rev' is not a commit, branch or tag name" in message
+    bench = [{"name": "b", "path": "b.jsonl"}]
+    assert "evaluate.models.0.model: a revision (@x) is only for hub ids" in errors_of(
+        {**MINIMAL, "evaluate": {"benchmarks": bench,
+                                 "models": [{"label": "m", "model": "./m@x"}]}})
+    # a remote teacher is whatever the server serves: a pin there means nothing
+    assert ("models.teacher: a revision (@v2) cannot be pinned on a remote engine "
+            "(generate.engine.backend: openai): the server chooses the weights") in errors_of(
+        {**MINIMAL, "models": {"student": "s", "teacher": "org/t@v2"},
+         "generate": {"engine": REMOTE}})
+
+
+def test_remote_teacher_config_validates(capsys, monkeypatch):
+    cfg = load_config(ROOT / "configs" / "remote_teacher.yaml")
+    engine = cfg.generate.engine
+    assert (engine.backend, engine.base_url, engine.api_key_env) == (
+        "openai", "http://127.0.0.1:8000/v1", "OPENAI_API_KEY")
+    assert cfg.run.stages == ["generate", "truncate", "align", "train"]  # the demo's
+    assert not cfg.truncate.engine.is_remote() and not cfg.align.engine.is_remote()
+    monkeypatch.chdir(ROOT)  # the demo's data path is relative to the repository
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-made-up-for-validate")
+    assert palign_main(["validate", "configs/remote_teacher.yaml"]) == 0
+    out, err = capsys.readouterr()
+    assert "config OK" in out and "api_key_env: OPENAI_API_KEY" in out
+    assert "sk-made-up-for-validate" not in out + err
+
+
+def test_operational_fields_leave_the_fingerprint():
+    """A rerun against another URL, key variable, concurrency or retry policy serving the same
+    model resumes; another backend does not (it may write other text)."""
+    from palign.data.fingerprint import section_fields
+
+    base = parse_config({**MINIMAL, "generate": {"engine": REMOTE}})
+    other = parse_config({**MINIMAL, "generate": {"engine": {
+        **REMOTE, "base_url": "https://other.example.com/v1", "api_key_env": "OTHER_KEY",
+        "max_concurrency": 3, "max_retries": 1, "retry_backoff_s": 0.05,
+        "retry_backoff_max_s": 2}}})
+    assert section_fields(base.generate) == section_fields(other.generate)
+    assert section_fields(base.generate) != section_fields(
+        parse_config({**MINIMAL, "generate": {"engine": {"backend": "vllm"}}}).generate)
+    # where train logs its metrics is not what it trains
+    train = {"lr": 1e-5, "report_to": ["tensorboard", "mlflow"],
+             "tracking": {"experiment": "x", "tensorboard_dir": "/tmp/tb"}}
+    assert section_fields(train) == {"lr": 1e-5}

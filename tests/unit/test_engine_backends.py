@@ -66,8 +66,8 @@ def validate(tmp_path, backend: str, capsys) -> tuple[int, str]:
                                      "has no 'Missing'"),
     ("test_engine_backends:NOT_A_CLASS", "truncate.engine.backend: "
                                          "'test_engine_backends:NOT_A_CLASS' is not a class"),
-    ("tgi", "truncate.engine.backend: Value error, use auto, vllm, transformers or a class by "
-            "import path (package.module:Class), not 'tgi'"),
+    ("tgi", "truncate.engine.backend: Value error, use auto, vllm, transformers, openai or a "
+            "class by import path (package.module:Class), not 'tgi'"),
 ])
 def test_a_bad_backend_fails_validation_naming_the_field(tmp_path, capsys, backend, why):
     code, err = validate(tmp_path, backend, capsys)

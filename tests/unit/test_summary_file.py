@@ -71,7 +71,8 @@ def test_a_summary_is_read_back_as_written(kind, tmp_path, request):
     assert got == json.loads(json.dumps(record)) == record
     assert got["format"] == SUMMARY_FORMAT and got["rows_out"] == 7
     assert got["engine"] == {"prompt_tokens": 900, "cached_tokens": 300, "peak_in_flight": 4,
-                             "init_s": 3.25, "work_tokens": 0}  # every key, zero when unsaid
+                             "init_s": 3.25, "work_tokens": 0, "completion_tokens": 0,
+                             "requests": 0, "retries": 0}  # every key, zero when unsaid
     assert got["stats"] == {"right": 0.5, "empty": None, "steps": [1, 2]}  # NaN is no JSON
     assert got["finished_at"].startswith(str(time.gmtime().tm_year))
 
