@@ -29,6 +29,12 @@ if SUPPORT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (SUPPORT, os.environ.get("PYTHONPATH", "")) if p)
 
+# A made-up API key for the remote-engine tests, in the environment before any Ray starts (a
+# local Ray's workers inherit it, as a cluster's nodes hold theirs): the tests look for it in
+# every file a run writes and every log line, where it must never be.
+OPENAI_KEY_ENV = "PALIGN_TEST_OPENAI_KEY"
+os.environ.setdefault(OPENAI_KEY_ENV, "sk-palign-test-" + os.urandom(12).hex())
+
 # The mark a test gets for using a fixture (directly or through another fixture).
 FIXTURE_MARKS = {"ray_cluster": "ray", "tiny_model": "model", "tokenizer": "model"}
 
