@@ -27,6 +27,7 @@ from typing import Any
 
 from palign.common.failures import StageFailed
 from palign.common.logs import ProgressLine
+from palign.common.modelref import split_revision
 from palign.config import Config, DataSection, stages_before
 from palign.config.paths import absolute_paths
 from palign.data import fingerprint, storage
@@ -228,11 +229,13 @@ def stream(cfg: Config, spec: WorkerSpec, work: Plan) -> tuple[int, dict[str, fl
     model = spec.model
     section = spec.validated_section()
     engine = section.engine
-    if model is not None and not storage.is_uri(model) and not engine.is_remote():
+    if (model is not None and not storage.is_uri(model) and not engine.is_remote()
+            and split_revision(model)[1] is None):
         from palign.engines.models import resolve_model
 
-        # Materialise short-name models once here, not in every actor at once (a folder on
-        # object storage is staged by each node's actors instead: the driver needs no copy).
+        # Materialise short-name models once here, not in every actor at once. A folder on
+        # object storage is staged, and a pinned hub revision downloaded, by each node's
+        # actors instead (once per machine, under a lock): the driver needs no copy.
         resolve_model(model, spec.cache_dir)
     import ray
 
@@ -272,10 +275,26 @@ def stream(cfg: Config, spec: WorkerSpec, work: Plan) -> tuple[int, dict[str, fl
     except StageFailed:
         raise
     except Exception as err:  # noqa: BLE001 - Ray's wrapping of what failed the stage
-        raise _stage_failure(stage, err, progress.done, work.pending) from err
+        done = _written(spec.out_dir, work, progress.done)
+        raise _stage_failure(stage, err, done, work.pending) from err
     finally:
         ray.kill(ledger)
     return progress.done, tally
+
+
+def _written(out_dir: str, work: Plan, reported: int) -> int:
+    """The rows this run committed (kept or rejected) before its stage failed. The driver's
+    count holds only the batches that came back to it; a worker commits each batch before
+    that, and an actor that dies or a stream that fails after the commit leaves rows on disk
+    the driver never saw, so its own count would say fewer than a rerun will skip. The
+    indexes say how many there are (the ids the plan found done subtracted); the driver's
+    count where they cannot be read (a store that is down) or the plan marked rows done that
+    are not in this folder (a tool's sample)."""
+    try:
+        on_disk = len(done_index(out_dir)) - work.skipped
+    except Exception:  # noqa: BLE001 - the message must not fail over a count
+        return reported
+    return max(reported, on_disk)
 
 
 def start_ledger(max_row_attempts: int, max_failures: int) -> Any:

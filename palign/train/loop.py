@@ -351,6 +351,7 @@ def _finish(cfg: Config, engine: Any, tokenizer: Any, backend: Backend,
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m palign.train.loop CONFIG`` (under torchrun): one worker of a torchrun job."""
     from palign.config import load_config
+    from palign.engines.revisions import pin
 
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc-per-node N -m palign.train.loop",
@@ -363,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigChanged as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # A hub student at the commit the fingerprint above recorded (each rank pins it as the Ray
+    # trainer's driver does for all: a rank that found another commit refused above).
+    cfg = cfg.model_copy(update={"models": cfg.models.model_copy(
+        update={"student": pin(cfg.models.student)})})
     # torchrun's ranks share this folder, and the student as written keeps the units' key
     train_worker(absolute_paths(cfg).model_dump(mode="json"))
     return 0

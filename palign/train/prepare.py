@@ -222,10 +222,17 @@ def _read_parquet(path: str) -> pa.Table:
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(student: str, cache_dir: str | None) -> Any:
+    """The student's tokenizer. A pinned hub student's comes from its tokenizer files alone:
+    a preparation task may run on a node that trains nothing and needs none of the weights."""
     from transformers import AutoTokenizer
 
-    from palign.engines.models import resolve_model
+    from palign.common.modelref import split_revision
+    from palign.engines.models import hub_cache, offline, resolve_model
 
+    repo, revision = split_revision(student)
+    if revision is not None:
+        return AutoTokenizer.from_pretrained(repo, revision=revision, cache_dir=hub_cache(),
+                                             local_files_only=offline())
     return AutoTokenizer.from_pretrained(resolve_model(student, cache_dir))
 
 

@@ -194,3 +194,10 @@ def test_a_pinned_snapshot_loads_with_transformers(hub, tiny_model):
     assert AutoConfig.from_pretrained(folder).hidden_size == 64
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    # train data preparation takes the pinned revision's tokenizer files alone (a task's node
+    # may train nothing): the same tokenizer
+    from palign.train.prepare import _tokenizer
+
+    prepared = _tokenizer("org/real@v1", None)
+    assert prepared("one plus one").input_ids == tokenizer("one plus one").input_ids
+    assert prepared.chat_template == tokenizer.chat_template
