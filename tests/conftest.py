@@ -15,6 +15,7 @@ path."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -36,7 +37,20 @@ OPENAI_KEY_ENV = "PALIGN_TEST_OPENAI_KEY"
 os.environ.setdefault(OPENAI_KEY_ENV, "sk-palign-test-" + os.urandom(12).hex())
 
 # The mark a test gets for using a fixture (directly or through another fixture).
-FIXTURE_MARKS = {"ray_cluster": "ray", "tiny_model": "model", "tokenizer": "model"}
+FIXTURE_MARKS = {"ray_cluster": "ray", "tiny_model": "model", "tokenizer": "model",
+                 "openai_server": "model"}
+
+# vLLM's own OpenAI-compatible server (tests/support/vllm_server.py), once per session: started
+# by the first test that asks for it, in the background (its start overlaps that test's work
+# until it talks to it), paused whenever no test talks to it (``openai_server.serving()``),
+# and stopped after the last test that uses it (an idle vLLM, paused or not, slows the tests
+# beside it: see vllm_server), or at the session's end.
+_OPENAI_SERVER: dict = {}
+OPENAI_SERVER_READY_S = 270  # from its start: within the first user's time limit (300 s)
+
+
+def _vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
 
 
 # The one Ray cluster of the suite. Module scope on purpose: the cluster itself lives for the
@@ -131,11 +145,48 @@ def tiny_model(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def openai_server():
+    """vLLM's OpenAI-compatible server on SmolLM2 (``vllm_server.VLLMServer``: ``url`` up to
+    /v1, ``MODEL`` the name it serves, ``key_env`` the variable of its ``--api-key``), paused:
+    a test talks to it inside ``with openai_server.serving():``."""
+    if not _vllm_installed():
+        pytest.skip("needs vLLM (its OpenAI-compatible server); the vllm package is not "
+                    "installed here")
+    import vllm_server
+
+    server = _OPENAI_SERVER["vllm"] = vllm_server.VLLMServer(OPENAI_KEY_ENV)
+    yield server.start_paused(OPENAI_SERVER_READY_S)
+    server.stop()  # at the session's end, if the last user's teardown did not
+
+
+def pytest_runtest_teardown(item, nextitem):
+    server = _OPENAI_SERVER.get("vllm")
+    if server is not None and item.nodeid == _OPENAI_SERVER.get("last_user"):
+        server.stop()  # no test after this one talks to it
+
+
+def pytest_terminal_summary(terminalreporter):
+    server = _OPENAI_SERVER.get("vllm")
+    if server is not None and server.ready_s is not None:
+        terminalreporter.write_line(
+            f"vLLM's OpenAI server: answered {server.ready_s:.1f} s after its start")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for name in getattr(item, "fixturenames", ()):
             if name in FIXTURE_MARKS:
                 item.add_marker(FIXTURE_MARKS[name])
+    # The modules that shut the session's Ray down (no_ray) run last, in their order: one in
+    # the middle costs the next ray_cluster user a Ray start and its workers' first imports.
+    def module(item) -> str:
+        return getattr(getattr(item, "module", None), "__name__", "")
+
+    stops_ray = {module(item) for item in items if "no_ray" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: module(item) in stops_ray)
+    users = [item.nodeid for item in items if "openai_server" in getattr(item, "fixturenames", ())]
+    _OPENAI_SERVER["last_user"] = users[-1] if users else None
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if gpu:
         import torch

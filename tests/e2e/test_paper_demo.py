@@ -6,9 +6,12 @@ per step, and evaluation under the paper's protocol, n = 3), then
 within the suite's time: fixed ratios 0.25 and 0.75 run their truncate stage only (they differ
 from 0.5, which runs end to end, in `truncate.ratio` alone: test_paper_preset), 4 rows,
 48-token continuations, one optimizer step of 2 rows, 1 benchmark problem (and a broken and an
-over-long one). Plain SFT and P-ALIGN run on vLLM; the
-untrained student and the fixed ratios on the transformers engine (the other real backend,
-quicker to start), which the configs' `engine.backend: auto` would not pick here.
+over-long one). Plain SFT and P-ALIGN run on vLLM; the fixed ratios on the transformers engine
+(the other real backend, quicker to start), which the configs' `engine.backend: auto` would not
+pick here; the untrained student is evaluated through vLLM's own OpenAI-compatible server
+(`evaluate.engine.backend: openai`, the suite's `openai_server`), as a model under test served
+elsewhere is. The P-ALIGN arm's training reports to TensorBoard and MLflow
+(`train.report_to`): their local stores hold the loss of its step.
 
 What each arm's rows must be: plain SFT's targets are the teacher's text, no markers; a fixed
 ratio keeps its share of the sentences; P-ALIGN (drop_wrong, Eq. 9) keeps exactly the rows
@@ -17,11 +20,13 @@ evaluates and scores (with the default budget: up to the context), and resumes."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 
 import pytest
+from tb_events import scalars
 
 from palign.cli import main as palign_main
 from palign.config import load_config, parse_config
@@ -70,27 +75,36 @@ def overrides(tmp: Path, arm: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def arms(ray_cluster, tmp_path_factory):
+def arms(ray_cluster, openai_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("paper-demo")
     write_benchmark(tmp / "bench.jsonl")
     runs = {}
-    for arm in (*ARMS, *TRUNCATE_ONLY):
+    # the untrained student last: vLLM's server starts in the background meanwhile
+    for arm in (*ARMS[1:], *TRUNCATE_ONLY, ARMS[0]):
         over = overrides(tmp, arm)
         if arm.startswith("fixed_ratio"):
             # 48 tokens of SmolLM2 after part of a CoT almost never reach the right answer, so
             # Eq. 9 would leave nothing to train on; it is checked on the palign arm below
             over["align.policy"] = "keep_all"
+        if arm == "base":  # served by vLLM's OpenAI server, which knows the student by its name
+            over.update({"evaluate.engine.backend": "openai",
+                         "evaluate.engine.base_url": openai_server.url,
+                         "evaluate.engine.api_key_env": openai_server.key_env,
+                         "evaluate.engine.cpus_per_replica": 0.5,
+                         "evaluate.models": [{"label": "base", "model": openai_server.model}]})
         if arm == "palign":
+            over["train.report_to"] = ["tensorboard", "mlflow"]
             # strict grading: a short continuation has no box, so a row whose CoT the judge
             # kept whole is graded on the CoT's own box (right) and a cut one has none (wrong):
             # some rows pass Eq. 9 and some do not
             over.update({"align.extract": "strict", "data.limit": 8})
-        if arm not in ON_VLLM:
+        if arm not in (*ON_VLLM, "base"):
             over["engine.backend"] = "transformers"
         if arm in TRUNCATE_ONLY:
             over["run.stages"] = ["truncate"]
         cfg = load_config(DEMO / f"{arm}.yaml", over)
-        runs[arm] = (cfg, {s.stage: s for s in run_pipeline(cfg)})
+        with openai_server.serving() if arm == "base" else contextlib.nullcontext():
+            runs[arm] = (cfg, {s.stage: s for s in run_pipeline(cfg)})
     return tmp, runs
 
 
@@ -114,7 +128,9 @@ def test_arms_train_evaluate_and_compare_with_the_paper(arms, capsys):
         assert all(0 < s["output_tokens"] <= 64 for s in rows[0]["samples"])
         rejects = {r["id"]: r["reason"]
                    for r in read_rows(out / f"evaluate/{label}/demo-eval/rejects")}
-        assert list(rejects) == ["bad-too-long"] and "prompt too long" in rejects["bad-too-long"]
+        assert list(rejects) == ["bad-too-long"]
+        too_long = "maximum context length" if arm == "base" else "prompt too long"  # vLLM's 400
+        assert too_long in rejects["bad-too-long"], rejects
         ingest_rejects = {r["id"] for r in read_rows(out / "evaluate/_ingest/demo-eval/rejects")}
         assert ingest_rejects == {"bad-empty-question"}
         results = json.loads((out / "evaluate/results.json").read_text())
@@ -154,6 +170,28 @@ def test_arms_train_evaluate_and_compare_with_the_paper(arms, capsys):
     assert set(pass1) == {("base", "base"), *((a, "trained") for a in TRAINED)}
     expected = json.loads((tmp / "palign/evaluate/results.json").read_text())
     assert pass1[("palign", "trained")] == expected["models"]["trained"]["demo-eval"]["pass@1"]
+
+
+def test_the_palign_arms_training_logs_reach_tensorboard_and_mlflow(arms, monkeypatch):
+    """`train.report_to: [tensorboard, mlflow]` on the demo's train stage: the event file and
+    MLflow's local store hold the loss of every step as the train summary has it, and the run
+    is tagged with the export's folder."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as rank 0 did to write it
+    tmp, _ = arms
+    train = tmp / "palign/train"
+    summary = json.loads((train / "summary.json").read_text())
+    losses = summary["losses"]
+    assert len(losses) == 1  # the demo's one step
+    tb = scalars(train / "tensorboard")["loss"]
+    assert [tb[s] for s in sorted(tb)] == pytest.approx(losses, rel=1e-6)  # float32
+    state = json.loads((train / "tracking.json").read_text())["mlflow"]
+    client = MlflowClient(state["tracking_uri"])
+    history = client.get_metric_history(state["run_id"], "loss")
+    assert [(m.step, m.value) for m in history] == list(enumerate(losses, 1))
+    run = client.get_run(state["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["export_dir"] == summary["model_dir"]
 
 
 def test_each_arms_targets_are_what_the_paper_trains_on(arms):

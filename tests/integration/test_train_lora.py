@@ -3,9 +3,8 @@ pipeline makes from the demo data (truncate + align on the transformers engine, 
 than vLLM, which serves the merged export below):
 
 - 2 workers under ZeRO-3 and ZeRO-2: the optimizer holds the adapters alone (counted), the loss
-  goes down; a ZeRO-2 run stopped after step 4 and run again resumes, stopped again after step
-  6 and run on 1 worker resumes (elastic, through a universal checkpoint), and its losses are
-  the uninterrupted ZeRO-3 run's;
+  goes down; a ZeRO-2 run stopped after step 4 and run again on 1 worker resumes (elastic,
+  through a universal checkpoint), and its losses are the uninterrupted ZeRO-3 run's;
 - the exports: the adapter in PEFT's format and the merged model, whose logits equal base plus
   adapter's; the frozen weights are the base's exactly; an adapter folder named as a model is
   merged once per machine into the same weights, and vLLM's CPU engine serves it;
@@ -121,12 +120,13 @@ def test_lora_trains_only_the_adapters_and_the_loss_goes_down(zero3_run):
     assert result.adapter_dir == cfg.trained_adapter_dir()
 
 
-def test_a_stopped_zero2_run_resumes_with_the_same_losses_on_2_then_on_1_worker(
+def test_a_stopped_zero2_run_resumes_on_1_worker_with_the_same_losses(
         zero3_run, demo_align, tmp_path):
-    """ZeRO-2, 2 workers, checkpoints every 2 steps: fails after step 4; run again on 2
-    workers it resumes after 4 and fails after step 6; run again on 1 worker (grad_accum 2:
-    the same 2 bins per step) it resumes after 6 through a universal checkpoint and finishes.
-    The losses are the uninterrupted ZeRO-3 run's throughout."""
+    """ZeRO-2, 2 workers, checkpoints every 2 steps: fails after step 4; run again on 1 worker
+    (grad_accum 2: the same 2 bins per step) it resumes after 4 through a universal checkpoint
+    and finishes. The losses are the uninterrupted ZeRO-3 run's throughout. (A resume on the
+    same worker count is test_train.py's, on the tiny model: LoRA changes what a checkpoint
+    holds, checked here, not how a same-size group reloads it.)"""
     from palign.engines.models import resolve_model
 
     ref = zero3_run[1].losses
@@ -138,14 +138,11 @@ def test_a_stopped_zero2_run_resumes_with_the_same_losses_on_2_then_on_1_worker(
     # the adapters (2.4M parameters) and their optimizer state: no frozen base weight
     weights = (Path(resolve_model("smollm2-135m")) / "model.safetensors").stat().st_size
     assert sum(held.values()) < 0.1 * weights, held
-
-    with pytest.raises(Exception, match="injected failure after step 6"):
-        run_train(with_train(cfg, callbacks=[fail_after(6, resumed_from=4)]))
-    assert json.loads((run_folder / "checkpoint_00000006" / "train_state.json").read_text())[
+    assert json.loads((run_folder / "checkpoint_00000004" / "train_state.json").read_text())[
         "world_size"] == 2
     result = run_train(with_train(cfg, num_workers=1, grad_accum=2))
-    assert result.resumed_from == 6
-    assert_close(result.losses, ref)  # steps 1-4, 5-6 (resumed on 2), 7-8 (resumed on 1)
+    assert result.resumed_from == 4
+    assert_close(result.losses, ref)  # steps 1-4 (2 workers), 5-8 (resumed on 1)
 
 
 def test_exports_adapter_and_merged_model_that_equals_base_plus_adapter(zero3_run):
