@@ -142,6 +142,16 @@ def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:
     return str(dest)
 
 
+def prefetch(name_or_path: str, cache_dir: str | None = None) -> None:
+    """What a driver does before it starts the processes that load ``name_or_path``: make a
+    short name's folder (or merge a local adapter) once here, not in every process at once. A
+    folder on object storage is staged, and a pinned hub revision downloaded, by each node's
+    processes instead (once per machine, under a lock): the driver needs no copy of those."""
+    if storage.is_uri(name_or_path) or split_revision(name_or_path)[1] is not None:
+        return
+    resolve_model(name_or_path, cache_dir)
+
+
 def _merged(adapter: str, cache_dir: str | None, root: Path) -> str:
     """A merged model folder for the local adapter folder ``adapter`` on its base (resolved by
     ``resolve_model``), made once per machine under ``<root>/merged/`` (keyed by the adapter's

@@ -27,7 +27,6 @@ from typing import Any
 
 from palign.common.failures import StageFailed
 from palign.common.logs import ProgressLine
-from palign.common.modelref import split_revision
 from palign.config import Config, DataSection, stages_before
 from palign.config.paths import absolute_paths
 from palign.data import fingerprint, storage
@@ -229,14 +228,10 @@ def stream(cfg: Config, spec: WorkerSpec, work: Plan) -> tuple[int, dict[str, fl
     model = spec.model
     section = spec.validated_section()
     engine = section.engine
-    if (model is not None and not storage.is_uri(model) and not engine.is_remote()
-            and split_revision(model)[1] is None):
-        from palign.engines.models import resolve_model
+    if model is not None and not engine.is_remote():
+        from palign.engines.models import prefetch
 
-        # Materialise short-name models once here, not in every actor at once. A folder on
-        # object storage is staged, and a pinned hub revision downloaded, by each node's
-        # actors instead (once per machine, under a lock): the driver needs no copy.
-        resolve_model(model, spec.cache_dir)
+        prefetch(model, spec.cache_dir)  # once here, not in every actor at once
     import ray
 
     init_ray(cfg)

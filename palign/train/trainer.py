@@ -49,7 +49,6 @@ from typing import Any
 
 from palign.config import Config
 from palign.config.paths import absolute_paths
-from palign.data import storage
 from palign.data.shards import shard_files
 from palign.runtime.environment import forwarded_env
 from palign.train import callbacks
@@ -114,8 +113,7 @@ def run_train(cfg: Config) -> TrainResult:
     (``palign.train.identity``), and Ray's ``TrainingFailedError`` when the workers fail more than
     ``train.max_failures`` times (the checkpoints stay; run again to resume).
     """
-    from palign.common.modelref import split_revision
-    from palign.engines.models import resolve_model
+    from palign.engines.models import prefetch
     from palign.engines.revisions import pin
     from palign.runtime.runner import init_ray
 
@@ -134,11 +132,7 @@ def run_train(cfg: Config) -> TrainResult:
     # the hub's branch does while they start (the fingerprint above recorded that commit).
     cfg = cfg.model_copy(update={"models": cfg.models.model_copy(
         update={"student": pin(cfg.models.student)})})
-    # Materialise a short-name student once here, not in every worker at once. A folder on
-    # object storage is staged, and a pinned hub revision downloaded, by each node's workers
-    # instead (once per machine, under a lock): the driver needs no copy.
-    if not storage.is_uri(cfg.models.student) and split_revision(cfg.models.student)[1] is None:
-        resolve_model(cfg.models.student, cfg.models.cache_dir)
+    prefetch(cfg.models.student, cfg.models.cache_dir)  # once here, not in every worker
     init_ray(cfg)
     try:  # tokenised and packed once, by Ray Data tasks; each rank reads only its units
         prepared = prepare(cfg)
